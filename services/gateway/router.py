@@ -1,0 +1,161 @@
+"""Which worker serves a prompt: the one holding most of its prefix, unless it is much busier.
+
+Cost rule (docs/gateway.md): for each live worker
+
+    score = cached_prefix_tokens - load_penalty_tokens * in_flight
+
+where `cached_prefix_tokens` is block_tokens times the number of leading blocks of the prompt's
+hash chain that the gateway has sent to that worker, and `in_flight` counts its open requests.
+The highest score wins; ties go to the worker with fewer requests in flight, then to the one
+chosen least recently, so an idle cluster spreads requests round-robin. With nothing cached
+anywhere this is simply the least-loaded worker.
+
+The gateway cannot see a worker's L1, so it keeps its own record of what it routed where: a
+bounded LRU of block hashes per worker, sized like the worker's L1. The record can be wrong in
+both directions (the worker evicted a block; another route put it there) and that is fine: it
+only steers, and a wrong guess costs a store fetch, never a wrong answer.
+"""
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from kvpool.errors import Unavailable
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    block_tokens: int = 64
+    # One request in flight costs as much as this many cached prefix tokens. Prefilling 512 tokens
+    # of SmolLM2 on one CPU core takes about as long as a typical short generation in flight, so a
+    # worker that holds 512 more prompt tokens than another is worth waiting behind one request.
+    load_penalty_tokens: int = 512
+    # Block hashes remembered per worker; 4096 blocks of 64 tokens is 256k tokens, about the L1
+    # of a worker with a few GiB for SmolLM2-sized blocks.
+    record_blocks: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.block_tokens < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {self.block_tokens}")
+        if self.load_penalty_tokens < 0:
+            raise ValueError(f"load_penalty_tokens must be >= 0, got {self.load_penalty_tokens}")
+        if self.record_blocks < 0:
+            raise ValueError(f"record_blocks must be >= 0, got {self.record_blocks}")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    worker_id: str
+    cached_prefix_tokens: int  # what the gateway expects the worker's L1 to hold
+    in_flight: int  # before this request
+
+
+class _WorkerRecord:
+    __slots__ = ("blocks", "in_flight", "last_chosen")
+
+    def __init__(self) -> None:
+        self.blocks: OrderedDict[Hashable, None] = OrderedDict()
+        self.in_flight = 0
+        self.last_chosen = 0
+
+
+class Router:
+    """Thread-safe: gRPC handler threads route and release concurrently."""
+
+    def __init__(self, config: RouterConfig | None = None) -> None:
+        self.config = config or RouterConfig()
+        self._workers: dict[str, _WorkerRecord] = {}
+        self._lock = threading.Lock()
+        self._clock = 0  # a counter, not time: "least recently chosen" needs only an order
+
+    def add_worker(self, worker_id: str) -> None:
+        with self._lock:
+            self._workers.setdefault(worker_id, _WorkerRecord())
+
+    def remove_worker(self, worker_id: str) -> None:
+        with self._lock:
+            self._workers.pop(worker_id, None)
+
+    def workers(self) -> list[str]:
+        with self._lock:
+            return list(self._workers)
+
+    def in_flight(self, worker_id: str) -> int:
+        with self._lock:
+            record = self._workers.get(worker_id)
+            return record.in_flight if record else 0
+
+    def cached_prefix_blocks(self, worker_id: str, hashes: Sequence[Hashable]) -> int:
+        with self._lock:
+            record = self._workers.get(worker_id)
+            return self._prefix_blocks(record, hashes) if record else 0
+
+    @staticmethod
+    def _prefix_blocks(record: _WorkerRecord, hashes: Sequence[Hashable]) -> int:
+        # Chain hashes: block i's hash already commits to blocks 0..i-1, but the record is an LRU
+        # and may have dropped an early block, so count leading hits rather than the last hit.
+        count = 0
+        for h in hashes:
+            if h not in record.blocks:
+                break
+            count += 1
+        return count
+
+    def acquire(self, hashes: Sequence[Hashable], exclude: frozenset[str] = frozenset()) -> Route:
+        """Pick a worker for a prompt whose full blocks hash to `hashes` (in order).
+
+        The choice and its in-flight count are taken under one lock, so concurrent requests see
+        each other's load. Every acquired route must be released once.
+        """
+        with self._lock:
+            best: tuple[tuple[int, int, int], str, int, int] | None = None
+            for worker_id, record in self._workers.items():
+                if worker_id in exclude:
+                    continue
+                cached = self._prefix_blocks(record, hashes) * self.config.block_tokens
+                score = cached - self.config.load_penalty_tokens * record.in_flight
+                # max() on (score, -in_flight, -last_chosen): higher score, then fewer in flight,
+                # then least recently chosen.
+                key = (score, -record.in_flight, -record.last_chosen)
+                if best is None or key > best[0]:
+                    best = (key, worker_id, cached, record.in_flight)
+            if best is None:
+                raise Unavailable("no live worker to serve the request")
+            _, worker_id, cached, in_flight = best
+            self._clock += 1
+            chosen = self._workers[worker_id]
+            chosen.last_chosen = self._clock
+            chosen.in_flight += 1
+            return Route(worker_id=worker_id, cached_prefix_tokens=cached, in_flight=in_flight)
+
+    def record(self, worker_id: str, hashes: Sequence[Hashable]) -> None:
+        """Remember that `worker_id` now holds these blocks (it computed or fetched them)."""
+        limit = self.config.record_blocks
+        with self._lock:
+            record = self._workers.get(worker_id)
+            if record is None or limit == 0:
+                return
+            for h in hashes:
+                record.blocks[h] = None
+                record.blocks.move_to_end(h)
+            while len(record.blocks) > limit:
+                record.blocks.popitem(last=False)
+
+    def release(self, route: Route) -> None:
+        with self._lock:
+            record = self._workers.get(route.worker_id)
+            if record is not None:
+                record.in_flight = max(0, record.in_flight - 1)
+
+    @contextmanager
+    def route(
+        self, hashes: Sequence[Hashable], exclude: frozenset[str] = frozenset()
+    ) -> Iterator[Route]:
+        """`acquire` then `release` around a block."""
+        chosen = self.acquire(hashes, exclude)
+        try:
+            yield chosen
+        finally:
+            self.release(chosen)

@@ -1,0 +1,179 @@
+"""Sessions: a conversation's token history, kept in the KVStore as a small msgpack value.
+
+A session is nothing but the tokens fed so far (every prompt and every output, in order). A new
+turn's prompt is the history plus the new input, so the previous turns are an exact prefix and
+their blocks come from the cache on whichever worker serves the turn. The gateway holds no session
+state of its own: any gateway replica can serve any turn.
+
+Value layout (docs/gateway.md, "Sessions"): a msgpack map
+`{"v": 1, "tenant": str, "id": str, "tokens": bytes (uint32 little-endian), "turns": int,
+"created": float, "updated": float}` under the key from `session_key`. Values are untrusted like
+any store data: a value that does not parse, or names another tenant or id, is refused as
+DataLoss and never used as a prompt.
+
+Concurrent turns on one session are last-writer-wins: the later turn's history replaces the
+earlier one's. Clients that need strict ordering send turns one at a time.
+"""
+
+import hashlib
+import re
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import msgpack
+
+from kvpool.errors import DataLoss, InvalidArgument, NotFound
+
+SESSION_KEY_PREFIX = "kvpool:sess:"
+SESSION_FORMAT_VERSION = 1
+_SESSION_ID = re.compile(r"[A-Za-z0-9._~-]{1,128}")
+_UINT32_MAX = 2**32 - 1
+
+
+class MetadataStore(Protocol):
+    """The part of `services.store.client.StoreClient` sessions use."""
+
+    def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]: ...
+
+    def put_many(self, items: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> int: ...
+
+    def delete(self, keys: Sequence[str]) -> int: ...
+
+
+def check_session_id(session_id: str) -> str:
+    if not _SESSION_ID.fullmatch(session_id):
+        raise InvalidArgument(
+            "session_id must be 1-128 characters of letters, digits, '.', '_', '~' or '-', "
+            f"got {session_id[:40]!r}{'...' if len(session_id) > 40 else ''}"
+        )
+    return session_id
+
+
+def session_key(tenant: str, session_id: str) -> str:
+    """The store key of a session: the one place it is built.
+
+    The tenant and id are hashed together rather than spliced in, so no tenant name can be
+    crafted to collide with another's key, and tenant names do not show in the store's keyspace.
+    """
+    digest = hashlib.sha256(
+        b"kvpool.session\x00" + _length_prefixed(tenant) + _length_prefixed(session_id)
+    )
+    return SESSION_KEY_PREFIX + digest.hexdigest()
+
+
+def _length_prefixed(text: str) -> bytes:
+    encoded = text.encode("utf-8")
+    return struct.pack("<I", len(encoded)) + encoded
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    session_id: str
+    tenant: str
+    token_ids: tuple[int, ...]
+    turns: int
+    created_unix_s: float
+    updated_unix_s: float
+
+    def __post_init__(self) -> None:
+        check_session_id(self.session_id)
+        if self.turns < 0:
+            raise ValueError(f"Session.turns must be >= 0, got {self.turns}")
+
+    def with_turn(self, token_ids: Sequence[int], now: float | None = None) -> "Session":
+        """The session after a turn whose whole fed sequence (history included) is `token_ids`."""
+        return Session(
+            session_id=self.session_id,
+            tenant=self.tenant,
+            token_ids=tuple(token_ids),
+            turns=self.turns + 1,
+            created_unix_s=self.created_unix_s,
+            updated_unix_s=time.time() if now is None else now,
+        )
+
+
+def encode_session(session: Session) -> bytes:
+    tokens = session.token_ids
+    if any(not 0 <= t <= _UINT32_MAX for t in tokens):
+        raise InvalidArgument("session token ids must be in [0, 2**32)")
+    return msgpack.packb(
+        {
+            "v": SESSION_FORMAT_VERSION,
+            "tenant": session.tenant,
+            "id": session.session_id,
+            "tokens": struct.pack(f"<{len(tokens)}I", *tokens),
+            "turns": session.turns,
+            "created": session.created_unix_s,
+            "updated": session.updated_unix_s,
+        },
+        use_bin_type=True,
+    )
+
+
+def decode_session(data: bytes, *, tenant: str, session_id: str) -> Session:
+    """Parse a stored value, refusing anything malformed or stored for another tenant or id."""
+    try:
+        record = msgpack.unpackb(data, raw=False, max_bin_len=1 << 26, max_str_len=1 << 16)
+        if not isinstance(record, dict):
+            raise ValueError("not a msgpack map")
+        if record.get("v") != SESSION_FORMAT_VERSION:
+            raise ValueError(f"unsupported session format version {record.get('v')!r}")
+        packed = record["tokens"]
+        if not isinstance(packed, bytes) or len(packed) % 4:
+            raise ValueError("token bytes are not a uint32 array")
+        if record["tenant"] != tenant or record["id"] != session_id:
+            raise ValueError("value belongs to another session")
+        return Session(
+            session_id=session_id,
+            tenant=tenant,
+            token_ids=struct.unpack(f"<{len(packed) // 4}I", packed),
+            turns=int(record["turns"]),
+            created_unix_s=float(record["created"]),
+            updated_unix_s=float(record["updated"]),
+        )
+    except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+        raise DataLoss(f"session {session_id!r} is stored in an unreadable form: {exc}") from None
+
+
+class SessionStore:
+    """Reads and writes sessions through the KVStore client."""
+
+    def __init__(self, store: MetadataStore, ttl_s: float | None = 24 * 3600.0) -> None:
+        if ttl_s is not None and ttl_s <= 0:
+            raise ValueError(f"session ttl must be > 0 seconds or None, got {ttl_s}")
+        self._store = store
+        self._ttl_s = ttl_s
+
+    def find(self, tenant: str, session_id: str) -> Session | None:
+        check_session_id(session_id)
+        key = session_key(tenant, session_id)
+        data = self._store.get_many([key]).get(key)
+        if data is None:
+            return None
+        return decode_session(data, tenant=tenant, session_id=session_id)
+
+    def get(self, tenant: str, session_id: str) -> Session:
+        session = self.find(tenant, session_id)
+        if session is None:
+            raise NotFound(f"session {session_id!r} does not exist (or has expired)")
+        return session
+
+    def open(self, tenant: str, session_id: str) -> Session:
+        """The session, or a new empty one (not stored until its first turn is saved)."""
+        session = self.find(tenant, session_id)
+        if session is not None:
+            return session
+        now = time.time()
+        return Session(session_id, tenant, (), turns=0, created_unix_s=now, updated_unix_s=now)
+
+    def save(self, session: Session) -> None:
+        key = session_key(session.tenant, session.session_id)
+        self._store.put_many([(key, encode_session(session))], ttl_s=self._ttl_s)
+
+    def delete(self, tenant: str, session_id: str) -> None:
+        check_session_id(session_id)
+        if self._store.delete([session_key(tenant, session_id)]) == 0:
+            raise NotFound(f"session {session_id!r} does not exist (or has expired)")
