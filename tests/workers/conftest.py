@@ -1,0 +1,24 @@
+import pytest
+
+from workers.engine import Engine
+from workers.models import load_model
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load_model("tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny):
+    return Engine(tiny)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2):
+    return Engine(smollm2)

@@ -1,0 +1,361 @@
+"""Prefill and decode with a real KV cache, streaming tokens as they are made.
+
+The engine is pure torch + transformers: no I/O, no store, no Ray. The worker hands it a
+`DynamicCache` already holding a prefix of the sequence (rebuilt from stored blocks) and the
+engine prefills only the rest. `Generation.cache` stays live while it runs, so the worker can cut
+completed blocks out of it for the store without the engine knowing.
+
+Sampling is reproducible per position: the random draw for output token i depends only on
+(seed, i). A generation resumed on another worker from its first k tokens therefore continues
+exactly as the original would have, sampled or greedy.
+"""
+
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from transformers import DynamicCache
+
+from kvpool.errors import InvalidArgument
+from workers.models import LoadedModel
+
+MAX_NEW_TOKENS_LIMIT = 4096
+ROLES = ("system", "user", "assistant")
+FINISH_REASONS = ("length", "eos", "stop")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick tokens. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` disable."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise InvalidArgument(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise InvalidArgument(
+                f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, "
+                f"got {self.max_new_tokens}"
+            )
+        if not 0.0 <= self.temperature <= 10.0:
+            raise InvalidArgument(f"temperature must be in [0, 10], got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidArgument(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidArgument(f"seed must be in [0, 2**63), got {self.seed}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidArgument("stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One generated token and the text it added (empty while a character is incomplete)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int = 0
+    ttft_ms: float = 0.0
+    tokens_per_s: float = 0.0
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+
+
+@dataclass(slots=True)
+class Generation:
+    """A running generation: iterate it for `TokenEvent`s; `result` is set once it ends."""
+
+    cache: DynamicCache | None  # None in no-cache mode
+    fed_token_ids: list[int]  # tokens whose K and V are in `cache`, in order
+    seed: int | None = None  # the sampling seed in use (drawn at random when none was given)
+    _events: Iterator[TokenEvent] = field(repr=False, default=iter(()))
+    result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self._events
+
+    def __next__(self) -> TokenEvent:
+        return next(self._events)
+
+    def run(self) -> GenerationResult:
+        """Drain the generation and return its result."""
+        for _ in self._events:
+            pass
+        if self.result is None:  # pragma: no cover - _events always sets it before finishing
+            raise RuntimeError("generation ended without a result")
+        return self.result
+
+
+class Engine:
+    """Generates text from a loaded model, with or without a KV cache."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.eos_token_ids = loaded.eos_token_ids
+        self.vocab_size = int(self.model.config.vocab_size)
+
+    # --- input -----------------------------------------------------------------------------
+
+    def encode(
+        self,
+        prompt: str | None = None,
+        messages: Sequence[dict[str, str]] | None = None,
+        token_ids: Sequence[int] | None = None,
+    ) -> list[int]:
+        """Token ids for exactly one of a prompt, chat messages (chat template) or token ids."""
+        given = [
+            name
+            for name, value in (
+                ("prompt", prompt),
+                ("messages", messages),
+                ("token_ids", token_ids),
+            )
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise InvalidArgument(
+                f"give exactly one of prompt, messages or token_ids (got {given or 'none'})"
+            )
+        if prompt is not None:
+            if not prompt.strip():
+                raise InvalidArgument("prompt is empty; give some text to continue")
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        elif messages is not None:
+            ids = self.encode_messages(messages)
+        else:
+            ids = list(token_ids or [])
+            if not ids:
+                raise InvalidArgument("token_ids is empty; give at least one token id")
+            bad = [
+                t
+                for t in ids
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size
+            ]
+            if bad:
+                raise InvalidArgument(
+                    f"token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}"
+                )
+        if not ids:
+            raise InvalidArgument("the prompt encodes to no tokens; give some text")
+        return list(ids)
+
+    def encode_messages(
+        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of chat messages rendered with the model's chat template."""
+        if not messages:
+            raise InvalidArgument("messages is empty; give at least one {role, content} message")
+        for i, message in enumerate(messages):
+            role, content = message.get("role"), message.get("content")
+            if role not in ROLES:
+                raise InvalidArgument(f"messages[{i}].role must be one of {ROLES}, got {role!r}")
+            if not isinstance(content, str) or not content.strip():
+                raise InvalidArgument(f"messages[{i}].content is empty")
+        if self.tokenizer.chat_template is None:
+            raise InvalidArgument(
+                f"model {self.loaded.name!r} has no chat template; send a plain prompt instead"
+            )
+        text = self.tokenizer.apply_chat_template(
+            [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check_fits(self, prompt_tokens: int, params: SamplingParams) -> None:
+        """Raise unless the prompt plus `max_new_tokens` fits the model's context."""
+        limit = self.loaded.max_context
+        if prompt_tokens + params.max_new_tokens > limit:
+            raise InvalidArgument(
+                f"prompt of {prompt_tokens} tokens plus max_new_tokens={params.max_new_tokens} "
+                f"exceeds the model's context of {limit} tokens"
+            )
+
+    # --- generation ------------------------------------------------------------------------
+
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        past: DynamicCache | None = None,
+        prior_output: Sequence[int] = (),
+        use_cache: bool = True,
+        started: float | None = None,
+    ) -> Generation:
+        """Start generating after `prompt_ids` (+ `prior_output`, tokens already generated).
+
+        `past` holds K and V for a prefix of prompt + prior_output; only the rest is prefilled.
+        At least the last token is always recomputed, since its logits pick the next token.
+        `started` (a `time.perf_counter()` value) lets a caller include its own work, such as
+        fetching cached blocks, in `ttft_ms`.
+        """
+        prompt_ids, prior_output = list(prompt_ids), list(prior_output)
+        if not prompt_ids:
+            raise InvalidArgument("prompt is empty; give at least one token")
+        if len(prior_output) >= params.max_new_tokens:
+            raise InvalidArgument(
+                f"prior_output has {len(prior_output)} tokens, not below "
+                f"max_new_tokens={params.max_new_tokens}"
+            )
+        self.check_fits(len(prompt_ids), params)
+        sequence = prompt_ids + prior_output
+        cached = 0
+        if use_cache:
+            cache = past if past is not None else DynamicCache(config=self.model.config)
+            cached = min(cache.get_seq_length(), len(sequence) - 1)
+            if cache.get_seq_length() > cached:
+                # transformers 5 takes the number of tokens to drop, as a negative count.
+                cache.crop(cached - cache.get_seq_length())
+        else:
+            cache = None
+        if params.seed is None and not params.greedy:
+            # An unseeded sample still gets a seed, recorded on the generation, so that a
+            # failover can hand it to the next worker and the stream continues identically.
+            params = replace(params, seed=secrets.randbits(63))
+        generation = Generation(cache=cache, fed_token_ids=sequence[:cached], seed=params.seed)
+        usage = Usage(prompt_tokens=len(prompt_ids), cached_tokens=cached)
+        generation._events = self._decode_loop(
+            generation, sequence, len(prompt_ids), params, usage, started or time.perf_counter()
+        )
+        return generation
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, **kwargs
+    ) -> GenerationResult:
+        """Run a whole generation; see `stream` for the arguments."""
+        return self.stream(prompt_ids, params, **kwargs).run()
+
+    @torch.inference_mode()
+    def _decode_loop(
+        self,
+        generation: Generation,
+        sequence: list[int],
+        prompt_len: int,
+        params: SamplingParams,
+        usage: Usage,
+        started: float,
+    ) -> Iterator[TokenEvent]:
+        output = sequence[prompt_len:]  # starts with prior_output on a resumed generation
+        resumed = len(output)
+        text = self._decode_text(output)
+        emitted = len(self._visible(text, params.stop))
+        # Prefill: everything not already in the cache, in one forward pass.
+        logits = self._forward(generation, sequence[len(generation.fed_token_ids) :], sequence)
+        finish_reason = "length"
+        first_token_at: float | None = None
+        while True:
+            position = len(output)
+            token = self._sample(logits, params, position)
+            output.append(token)
+            now = time.perf_counter()
+            if first_token_at is None:
+                first_token_at = now
+                usage.ttft_ms = (now - started) * 1000.0
+            if token in self.eos_token_ids:
+                finish_reason = "eos"
+            text = self._decode_text(output)
+            stop_at = self._stop_index(text, params.stop)
+            if stop_at is not None:
+                finish_reason = "stop"
+            last = finish_reason != "length" or len(output) >= params.max_new_tokens
+            if stop_at is not None:
+                visible = text[:stop_at]
+            elif last:  # nothing can complete a stop string or a character any more
+                visible = text
+            else:
+                visible = self._visible(text, params.stop)
+            delta = visible[emitted:] if len(visible) > emitted else ""
+            emitted = max(emitted, len(visible))
+            yield TokenEvent(token_id=token, text=delta)
+            if last:
+                break
+            logits = self._forward(generation, [token], sequence + output[resumed:])
+        generated = len(output) - resumed
+        elapsed = time.perf_counter() - (first_token_at or started)
+        usage.completion_tokens = len(output)
+        usage.tokens_per_s = (generated - 1) / elapsed if generated > 1 and elapsed > 0 else 0.0
+        generation.result = GenerationResult(
+            text=visible, token_ids=output, finish_reason=finish_reason, usage=usage
+        )
+
+    def _forward(self, generation: Generation, new_ids: list[int], full: list[int]) -> torch.Tensor:
+        """Logits for the next token after feeding `new_ids` (cached) or `full` (no cache)."""
+        if generation.cache is None:
+            input_ids = torch.tensor([full], device=self.device)  # [1, seq]
+            out = self.model(input_ids=input_ids, use_cache=False)
+        else:
+            input_ids = torch.tensor([new_ids], device=self.device)  # [1, new]
+            out = self.model(input_ids=input_ids, past_key_values=generation.cache, use_cache=True)
+            generation.fed_token_ids.extend(new_ids)
+        return out.logits[0, -1].float()  # [vocab]
+
+    def _sample(self, logits: torch.Tensor, params: SamplingParams, position: int) -> int:
+        """Pick the token at output `position` from `logits` [vocab]."""
+        if params.greedy:
+            return int(torch.argmax(logits))
+        logits = logits / params.temperature
+        if params.top_k:
+            kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)  # [vocab]
+        if params.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            # Keep the smallest set whose mass reaches top_p (the first token always stays).
+            outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        generator = torch.Generator(device="cpu").manual_seed(_position_seed(params.seed, position))
+        return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+    def _decode_text(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    @staticmethod
+    def _visible(text: str, stop: tuple[str, ...]) -> str:
+        """The part of `text` safe to stream: no half-decoded character, no possible stop start."""
+        text = text.rstrip("\ufffd")
+        hold = 0
+        for s in stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return text[: len(text) - hold]
+
+    @staticmethod
+    def _stop_index(text: str, stop: tuple[str, ...]) -> int | None:
+        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+        return min(hits) if hits else None
+
+
+def _position_seed(seed: int | None, position: int) -> int:
+    """A seed for output position `position` that depends only on (seed, position)."""
+    base = 0 if seed is None else seed
+    return (base * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 1) % (2**63)
