@@ -38,7 +38,7 @@ class MetadataStore(Protocol):
 
     def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]: ...
 
-    def put_many(self, items: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> int: ...
+    def put_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int | None = None) -> int: ...
 
     def delete(self, keys: Sequence[str]) -> int: ...
 
@@ -141,7 +141,7 @@ def decode_session(data: bytes, *, tenant: str, session_id: str) -> Session:
 class SessionStore:
     """Reads and writes sessions through the KVStore client."""
 
-    def __init__(self, store: MetadataStore, ttl_s: float | None = 24 * 3600.0) -> None:
+    def __init__(self, store: MetadataStore, ttl_s: int | None = 24 * 3600) -> None:
         if ttl_s is not None and ttl_s <= 0:
             raise ValueError(f"session ttl must be > 0 seconds or None, got {ttl_s}")
         self._store = store

@@ -1,0 +1,290 @@
+"""What the gateway does per request, in domain types (no protobuf here; see `servicer`).
+
+Generate: resolve the session, tokenize on a worker, hash the full blocks, route, stream from
+the worker, and on a worker's death resume on another one with the tokens already streamed as
+`prior_output`. The client's stream simply continues: the new worker rebuilds the cache from the
+stored blocks, recomputes the short tail, and carries on from the next token.
+"""
+
+import contextlib
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import ray
+from ray.exceptions import GetTimeoutError, RayTaskError
+
+from kvpool.errors import InvalidArgument, Unavailable
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.pool import WORKER_GONE, WorkerPool, call, unwrap
+from services.gateway.router import Route
+from services.gateway.sessions import Session, SessionStore, check_session_id
+from workers.engine import SamplingParams, TokenEvent
+from workers.inputs import PromptInput
+from workers.kv.hashing import Namespace, chain_hashes
+from workers.worker import PrefillResult, WorkDone, WorkRequest, WorkUsage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    max_failovers: int = 3
+    # A worker silent for this long between two tokens is treated as dead: killed and replaced.
+    token_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.max_failovers < 0:
+            raise ValueError(f"max_failovers must be >= 0, got {self.max_failovers}")
+        if self.token_timeout_s <= 0:
+            raise ValueError(f"token_timeout_s must be > 0, got {self.token_timeout_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateCall:
+    input: PromptInput
+    params: SamplingParams
+    session_id: str = ""  # "" when the request is not part of a session
+    tenant: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    cached_local_tokens: int
+    cached_store_tokens: int
+    completion_tokens: int
+    ttft_ms: float  # gateway receipt to first token
+    tokens_per_s: float
+    worker: str
+    session_id: str
+    failovers: int
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.cached_local_tokens + self.cached_store_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    finish_reason: str  # "stop" | "length" | "eos"
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillCall:
+    input: PromptInput
+    tenant: str = ""
+
+
+class InferenceCore:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        sessions: SessionStore,
+        metrics: GatewayMetrics,
+        config: GatewayConfig | None = None,
+    ) -> None:
+        self.pool = pool
+        self.sessions = sessions
+        self.metrics = metrics
+        self.config = config or GatewayConfig()
+
+    # --- Generate ----------------------------------------------------------------------------
+
+    def generate(
+        self, req: GenerateCall, cancelled: threading.Event | None = None
+    ) -> Iterator[Delta | Finished]:
+        received = time.perf_counter()
+        session = self._open_session(req)
+        history = session.token_ids if session else ()
+        prompt = self.pool.on_any(lambda h: h.encode.remote(req.input, history))
+        self._check_fits(len(prompt), req.params)
+        params = req.params
+        if not params.greedy and params.seed is None:
+            # Fix the seed here, so a failover continues the very same sample.
+            params = replace(params, seed=secrets.randbits(63))
+        hashes = chain_hashes(self._namespace(req.tenant), prompt)
+
+        output: list[int] = []
+        failovers = 0
+        first_token_at: float | None = None
+        done: WorkDone | None = None
+        excluded: set[str] = set()
+        last_worker = ""
+        while done is None:
+            done = self._finished_without_worker(prompt, output, params, last_worker)
+            if done is not None:
+                break
+            route = self.pool.router.acquire(hashes, frozenset(excluded))
+            last_worker = route.worker_id
+            self.pool.router.record(route.worker_id, hashes)
+            request = WorkRequest(
+                token_ids=tuple(prompt),
+                params=params,
+                tenant=req.tenant,
+                prior_output=tuple(output),
+                request_id=uuid.uuid4().hex,
+            )
+            try:
+                for item in self._stream(route, request, cancelled):
+                    if isinstance(item, WorkDone):
+                        done = item
+                        break
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    output.append(item.token_id)
+                    yield Delta(item.text, (item.token_id,))
+            except _WorkerLost as lost:
+                failovers += 1
+                excluded.add(route.worker_id)
+                self.metrics.failovers.inc()
+                log.warning(
+                    "worker %s lost after %d tokens (%s); failing over",
+                    route.worker_id, len(output), lost,
+                )  # fmt: skip
+                if failovers > self.config.max_failovers:
+                    raise Unavailable(
+                        f"gave up after {failovers - 1} failovers; the last worker was lost: {lost}"
+                    ) from None
+                if not set(self.pool.live()) - excluded:
+                    excluded.clear()  # replacements may be up; better any worker than none
+            finally:
+                self.pool.router.release(route)
+
+        # The worker now holds (in L1) the prompt's and the output's blocks: a session's next turn
+        # should find its way back there.
+        fed = [*prompt, *done.token_ids][:-1]
+        self.pool.router.record(done.usage.worker, chain_hashes(self._namespace(req.tenant), fed))
+        if session is not None:
+            self.sessions.save(session.with_turn([*prompt, *done.token_ids]))
+        ttft_ms = ((first_token_at or time.perf_counter()) - received) * 1000.0
+        usage = Usage(
+            prompt_tokens=len(prompt),
+            cached_local_tokens=done.usage.cached_local_tokens,
+            cached_store_tokens=done.usage.cached_store_tokens,
+            completion_tokens=len(done.token_ids),
+            ttft_ms=ttft_ms,
+            tokens_per_s=done.usage.tokens_per_s,
+            worker=done.usage.worker,
+            session_id=req.session_id,
+            failovers=failovers,
+        )
+        self.metrics.observe_generate(usage, req.tenant)
+        yield Finished(done.finish_reason, usage)
+
+    def _stream(
+        self, route: Route, request: WorkRequest, cancelled: threading.Event | None
+    ) -> Iterator[TokenEvent | WorkDone]:
+        """The worker's items; raises _WorkerLost when the worker dies or stalls."""
+        try:
+            handle = self.pool.handle(route.worker_id)
+        except Unavailable as exc:
+            raise _WorkerLost(str(exc)) from None
+        refs = handle.generate.options(num_returns="streaming").remote(request)
+        finished = False
+        try:
+            while True:
+                if cancelled is not None and cancelled.is_set():
+                    return
+                try:
+                    ref = next(refs)
+                    item = ray.get(ref, timeout=self.config.token_timeout_s)
+                except StopIteration:
+                    finished = True
+                    return
+                except WORKER_GONE as exc:
+                    self.pool.mark_dead(route.worker_id)
+                    raise _WorkerLost(type(exc).__name__) from None
+                except GetTimeoutError:
+                    self.pool.mark_dead(route.worker_id, kill=True)
+                    raise _WorkerLost(f"no token for {self.config.token_timeout_s:.0f} s") from None
+                except RayTaskError as exc:
+                    raise unwrap(exc) from None
+                yield item
+                if isinstance(item, WorkDone):
+                    finished = True
+        finally:
+            if not finished:
+                # The client left (or we failed over): stop the worker spending its time on it.
+                with contextlib.suppress(Exception):  # a dead worker is not generating anyway
+                    handle.cancel.remote(request.request_id)
+
+    def _finished_without_worker(
+        self, prompt: list[int], output: list[int], params: SamplingParams, worker: str
+    ) -> WorkDone | None:
+        """The end of a stream whose worker died after its last token but before its summary."""
+        if not output:
+            return None
+        if output[-1] in self.pool.info.eos_token_ids:
+            reason = "eos"
+        elif len(output) >= params.max_new_tokens:
+            reason = "length"
+        else:
+            return None
+        usage = WorkUsage(len(prompt), 0, 0, len(output), 0.0, 0.0, worker=worker)
+        return WorkDone(finish_reason=reason, token_ids=tuple(output), text="", usage=usage)
+
+    # --- Prefill -----------------------------------------------------------------------------
+
+    def prefill(self, req: PrefillCall) -> PrefillResult:
+        tokens = self.pool.on_any(lambda h: h.encode.remote(req.input, ()))
+        self._check_fits(len(tokens), SamplingParams(max_new_tokens=1))
+        hashes = chain_hashes(self._namespace(req.tenant), tokens)
+        for _ in range(self.config.max_failovers + 1):
+            route = self.pool.router.acquire(hashes)
+            try:
+                result = call(self.pool.handle(route.worker_id).prefill.remote(tokens, req.tenant))
+            except WORKER_GONE:
+                self.pool.mark_dead(route.worker_id)
+                continue
+            finally:
+                self.pool.router.release(route)
+            self.pool.router.record(route.worker_id, hashes)
+            return result
+        raise Unavailable("no worker could prefill the prompt")
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    def get_session(self, tenant: str, session_id: str) -> tuple[Session, str]:
+        """The session and its history as text."""
+        session = self.sessions.get(tenant, session_id)
+        text = self.pool.on_any(lambda h: h.decode_text.remote(session.token_ids))
+        return session, text
+
+    def delete_session(self, tenant: str, session_id: str) -> None:
+        self.sessions.delete(tenant, session_id)
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _open_session(self, req: GenerateCall) -> Session | None:
+        if not req.session_id:
+            return None
+        check_session_id(req.session_id)
+        return self.sessions.open(req.tenant, req.session_id)
+
+    def _namespace(self, tenant: str) -> Namespace:
+        info = self.pool.info
+        return Namespace(info.fingerprint, info.codec, info.block_tokens, tenant)
+
+    def _check_fits(self, prompt_tokens: int, params: SamplingParams) -> None:
+        limit = self.pool.info.max_context
+        if prompt_tokens + params.max_new_tokens > limit:
+            raise InvalidArgument(
+                f"prompt of {prompt_tokens} tokens plus max_new_tokens={params.max_new_tokens} "
+                f"exceeds the model's context of {limit} tokens"
+            )
+
+
+class _WorkerLost(Exception):
+    """The worker serving a stream died or stalled; the stream moves to another one."""

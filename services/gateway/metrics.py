@@ -1,0 +1,148 @@
+"""The gateway's Prometheus metrics (every one is listed in docs/gateway.md, "Metrics").
+
+Each gateway owns its registry (no global state), so tests can run several in one process.
+Worker-side figures (L1 size, store errors, write-behind drops) are pulled from the workers when
+Prometheus scrapes, by a collector with a short deadline; a worker that does not answer in time
+is simply absent from that scrape.
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from services.gateway.inference import Usage
+    from workers.worker import WorkerStats
+
+# TTFT spans an L1 hit on a GPU (ms) to a cold multi-thousand-token prefill on a CPU (s).
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.calls = Counter(
+            "kvpool_gateway_calls", "Finished RPCs by method and status code.",
+            ["method", "code"], registry=r,
+        )  # fmt: skip
+        self.call_seconds = Histogram(
+            "kvpool_gateway_call_seconds", "RPC duration, whole stream included.",
+            ["method"], registry=r, buckets=_TTFT_BUCKETS,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "kvpool_gateway_ttft_seconds",
+            "Gateway receipt to first token, by where the prompt's cached prefix came from.",
+            ["cache"], registry=r, buckets=_TTFT_BUCKETS,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "kvpool_gateway_prompt_tokens", "Prompt tokens served.", ["tenant"], registry=r
+        )
+        self.cached_tokens = Counter(
+            "kvpool_gateway_cached_tokens",
+            "Prompt tokens whose KV came from a cache tier instead of a prefill.",
+            ["tenant", "tier"], registry=r,
+        )  # fmt: skip
+        self.completion_tokens = Counter(
+            "kvpool_gateway_completion_tokens", "Tokens generated.", ["tenant"], registry=r
+        )
+        self.failovers = Counter(
+            "kvpool_gateway_failovers", "Streams moved to another worker after one died.",
+            registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "kvpool_gateway_in_flight", "Generate streams open right now.", registry=r
+        )
+
+    def observe_call(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        """`services.status.CallObserver`: every finished RPC."""
+        short = method.rsplit("/", 1)[-1]
+        self.calls.labels(short, code.name).inc()
+        self.call_seconds.labels(short).observe(seconds)
+
+    def observe_generate(self, usage: "Usage", tenant: str) -> None:
+        self.prompt_tokens.labels(tenant).inc(usage.prompt_tokens)
+        self.cached_tokens.labels(tenant, "local").inc(usage.cached_local_tokens)
+        self.cached_tokens.labels(tenant, "store").inc(usage.cached_store_tokens)
+        self.completion_tokens.labels(tenant).inc(usage.completion_tokens)
+        if usage.cached_local_tokens and usage.cached_store_tokens:
+            cache = "mixed"
+        elif usage.cached_local_tokens:
+            cache = "local"
+        elif usage.cached_store_tokens:
+            cache = "store"
+        else:
+            cache = "miss"
+        self.ttft.labels(cache).observe(usage.ttft_ms / 1000.0)
+
+    def watch_workers(
+        self,
+        stats: Callable[[], Sequence["WorkerStats"]],
+        live: Callable[[], int],
+        deaths: Callable[[], int],
+    ) -> None:
+        """Report worker figures, pulled at scrape time through `stats`."""
+        self.registry.register(_WorkerCollector(stats, live, deaths))
+
+
+_G, _C, _W = GaugeMetricFamily, CounterMetricFamily, ["worker"]
+# name (after kvpool_worker_) -> (kind, help, labels)
+_WORKER_FAMILIES: dict[str, tuple[type, str, list[str]]] = {
+    "l1_bytes": (_G, "Bytes of decoded blocks held in L1.", _W),
+    "l1_capacity_bytes": (_G, "L1 byte bound.", _W),
+    "l1_blocks": (_G, "Blocks held in L1.", _W),
+    "l1_evictions": (_C, "Blocks evicted from L1 for space.", _W),
+    "cached_tokens": (_C, "Prompt tokens served from a cache tier.", ["worker", "tier"]),
+    "computed_tokens": (_C, "Prompt tokens prefilled because no tier held them.", _W),
+    "corrupt_blocks": (_C, "Stored blocks refused by verification (deleted).", _W),
+    "store_errors": (_C, "Store reads that failed and were served as misses.", _W),
+    "blocks_written": (_C, "Blocks the store accepted from write-behind.", _W),
+    "write_dropped_blocks": (_C, "Blocks not written because the write queue was full.", _W),
+    "write_failed_blocks": (_C, "Blocks not written because the store failed.", _W),
+    "write_pending_blocks": (_G, "Blocks waiting in the write-behind queue.", _W),
+    "in_flight": (_G, "Generations running on the worker.", _W),
+}
+
+
+class _WorkerCollector(Collector):
+    def __init__(
+        self,
+        stats: Callable[[], Sequence["WorkerStats"]],
+        live: Callable[[], int],
+        deaths: Callable[[], int],
+    ) -> None:
+        self._stats, self._live, self._deaths = stats, live, deaths
+
+    def describe(self) -> list[Metric]:
+        return []  # values come from workers at scrape time; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("kvpool_gateway_workers_live", "Workers serving.", self._live())
+        yield CounterMetricFamily(
+            "kvpool_gateway_worker_deaths", "Workers lost (died or stalled).", self._deaths()
+        )
+        families = {
+            name: kind(f"kvpool_worker_{name}", doc, labels=labels)
+            for name, (kind, doc, labels) in _WORKER_FAMILIES.items()
+        }
+        for s in self._stats():
+            w = [s.worker_id]
+            families["l1_bytes"].add_metric(w, s.local.bytes)
+            families["l1_capacity_bytes"].add_metric(w, s.local.capacity_bytes)
+            families["l1_blocks"].add_metric(w, s.local.blocks)
+            families["l1_evictions"].add_metric(w, s.local.evictions)
+            families["cached_tokens"].add_metric([s.worker_id, "local"], s.cached_local_tokens)
+            families["cached_tokens"].add_metric([s.worker_id, "store"], s.cached_store_tokens)
+            families["computed_tokens"].add_metric(w, s.computed_tokens)
+            families["corrupt_blocks"].add_metric(w, s.corrupt_blocks)
+            families["store_errors"].add_metric(w, s.store_errors)
+            families["blocks_written"].add_metric(w, s.writes.stored)
+            families["write_dropped_blocks"].add_metric(w, s.writes.dropped)
+            families["write_failed_blocks"].add_metric(w, s.writes.failed)
+            families["write_pending_blocks"].add_metric(w, s.writes.pending)
+            families["in_flight"].add_metric(w, s.in_flight)
+        yield from families.values()

@@ -1,0 +1,110 @@
+"""The Ray actor around `KVWorker`: one per GPU, or per CPU slot.
+
+The actor is threaded (`max_concurrency`), so `info`, `stats` and `ping` answer while
+generations run, and several generations can share the model. `generate` is a streaming
+generator method: the caller iterates the returned `ObjectRefGenerator` and `ray.get`s each ref.
+When the actor dies, that raises `ray.exceptions.RayActorError`, which is the gateway's cue to
+fail over.
+"""
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import ray
+
+from workers.engine import TokenEvent
+from workers.inputs import PromptInput
+from workers.worker import (
+    KVWorker,
+    PrefillResult,
+    WorkDone,
+    WorkerConfig,
+    WorkerInfo,
+    WorkerStats,
+    WorkRequest,
+)
+
+log = logging.getLogger(__name__)
+
+ACTOR_NAME_PREFIX = "kvpool-worker-"
+
+
+@dataclass(frozen=True, slots=True)
+class ActorResources:
+    """What one worker actor asks Ray for."""
+
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    max_concurrency: int = 8  # generations sharing the model, plus stats and health calls
+
+    def __post_init__(self) -> None:
+        if self.num_gpus < 0 or self.num_cpus < 0:
+            raise ValueError("num_gpus and num_cpus must be >= 0")
+        if self.max_concurrency < 2:
+            raise ValueError("max_concurrency must be >= 2 so health calls answer during work")
+
+
+class WorkerActor:
+    """Ray-facing methods; each forwards to the `KVWorker` built in the actor's process."""
+
+    def __init__(self, config: WorkerConfig, worker_id: str) -> None:
+        logging.basicConfig(level=os.environ.get("KVPOOL_LOG_LEVEL", "WARNING"))
+        self._worker = KVWorker(config, worker_id)
+
+    def ping(self) -> str:
+        return self._worker.worker_id
+
+    def info(self) -> WorkerInfo:
+        return self._worker.info()
+
+    def encode(self, given: PromptInput, history: Sequence[int] = ()) -> list[int]:
+        return self._worker.encode(given, history)
+
+    def decode_text(self, token_ids: Sequence[int]) -> str:
+        return self._worker.decode_text(token_ids)
+
+    def generate(self, request: WorkRequest) -> Iterator[TokenEvent | WorkDone]:
+        yield from self._worker.generate(request)
+
+    def cancel(self, request_id: str) -> None:
+        self._worker.cancel(request_id)
+
+    def prefill(self, token_ids: Sequence[int], tenant: str = "") -> PrefillResult:
+        return self._worker.prefill(token_ids, tenant)
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        return self._worker.flush(timeout_s)
+
+    def stats(self) -> WorkerStats:
+        return self._worker.stats()
+
+    def close(self) -> None:
+        self._worker.close()
+
+
+def start_actor(
+    config: WorkerConfig, worker_id: str, resources: ActorResources
+) -> "ray.actor.ActorHandle":
+    """Create a worker actor (its model loads in the background; `ping` returns once ready)."""
+    remote_cls = ray.remote(WorkerActor).options(
+        name=ACTOR_NAME_PREFIX + worker_id,
+        num_gpus=resources.num_gpus,
+        num_cpus=resources.num_cpus,
+        max_concurrency=resources.max_concurrency,
+        # The gateway replaces dead workers itself (with a fresh id), so Ray must not restart
+        # them behind its back: a restarted actor would have an empty L1 under an old route.
+        max_restarts=0,
+    )
+    return remote_cls.remote(config, worker_id)
+
+
+def default_resources(worker_gpus: float | None, worker_cpus: float = 1.0) -> ActorResources:
+    """GPUs when asked for, or when the cluster has any; CPU slots otherwise."""
+    if worker_gpus is None:
+        cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+        worker_gpus = 1.0 if cluster_gpus >= 1 else 0.0
+    if worker_gpus > 0:
+        return ActorResources(num_gpus=worker_gpus, num_cpus=0.0)
+    return ActorResources(num_gpus=0.0, num_cpus=worker_cpus)

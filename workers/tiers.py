@@ -1,0 +1,207 @@
+"""The worker's two cache tiers: L1, decoded blocks in the worker's memory, and the write-behind
+queue that feeds L1 and L2 (the KVStore) without making decode wait.
+
+L1 holds blocks exactly as a store hit would deliver them (encoded, then decoded), not the exact
+tensors the model produced. A prompt therefore gets the same KV, and so the same output, whether
+its prefix came from this worker's L1 or from the store by way of another worker.
+"""
+
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from workers.kv.hashing import BlockHash, block_key
+
+log = logging.getLogger(__name__)
+
+
+class BlockStore(Protocol):
+    """L2 as the worker sees it; `services.store.client.StoreClient` implements it."""
+
+    def lookup(self, keys: Sequence[str]) -> int: ...
+
+    def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]: ...
+
+    def put_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int | None = None) -> int: ...
+
+    def delete(self, keys: Sequence[str]) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LocalStats:
+    blocks: int
+    bytes: int
+    capacity_bytes: int
+    hits: int
+    misses: int
+    evictions: int
+
+
+class LocalBlocks:
+    """L1: a byte-bounded LRU of decoded blocks, each [layers, 2, kv_heads, block_tokens, head_dim].
+
+    Thread-safe: request threads read it while the write-behind thread fills it. Tensors are
+    shared, never copied, and never modified by readers (`blocks_to_cache` concatenates them
+    into new tensors).
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        if capacity_bytes < 0:
+            raise ValueError(f"L1 capacity must be >= 0 bytes, got {capacity_bytes}")
+        self.capacity_bytes = capacity_bytes
+        self._blocks: OrderedDict[BlockHash, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._hits = self._misses = self._evictions = 0
+        self._lock = threading.Lock()
+
+    def prefix(self, hashes: Sequence[BlockHash]) -> list[torch.Tensor]:
+        """The blocks of the longest leading run of `hashes` held here (marked recently used)."""
+        found: list[torch.Tensor] = []
+        with self._lock:
+            for h in hashes:
+                block = self._blocks.get(h)
+                if block is None:
+                    break
+                self._blocks.move_to_end(h)
+                found.append(block)
+            self._hits += len(found)
+            self._misses += len(hashes) - len(found)
+        return found
+
+    def __contains__(self, block_hash: BlockHash) -> bool:
+        with self._lock:
+            return block_hash in self._blocks
+
+    def put(self, block_hash: BlockHash, block: torch.Tensor) -> None:
+        size = block.numel() * block.element_size()
+        if size > self.capacity_bytes:
+            return  # cannot fit even alone; keeping it would evict everything for nothing
+        with self._lock:
+            old = self._blocks.pop(block_hash, None)
+            if old is not None:
+                self._bytes -= old.numel() * old.element_size()
+            self._blocks[block_hash] = block
+            self._bytes += size
+            while self._bytes > self.capacity_bytes:
+                _, evicted = self._blocks.popitem(last=False)
+                self._bytes -= evicted.numel() * evicted.element_size()
+                self._evictions += 1
+
+    def stats(self) -> LocalStats:
+        with self._lock:
+            return LocalStats(
+                blocks=len(self._blocks),
+                bytes=self._bytes,
+                capacity_bytes=self.capacity_bytes,
+                hits=self._hits,
+                misses=self._misses,
+                evictions=self._evictions,
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class WriteStats:
+    submitted: int  # blocks handed to the queue
+    stored: int  # blocks the store accepted
+    dropped: int  # blocks not queued because the queue was full
+    failed: int  # blocks whose put failed (store down): a later miss, never a request error
+    pending: int  # blocks waiting in the queue or being written
+
+
+# (hash, block [layers, 2, kv_heads, block_tokens, head_dim]) pairs, in chain order
+WriteBatch = list[tuple[BlockHash, torch.Tensor]]
+
+
+class WriteBehind:
+    """A background thread that encodes completed blocks, puts them in L2 and adds them to L1.
+
+    `submit` never blocks: when the queue is full the batch is dropped and counted, because a
+    block the store misses costs a later prefill, while a stalled decode costs every token now.
+    """
+
+    def __init__(
+        self,
+        encode: Callable[[torch.Tensor, BlockHash], bytes],
+        decode: Callable[[bytes, BlockHash], torch.Tensor],
+        local: LocalBlocks,
+        store: BlockStore | None,
+        max_pending_blocks: int = 256,
+        ttl_s: int | None = None,
+    ) -> None:
+        self._encode, self._decode = encode, decode
+        self._local, self._store, self._ttl_s = local, store, ttl_s
+        self._queue: queue.Queue[WriteBatch | None] = queue.Queue()
+        self._max_pending = max_pending_blocks
+        self._pending = 0
+        self._submitted = self._stored = self._dropped = self._failed = 0
+        self._lock = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="kvpool-write-behind", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: WriteBatch) -> bool:
+        """Queue `batch` (tensors the caller will not modify). False when it was dropped."""
+        if not batch:
+            return True
+        with self._lock:
+            if self._pending + len(batch) > self._max_pending:
+                self._dropped += len(batch)
+                return False
+            self._pending += len(batch)
+            self._submitted += len(batch)
+        self._queue.put(batch)
+        return True
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until everything submitted so far is written; False on timeout."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._pending == 0, timeout=timeout_s)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Write what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def stats(self) -> WriteStats:
+        with self._lock:
+            return WriteStats(
+                self._submitted, self._stored, self._dropped, self._failed, self._pending
+            )
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            stored = failed = 0
+            try:
+                stored, failed = self._write(batch)
+            except Exception:  # the thread must survive anything one batch does
+                log.exception("write-behind batch of %d blocks failed", len(batch))
+                failed = len(batch)
+            with self._lock:
+                self._pending -= len(batch)
+                self._stored += stored
+                self._failed += failed
+                self._lock.notify_all()
+
+    def _write(self, batch: WriteBatch) -> tuple[int, int]:
+        items: list[tuple[str, bytes]] = []
+        for block_hash, block in batch:
+            data = self._encode(block, block_hash)
+            # Decode what was encoded, so L1 serves exactly what the store would.
+            self._local.put(block_hash, self._decode(data, block_hash))
+            items.append((block_key(block_hash), data))
+        if self._store is None:
+            return 0, 0
+        try:
+            stored = self._store.put_many(items, ttl_s=self._ttl_s)
+        except Exception as exc:  # a failing store is a later miss, never a failed request
+            log.warning("write-behind: store put of %d blocks failed: %s", len(items), exc)
+            return 0, len(items)
+        return stored, 0
