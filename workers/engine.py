@@ -309,10 +309,17 @@ class Engine:
         """Logits for the next token after feeding `new_ids` (cached) or `full` (no cache)."""
         if generation.cache is None:
             input_ids = torch.tensor([full], device=self.device)  # [1, seq]
-            out = self.model(input_ids=input_ids, use_cache=False)
+            out = self.model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
         else:
             input_ids = torch.tensor([new_ids], device=self.device)  # [1, new]
-            out = self.model(input_ids=input_ids, past_key_values=generation.cache, use_cache=True)
+            # logits_to_keep=1: the LM head over a 49k vocabulary for every prompt position
+            # would cost more than the rest of a short prefill.
+            out = self.model(
+                input_ids=input_ids,
+                past_key_values=generation.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             generation.fed_token_ids.extend(new_ids)
         return out.logits[0, -1].float()  # [vocab]
 
