@@ -1,0 +1,297 @@
+"""Codecs: one block of K and V <-> a few typed tensors ("sections") that become the payload.
+
+A codec never sees bytes. It declares the sections a block of a given shape turns into
+(`layout`), fills them (`encode`) and rebuilds the block from them (`decode`); `workers.kv.block`
+lays the sections out as bytes, checksums them and parses them back. Keeping the codecs at the
+tensor level lets them run on the GPU and keeps every byte-level rule in one module.
+
+Every codec computes in float32 whatever the model dtype, stores its scales as float16, and uses
+the float16-rounded scale to quantize, so decode multiplies by exactly the scale encode divided
+by. Layouts, byte by byte, are in docs/block-format.md; accuracy is measured by
+`kvpool bench codec` (docs/benchmarks.md).
+"""
+
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from kvpool.errors import InvalidArgument
+from workers.kv.hashing import CODEC_NAMES
+
+__all__ = ["CODEC_NAMES", "BlockShape", "Codec", "Section", "dtype_name", "get_codec"]
+
+BlockShape = tuple[int, int, int, int, int]  # [layers, 2 (K, V), kv_heads, block_tokens, head_dim]
+
+FP16_MAX = 65504.0
+INT8_MAX = 127.0
+INT4_LEVELS = 15.0  # codes 0..15
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+# Section dtypes by the name the block header uses (torch's name without "torch.").
+SECTION_DTYPES: dict[str, torch.dtype] = {
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.float16` -> "float16", the spelling used in headers and in KVGeometry."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """One typed, row-major tensor of the payload."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if dtype_name(self.dtype) not in SECTION_DTYPES:
+            raise ValueError(f"section dtype must be one of {sorted(SECTION_DTYPES)}")
+        if not self.shape or any(type(n) is not int or n <= 0 for n in self.shape):
+            raise ValueError(f"section shape must be positive ints, got {self.shape!r}")
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class Codec(Protocol):
+    """Turns a block [layers, 2, kv_heads, block_tokens, head_dim] into sections and back."""
+
+    @property
+    def name(self) -> str:
+        """The codec spec, as hashed into the namespace and written in the header."""
+        ...
+
+    def params(self, shape: BlockShape) -> dict[str, int]:
+        """Parameters a reader needs besides the layout (recorded in the header)."""
+        ...
+
+    def layout(self, shape: BlockShape) -> tuple[Section, ...]:
+        """The sections, in payload order, that a block of `shape` encodes to."""
+        ...
+
+    def encode(self, kv: torch.Tensor) -> list[torch.Tensor]:
+        """kv: [L, 2, H, T, D] floating, finite. Returns tensors matching `layout`, on kv's device.
+
+        Raises InvalidArgument when kv holds NaN/inf or values the codec cannot represent.
+        """
+        ...
+
+    def decode(self, sections: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """Sections as `layout` describes them -> [L, 2, H, T, D] in `dtype`, on their device."""
+        ...
+
+
+def _reject_nonfinite(finite: torch.Tensor, what: str) -> None:
+    if not bool(finite.all()):
+        raise InvalidArgument(f"cannot encode a KV block: {what}")
+
+
+@dataclass(frozen=True, slots=True)
+class RawCodec:
+    """The block cast to a 16-bit float dtype: exact when the model runs in that dtype."""
+
+    name: str
+    storage: torch.dtype
+
+    def params(self, shape: BlockShape) -> dict[str, int]:
+        return {}
+
+    def layout(self, shape: BlockShape) -> tuple[Section, ...]:
+        return (Section("data", self.storage, shape),)
+
+    def encode(self, kv: torch.Tensor) -> list[torch.Tensor]:
+        # NaN fails both comparisons; float32 values beyond float16's range would become inf.
+        # (Two reductions are several times faster than torch.isfinite(...).all() on CPU.)
+        limit = torch.finfo(self.storage).max
+        _reject_nonfinite(
+            (kv.amin() >= -limit) & (kv.amax() <= limit), f"NaN, inf or values beyond {self.name}"
+        )
+        return [kv.to(self.storage).contiguous()]  # [L, 2, H, T, D]
+
+    def decode(self, sections: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return sections[0].to(dtype)  # [L, 2, H, T, D]
+
+
+@dataclass(frozen=True, slots=True)
+class ScaledCodec:
+    """Symmetric, one float16 scale per (layer, K/V, head, token): int8 or float8 e4m3 codes."""
+
+    name: str
+    storage: torch.dtype
+    code_max: float  # largest code magnitude: 127 for int8, 448 for e4m3
+
+    def params(self, shape: BlockShape) -> dict[str, int]:
+        return {}
+
+    def layout(self, shape: BlockShape) -> tuple[Section, ...]:
+        return (Section("q", self.storage, shape), Section("scale", torch.float16, shape[:4]))
+
+    def encode(self, kv: torch.Tensor) -> list[torch.Tensor]:
+        x = kv.float()  # [L, 2, H, T, D]
+        amax = x.abs().amax(dim=-1)  # [L, 2, H, T]
+        # NaN fails the comparison, so this one check also refuses NaN and inf.
+        _reject_nonfinite(amax <= FP16_MAX * self.code_max, "NaN, inf or values beyond float16")
+        scale = (amax / self.code_max).to(torch.float16)  # [L, 2, H, T]
+        # An all-zero (or float16-underflowing) row gets scale 0: its codes are all 0.
+        inverse = torch.where(scale > 0, 1.0 / scale.float(), 0.0).unsqueeze(-1)  # [L, 2, H, T, 1]
+        scaled = torch.mul(x, inverse).clamp_(-self.code_max, self.code_max)  # [L, 2, H, T, D]
+        if self.storage == torch.int8:
+            scaled.round_()
+        return [scaled.to(self.storage), scale]
+
+    def decode(self, sections: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        q, scale = sections
+        if q.dtype == torch.float8_e4m3fn:
+            # torch's float8 -> float32 cast runs at ~1 GB/s on CPU; a 256-entry table is faster.
+            table = _E4M3_TABLE.to(q.device)
+            values = table.index_select(0, q.reshape(-1).view(torch.uint8).int())  # [L*2*H*T*D]
+            values = values.view(q.shape).mul_(scale.float().unsqueeze(-1))  # [L, 2, H, T, D]
+        else:
+            values = torch.mul(q, scale.float().unsqueeze(-1))  # [L, 2, H, T, D] float32
+        return values.to(dtype)
+
+
+# Every float8 e4m3 bit pattern as float32 ([256]; 0x7F and 0xFF are NaN, refused on decode).
+_E4M3_TABLE = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def _group_size(n: int, limit: int) -> int:
+    """The largest divisor of n that is <= limit, so groups tile a block with no padding."""
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def _int4_params(
+    x: torch.Tensor, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit parameters for groups laid along `dim` of x (x: [..., G, ...]).
+
+    Returns the float16 scale and zero point (x's shape without `dim`), and the float32 zero
+    and reciprocal scale to quantize with (`dim` kept, size 1): encode quantizes with exactly
+    the float16 values decode will use.
+    """
+    lo = x.amin(dim=dim)
+    hi = x.amax(dim=dim)
+    # NaN fails every comparison, so this one check also refuses NaN and inf.
+    _reject_nonfinite((lo >= -FP16_MAX) & (hi <= FP16_MAX), "NaN, inf or values beyond float16")
+    zero = lo.to(torch.float16)
+    scale = ((hi - zero.float()) / INT4_LEVELS).clamp(max=FP16_MAX).to(torch.float16)
+    # A constant (or float16-underflowing) group gets scale 0: all its codes are 0.
+    inverse = torch.where(scale > 0, 1.0 / scale.float(), 0.0)
+    return scale, zero, zero.float().unsqueeze(dim), inverse.unsqueeze(dim)
+
+
+# Packing views pairs of uint8 codes as one int16, which assumes little-endian memory.
+if sys.byteorder != "little":
+    raise ImportError("workers.kv.codec packs int4 codes assuming a little-endian machine")
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """codes: [n] uint8 in 0..15 -> [ceil(n / 2)] uint8; code 2i low nibble, 2i+1 high."""
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])  # [n + 1]
+    pairs = codes.view(torch.int16)  # [n / 2], low byte = code 2i: contiguous, unlike [:, 0]
+    return ((pairs & 0x0F) | ((pairs >> 4) & 0xF0)).to(torch.uint8)  # [n / 2]
+
+
+def _unpack_nibbles(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """packed: [m] uint8 -> [count] uint8 codes, the inverse of _pack_nibbles."""
+    wide = packed.to(torch.int16)  # [m]
+    return ((wide & 0x0F) | ((wide & 0xF0) << 4)).view(torch.uint8)[:count]  # [2m] -> [count]
+
+
+@dataclass(frozen=True, slots=True)
+class KiviInt4Codec:
+    """KIVI 4-bit: keys per channel (groups along tokens), values per token (groups along
+    channels), asymmetric with a float16 scale and zero point per group, two codes per byte.
+
+    Keys carry a few outlier channels, so a key group shares one channel; values do not, so a
+    value group shares one token (the KIVI paper's finding, confirmed in DESIGN.md's table).
+    """
+
+    name: str
+    group: int  # target group size; the real one divides the block (see _group_size)
+
+    def params(self, shape: BlockShape) -> dict[str, int]:
+        _, _, _, tokens, head_dim = shape
+        return {
+            "k_group": _group_size(tokens, self.group),
+            "v_group": _group_size(head_dim, self.group),
+        }
+
+    def layout(self, shape: BlockShape) -> tuple[Section, ...]:
+        layers, _, heads, tokens, head_dim = shape
+        p = self.params(shape)
+        k_groups = (layers, heads, tokens // p["k_group"], head_dim)
+        v_groups = (layers, heads, tokens, head_dim // p["v_group"])
+        return (
+            Section("q", torch.uint8, ((math.prod(shape) + 1) // 2,)),
+            Section("k_scale", torch.float16, k_groups),
+            Section("k_zero", torch.float16, k_groups),
+            Section("v_scale", torch.float16, v_groups),
+            Section("v_zero", torch.float16, v_groups),
+        )
+
+    def _views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [L, 2, H, T, D] -> keys [L, H, T/gk, gk, D] and values [L, H, T, D/gv, gv] views."""
+        layers, _, heads, tokens, head_dim = x.shape
+        p = self.params((layers, 2, heads, tokens, head_dim))
+        gk, gv = p["k_group"], p["v_group"]
+        keys = x[:, 0].unflatten(2, (tokens // gk, gk))  # [L, H, T/gk, gk, D]
+        values = x[:, 1].unflatten(3, (head_dim // gv, gv))  # [L, H, T, D/gv, gv]
+        return keys, values
+
+    def encode(self, kv: torch.Tensor) -> list[torch.Tensor]:
+        x = kv.float()  # [L, 2, H, T, D]; kv itself when float32, so never written to
+        keys, values = self._views(x)
+        k_scale, k_zero, k_shift, k_inverse = _int4_params(keys, dim=3)  # [L, H, T/gk, D]
+        v_scale, v_zero, v_shift, v_inverse = _int4_params(values, dim=4)  # [L, H, T, D/gv]
+        # One float buffer, worked on in place: fresh multi-MB temporaries cost page faults.
+        y = torch.empty_like(x)  # [L, 2, H, T, D]
+        y_keys, y_values = self._views(y)
+        torch.sub(keys, k_shift, out=y_keys).mul_(k_inverse)
+        torch.sub(values, v_shift, out=y_values).mul_(v_inverse)
+        codes = y.round_().clamp_(0, INT4_LEVELS).to(torch.uint8)  # [L, 2, H, T, D]
+        return [_pack_nibbles(codes.view(-1)), k_scale, k_zero, v_scale, v_zero]
+
+    def decode(self, sections: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        packed, k_scale, k_zero, v_scale, v_zero = sections
+        layers, heads, _, head_dim = k_scale.shape
+        tokens = v_scale.shape[2]
+        shape = (layers, 2, heads, tokens, head_dim)
+        x = _unpack_nibbles(packed, math.prod(shape)).view(shape).float()  # [L, 2, H, T, D]
+        keys, values = self._views(x)
+        keys.mul_(k_scale.float().unsqueeze(3)).add_(k_zero.float().unsqueeze(3))
+        values.mul_(v_scale.float().unsqueeze(4)).add_(v_zero.float().unsqueeze(4))
+        return x.to(dtype)
+
+
+_CODECS: dict[str, Codec] = {
+    "fp16": RawCodec("fp16", torch.float16),
+    "bf16": RawCodec("bf16", torch.bfloat16),
+    "int8": ScaledCodec("int8", torch.int8, INT8_MAX),
+    "fp8": ScaledCodec("fp8", torch.float8_e4m3fn, FP8_MAX),
+    "int4": KiviInt4Codec("int4", group=32),
+    "int4-g64": KiviInt4Codec("int4-g64", group=64),
+}
+if tuple(_CODECS) != CODEC_NAMES:  # a new spec must be both hashed and implemented
+    raise ImportError(f"codec registry {tuple(_CODECS)} != hashing.CODEC_NAMES {CODEC_NAMES}")
+
+
+def get_codec(spec: str) -> Codec:
+    """The codec for a spec such as "int8"; raises InvalidArgument naming the allowed specs."""
+    codec = _CODECS.get(spec) if isinstance(spec, str) else None
+    if codec is None:
+        raise InvalidArgument(f"unknown codec {spec!r}; allowed: {', '.join(CODEC_NAMES)}")
+    return codec
