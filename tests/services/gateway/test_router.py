@@ -1,0 +1,89 @@
+import pytest
+
+from kvpool.errors import Unavailable
+from services.gateway.router import Router, RouterConfig
+
+
+def router(**kwargs) -> Router:
+    r = Router(RouterConfig(block_tokens=64, **kwargs))
+    for w in ("a", "b", "c"):
+        r.add_worker(w)
+    return r
+
+
+def test_idle_cluster_spreads_requests_round_robin():
+    r = router()
+    chosen = []
+    for _ in range(6):
+        route = r.acquire([])
+        chosen.append(route.worker_id)
+        r.release(route)
+    assert sorted(chosen[:3]) == ["a", "b", "c"] and chosen[3:] == chosen[:3]
+
+
+def test_nothing_cached_goes_to_the_least_loaded_worker():
+    r = router()
+    busy = [r.acquire([]), r.acquire([])]  # a and b now have one each
+    assert r.acquire([]).worker_id == "c"
+    assert {x.worker_id for x in busy} == {"a", "b"}
+
+
+def test_worker_holding_the_longest_prefix_wins():
+    r = router()
+    r.record("b", ["h1", "h2"])
+    r.record("c", ["h1"])
+    route = r.acquire(["h1", "h2", "h3"])
+    assert route.worker_id == "b" and route.cached_prefix_tokens == 128
+
+
+def test_prefix_counts_leading_blocks_only():
+    r = router()
+    r.record("a", ["h2", "h3"])  # h1 was evicted from the record
+    assert r.cached_prefix_blocks("a", ["h1", "h2", "h3"]) == 0
+
+
+def test_load_outweighs_a_short_cached_prefix_but_not_a_long_one():
+    r = router(load_penalty_tokens=512)
+    r.record("a", ["h1", "h2"])  # 128 tokens
+    held = r.acquire(["h1", "h2"])
+    assert held.worker_id == "a"
+    # "a" is busy: 128 cached tokens - 512 < 0 for an idle worker holding nothing
+    assert r.acquire(["h1", "h2"]).worker_id != "a"
+    long_prefix = [f"h{i}" for i in range(20)]  # 1280 tokens
+    r.record("a", long_prefix)
+    assert r.acquire(long_prefix).worker_id == "a"  # 1280 - 512 beats 0
+
+
+def test_excluded_and_removed_workers_are_never_chosen():
+    r = router()
+    r.record("a", ["h1"])
+    assert r.acquire(["h1"], exclude=frozenset({"a"})).worker_id != "a"
+    r.remove_worker("a")
+    assert all(r.acquire(["h1"]).worker_id != "a" for _ in range(4))
+
+
+def test_no_worker_is_unavailable():
+    r = Router()
+    with pytest.raises(Unavailable, match="no live worker"):
+        r.acquire([])
+
+
+def test_record_is_bounded_per_worker():
+    r = router(record_blocks=2)
+    r.record("a", ["h1", "h2", "h3"])
+    assert r.cached_prefix_blocks("a", ["h2", "h3"]) == 2
+    assert r.cached_prefix_blocks("a", ["h1"]) == 0
+
+
+def test_route_context_releases_the_in_flight_count():
+    r = router()
+    with r.route([]) as route:
+        assert r.in_flight(route.worker_id) == 1
+    assert r.in_flight(route.worker_id) == 0
+
+
+def test_config_rejects_nonsense():
+    with pytest.raises(ValueError, match="block_tokens"):
+        RouterConfig(block_tokens=0)
+    with pytest.raises(ValueError, match="load_penalty_tokens"):
+        RouterConfig(load_penalty_tokens=-1)

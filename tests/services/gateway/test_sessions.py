@@ -1,0 +1,105 @@
+import msgpack
+import pytest
+
+from kvpool.errors import DataLoss, InvalidArgument, NotFound
+from services.gateway.sessions import (
+    SESSION_KEY_PREFIX,
+    Session,
+    SessionStore,
+    check_session_id,
+    decode_session,
+    encode_session,
+    session_key,
+)
+from services.store.keys import check_key
+
+
+class DictStore:
+    def __init__(self):
+        self.data, self.ttls = {}, {}
+
+    def get_many(self, keys):
+        return {k: self.data[k] for k in keys if k in self.data}
+
+    def put_many(self, items, ttl_s=None):
+        for k, v in items:
+            self.data[k], self.ttls[k] = v, ttl_s
+        return len(items)
+
+    def delete(self, keys):
+        return sum(self.data.pop(k, None) is not None for k in keys)
+
+
+def test_session_key_is_a_valid_store_key_and_separates_tenants():
+    key = session_key("acme", "chat-1")
+    check_key(key)
+    assert key.startswith(SESSION_KEY_PREFIX)
+    assert key == session_key("acme", "chat-1")
+    assert key != session_key("other", "chat-1")
+    # Length-prefixing: ("a", "b:c") and ("a:b", "c") cannot collide.
+    assert session_key("a", "bc") != session_key("ab", "c")
+
+
+def test_session_key_is_pinned():
+    # A change here orphans every stored session: bump SESSION_FORMAT_VERSION and migrate instead.
+    assert session_key("", "s1") == (
+        "kvpool:sess:55b55fb2ec81ee73c3350fef373cf884a9c66518cbc219100ea8a55f268b421e"
+    )
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x" * 129, "semi;colon", "slash/"])
+def test_session_ids_are_checked(bad):
+    with pytest.raises(InvalidArgument, match="session_id must be"):
+        check_session_id(bad)
+
+
+def test_round_trip_and_turns():
+    store = SessionStore(DictStore(), ttl_s=60)
+    fresh = store.open("t", "s1")
+    assert fresh.token_ids == () and fresh.turns == 0
+    assert store.find("t", "s1") is None  # opening does not store
+    store.save(fresh.with_turn([1, 2, 3]))
+    again = store.get("t", "s1")
+    assert again.token_ids == (1, 2, 3) and again.turns == 1
+    store.save(again.with_turn([1, 2, 3, 4, 5]))
+    assert store.get("t", "s1").turns == 2
+
+
+def test_ttl_is_passed_to_the_store():
+    backend = DictStore()
+    SessionStore(backend, ttl_s=60).save(Session("s1", "", (1,), 1, 0.0, 0.0))
+    assert list(backend.ttls.values()) == [60]
+
+
+def test_unknown_session_is_not_found():
+    store = SessionStore(DictStore())
+    with pytest.raises(NotFound, match="'nope' does not exist"):
+        store.get("", "nope")
+    with pytest.raises(NotFound):
+        store.delete("", "nope")
+
+
+def test_another_tenant_cannot_read_a_session():
+    store = SessionStore(DictStore())
+    store.save(Session("s1", "a", (1, 2), 1, 0.0, 0.0))
+    assert store.find("b", "s1") is None
+
+
+def test_a_value_for_another_session_under_the_key_is_data_loss():
+    data = encode_session(Session("s1", "a", (1, 2), 1, 0.0, 0.0))
+    with pytest.raises(DataLoss, match="another session"):
+        decode_session(data, tenant="a", session_id="s2")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"\x00garbage",
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({"v": 99}),
+        msgpack.packb({"v": 1, "tenant": "", "id": "s1", "tokens": b"\x01\x02\x03"}),
+    ],
+)
+def test_unreadable_values_are_data_loss(value):
+    with pytest.raises(DataLoss, match="unreadable"):
+        decode_session(value, tenant="", session_id="s1")
