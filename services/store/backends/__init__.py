@@ -1,0 +1,58 @@
+"""Storage tiers behind the KVStore service, chosen by a backend spec: `memory` or a Redis URL."""
+
+from urllib.parse import urlsplit, urlunsplit
+
+from kvpool.errors import InvalidArgument
+from services.store.backends.base import BackendStats, BlockStore
+
+__all__ = [
+    "SCHEMES",
+    "BackendStats",
+    "BlockStore",
+    "check_backend_spec",
+    "open_backend",
+    "redact_url",
+]
+
+SCHEMES = ("memory", "redis://", "rediss://", "unix://")
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (if any) replaced by `***`, safe for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def check_backend_spec(spec: str) -> None:
+    """Raise InvalidArgument, listing what is allowed, unless `spec` names a known backend.
+
+    Cheap and import-free, so the CLI rejects a bad spec before it loads grpc or redis.
+    """
+    if spec == "memory":
+        return
+    scheme = urlsplit(spec).scheme
+    if f"{scheme}://" not in SCHEMES or not spec.startswith(f"{scheme}://"):
+        raise InvalidArgument(
+            f"unknown backend {redact_url(spec)!r}: use 'memory' or a URL starting with "
+            + ", ".join(s for s in SCHEMES if s != "memory")
+        )
+
+
+def open_backend(
+    spec: str, *, max_memory_bytes: int, redis_password: str | None = None
+) -> BlockStore:
+    """The backend for `spec`; `max_memory_bytes` bounds the memory backend only."""
+    check_backend_spec(spec)
+    if spec == "memory":
+        from services.store.backends.memory import MemoryStore
+
+        return MemoryStore(max_memory_bytes)
+    from services.store.backends.redis import RedisStore
+
+    return RedisStore(spec, password=redis_password)

@@ -1,0 +1,115 @@
+"""The in-process backend: a byte-bounded LRU, the embedded default.
+
+Bytes count keys and values (not Python object overhead), so `max_bytes` bounds what callers put
+in, not the process's RSS exactly. A value larger than the whole bound is not stored (a put
+reports it as not stored) rather than evicting everything else for it. Expired keys are dropped
+when they are next touched; until then they count towards the bound and are evicted like any
+other key.
+"""
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from services.store.backends.base import BackendStats
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    value: bytes
+    expires_at: float | None  # monotonic seconds
+
+
+class MemoryStore:
+    """A `BlockStore` in a dict, oldest-used first; thread-safe."""
+
+    def __init__(self, max_bytes: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self._max_bytes = max_bytes
+        self._clock = clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._bytes = 0
+        self._evictions = 0
+        self._lock = threading.Lock()
+
+    def _live(self, key: str, now: float) -> _Entry | None:
+        entry = self._entries.get(key)
+        if entry is not None and entry.expires_at is not None and entry.expires_at <= now:
+            self._remove(key)
+            return None
+        return entry
+
+    def _remove(self, key: str) -> None:
+        entry = self._entries.pop(key)
+        self._bytes -= len(key) + len(entry.value)
+
+    def lookup(self, keys: Sequence[str]) -> int:
+        now = self._clock()
+        with self._lock:
+            # Like Redis EXISTS, a lookup does not refresh recency: only reads do.
+            for n, key in enumerate(keys):
+                if self._live(key, now) is None:
+                    return n
+            return len(keys)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        now = self._clock()
+        out: list[bytes | None] = []
+        with self._lock:
+            for key in keys:
+                entry = self._live(key, now)
+                if entry is None:
+                    out.append(None)
+                else:
+                    self._entries.move_to_end(key)
+                    out.append(entry.value)
+        return out
+
+    def put_many(self, items: Sequence[tuple[str, bytes | memoryview]], ttl_s: int | None) -> int:
+        now = self._clock()
+        expires_at = now + ttl_s if ttl_s else None
+        stored = 0
+        with self._lock:
+            for key, buffer in items:
+                value = bytes(buffer)  # a view would pin its whole gRPC message
+                size = len(key) + len(value)
+                if size > self._max_bytes:
+                    continue
+                if key in self._entries:
+                    self._remove(key)
+                self._entries[key] = _Entry(value, expires_at)
+                self._bytes += size
+                stored += 1
+                while self._bytes > self._max_bytes:
+                    oldest = next(iter(self._entries))
+                    self._remove(oldest)
+                    self._evictions += 1
+        return stored
+
+    def delete(self, keys: Sequence[str]) -> int:
+        now = self._clock()
+        deleted = 0
+        with self._lock:
+            for key in keys:
+                if self._live(key, now) is not None:
+                    self._remove(key)
+                    deleted += 1
+        return deleted
+
+    def stats(self) -> BackendStats:
+        with self._lock:
+            return BackendStats(
+                backend="memory",
+                keys=len(self._entries),
+                bytes=self._bytes,
+                capacity_bytes=self._max_bytes,
+                evictions=self._evictions,
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0

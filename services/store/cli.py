@@ -1,0 +1,93 @@
+"""`kvpool store serve`: run the KVStore gRPC service until SIGTERM or SIGINT.
+
+Every flag `--some-flag` can also be set as the environment variable `KVPOOL_SOME_FLAG`; the flag
+wins. Byte sizes take an optional KiB/MiB/GiB suffix.
+"""
+
+import argparse
+import logging
+import re
+
+from kvpool.config import env_default
+
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|K|M|G)?", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
+_UNITS |= {"g": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'64MiB' -> 67108864; plain integers are bytes."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: use bytes or a number with KiB, MiB or GiB"
+        )
+    return int(match[1]) * _UNITS[(match[2] or "").lower()]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    def flag(name: str, default: object, **kwargs: object) -> None:
+        parser.add_argument(name, default=env_default(name, default), **kwargs)  # type: ignore[arg-type]
+
+    flag(
+        "--backend",
+        "memory",
+        help="'memory' (in-process LRU) or a Redis URL: redis://[user:password@]host:port/db, "
+        "rediss://... (TLS), unix:///path/to/socket (default: memory)",
+    )
+    flag("--host", "127.0.0.1", help="address to listen on (0.0.0.0 in containers)")
+    flag("--port", 50052, type=int, help="gRPC port (0 picks a free one; default 50052)")
+    flag("--ttl", 0, type=int, help="default TTL in seconds of stored blocks (0: none)")
+    flag("--max-block-bytes", "64MiB", type=parse_size, help="largest block a Put may store")
+    flag("--max-keys", 4096, type=int, help="most keys in one Lookup, Get or Delete")
+    flag("--max-memory-bytes", "1GiB", type=parse_size, help="memory backend's byte bound")
+    flag("--chunk-bytes", "1MiB", type=parse_size, help="piece size of streamed values")
+    flag(
+        "--redis-password",
+        None,
+        help="Redis password when not in the URL (prefer env KVPOOL_REDIS_PASSWORD)",
+    )
+    flag("--auth-token", None, help="require this bearer token (prefer env KVPOOL_AUTH_TOKEN)")
+    flag("--metrics-port", 0, type=int, help="Prometheus /metrics port (0: off)")
+    flag("--grace", 10.0, type=float, help="seconds in-flight calls get on shutdown")
+    flag("--max-workers", 16, type=int, help="concurrent calls served")
+    flag("--log-level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.store.backends import check_backend_spec
+
+    check_backend_spec(args.backend)  # a clear error before any heavy import
+    from services.store.malloc import tune_malloc
+
+    tune_malloc()  # before gRPC starts its threads (and their malloc arenas)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    from services.grpc_server import run_until_signal
+    from services.store.server import StoreConfig, StoreServer
+    from services.store.service import StoreLimits
+
+    config = StoreConfig(
+        backend=args.backend,
+        host=args.host,
+        port=args.port,
+        ttl_s=args.ttl or None,
+        limits=StoreLimits(
+            max_block_bytes=args.max_block_bytes,
+            max_keys=args.max_keys,
+            chunk_bytes=args.chunk_bytes,
+        ),
+        max_memory_bytes=args.max_memory_bytes,
+        redis_password=args.redis_password,
+        metrics_port=args.metrics_port,
+        grace_s=args.grace,
+        max_workers=args.max_workers,
+        auth_token=args.auth_token,
+    )
+    server = StoreServer(config)
+    server.start()
+    run_until_signal(server.stop)
+    logging.getLogger(__name__).info("KVStore stopped")
+    return 0

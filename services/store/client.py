@@ -1,0 +1,223 @@
+"""The KVStore client the workers and the gateway use.
+
+Every call has a deadline (`timeout_s`, per attempt). Calls that fail with UNAVAILABLE are retried
+with exponential backoff and jitter (reads are also retried after DEADLINE_EXCEEDED); what still
+fails is raised as a `kvpool.errors` exception. On the generation path, catch `KvpoolError` and
+treat the store as a miss:
+
+    with StoreClient("127.0.0.1:50052", timeout_s=0.5) as store:
+        try:
+            present = store.lookup(chain)
+        except KvpoolError:
+            present = 0  # the store is down: prefill everything, never fail the request
+
+Puts are idempotent (the same key always gets the same bytes), so retrying them is safe.
+"""
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from kvpool.errors import DataLoss, Unavailable
+from kvpool.v1 import store_pb2, store_pb2_grpc
+from services.grpc_server import message_options
+from services.status import error_from_rpc
+from services.store.chunks import (
+    DEFAULT_CHUNK_BYTES,
+    MESSAGE_MARGIN_BYTES,
+    SERVICE_NAME,
+    ValueAssembler,
+    put_chunks,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """The store's figures; None where its backend cannot tell (docs/store.md, "Stats")."""
+
+    backend: str
+    keys: int | None
+    bytes: int | None
+    capacity_bytes: int | None
+    hits: int
+    misses: int
+    puts: int
+    evictions: int | None
+
+
+class StoreClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        auth_token: str | None = None,
+        backoff_s: float = 0.05,
+        max_backoff_s: float = 1.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        if timeout_s <= 0 or retries < 0 or chunk_bytes <= 0:
+            raise ValueError("timeout_s and chunk_bytes must be positive and retries >= 0")
+        self.target = target
+        self._timeout_s = timeout_s
+        self._retries = retries
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._chunk_bytes = chunk_bytes
+        channel_options = [*message_options(chunk_bytes + MESSAGE_MARGIN_BYTES), *options]
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        self._stub = store_pb2_grpc.KVStoreStub(self._channel)
+        # Get responses and Put requests stay raw bytes, encoded and parsed by `framing`
+        # (protobuf-compatible, fewer copies); the other methods use the generated stub.
+        self._get = self._channel.unary_stream(
+            f"/{SERVICE_NAME}/Get",
+            request_serializer=store_pb2.GetRequest.SerializeToString,
+            _registered_method=True,
+        )
+        self._put = self._channel.stream_unary(
+            f"/{SERVICE_NAME}/Put",
+            response_deserializer=store_pb2.PutResponse.FromString,
+            _registered_method=True,
+        )
+        self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else None
+
+    def _call(self, what: str, attempt: Callable[[], T], *, read: bool) -> T:
+        retryable = {grpc.StatusCode.UNAVAILABLE}
+        if read:
+            retryable.add(grpc.StatusCode.DEADLINE_EXCEEDED)
+        for n in range(self._retries + 1):
+            try:
+                return attempt()
+            except grpc.RpcError as err:
+                if err.code() not in retryable or n == self._retries:  # type: ignore[attr-defined]
+                    raise error_from_rpc(err, f"store {what} at {self.target}") from err
+            # Equal jitter: at least half the exponential step, so retries still spread out.
+            step = min(self._max_backoff_s, self._backoff_s * 2**n)
+            time.sleep(step / 2 + random.uniform(0, step / 2))
+        raise Unavailable(f"store {what} at {self.target}: gave up")  # unreachable: loop exits
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until the channel connects; Unavailable after `timeout_s` (default timeout_s)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s or self._timeout_s)
+        except grpc.FutureTimeoutError as exc:
+            raise Unavailable(f"store at {self.target} not reachable") from exc
+
+    def lookup(self, keys: Sequence[str]) -> int:
+        """How many of `keys`, from the start, are present (one RPC for the whole chain)."""
+        if not keys:
+            return 0
+        request = store_pb2.LookupRequest(keys=keys)
+
+        def attempt() -> int:
+            reply = self._stub.Lookup(request, timeout=self._timeout_s, metadata=self._metadata)
+            return reply.present
+
+        return self._call("Lookup", attempt, read=True)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The values of the present keys; missing keys are absent from the dict.
+
+        After a retryable failure mid-stream, only the keys not answered yet are asked again.
+        """
+        keys = list(keys)
+        found: dict[str, bytes] = {}
+        remaining = keys
+
+        def attempt() -> None:
+            nonlocal remaining
+            asked = remaining
+            answered: set[int] = set()
+            assembler = ValueAssembler(len(asked))
+            call = self._get(
+                store_pb2.GetRequest(keys=asked), timeout=self._timeout_s, metadata=self._metadata
+            )
+            try:
+                for chunk in call:
+                    for index, value in assembler.add(chunk):
+                        answered.add(index)
+                        if value is not None:
+                            found[asked[index]] = value
+            except DataLoss:
+                call.cancel()
+                raise
+            finally:
+                remaining = [key for i, key in enumerate(asked) if i not in answered]
+            if remaining:
+                raise DataLoss(f"store Get at {self.target} left {len(remaining)} keys unanswered")
+
+        if keys:
+            self._call("Get", attempt, read=True)
+        return found
+
+    def put_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int | None = None) -> int:
+        """Write blocks (each atomically); returns how many the store kept.
+
+        `ttl_s` None or 0 uses the server's default TTL (--ttl).
+        """
+        if not items:
+            return 0
+        if ttl_s is not None and ttl_s < 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+
+        def attempt() -> int:
+            chunks = put_chunks(items, ttl_s, self._chunk_bytes)
+            reply = self._put(chunks, timeout=self._timeout_s, metadata=self._metadata)
+            return reply.stored
+
+        return self._call("Put", attempt, read=False)
+
+    def delete(self, keys: Sequence[str]) -> int:
+        """Remove keys; returns how many existed."""
+        if not keys:
+            return 0
+        request = store_pb2.DeleteRequest(keys=keys)
+
+        def attempt() -> int:
+            reply = self._stub.Delete(request, timeout=self._timeout_s, metadata=self._metadata)
+            return reply.deleted
+
+        return self._call("Delete", attempt, read=False)
+
+    def stats(self) -> StoreStats:
+        def attempt() -> StoreStats:
+            r = self._stub.Stats(
+                store_pb2.StatsRequest(), timeout=self._timeout_s, metadata=self._metadata
+            )
+
+            def opt(name: str) -> int | None:
+                return getattr(r, name) if r.HasField(name) else None
+
+            return StoreStats(
+                backend=r.backend,
+                keys=opt("keys"),
+                bytes=opt("bytes"),
+                capacity_bytes=opt("capacity_bytes"),
+                hits=r.hits,
+                misses=r.misses,
+                puts=r.puts,
+                evictions=opt("evictions"),
+            )
+
+        return self._call("Stats", attempt, read=True)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "StoreClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

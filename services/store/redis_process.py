@@ -1,0 +1,114 @@
+"""A throwaway redis-server child process, for tests and the store benchmark.
+
+It listens on 127.0.0.1 only, with persistence off (`--save '' --appendonly no`) and its working
+directory in a temporary folder, so it leaves nothing behind and never touches port 6379.
+`restart()` brings it back on the same port, which is how the tests simulate a Redis outage.
+"""
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisProcess:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        password: str | None = None,
+        maxmemory_bytes: int | None = None,
+        policy: str = "allkeys-lru",
+        executable: str = "redis-server",
+    ) -> None:
+        path = shutil.which(executable)
+        if path is None:
+            raise FileNotFoundError(f"{executable} not found; install the redis-server package")
+        self.executable = path
+        self.port = port or free_port()
+        self.password = password
+        self.maxmemory_bytes = maxmemory_bytes
+        self.policy = policy
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout_s: float = 10.0) -> "RedisProcess":
+        if self.running:
+            return self
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="kvpool-redis-"))
+        args = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(self._dir)]
+        if self.password:
+            args += ["--requirepass", self.password]
+        if self.maxmemory_bytes:
+            args += ["--maxmemory", str(self.maxmemory_bytes), "--maxmemory-policy", self.policy]
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout_s
+        while not self._answers():
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                raise RuntimeError(f"redis-server on port {self.port} exited: {err.strip()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"redis-server on port {self.port} did not answer")
+            time.sleep(0.02)
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                # +PONG, or -NOAUTH when a password is set: either way it is serving.
+                return sock.recv(64)[:1] in (b"+", b"-")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Stop the process (the data goes with it: there is no persistence)."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._proc.stderr:
+            self._proc.stderr.close()
+        self._proc = None
+
+    def restart(self) -> "RedisProcess":
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        self.stop()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> "RedisProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
