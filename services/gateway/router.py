@@ -8,7 +8,8 @@ where `cached_prefix_tokens` is block_tokens times the number of leading blocks 
 hash chain that the gateway has sent to that worker, and `in_flight` counts its open requests.
 The highest score wins; ties go to the worker with fewer requests in flight, then to the one
 chosen least recently, so an idle cluster spreads requests round-robin. With nothing cached
-anywhere this is simply the least-loaded worker.
+anywhere this is simply the least-loaded worker. A draining worker (`set_draining`, for
+maintenance or a benchmark that must pick a worker) is skipped while any other worker remains.
 
 The gateway cannot see a worker's L1, so it keeps its own record of what it routed where: a
 bounded LRU of block hashes per worker, sized like the worker's L1. The record can be wrong in
@@ -53,12 +54,13 @@ class Route:
 
 
 class _WorkerRecord:
-    __slots__ = ("blocks", "in_flight", "last_chosen")
+    __slots__ = ("blocks", "draining", "in_flight", "last_chosen")
 
     def __init__(self) -> None:
         self.blocks: OrderedDict[Hashable, None] = OrderedDict()
         self.in_flight = 0
         self.last_chosen = 0
+        self.draining = False
 
 
 class Router:
@@ -81,6 +83,13 @@ class Router:
     def workers(self) -> list[str]:
         with self._lock:
             return list(self._workers)
+
+    def set_draining(self, worker_id: str, draining: bool = True) -> None:
+        """A draining worker gets no new requests (while any other worker can take them)."""
+        with self._lock:
+            record = self._workers.get(worker_id)
+            if record is not None:
+                record.draining = draining
 
     def in_flight(self, worker_id: str) -> int:
         with self._lock:
@@ -110,10 +119,11 @@ class Router:
         each other's load. Every acquired route must be released once.
         """
         with self._lock:
+            candidates = {w: r for w, r in self._workers.items() if w not in exclude}
+            if any(not r.draining for r in candidates.values()):
+                candidates = {w: r for w, r in candidates.items() if not r.draining}
             best: tuple[tuple[int, int, int], str, int, int] | None = None
-            for worker_id, record in self._workers.items():
-                if worker_id in exclude:
-                    continue
+            for worker_id, record in candidates.items():
                 cached = self._prefix_blocks(record, hashes) * self.config.block_tokens
                 score = cached - self.config.load_penalty_tokens * record.in_flight
                 # max() on (score, -in_flight, -last_chosen): higher score, then fewer in flight,

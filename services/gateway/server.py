@@ -89,6 +89,7 @@ class GatewayServer:
             auth_token=settings.auth_token,
         )
         self._metrics_server = None
+        self._stopped = False
 
     @property
     def port(self) -> int:
@@ -96,7 +97,11 @@ class GatewayServer:
 
     @property
     def target(self) -> str:
-        return f"{self.settings.host}:{self.port}"
+        """`host:port` for clients on this machine."""
+        host = (
+            "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "[::]") else self.settings.host
+        )
+        return f"{host}:{self.port}"
 
     def start(self) -> int:
         """Start the workers (waiting for their models), then serve; returns the bound port."""
@@ -129,6 +134,9 @@ class GatewayServer:
 
     def stop(self, grace_s: float | None = None) -> None:
         """Graceful: NOT_SERVING, in-flight streams finish, workers flush their writes, stop."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._grpc.stop(self.settings.grace_s if grace_s is None else grace_s)
         self.pool.close()
         self.store.close()

@@ -9,18 +9,13 @@ BLOCK_TOKENS = 16
 
 
 @contextlib.contextmanager
-def occupy(gateway: GatewayServer, worker_id: str):
-    """Count one extra request in flight on `worker_id`, as a long generation there would.
-
-    Routing weighs load against cached prefix; this steers the next request away from a worker
-    without waiting on a real long generation (the policy itself is unit-tested).
-    """
-    others = frozenset(w for w in gateway.router.workers() if w != worker_id)
-    held = gateway.router.acquire([], exclude=others)
+def drained(gateway: GatewayServer, worker_id: str):
+    """Keep new requests off `worker_id`, so the next one runs on another worker."""
+    gateway.router.set_draining(worker_id)
     try:
         yield
     finally:
-        gateway.router.release(held)
+        gateway.router.set_draining(worker_id, False)
 
 
 def wait_for(predicate, timeout_s: float, what: str) -> None:

@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 
 from kvpool.errors import InvalidArgument, NotFound
-from tests.services.gateway.support import BLOCK_TOKENS, occupy, wait_for
+from tests.services.gateway.support import BLOCK_TOKENS, drained, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ def test_worker_b_reuses_blocks_that_worker_a_stored(stack, client):
     assert cold.usage["cached_tokens"] == 0
     for handle in stack.pool.live().values():
         ray.get(handle.flush.remote())
-    with occupy(stack, a):
+    with drained(stack, a):
         warm = client.generate(prompt="Share: " + DOC, max_new_tokens=20)
     assert warm.usage["worker"] != a
     assert warm.usage["cached_tokens_by_tier"]["store"] == full_blocks(warm.usage["prompt_tokens"])
@@ -45,7 +45,7 @@ def test_prefill_warms_the_store_for_every_worker(stack, client):
     doc = "Prefilled: " + DOC
     response = client.prefill(prompt=doc)
     assert response.stored_tokens == full_blocks(response.prompt_tokens) > 0
-    with occupy(stack, response.worker):
+    with drained(stack, response.worker):
         done = client.generate(prompt=doc, max_new_tokens=4)
     assert done.usage["worker"] != response.worker
     assert done.usage["cached_tokens_by_tier"]["store"] == response.stored_tokens
@@ -60,7 +60,7 @@ def test_a_session_continues_on_another_worker(stack, client):
     assert first.usage["session_id"] == "chat-1"
     for handle in stack.pool.live().values():
         ray.get(handle.flush.remote())
-    with occupy(stack, first.usage["worker"]):
+    with drained(stack, first.usage["worker"]):
         second = client.generate(
             messages=[{"role": "user", "content": "Now say it shorter."}],
             max_new_tokens=12,

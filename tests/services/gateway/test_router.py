@@ -87,3 +87,17 @@ def test_config_rejects_nonsense():
         RouterConfig(block_tokens=0)
     with pytest.raises(ValueError, match="load_penalty_tokens"):
         RouterConfig(load_penalty_tokens=-1)
+
+
+def test_draining_workers_get_no_new_requests_unless_all_drain():
+    r = router()
+    r.record("a", ["h1", "h2"])
+    r.set_draining("a")
+    assert all(r.acquire(["h1", "h2"]).worker_id != "a" for _ in range(4))
+    r.set_draining("b")
+    r.set_draining("c")
+    assert r.acquire(["h1", "h2"]).worker_id == "a"  # everyone drains: still serve
+    r.set_draining("a", False)
+    r.set_draining("b", False)
+    r.set_draining("c", False)
+    assert r.acquire(["h1", "h2"]).worker_id == "a"

@@ -1,0 +1,82 @@
+"""`kvpool serve`: the whole stack in one command, until SIGTERM or SIGINT.
+
+It starts the KVStore in this process (the memory backend, or Redis with `--redis URL`), joins
+the Ray cluster at RAY_ADDRESS or starts a local one, starts `--workers` worker actors and
+serves the Inference gateway on `--port`. On a signal the gateway stops taking calls and lets
+open streams finish, the workers flush their pending block writes, then the store stops.
+"""
+
+import argparse
+import logging
+import os
+
+from kvpool.config import env_default
+from services.gateway.cli import add_gateway_flags, check_args, gateway_settings, init_ray
+from services.store.cli import parse_size
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    def flag(name: str, default: object, **kwargs: object) -> None:
+        parser.add_argument(name, default=env_default(name, default), **kwargs)  # type: ignore[arg-type]
+
+    flag(
+        "--redis",
+        None,
+        metavar="URL",
+        help="keep blocks in this Redis (redis://, rediss://, unix://) instead of in memory",
+    )
+    flag("--store-port", 50052, type=int, help="the embedded KVStore's port (default 50052)")
+    flag(
+        "--store-host",
+        None,
+        help="address the embedded KVStore listens on (default 127.0.0.1, or 0.0.0.0 when "
+        "RAY_ADDRESS puts workers on other machines)",
+    )
+    flag("--store-memory-bytes", "2GiB", type=parse_size, help="memory backend's byte bound")
+    add_gateway_flags(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import ray
+
+    from services.gateway.server import GatewayServer
+    from services.grpc_server import run_until_signal
+    from services.store.server import StoreConfig, StoreServer
+
+    remote_workers = bool(os.environ.get("RAY_ADDRESS"))
+    store_host = args.store_host or ("0.0.0.0" if remote_workers else "127.0.0.1")
+    store = StoreServer(
+        StoreConfig(
+            backend=args.redis or "memory",
+            host=store_host,
+            port=args.store_port,
+            max_memory_bytes=args.store_memory_bytes,
+        )
+    )
+    store_port = store.start()
+    gateway = None
+    try:
+        cluster_gpus = init_ray(args.workers, args.worker_cpus)
+        # Workers on other machines reach the store at this node's address, not loopback.
+        advertised = ray.util.get_node_ip_address() if remote_workers else "127.0.0.1"
+        gpus = args.worker_gpus if args.worker_gpus is not None else (1.0 if cluster_gpus else 0.0)
+        gateway = GatewayServer(gateway_settings(args, f"{advertised}:{store_port}", gpus))
+        port = gateway.start()
+        log.info(
+            "kvpool serving on %s:%d: %d workers, store %s on port %d",
+            args.host, port, args.workers, store.backend_name, store_port,
+        )  # fmt: skip
+        run_until_signal(gateway.stop)
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        if ray.is_initialized():
+            ray.shutdown()
+        store.stop()
+    return 0

@@ -1,0 +1,157 @@
+"""`kvpool gateway serve`: the Inference gateway and its Ray worker actors, until SIGTERM/SIGINT.
+
+It joins the Ray cluster at RAY_ADDRESS when set (starting a local one otherwise) and reaches the
+KVStore at `--store`, which every worker must be able to reach too. Every flag `--some-flag` can
+also be set as `KVPOOL_SOME_FLAG`; the flag wins. `kvpool serve` shares these flags.
+"""
+
+import argparse
+import logging
+import os
+
+from kvpool.config import env_default
+from services.store.cli import parse_size
+
+log = logging.getLogger(__name__)
+
+
+def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the gateway and its workers (shared with `kvpool serve`)."""
+
+    def flag(name: str, default: object, **kwargs: object) -> None:
+        parser.add_argument(name, default=env_default(name, default), **kwargs)  # type: ignore[arg-type]
+
+    flag("--host", "0.0.0.0", help="address the gateway listens on (default 0.0.0.0)")
+    flag("--port", 50051, type=int, help="gateway gRPC port (0 picks a free one; default 50051)")
+    flag("--workers", 1, type=int, help="worker actors to start (default 1)")
+    flag(
+        "--worker-gpus",
+        None,
+        type=float,
+        help="GPUs per worker: 1 on a GPU box, 0 for CPU workers (default: 1 when the Ray "
+        "cluster has GPUs, else 0)",
+    )
+    flag("--worker-cpus", 1.0, type=float, help="CPU slots per CPU worker (default 1)")
+    flag("--model", "smollm2-135m", help="smollm2-135m (default), tiny-random, a HF id or a path")
+    flag("--device", None, help="worker device (default: cuda when the worker sees a GPU)")
+    flag("--codec", "int8", help="block codec: fp16, bf16, int8 (default), fp8, int4, int4-g64")
+    flag("--block-tokens", 64, type=int, help="tokens per stored block (default 64)")
+    flag("--l1-bytes", "1GiB", type=parse_size, help="per-worker L1 of decoded blocks (1GiB)")
+    flag("--block-ttl", 0, type=int, help="TTL in seconds of stored blocks (0: the store's)")
+    flag("--session-ttl", 86400, type=int, help="seconds a session lives after its last turn")
+    flag(
+        "--route-load-penalty-tokens",
+        512,
+        type=int,
+        help="routing: one request in flight costs this many cached prefix tokens (default 512)",
+    )
+    flag("--max-failovers", 3, type=int, help="times one stream may move to another worker")
+    flag(
+        "--token-timeout",
+        300.0,
+        type=float,
+        help="seconds without a token before a worker is replaced",
+    )
+    flag("--max-concurrent-rpcs", 64, type=int, help="gRPC calls served at once")
+    flag("--metrics-port", 0, type=int, help="Prometheus /metrics port (0: off)")
+    flag("--grace", 30.0, type=float, help="seconds in-flight streams get on shutdown")
+    flag("--log-level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        default=env_default("--store", None),
+        metavar="HOST:PORT",
+        help="the KVStore service, reachable from here and from every worker (env KVPOOL_STORE)",
+    )
+    add_gateway_flags(parser)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Clear errors for bad values before anything heavy starts."""
+    from workers.kv.hashing import CODEC_NAMES
+
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.codec not in CODEC_NAMES:
+        raise ValueError(f"--codec must be one of {', '.join(CODEC_NAMES)}, got {args.codec!r}")
+    if args.block_tokens < 1:
+        raise ValueError(f"--block-tokens must be >= 1, got {args.block_tokens}")
+    if args.worker_gpus is not None and args.worker_gpus < 0:
+        raise ValueError(f"--worker-gpus must be >= 0, got {args.worker_gpus}")
+
+
+def gateway_settings(
+    args: argparse.Namespace, store_target: str, worker_gpus: float
+):  # -> GatewaySettings
+    from services.gateway.inference import GatewayConfig
+    from services.gateway.pool import PoolConfig
+    from services.gateway.server import GatewaySettings
+    from workers.actor import ActorResources
+    from workers.worker import WorkerConfig
+
+    worker = WorkerConfig(
+        model=args.model,
+        device=args.device,
+        codec=args.codec,
+        block_tokens=args.block_tokens,
+        store_target=store_target,
+        l1_bytes=args.l1_bytes,
+        block_ttl_s=args.block_ttl or None,
+    )
+    if worker_gpus > 0:
+        resources = ActorResources(num_gpus=worker_gpus, num_cpus=0.0)
+    else:
+        resources = ActorResources(num_gpus=0.0, num_cpus=args.worker_cpus)
+    return GatewaySettings(
+        store_target=store_target,
+        host=args.host,
+        port=args.port,
+        pool=PoolConfig(workers=args.workers, worker=worker, resources=resources),
+        gateway=GatewayConfig(max_failovers=args.max_failovers, token_timeout_s=args.token_timeout),
+        route_load_penalty_tokens=args.route_load_penalty_tokens,
+        session_ttl_s=args.session_ttl,
+        metrics_port=args.metrics_port,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        grace_s=args.grace,
+    )
+
+
+def init_ray(workers: int, worker_cpus: float) -> float:
+    """Join RAY_ADDRESS, or start a local cluster that fits the workers; returns cluster GPUs."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    else:
+        # Enough CPU slots for every worker even on a small box: they then share the cores
+        # rather than wait forever for a slot.
+        cpus = max(os.cpu_count() or 1, int(workers * worker_cpus + 0.999))
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.store:
+        raise ValueError("--store HOST:PORT is required (or set KVPOOL_STORE)")
+    check_args(args)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import ray
+
+    from services.gateway.server import GatewayServer
+    from services.grpc_server import run_until_signal
+
+    cluster_gpus = init_ray(args.workers, args.worker_cpus)
+    gpus = args.worker_gpus if args.worker_gpus is not None else (1.0 if cluster_gpus else 0.0)
+    gateway = GatewayServer(gateway_settings(args, args.store, gpus))
+    try:
+        port = gateway.start()
+        log.info("gateway serving on %s:%d with %d workers", args.host, port, args.workers)
+        run_until_signal(gateway.stop)
+    finally:
+        gateway.stop()
+        ray.shutdown()
+    return 0
