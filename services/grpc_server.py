@@ -146,7 +146,25 @@ class GrpcServer:
             return
         self._stopped.set()
         self._health.enter_graceful_shutdown()
+        self._end_health_watches()
         self._server.stop(grace_s).wait()
+
+    def _end_health_watches(self) -> None:
+        """End open health Watch streams once they have been sent NOT_SERVING.
+
+        A Watch never ends by itself, so each open one would hold `stop` for the whole grace
+        period. grpcio-health-checking has no public way to end them; without its (private)
+        callback table this is a no-op and shutdown just takes the grace period.
+        """
+        health = self._health
+        table = getattr(health, "_send_response_callbacks", None)
+        lock = getattr(health, "_lock", None)
+        if not isinstance(table, dict) or lock is None:
+            return
+        with lock:
+            callbacks = [callback for group in table.values() for callback in list(group)]
+        for callback in callbacks:
+            callback(None)  # None ends a non-blocking server stream
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Block until the server has stopped (or the timeout passes); True when stopped."""

@@ -164,7 +164,8 @@ class BlockAssembler:
                 )
             self._key, self._size = p.key, p.size
         elif not self._key:
-            raise InvalidArgument("a Put piece without a key must continue a block")
+            # No block is open, so this piece starts one, with an empty (invalid) key.
+            check_key(p.key)
         self._parts.append(p.data)
         self._received += len(p.data)
         if self._received > self._size or (p.last and self._received != self._size):

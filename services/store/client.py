@@ -73,7 +73,14 @@ class StoreClient:
         self._backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
         self._chunk_bytes = chunk_bytes
-        channel_options = [*message_options(chunk_bytes + MESSAGE_MARGIN_BYTES), *options]
+        channel_options = [
+            *message_options(chunk_bytes + MESSAGE_MARGIN_BYTES),
+            # gRPC waits 1 s (growing to 120 s) before reconnecting after a failure, and fails
+            # calls fast meanwhile; a store that restarts should be back within our retries.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+            *options,
+        ]
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=channel_options)
         else:

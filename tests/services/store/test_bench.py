@@ -1,0 +1,34 @@
+"""`kvpool bench store` runs end to end and writes the documented JSON (not a timing test)."""
+
+import json
+
+import pytest
+
+from kvpool.cli import main
+
+pytestmark = pytest.mark.integration
+
+ROW_KEYS = {
+    "value_bytes",
+    "put_gbps",
+    "get_gbps",
+    "redis_set_gbps",
+    "redis_get_gbps",
+    "put_ratio",
+    "get_ratio",
+    "put_p99_ms",
+    "get_p99_ms",
+}
+
+
+def test_bench_store_writes_rows_lookup_and_plot(tmp_path, redis_server):
+    out, plot = tmp_path / "store.json", tmp_path / "store.png"
+    argv = ["bench", "store", "--json", str(out), "--plot", str(plot), "--redis", redis_server]
+    assert main([*argv, "--mib", "1", "--lookups", "20"]) == 0
+    result = json.loads(out.read_text())
+    assert [row["value_bytes"] for row in result["rows"]] == [64 << 10, 1 << 20, 4 << 20]
+    for row in result["rows"]:
+        assert set(row) >= ROW_KEYS
+        assert all(row[k] > 0 for k in ROW_KEYS)
+    assert result["lookup_chain"] == 64 and result["lookup_p50_ms"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

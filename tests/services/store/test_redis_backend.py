@@ -1,0 +1,117 @@
+"""RedisStore against a real redis-server on a loopback port."""
+
+import pytest
+import redis
+
+from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.store.backends import check_backend_spec, open_backend, redact_url
+from services.store.backends.redis import RedisStore
+from tests.support.redis import RedisProcess, require_redis_server
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store(redis_server):
+    backend = RedisStore(redis_server)
+    yield backend
+    backend.close()
+
+
+def test_round_trip_lookup_get_put_delete(store):
+    assert store.put_many([("a", b"1"), ("b", memoryview(b"xx22yy")[2:4]), ("d", b"")], None) == 3
+    assert store.lookup(["a", "b", "c", "d"]) == 2
+    assert store.get_many(["a", "b", "c", "d"]) == [b"1", b"22", None, b""]
+    assert store.delete(["a", "c"]) == 1
+    assert store.lookup(["a"]) == 0
+
+
+def test_put_sets_the_ttl_on_each_key(store, redis_server):
+    store.put_many([("t", b"v")], ttl_s=100)
+    store.put_many([("p", b"v")], ttl_s=None)
+    raw = redis.Redis.from_url(redis_server)
+    assert 98 <= raw.ttl("t") <= 100
+    assert raw.ttl("p") == -1  # no expiry
+
+
+def test_lookup_sends_one_exists_per_key_and_nothing_else(store, redis_server):
+    store.lookup(["warm"])  # the connection's handshake commands are not part of a lookup
+    raw = redis.Redis.from_url(redis_server)
+    before = int(raw.info("stats")["total_commands_processed"])
+    store.lookup([f"k{i}" for i in range(64)])
+    after = int(raw.info("stats")["total_commands_processed"])
+    # 64 EXISTS (sent as one pipeline), plus this test's own INFO
+    assert after - before == 64 + 1
+
+
+def test_stats_report_keys_memory_and_evictions_under_allkeys_lru():
+    require_redis_server()
+    with RedisProcess(maxmemory_bytes=4 << 20, policy="allkeys-lru") as process:
+        store = RedisStore(process.url)
+        for i in range(40):  # 40 x 256 KiB into a 4 MiB cache
+            store.put_many([(f"k{i}", b"x" * (256 << 10))], None)
+        stats = store.stats()
+        assert stats.evictions and stats.evictions > 0
+        assert stats.capacity_bytes == 4 << 20
+        assert stats.keys is not None and stats.keys < 40
+        assert stats.bytes is not None and stats.bytes > 0
+        store.close()
+
+
+def test_a_full_redis_that_does_not_evict_is_resource_exhausted_with_the_fix():
+    require_redis_server()
+    with RedisProcess(maxmemory_bytes=2 << 20, policy="noeviction") as process:
+        store = RedisStore(process.url)
+        with pytest.raises(ResourceExhausted, match="allkeys-lru"):
+            for i in range(20):
+                store.put_many([(f"k{i}", b"x" * (256 << 10))], None)
+        store.close()
+
+
+def test_credentials_from_the_url_or_a_password_and_never_in_messages():
+    require_redis_server()
+    with RedisProcess(password="s3cret-pw") as process:
+        with_url = RedisStore(process.url)
+        with_url.put_many([("a", b"1")], None)
+        assert with_url.url == f"redis://:***@127.0.0.1:{process.port}/0"
+        plain_url = f"redis://127.0.0.1:{process.port}/0"
+        assert RedisStore(plain_url, password="s3cret-pw").get_many(["a"]) == [b"1"]
+        with pytest.raises(Unavailable) as err:
+            RedisStore(f"redis://:wrong@127.0.0.1:{process.port}/0").lookup(["a"])
+        assert "***" in str(err.value) and "wrong" not in str(err.value)
+        with pytest.raises(InvalidArgument, match="not both"):
+            RedisStore(process.url, password="x")
+
+
+def test_outage_is_unavailable_naming_the_url_then_recovers_on_restart(redis_process):
+    store = RedisStore(redis_process.url)
+    store.put_many([("a", b"1")], None)
+    redis_process.stop()
+    with pytest.raises(Unavailable) as err:
+        store.get_many(["a"])
+    assert f"127.0.0.1:{redis_process.port}" in str(err.value)
+    assert "unreachable" in str(err.value)
+    redis_process.start()  # same port, empty (no persistence)
+    assert store.get_many(["a"]) == [None]
+    store.put_many([("a", b"2")], None)
+    assert store.get_many(["a"]) == [b"2"]
+
+
+def test_backend_specs():
+    check_backend_spec("memory")
+    for spec in ("redis://h:1/0", "rediss://u:p@h:1/0", "unix:///tmp/redis.sock"):
+        check_backend_spec(spec)
+    for spec in ("memcached://h:1", "redis:/h", "h:6379", "", "Memory"):
+        with pytest.raises(
+            InvalidArgument, match=r"'memory' or a URL starting with redis://, rediss://, unix://"
+        ):
+            check_backend_spec(spec)
+    with pytest.raises(InvalidArgument) as err:
+        check_backend_spec("http://user:topsecret@h:1")
+    assert "topsecret" not in str(err.value)
+    assert open_backend("memory", max_memory_bytes=10).stats().capacity_bytes == 10
+
+
+def test_redact_url_keeps_user_host_port_and_db():
+    assert redact_url("rediss://app:pw@r.example:6380/2") == "rediss://app:***@r.example:6380/2"
+    assert redact_url("redis://r:6379/0") == "redis://r:6379/0"
