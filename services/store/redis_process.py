@@ -28,6 +28,7 @@ class RedisProcess:
         password: str | None = None,
         maxmemory_bytes: int | None = None,
         policy: str = "allkeys-lru",
+        tls_cert_key: tuple[Path, Path] | None = None,
         executable: str = "redis-server",
     ) -> None:
         path = shutil.which(executable)
@@ -38,6 +39,9 @@ class RedisProcess:
         self.password = password
         self.maxmemory_bytes = maxmemory_bytes
         self.policy = policy
+        # With a (certificate, key) pair, TLS is served on `tls_port` (the plain port stays).
+        self.tls_cert_key = tls_cert_key
+        self.tls_port = free_port() if tls_cert_key else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
 
@@ -45,6 +49,11 @@ class RedisProcess:
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def tls_url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"rediss://{auth}127.0.0.1:{self.tls_port}/0"
 
     @property
     def running(self) -> bool:
@@ -59,6 +68,10 @@ class RedisProcess:
         args += ["--save", "", "--appendonly", "no", "--dir", str(self._dir)]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls_cert_key:
+            cert, key = self.tls_cert_key
+            args += ["--tls-port", str(self.tls_port), "--tls-cert-file", str(cert)]
+            args += ["--tls-key-file", str(key), "--tls-auth-clients", "no"]
         if self.maxmemory_bytes:
             args += ["--maxmemory", str(self.maxmemory_bytes), "--maxmemory-policy", self.policy]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -56,7 +56,7 @@ class StoreServer:
             redis_password=config.redis_password,
         )
         self.metrics = StoreMetrics(self.backend)
-        servicer = KVStoreServicer(
+        self._servicer = servicer = KVStoreServicer(
             self.backend, limits=config.limits, metrics=self.metrics, default_ttl_s=config.ttl_s
         )
         self._grpc = GrpcServer(
@@ -104,6 +104,7 @@ class StoreServer:
     def stop(self, grace_s: float | None = None) -> None:
         """Graceful stop: NOT_SERVING, refuse new calls, finish in-flight ones, close."""
         self._grpc.stop(self.config.grace_s if grace_s is None else grace_s)
+        self._servicer.close()
         self.metrics.close()
         if self._owns_backend:
             self.backend.close()

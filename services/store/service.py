@@ -138,6 +138,10 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
         self._metrics.received_bytes.inc(sum(len(value) for _, value in blocks))
         return stored
 
+    def close(self) -> None:
+        """Stop the prefetch threads (after the server has finished its calls)."""
+        self._prefetch.shutdown(wait=True, cancel_futures=True)
+
     def Delete(
         self, request: store_pb2.DeleteRequest, context: grpc.ServicerContext
     ) -> store_pb2.DeleteResponse:

@@ -1,5 +1,8 @@
 """RedisStore against a real redis-server on a loopback port."""
 
+import shutil
+import subprocess
+
 import pytest
 import redis
 
@@ -115,3 +118,38 @@ def test_backend_specs():
 def test_redact_url_keeps_user_host_port_and_db():
     assert redact_url("rediss://app:pw@r.example:6380/2") == "rediss://app:***@r.example:6380/2"
     assert redact_url("redis://r:6379/0") == "redis://r:6379/0"
+
+
+def test_the_documented_acl_user_is_enough(redis_server):
+    """The least-privilege user docs/store.md recommends can do everything the store does."""
+    admin = redis.Redis.from_url(redis_server)
+    rule = "on >pw ~kvpool:* resetchannels -@all +get +mget +set +exists +del +dbsize +info +ping"
+    admin.execute_command("ACL", "SETUSER", "kvpool", *rule.split())
+    store = RedisStore(redis_server.replace("redis://", "redis://kvpool:pw@"))
+    assert store.put_many([("kvpool:blk:1", b"v")], ttl_s=60) == 1
+    assert store.lookup(["kvpool:blk:1"]) == 1
+    assert store.get_many(["kvpool:blk:1"]) == [b"v"]
+    assert store.stats().keys == 1
+    assert store.delete(["kvpool:blk:1"]) == 1
+    with pytest.raises(Unavailable, match="no permissions"):
+        store.put_many([("other:1", b"v")], None)  # keys outside kvpool:* are refused
+    store.close()
+
+
+def test_rediss_urls_use_tls_and_verify_the_server(tmp_path):
+    require_redis_server()
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1"
+    openssl += " -addext subjectAltName=IP:127.0.0.1"
+    subprocess.run(
+        [*openssl.split(), "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True
+    )
+    with RedisProcess(tls_cert_key=(cert, key)) as process:
+        trusted = RedisStore(f"{process.tls_url}?ssl_ca_certs={cert}")
+        assert trusted.put_many([("k", b"over tls")], None) == 1
+        assert trusted.get_many(["k"]) == [b"over tls"]
+        trusted.close()
+        with pytest.raises(Unavailable, match="rediss://"):
+            RedisStore(process.tls_url).lookup(["k"])  # self-signed: not trusted by default
