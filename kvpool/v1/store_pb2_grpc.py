@@ -66,7 +66,7 @@ class KVStoreServicer:
 
     def Lookup(self, request, context):
         """How many keys of an ordered chain, from the start, are present. One backend round trip
-        (a Redis pipeline) for the whole chain.
+        (one Redis command) for the whole chain.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -10,6 +10,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvpool.errors import Unavailable
 from services.grpc_server import GrpcServer, ServiceSpec
 
+pytestmark = pytest.mark.integration
+
 
 def _slow(request: bytes, context) -> bytes:
     time.sleep(0.5)

@@ -9,6 +9,8 @@ from kvpool import errors
 from services.grpc_server import GrpcServer, ServiceSpec
 from services.status import ErrorInterceptor, code_for, error_from_rpc
 
+pytestmark = pytest.mark.integration
+
 RAISES = {
     "InvalidArgument": errors.InvalidArgument("bad key: keys are ..."),
     "NotFound": errors.NotFound("no session s1"),

@@ -1,9 +1,9 @@
 """The Redis backend (`redis://`, `rediss://`, `unix://`): redis-py with hiredis.
 
 One value per Redis string key, written with one `SET key value [EX ttl]`, so a reader sees the
-whole value or nothing. Batches ride one pipeline (one round trip): `EXISTS` per key for a lookup,
-`MGET` for reads, `SET` per block for writes. Redis is meant to run as a cache (maxmemory,
-allkeys-lru, no persistence; docs/store.md): an evicted block is simply a miss.
+whole value or nothing. Each batch is one round trip: a Lua script of `EXISTS` calls for a lookup,
+`MGET` for reads, a pipeline with one `SET` per block for writes. Redis is meant to run as a
+cache (maxmemory, allkeys-lru, no persistence; docs/store.md): an evicted block is a miss.
 
 Connections come from a pool. A failed command is retried on a fresh connection a couple of times
 with a short jittered backoff, which is what makes the store recover by itself after a Redis
@@ -23,6 +23,17 @@ from redis.retry import Retry
 from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.store.backends import redact_url
 from services.store.backends.base import BackendStats
+
+# The length of the present prefix of KEYS, in one command. It stops at the first miss. A
+# pipeline of EXISTS took 0.35 ms for 64 keys here, against 0.09 ms for this script, most of it
+# in redis-py packing and parsing 64 commands. EXISTS does not refresh LRU recency. redis-py
+# sends EVALSHA and loads the script again after a Redis restart (NOSCRIPT).
+_LOOKUP = """
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 0 then return i - 1 end
+end
+return #KEYS
+"""
 
 
 def _zero_copy_packer() -> object | None:
@@ -69,6 +80,7 @@ class RedisStore:
             retry_on_error=[rex.ConnectionError, rex.TimeoutError],
             command_packer=_zero_copy_packer(),
         )
+        self._lookup = self._client.register_script(_LOOKUP)
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -96,14 +108,7 @@ class RedisStore:
         if not keys:
             return 0
         with self._errors("lookup"):
-            pipe = self._client.pipeline(transaction=False)
-            for key in keys:
-                pipe.exists(key)
-            found = pipe.execute()
-        for n, exists in enumerate(found):
-            if not exists:
-                return n
-        return len(keys)
+            return int(self._lookup(keys=keys))
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:

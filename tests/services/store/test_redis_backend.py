@@ -37,14 +37,29 @@ def test_put_sets_the_ttl_on_each_key(store, redis_server):
     assert raw.ttl("p") == -1  # no expiry
 
 
-def test_lookup_sends_one_exists_per_key_and_nothing_else(store, redis_server):
-    store.lookup(["warm"])  # the connection's handshake commands are not part of a lookup
+def test_lookup_is_one_command_that_stops_at_the_first_miss(store, redis_server):
+    chain = [f"kvpool:blk:{i:064x}" for i in range(64)]
+    store.put_many([(key, b"v") for key in chain], None)
     raw = redis.Redis.from_url(redis_server)
-    before = int(raw.info("stats")["total_commands_processed"])
-    store.lookup([f"k{i}" for i in range(64)])
-    after = int(raw.info("stats")["total_commands_processed"])
-    # 64 EXISTS (sent as one pipeline), plus this test's own INFO
-    assert after - before == 64 + 1
+    raw.delete(chain[40])
+    assert store.lookup(chain) == 40  # also loads the script
+    stats = raw.info("commandstats")
+    calls = lambda name: stats.get(f"cmdstat_{name}", {}).get("calls", 0)  # noqa: E731
+    before_evalsha, before_exists = calls("evalsha"), calls("exists")
+    assert store.lookup(chain) == 40
+    stats = raw.info("commandstats")
+    assert calls("evalsha") == before_evalsha + 1  # one round trip for the whole chain
+    assert calls("exists") == before_exists + 41  # inside the script, stopping at the miss
+
+
+def test_lookup_survives_a_restart_that_drops_the_script_cache(redis_process):
+    store = RedisStore(redis_process.url)
+    store.put_many([("a", b"1")], None)
+    assert store.lookup(["a"]) == 1
+    redis_process.restart()
+    store.put_many([("a", b"1")], None)
+    assert store.lookup(["a", "b"]) == 1
+    store.close()
 
 
 def test_stats_report_keys_memory_and_evictions_under_allkeys_lru():
@@ -124,6 +139,7 @@ def test_the_documented_acl_user_is_enough(redis_server):
     """The least-privilege user docs/store.md recommends can do everything the store does."""
     admin = redis.Redis.from_url(redis_server)
     rule = "on >pw ~kvpool:* resetchannels -@all +get +mget +set +exists +del +dbsize +info +ping"
+    rule += " +evalsha +script|load"
     admin.execute_command("ACL", "SETUSER", "kvpool", *rule.split())
     store = RedisStore(redis_server.replace("redis://", "redis://kvpool:pw@"))
     assert store.put_many([("kvpool:blk:1", b"v")], ttl_s=60) == 1
