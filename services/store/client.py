@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+import grpc.experimental
 
 from kvpool.errors import DataLoss, Unavailable
 from kvpool.v1 import store_pb2, store_pb2_grpc
@@ -79,6 +80,9 @@ class StoreClient:
             # calls fast meanwhile; a store that restarts should be back within our retries.
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2000),
+            # Get streams are read on the calling thread instead of being handed over from
+            # gRPC's polling thread message by message: about a third less client CPU here.
+            (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
             *options,
         ]
         if credentials is None:
