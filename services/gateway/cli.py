@@ -37,6 +37,12 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     flag("--codec", "int8", help="block codec: fp16, bf16, int8 (default), fp8, int4, int4-g64")
     flag("--block-tokens", 64, type=int, help="tokens per stored block (default 64)")
     flag("--l1-bytes", "1GiB", type=parse_size, help="per-worker L1 of decoded blocks (1GiB)")
+    flag(
+        "--write-queue-blocks",
+        512,
+        type=int,
+        help="blocks a worker may hold for write-behind before it drops new ones (default 512)",
+    )
     flag("--block-ttl", 0, type=int, help="TTL in seconds of stored blocks (0: the store's)")
     flag("--session-ttl", 86400, type=int, help="seconds a session lives after its last turn")
     flag(
@@ -98,6 +104,7 @@ def gateway_settings(
         block_tokens=args.block_tokens,
         store_target=store_target,
         l1_bytes=args.l1_bytes,
+        write_queue_blocks=args.write_queue_blocks,
         block_ttl_s=args.block_ttl or None,
     )
     if worker_gpus > 0:

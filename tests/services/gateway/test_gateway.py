@@ -1,5 +1,6 @@
 """The gateway end to end: real gRPC, a real local Ray with two workers, the store over Redis."""
 
+import json
 import threading
 
 import grpc
@@ -181,3 +182,30 @@ def test_concurrent_streams_all_complete(client):
         t.join(120)
     assert not errors and len(results) == 6
     assert len({r.usage["worker"] for r in results}) == 2  # load spread over both workers
+
+
+def test_kvpool_generate_target_prints_the_json_contract(stack, capsys):
+    from kvpool.cli import main
+
+    argv = ["generate", "--target", stack.target, "Hello there", "--max-new-tokens", "3"]
+    assert main([*argv, "--json", "--session", "cli-1", "--tenant", "acme"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"text", "token_ids", "finish_reason", "usage"}
+    assert len(out["token_ids"]) == 3 and out["finish_reason"] == "length"
+    usage = out["usage"]
+    assert usage["session_id"] == "cli-1" and usage["worker"]
+    assert set(usage["cached_tokens_by_tier"]) == {"local", "store"}
+    assert {"prompt_tokens", "cached_tokens", "completion_tokens", "ttft_ms"} <= set(usage)
+
+    assert main([*argv, "--raw"]) == 0  # streams text, then a usage line on stderr
+    assert "prompt=" in capsys.readouterr().err
+
+    assert main(["generate", "--target", stack.target, "   "]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+
+
+def test_kvpool_gateway_serve_needs_a_store(capsys):
+    from kvpool.cli import main
+
+    assert main(["gateway", "serve", "--workers", "1"]) == 2
+    assert "--store HOST:PORT is required" in capsys.readouterr().err
