@@ -262,7 +262,10 @@ class KiviInt4Codec:
         y_keys, y_values = self._views(y)
         torch.sub(keys, k_shift, out=y_keys).mul_(k_inverse)
         torch.sub(values, v_shift, out=y_values).mul_(v_inverse)
-        codes = y.round_().clamp_(0, INT4_LEVELS).to(torch.uint8)  # [L, 2, H, T, D]
+        # float -> int8 is ~10x faster than float -> uint8 on CPU; codes 0..15 fit either way.
+        codes = (
+            y.round_().clamp_(0, INT4_LEVELS).to(torch.int8).view(torch.uint8)
+        )  # [L, 2, H, T, D]
         return [_pack_nibbles(codes.view(-1)), k_scale, k_zero, v_scale, v_zero]
 
     def decode(self, sections: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
