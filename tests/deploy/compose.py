@@ -140,7 +140,8 @@ def simple_commands(command: str | list[str]) -> list[list[str]]:
     """
     words = command_words(command)
     if len(words) >= 3 and words[0] in _SHELLS and words[1] in ("-c", "-lc"):
-        script = re.sub(r"\d*>&\d+|\d*[<>]+\s*\S+", " ", words[2])  # redirections
+        script = words[2].replace("\\\n", " ").replace("\n", " ; ")  # continuations, lines
+        script = re.sub(r"\d*>&\d+|\d*[<>]+\s*\S+", " ", script)  # redirections
         lexer = shlex.shlex(script, posix=True, punctuation_chars=";&|")
         lexer.whitespace_split = True
         tokens = list(lexer)
