@@ -1,0 +1,231 @@
+"""`kvpool bench store`: KVStore throughput and latency against raw redis-py, in one run.
+
+For each value size, the same batches of values go (a) through the KVStore gRPC service (a
+`kvpool store serve` subprocess, as in production) with `StoreClient.put_many` / `get_many`, and
+(b) straight to the same redis-server with redis-py (a pipeline of SETs, one MGET): the limit on
+this box. One operation moves one batch of about `--batch-bytes`. Throughput is bytes over the
+total time of the operations, latency is per operation. Without `--redis` the benchmark starts its
+own redis-server on a free loopback port (maxmemory 2 GiB, allkeys-lru, no persistence).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+SIZES = (64 << 10, 1 << 20, 4 << 20)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", type=Path, required=True, help="write results here")
+    parser.add_argument("--plot", type=Path, help="write a PNG plot here")
+    parser.add_argument("--redis", help="use this Redis URL instead of starting a redis-server")
+    parser.add_argument("--mib", type=int, default=256, help="MiB moved per size and phase")
+    parser.add_argument("--batch-bytes", type=int, default=4 << 20, help="bytes per operation")
+    parser.add_argument("--chain", type=int, default=64, help="keys in the Lookup chain")
+    parser.add_argument("--lookups", type=int, default=500, help="Lookup calls timed")
+    parser.add_argument(
+        "--tune-malloc",
+        action="store_true",
+        help="apply the store server's malloc settings to this process too (client and raw "
+        "redis-py alike; both get faster)",
+    )
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _timed_pair(
+    first: Callable[[int], object], second: Callable[[int], object], ops: int
+) -> tuple[list[float], list[float]]:
+    """Latencies of two operations run alternately (and in alternating order), so both see the
+    same machine: on shared, noisy hosts only ratios measured this way mean much."""
+    first(0), second(0)  # warm connections and caches
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(ops):
+        order = ((0, first), (1, second)) if i % 2 == 0 else ((1, second), (0, first))
+        for slot, op in order:
+            start = time.perf_counter()
+            op(i)
+            times[slot].append(time.perf_counter() - start)
+    return times
+
+
+def _summary(latencies: list[float], op_bytes: int) -> dict[str, float]:
+    return {
+        "gbps": op_bytes * len(latencies) / sum(latencies) / 1e9,
+        "p50_ms": statistics.median(latencies) * 1e3,
+        "p99_ms": _percentile(latencies, 0.99) * 1e3,
+    }
+
+
+def _start_store(redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
+    from services.store.redis_process import free_port
+
+    port = free_port()
+    env = {**os.environ, "KVPOOL_BACKEND": redis_url, "KVPOOL_PORT": str(port)}
+    cmd = [sys.executable, "-m", "kvpool.cli", "store", "serve", "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, env=env)  # the URL travels in env, not in the process list
+    return proc, f"127.0.0.1:{port}"
+
+
+def _measure_size(raw: object, client: object, size: int, args: argparse.Namespace) -> dict:
+    batch = max(1, args.batch_bytes // size)
+    ops = max(8, (args.mib << 20) // (batch * size))
+    value = os.urandom(size)
+    raw_keys = [[f"bench:raw:{size}:{op}:{i}" for i in range(batch)] for op in range(ops)]
+    svc_keys = [[f"bench:svc:{size}:{op}:{i}" for i in range(batch)] for op in range(ops)]
+
+    def raw_put(op: int) -> None:
+        pipe = raw.pipeline(transaction=False)  # type: ignore[attr-defined]
+        for key in raw_keys[op]:
+            pipe.set(key, value)
+        pipe.execute()
+
+    def raw_get(op: int) -> None:
+        values = raw.mget(raw_keys[op])  # type: ignore[attr-defined]
+        if any(v is None for v in values):
+            raise RuntimeError("raw GET missed a key it had just written (is Redis too small?)")
+
+    def svc_put(op: int) -> None:
+        client.put_many([(key, value) for key in svc_keys[op]])  # type: ignore[attr-defined]
+
+    def svc_get(op: int) -> None:
+        got = client.get_many(svc_keys[op])  # type: ignore[attr-defined]
+        if len(got) != batch:
+            raise RuntimeError("the store missed a key it had just written (is Redis too small?)")
+
+    op_bytes = batch * size
+    put_times, set_times = _timed_pair(svc_put, raw_put, ops)
+    get_times, mget_times = _timed_pair(svc_get, raw_get, ops)
+    put, redis_set = _summary(put_times, op_bytes), _summary(set_times, op_bytes)
+    get, redis_get = _summary(get_times, op_bytes), _summary(mget_times, op_bytes)
+    raw.flushdb()  # type: ignore[attr-defined]
+    return {
+        "value_bytes": size,
+        "batch_values": batch,
+        "ops": ops,
+        "put_gbps": round(put["gbps"], 3),
+        "get_gbps": round(get["gbps"], 3),
+        "redis_set_gbps": round(redis_set["gbps"], 3),
+        "redis_get_gbps": round(redis_get["gbps"], 3),
+        "put_ratio": round(put["gbps"] / redis_set["gbps"], 3),
+        "get_ratio": round(get["gbps"] / redis_get["gbps"], 3),
+        "put_p50_ms": round(put["p50_ms"], 3),
+        "get_p50_ms": round(get["p50_ms"], 3),
+        "put_p99_ms": round(put["p99_ms"], 3),
+        "get_p99_ms": round(get["p99_ms"], 3),
+        "redis_set_p99_ms": round(redis_set["p99_ms"], 3),
+        "redis_get_p99_ms": round(redis_get["p99_ms"], 3),
+    }
+
+
+def _measure_lookup(raw: object, client: object, args: argparse.Namespace) -> dict[str, float]:
+    chain = [f"kvpool:blk:{i:064x}" for i in range(args.chain)]
+    client.put_many([(key, b"x" * 64) for key in chain])  # type: ignore[attr-defined]
+
+    def svc_lookup(_: int) -> None:
+        if client.lookup(chain) != len(chain):  # type: ignore[attr-defined]
+            raise RuntimeError("Lookup did not find the whole chain")
+
+    def raw_lookup(_: int) -> None:
+        pipe = raw.pipeline(transaction=False)  # type: ignore[attr-defined]
+        for key in chain:
+            pipe.exists(key)
+        pipe.execute()
+
+    svc, direct = _timed_pair(svc_lookup, raw_lookup, args.lookups)
+    raw.flushdb()  # type: ignore[attr-defined]
+    return {
+        "lookup_chain": args.chain,
+        "lookup_p50_ms": round(statistics.median(svc) * 1e3, 3),
+        "lookup_p99_ms": round(_percentile(svc, 0.99) * 1e3, 3),
+        "redis_lookup_p50_ms": round(statistics.median(direct) * 1e3, 3),
+    }
+
+
+def _plot(result: dict, path: Path) -> None:
+    from kvpool.bench.report import figure, save_plot
+
+    rows = result["rows"]
+    labels = [f"{r['value_bytes'] >> 10} KiB" for r in rows]
+    series = (
+        ("put_gbps", "KVStore put"),
+        ("redis_set_gbps", "redis-py SET"),
+        ("get_gbps", "KVStore get"),
+        ("redis_get_gbps", "redis-py GET"),
+    )
+    fig, axes = figure(ncols=2, size=(5.5, 4.0))
+    left, right = axes[0]
+    width = 0.2
+    for n, (key, name) in enumerate(series):
+        xs = [i + (n - 1.5) * width for i in range(len(rows))]
+        left.bar(xs, [r[key] for r in rows], width, label=name)
+    left.set_xticks(range(len(rows)), labels)
+    left.set_ylabel("GB/s")
+    left.set_title("Throughput by value size (batches of ~4 MiB)", fontsize=9)
+    left.legend(fontsize=8)
+    for key, name in (("put_ratio", "put / SET"), ("get_ratio", "get / GET")):
+        right.plot(labels, [r[key] for r in rows], marker="o", label=name)
+    right.axhline(0.6, color="grey", linestyle="--", label="target 0.6x")
+    top = max(1.0, *(r[k] for r in rows for k in ("put_ratio", "get_ratio")))
+    right.set_ylim(0, 1.15 * top)
+    right.set_title(
+        f"KVStore / raw redis-py; Lookup of {result['lookup_chain']} keys: "
+        f"p50 {result['lookup_p50_ms']:.2f} ms",
+        fontsize=9,
+    )
+    right.legend(fontsize=8)
+    save_plot(path, fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.tune_malloc:
+        from services.store.malloc import tune_malloc
+
+        tune_malloc()
+    import redis
+
+    from kvpool.bench.report import environment, write_json
+    from services.store.client import StoreClient
+    from services.store.redis_process import RedisProcess
+
+    load_before = os.getloadavg()[0]  # shared machines: record how busy this one was
+    local = None if args.redis else RedisProcess(maxmemory_bytes=2 << 30).start()
+    url = args.redis or local.url  # type: ignore[union-attr]
+    store, target = _start_store(url)
+    raw = redis.Redis.from_url(url)
+    try:
+        with StoreClient(target, timeout_s=30) as client:
+            client.wait_ready(30)
+            rows = []
+            for size in SIZES:
+                rows.append(_measure_size(raw, client, size, args))
+                print(json.dumps(rows[-1]), flush=True)
+            result = {"rows": rows, **_measure_lookup(raw, client, args)}
+    finally:
+        raw.close()
+        store.terminate()
+        store.wait(30)
+        if local is not None:
+            local.close()
+    result["setup"] = {
+        "batch_bytes": args.batch_bytes,
+        "mib_per_phase": args.mib,
+        "redis": "started by the benchmark" if local else "given",
+        "client_malloc_tuned": args.tune_malloc,
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        **environment(),
+    }
+    write_json(args.json, result)
+    print(f"lookup of {result['lookup_chain']} keys: p50 {result['lookup_p50_ms']} ms")
+    if args.plot:
+        _plot(result, args.plot)
+    return 0
