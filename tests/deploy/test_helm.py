@@ -11,6 +11,10 @@ the Ray head pod with gRPC probes, Services that select real pods, and a gateway
 import copy
 import functools
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -426,3 +430,66 @@ def test_helm_test_pod_asks_the_gateway(rendered):
     build_parser(available_only=False).parse_args(words)
     gateway = one(docs, "Service", "gateway")
     assert option(words, "--target") == f"{gateway['metadata']['name']}:50051"
+
+
+# --- the head container's script ----------------------------------------------------------------
+
+STUB_RAY = """#!/bin/bash
+[ "$1" = health-check ] && [ -e "$STUB_DIR/gcs-up" ]
+"""
+STUB_GATEWAY = """#!/bin/bash
+echo "gateway: $*"
+trap 'echo gateway stopped; exit 0' TERM
+while true; do sleep 0.1; done
+"""
+STUB_GATEWAY_CRASH = """#!/bin/bash
+sleep 0.5; exit 3
+"""
+# Stands in for KubeRay's generated `ray start --head ... --block`.
+FAKE_RAY_START = (
+    "touch \"$STUB_DIR/gcs-up\"; trap 'echo ray stopped; exit 0' TERM; "
+    "while true; do sleep 0.1; done"
+)
+
+
+def run_head_script(tmp_path: Path, gateway_stub: str, stop_after_s: float | None):
+    for name, body in (("ray", STUB_RAY), ("kvpool", gateway_stub)):
+        (tmp_path / name).write_text(body)
+        (tmp_path / name).chmod(0o755)
+    container = head_container(render({}))
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path}:{os.environ['PATH']}",
+        "STUB_DIR": str(tmp_path),
+        "KUBERAY_GEN_RAY_START_CMD": FAKE_RAY_START,
+    }
+    proc = subprocess.Popen(
+        [*container["command"], container["args"][0]],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        if stop_after_s is not None:
+            time.sleep(stop_after_s)
+            proc.send_signal(signal.SIGTERM)  # what the kubelet sends on pod deletion
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out
+
+
+def test_head_script_stops_the_gateway_then_ray_on_sigterm(tmp_path):
+    status, out = run_head_script(tmp_path, STUB_GATEWAY, stop_after_s=2.0)
+    assert status == 0, out
+    assert "gateway: gateway serve --host 0.0.0.0 --port 50051" in out
+    assert out.index("gateway stopped") < out.index("ray stopped"), out
+
+
+def test_head_script_exits_when_the_gateway_dies(tmp_path):
+    status, out = run_head_script(tmp_path, STUB_GATEWAY_CRASH, stop_after_s=None)
+    assert status == 1, out  # the pod restarts rather than run Ray without its gateway
+    assert "ray stopped" in out
