@@ -183,8 +183,8 @@ def _int4_params(
     """
     lo = x.amin(dim=dim)
     hi = x.amax(dim=dim)
-    # NaN fails every comparison, so this one check also refuses NaN and inf.
-    _reject_nonfinite((lo >= -FP16_MAX) & (hi <= FP16_MAX), "NaN, inf or values beyond float16")
+    # maximum() propagates NaN, which fails the comparison: one check refuses NaN and inf too.
+    _reject_nonfinite(torch.maximum(hi, -lo) <= FP16_MAX, "NaN, inf or values beyond float16")
     zero = lo.to(torch.float16)
     scale = ((hi - zero.float()) / INT4_LEVELS).clamp(max=FP16_MAX).to(torch.float16)
     # A constant (or float16-underflowing) group gets scale 0: all its codes are 0.
@@ -201,14 +201,16 @@ def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """codes: [n] uint8 in 0..15 -> [ceil(n / 2)] uint8; code 2i low nibble, 2i+1 high."""
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_zeros(1)])  # [n + 1]
-    pairs = codes.view(torch.int16)  # [n / 2], low byte = code 2i: contiguous, unlike [:, 0]
-    return ((pairs & 0x0F) | ((pairs >> 4) & 0xF0)).to(torch.uint8)  # [n / 2]
+    pairs = codes.view(torch.int16)  # [n / 2] = code 2i + 256 * code 2i+1 (contiguous reads)
+    # The low byte of pairs | pairs >> 4 is code 2i | code 2i+1 << 4; the cast keeps that byte.
+    return (pairs | (pairs >> 4)).to(torch.uint8)  # [n / 2]
 
 
 def _unpack_nibbles(packed: torch.Tensor, count: int) -> torch.Tensor:
     """packed: [m] uint8 -> [count] uint8 codes, the inverse of _pack_nibbles."""
-    wide = packed.to(torch.int16)  # [m]
-    return ((wide & 0x0F) | ((wide & 0xF0) << 4)).view(torch.uint8)[:count]  # [2m] -> [count]
+    wide = packed.to(torch.int16)  # [m]: byte b -> b | b << 4 masked to low nibble, high nibble
+    wide = wide.bitwise_or_(wide << 4).bitwise_and_(0x0F0F)  # [m] = lo + 256 * hi
+    return wide.view(torch.uint8)[:count]  # [2m] -> [count]
 
 
 @dataclass(frozen=True, slots=True)
