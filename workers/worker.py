@@ -39,6 +39,7 @@ class WorkerConfig:
     l1_bytes: int = 1 << 30
     write_queue_blocks: int = 512
     block_ttl_s: int | None = None  # None: the store's default
+    retain_freed_memory: bool = True  # in the actor process; see workers.actor.retain_freed_memory
 
     def __post_init__(self) -> None:
         if self.block_tokens < 1:

@@ -161,6 +161,8 @@ class InferenceCore:
                     excluded.clear()  # replacements may be up; better any worker than none
             finally:
                 self.pool.router.release(route)
+            if done is None and cancelled is not None and cancelled.is_set():
+                return  # the client went away: nothing to resume, nothing to save
 
         # The worker now holds (in L1) the prompt's and the output's blocks: a session's next turn
         # should find its way back there.
@@ -198,8 +200,11 @@ class InferenceCore:
                 if cancelled is not None and cancelled.is_set():
                     return
                 try:
-                    ref = next(refs)
-                    item = ray.get(ref, timeout=self.config.token_timeout_s)
+                    # `next` would block for good on a hung worker; wait with a deadline first.
+                    ready, _ = ray.wait([refs], timeout=self.config.token_timeout_s)
+                    if not ready:
+                        raise GetTimeoutError("no token")
+                    item = ray.get(next(refs), timeout=self.config.token_timeout_s)
                 except StopIteration:
                     finished = True
                     return
