@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import ray
 
+from kvpool.errors import KvpoolError
 from workers.engine import TokenEvent
 from workers.inputs import PromptInput
 from workers.worker import (
@@ -55,12 +56,21 @@ class WorkerActor:
         logging.basicConfig(level=os.environ.get("KVPOOL_LOG_LEVEL", "WARNING"))
         if config.retain_freed_memory:
             retain_freed_memory()
-        self._worker = KVWorker(config, worker_id)
+        self._startup_error: KvpoolError | None = None
+        try:
+            self._worker = KVWorker(config, worker_id)
+        except KvpoolError as exc:
+            # Kept for `info`, which the gateway calls first: raised from a method it reaches the
+            # caller as itself (say, InvalidArgument naming the bad model), where a failing
+            # constructor would surface as Ray's ActorDiedError wrapping a remote traceback.
+            self._startup_error = exc
 
     def ping(self) -> str:
-        return self._worker.worker_id
+        return self.info().worker_id
 
     def info(self) -> WorkerInfo:
+        if self._startup_error is not None:
+            raise self._startup_error
         return self._worker.info()
 
     def encode(self, given: PromptInput, history: Sequence[int] = ()) -> list[int]:

@@ -88,9 +88,11 @@ class WorkerPool:
         for wid, handle in handles.items():
             try:
                 infos.append(call(handle.info.remote(), self.config.start_timeout_s))
-            except (GetTimeoutError, *WORKER_GONE) as exc:
+            except (GetTimeoutError, KvpoolError, *WORKER_GONE) as exc:
                 for other in handles.values():
                     ray.kill(other, no_restart=True)
+                if isinstance(exc, KvpoolError):
+                    raise  # the worker's own reason, e.g. an unknown model
                 raise Unavailable(f"worker {wid} did not start: {exc}") from exc
         first = infos[0]
         for info in infos[1:]:
