@@ -4,7 +4,8 @@ Servers: install `ErrorInterceptor` and let servicers raise `kvpool.errors` exce
 `ValueError` for caller mistakes); the interceptor aborts the call with the matching code and the
 exception's message. Anything else is a bug: it is logged with its traceback and the caller gets
 INTERNAL with no internals in the message. An optional observer sees every finished call's method,
-code and duration, which is how metrics hook in without each servicer timing itself.
+code and duration, which is how metrics hook in without each servicer timing itself. A request
+whose bytes do not parse as its message is answered INVALID_ARGUMENT (grpcio alone says INTERNAL).
 
 Clients: `error_from_rpc` turns a `grpc.RpcError` back into the matching exception, so callers
 catch `kvpool.errors.Unavailable` (and friends) instead of inspecting status codes.
@@ -82,6 +83,40 @@ def _finish(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
     context.abort(grpc.StatusCode.INTERNAL, "internal error (details are in the server log)")
 
 
+class _Undecodable:
+    """Stands in for a request message that could not be parsed.
+
+    grpcio answers a request its deserializer cannot parse with INTERNAL ("Exception
+    deserializing request!"), which blames the server for the caller's bytes. The interceptor
+    installs a deserializer that returns this instead of raising, and the handler wrappers turn
+    it into InvalidArgument, so the caller gets INVALID_ARGUMENT and metrics count it as such.
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # protobuf's DecodeError, or whatever a custom parser raises
+            return _Undecodable(str(exc) or type(exc).__name__)
+
+    return parse
+
+
+def _parsed(request: Any, streaming: bool) -> Any:
+    """`request` (or, for a client stream, an iterator of them), refusing undecodable ones."""
+    if streaming:
+        return (_parsed(item, False) for item in request)
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidArgument(f"the request is not a valid message: {request.reason}")
+    return request
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps exceptions from every handler to status codes and reports each finished call."""
 
@@ -97,13 +132,17 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = details.method
+        deserialize = handler.request_deserializer
+        # Raw-bytes handlers (no deserializer) cannot see an undecodable message.
+        check = None if deserialize is None else handler.request_streaming
         if handler.response_streaming:
             inner = handler.unary_stream or handler.stream_stream
-            wrapped = self._wrap_stream(method, inner)
+            wrapped = self._wrap_stream(method, inner, check)
         else:
             inner = handler.unary_unary or handler.stream_unary
-            wrapped = self._wrap_unary(method, inner)
+            wrapped = self._wrap_unary(method, inner, check)
         return handler._replace(
+            request_deserializer=None if deserialize is None else _tolerant(deserialize),
             unary_unary=wrapped if handler.unary_unary else None,
             stream_unary=wrapped if handler.stream_unary else None,
             unary_stream=wrapped if handler.unary_stream else None,
@@ -115,10 +154,14 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             code = context.code() or grpc.StatusCode.OK
             self._observer(method, code, time.perf_counter() - start)
 
-    def _wrap_unary(self, method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_unary(
+        self, method: str, inner: Callable[..., Any], check: bool | None
+    ) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             start = time.perf_counter()
             try:
+                if check is not None:
+                    request = _parsed(request, check)
                 return inner(request, context)
             except Exception as exc:
                 _finish(context, exc)
@@ -127,10 +170,14 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
         return call
 
-    def _wrap_stream(self, method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_stream(
+        self, method: str, inner: Callable[..., Any], check: bool | None
+    ) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             start = time.perf_counter()
             try:
+                if check is not None:
+                    request = _parsed(request, check)
                 yield from inner(request, context)
             except GeneratorExit:
                 # The client went away or the server is stopping: gRPC closes the generator.

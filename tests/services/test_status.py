@@ -37,11 +37,23 @@ def _slow(request: bytes, context):
     return b"late"
 
 
+def _strict_parse(data: bytes) -> bytes:
+    if data.startswith(b"bad"):
+        raise ValueError("not a message")
+    return data
+
+
+def _count(requests, context):
+    return str(sum(1 for _ in requests)).encode()
+
+
 def _handlers(server: grpc.Server) -> None:
     handlers = {
         "Raise": grpc.unary_unary_rpc_method_handler(_raise),
         "Stream": grpc.unary_stream_rpc_method_handler(_stream),
         "Slow": grpc.unary_unary_rpc_method_handler(_slow),
+        "Parse": grpc.unary_unary_rpc_method_handler(_slow, request_deserializer=_strict_parse),
+        "Count": grpc.stream_unary_rpc_method_handler(_count, request_deserializer=_strict_parse),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.Faulty", handlers),))
 
@@ -115,3 +127,15 @@ def test_a_missed_deadline_is_unavailable_to_the_caller(faulty):
 def test_code_for_unknown_exceptions_is_none():
     assert code_for(KeyError("x")) is None
     assert code_for(errors.InvalidArgument("x")) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_undecodable_requests_are_invalid_argument_not_internal(faulty):
+    channel, calls = faulty
+    for method, request in (("Parse", b"bad"), ("Count", iter([b"ok", b"bad bytes"]))):
+        call = getattr(channel, "unary_unary" if method == "Parse" else "stream_unary")
+        with pytest.raises(grpc.RpcError) as err:
+            call(f"/t.Faulty/{method}")(request, timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid message: not a message" in err.value.details()
+    assert [code for _, code in calls] == [grpc.StatusCode.INVALID_ARGUMENT] * 2
+    assert channel.stream_unary("/t.Faulty/Count")(iter([b"a", b"b"]), timeout=5) == b"2"
