@@ -143,13 +143,3 @@ def start_actor(
         max_restarts=0,
     )
     return remote_cls.remote(config, worker_id)
-
-
-def default_resources(worker_gpus: float | None, worker_cpus: float = 1.0) -> ActorResources:
-    """GPUs when asked for, or when the cluster has any; CPU slots otherwise."""
-    if worker_gpus is None:
-        cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
-        worker_gpus = 1.0 if cluster_gpus >= 1 else 0.0
-    if worker_gpus > 0:
-        return ActorResources(num_gpus=worker_gpus, num_cpus=0.0)
-    return ActorResources(num_gpus=0.0, num_cpus=worker_cpus)
