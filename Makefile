@@ -17,7 +17,7 @@ test: $(STAMP) redis-server lint
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff format --check kvpool services workers tests
 	$(BIN)/mypy
 
 install: $(STAMP)
