@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
         advertised = ray.util.get_node_ip_address() if remote_workers else "127.0.0.1"
         gpus = args.worker_gpus if args.worker_gpus is not None else (1.0 if cluster_gpus else 0.0)
         gateway = GatewayServer(gateway_settings(args, f"{advertised}:{store_port}", gpus))
+        # One /metrics for the whole process: without this the embedded store's figures (its
+        # backend being up, Redis evictions, calls by status code) were exported nowhere.
+        gateway.metrics.registry.register(store.metrics.registry)
         port = gateway.start()
         log.info(
             "kvpool serving on %s:%d: %d workers, store %s on port %d",
