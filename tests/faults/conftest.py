@@ -1,0 +1,90 @@
+"""One real stack for the fault tests: redis-server and `kvpool store serve` as child processes
+(each can be killed and restarted on its port), a local Ray with two tiny-random workers, and the
+gateway on a loopback port.
+
+The workers run with no L1 (`l1_bytes=0`), so every cached token a request gets comes from the
+store: each request exercises the path a fault breaks, and `cached_store_tokens` shows whether the
+store answered.
+"""
+
+import contextlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import pytest
+
+from services.gateway.client import InferenceClient
+from services.gateway.pool import PoolConfig, call
+from services.gateway.server import GatewayServer, GatewaySettings
+from services.store.redis_process import RedisProcess
+from tests.faults.support import StoreProcess
+from tests.support.redis import require_redis_server
+from workers.actor import ActorResources
+from workers.kv.hashing import Namespace
+from workers.worker import WorkerConfig
+
+BLOCK_TOKENS = 16
+
+
+@dataclass
+class Stack:
+    redis: RedisProcess
+    store: StoreProcess
+    gateway: GatewayServer
+    client: InferenceClient
+
+    def flush(self) -> None:
+        """Wait until every worker has written its pending blocks (or given up on them)."""
+        for handle in self.gateway.pool.live().values():
+            call(handle.flush.remote(), 60)
+
+    def namespace(self, tenant: str = "") -> Namespace:
+        info = self.gateway.pool.info
+        return Namespace(info.fingerprint, info.codec, info.block_tokens, tenant)
+
+
+@pytest.fixture(scope="package")
+def stack():
+    ray = pytest.importorskip("ray")
+    require_redis_server()
+    redis = RedisProcess().start()
+    store = StoreProcess(redis.url).start()
+    ray_dir = tempfile.mkdtemp(prefix="ray-")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=ray_dir,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    # fp16: tiny-random's random logits have near-ties that int8 noise can flip, and these tests
+    # compare greedy outputs exactly. A short store timeout keeps outages quick to detect.
+    worker = WorkerConfig(
+        model="tiny-random",
+        codec="fp16",
+        block_tokens=BLOCK_TOKENS,
+        store_target=store.target,
+        store_timeout_s=2.0,
+        l1_bytes=0,
+    )
+    gateway = GatewayServer(
+        GatewaySettings(
+            store_target=store.target,
+            port=0,
+            pool=PoolConfig(workers=2, worker=worker, resources=ActorResources(num_cpus=1)),
+            store_timeout_s=2.0,
+            grace_s=2,
+        )
+    )
+    try:
+        gateway.start()
+        with InferenceClient(gateway.target, timeout_s=120) as client:
+            yield Stack(redis, store, gateway, client)
+    finally:
+        with contextlib.suppress(Exception):
+            gateway.stop(1)
+        ray.shutdown()
+        store.kill()
+        redis.close()
+        shutil.rmtree(ray_dir, ignore_errors=True)
