@@ -8,15 +8,15 @@ to a `grpc.Server`), plus:
 - server reflection for the services and health, so `grpcurl` works without .proto files;
 - message size limits on both directions, and SO_REUSEPORT off, so a second server on a busy port
   fails loudly instead of silently sharing it;
-- an optional bearer token (`authorization: Bearer <token>` metadata) checked on every call except
-  health checks, answered with UNAUTHENTICATED;
+- optional bearer tokens (`authorization: Bearer <token>` metadata, `services.auth.TokenTable`)
+  checked on every call, unary and streaming, except health checks, answered UNAUTHENTICATED;
+- optional TLS (`services.auth.ServerTls`);
 - graceful shutdown: `stop(grace_s)` rejects new calls and lets in-flight ones finish for up to
   `grace_s` seconds. `run_until_signal` does that on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import signal
 import threading
@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvpool.errors import Unavailable
+from services.auth import ServerTls, TokenTable, request_authorization
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +54,10 @@ def message_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Rejects calls whose `authorization` metadata is not `Bearer <token>` (health is exempt)."""
+    """Rejects calls whose `authorization` metadata holds no accepted token (health is exempt)."""
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-        def deny(request: Any, context: grpc.ServicerContext) -> None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-        self._deny = deny
+    def __init__(self, tokens: TokenTable) -> None:
+        self._tokens = tokens
 
     def intercept_service(
         self,
@@ -70,21 +66,29 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     ) -> Any:
         if details.method.startswith(f"/{HEALTH_SERVICE}/"):
             return continuation(details)
-        sent = dict(details.invocation_metadata or ()).get("authorization", "")
-        sent_bytes = sent.encode() if isinstance(sent, str) else sent
-        if hmac.compare_digest(sent_bytes, self._expected):
+        sent = request_authorization(details.invocation_metadata)
+        if self._tokens.tenant_for(sent) is not None:
             return continuation(details)
         handler = continuation(details)
         if handler is None:
             return None
+        message = (
+            "missing bearer token: send metadata 'authorization: Bearer <token>'"
+            if sent is None
+            else "bearer token not accepted"
+        )
+
+        def deny(request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
         # Answer in the shape of the real method, so streaming clients get the status cleanly.
         if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(self._deny)
+            return grpc.stream_stream_rpc_method_handler(deny)
         if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(self._deny)
+            return grpc.stream_unary_rpc_method_handler(deny)
         if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(self._deny)
-        return grpc.unary_unary_rpc_method_handler(self._deny)
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
 
 
 class GrpcServer:
@@ -99,14 +103,16 @@ class GrpcServer:
         max_workers: int = 16,
         max_message_bytes: int = 8 << 20,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
-        auth_token: str | None = None,
+        auth: TokenTable | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
         self._services = list(services)
         self._address = f"{host}:{port}"
         self._health = health.HealthServicer(experimental_non_blocking=True)
         chain = list(interceptors)
-        if auth_token:
-            chain.insert(0, BearerTokenInterceptor(auth_token))
+        if auth is not None:
+            chain.insert(0, BearerTokenInterceptor(auth))
+        self._tls = tls
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
             interceptors=chain,
@@ -129,7 +135,10 @@ class GrpcServer:
             (*names, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server
         )
         try:
-            self._port = self._server.add_insecure_port(self._address)
+            if self._tls is None:
+                self._port = self._server.add_insecure_port(self._address)
+            else:
+                self._port = self._server.add_secure_port(self._address, self._tls.credentials())
         except RuntimeError as exc:  # grpc raises when the address cannot be bound
             raise Unavailable(f"cannot listen on {self._address}: {exc}") from exc
         if self._port == 0:

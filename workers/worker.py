@@ -36,6 +36,8 @@ class WorkerConfig:
     block_tokens: int = 64
     store_target: str | None = None  # HOST:PORT of the KVStore; None runs with L1 only
     store_timeout_s: float = 5.0
+    store_auth_token: str | None = field(default=None, repr=False)  # bearer token for the store
+    store_tls_ca: bytes | None = field(default=None, repr=False)  # PEM CA: reach the store by TLS
     l1_bytes: int = 1 << 30
     write_queue_blocks: int = 512
     block_ttl_s: int | None = None  # None: the store's default
@@ -141,9 +143,15 @@ class KVWorker:
         self.engine = Engine(self.loaded)
         self.store: BlockStore | None = None
         if config.store_target:
-            from services.store.client import StoreClient  # the gRPC edge, only when used
+            from services.auth import channel_credentials  # the gRPC edge, only when used
+            from services.store.client import StoreClient
 
-            self.store = StoreClient(config.store_target, timeout_s=config.store_timeout_s)
+            self.store = StoreClient(
+                config.store_target,
+                timeout_s=config.store_timeout_s,
+                auth_token=config.store_auth_token,
+                credentials=channel_credentials(config.store_tls_ca),
+            )
         self.local = LocalBlocks(config.l1_bytes)
         self.writer = WriteBehind(
             self._encode, self._decode, self.local, self.store,

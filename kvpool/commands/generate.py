@@ -61,7 +61,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tenant",
         default=env_default("--tenant", None),
-        help="tenant name when the gateway runs without auth (--target only)",
+        help="tenant name when the gateway runs without auth; with auth the token decides "
+        "(--target only)",
+    )
+    parser.add_argument(
+        "--auth-token-file",
+        default=env_default("--auth-token-file", None),
+        help="send the first token of this file as the bearer token (--target only)",
+    )
+    parser.add_argument(
+        "--auth-token",
+        default=env_default("--auth-token", None),
+        help="send this bearer token; prefer env KVPOOL_AUTH_TOKEN (--target only)",
+    )
+    parser.add_argument(
+        "--tls-ca-file",
+        default=env_default("--tls-ca-file", None),
+        help="reach the gateway by TLS, trusting this PEM CA (--target only)",
     )
     parser.add_argument(
         "--timeout",

@@ -11,7 +11,13 @@ import logging
 import os
 
 from kvpool.config import env_default
-from services.gateway.cli import add_gateway_flags, check_args, gateway_settings, init_ray
+from services.gateway.cli import (
+    add_gateway_flags,
+    check_args,
+    gateway_settings,
+    init_ray,
+    store_token,
+)
 from services.store.cli import parse_size
 
 log = logging.getLogger(__name__)
@@ -35,7 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "RAY_ADDRESS puts workers on other machines)",
     )
     flag("--store-memory-bytes", "2GiB", type=parse_size, help="memory backend's byte bound")
-    add_gateway_flags(parser)
+    add_gateway_flags(parser, store_tls=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,18 +51,23 @@ def run(args: argparse.Namespace) -> int:
     )
     import ray
 
+    from services.auth import TokenTable
     from services.gateway.server import GatewayServer
     from services.grpc_server import run_until_signal
     from services.store.server import StoreConfig, StoreServer
 
     remote_workers = bool(os.environ.get("RAY_ADDRESS"))
     store_host = args.store_host or ("0.0.0.0" if remote_workers else "127.0.0.1")
+    # The embedded store accepts just the token the gateway and workers present to it. It speaks
+    # plaintext: TLS flags apply to the gateway (docs/gateway.md, "Authentication and tenants").
+    internal_token = store_token(args)
     store = StoreServer(
         StoreConfig(
             backend=args.redis or "memory",
             host=store_host,
             port=args.store_port,
             max_memory_bytes=args.store_memory_bytes,
+            auth=TokenTable({internal_token: ""}) if internal_token else None,
         )
     )
     store_port = store.start()

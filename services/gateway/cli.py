@@ -15,8 +15,8 @@ from services.store.cli import parse_size
 log = logging.getLogger(__name__)
 
 
-def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags of the gateway and its workers (shared with `kvpool serve`)."""
+def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True) -> None:
+    """Flags of the gateway and its workers (shared with `kvpool serve`, whose store is local)."""
 
     def flag(name: str, default: object, **kwargs: object) -> None:
         parser.add_argument(name, default=env_default(name, default), **kwargs)  # type: ignore[arg-type]
@@ -59,6 +59,42 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         help="seconds without a token before a worker is replaced",
     )
     flag("--max-concurrent-rpcs", 64, type=int, help="gRPC calls served at once")
+    # Limits (docs/gateway.md, "Limits"); 0 means no limit beyond the model's context.
+    flag("--max-prompt-tokens", 0, type=int, help="longest prompt, session history included")
+    flag("--max-new-tokens", 0, type=int, help="largest max_new_tokens a request may ask for")
+    flag("--max-request-bytes", "4MiB", type=parse_size, help="largest request message (4MiB)")
+    flag(
+        "--max-requests-per-worker",
+        0,
+        type=int,
+        help="requests one worker runs at once; more get RESOURCE_EXHAUSTED (0: no limit)",
+    )
+    flag("--max-sessions", 0, type=int, help="live sessions this gateway keeps (0: no limit)")
+    # Security (docs/gateway.md, "Authentication and tenants").
+    parser.add_argument(
+        "--auth-token-file",
+        default=env_default("--auth-token-file", None),
+        help="require a bearer token from this file: lines of 'TOKEN [TENANT]', # comments",
+    )
+    parser.add_argument(
+        "--auth-token",
+        default=env_default("--auth-token", None),
+        help="require this bearer token too (default tenant); prefer env KVPOOL_AUTH_TOKEN",
+    )
+    parser.add_argument(
+        "--store-auth-token-file",
+        default=env_default("--store-auth-token-file", None),
+        help="token file for reaching the store (default: this gateway's own first token)",
+    )
+    parser.add_argument(
+        "--store-auth-token",
+        default=env_default("--store-auth-token", None),
+        help="bearer token for the store; prefer env KVPOOL_STORE_AUTH_TOKEN",
+    )
+    flag("--tls-cert-file", None, help="serve TLS with this PEM certificate chain")
+    flag("--tls-key-file", None, help="the PEM private key of --tls-cert-file")
+    if store_tls:
+        flag("--tls-ca-file", None, help="reach the store by TLS, trusting this PEM CA")
     flag("--metrics-port", 0, type=int, help="Prometheus /metrics port (0: off)")
     flag("--grace", 30.0, type=float, help="seconds in-flight streams get on shutdown")
     flag("--log-level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -86,11 +122,24 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--block-tokens must be >= 1, got {args.block_tokens}")
     if args.worker_gpus is not None and args.worker_gpus < 0:
         raise ValueError(f"--worker-gpus must be >= 0, got {args.worker_gpus}")
+    for name in ("max_prompt_tokens", "max_new_tokens", "max_requests_per_worker", "max_sessions"):
+        if getattr(args, name) < 0:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be >= 0 (0: no limit), got {getattr(args, name)}")
+
+
+def store_token(args: argparse.Namespace) -> str | None:
+    """The bearer token the gateway and its workers present to the store."""
+    from services.auth import client_token
+
+    store = client_token(args.store_auth_token, args.store_auth_token_file)
+    return store or client_token(args.auth_token, args.auth_token_file)
 
 
 def gateway_settings(
     args: argparse.Namespace, store_target: str, worker_gpus: float
 ):  # -> GatewaySettings
+    from services.auth import ServerTls, read_pem, server_tokens
     from services.gateway.inference import GatewayConfig
     from services.gateway.pool import PoolConfig
     from services.gateway.server import GatewaySettings
@@ -116,12 +165,24 @@ def gateway_settings(
         host=args.host,
         port=args.port,
         pool=PoolConfig(workers=args.workers, worker=worker, resources=resources),
-        gateway=GatewayConfig(max_failovers=args.max_failovers, token_timeout_s=args.token_timeout),
+        gateway=GatewayConfig(
+            max_failovers=args.max_failovers,
+            token_timeout_s=args.token_timeout,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_new_tokens=args.max_new_tokens,
+            max_sessions=args.max_sessions,
+        ),
         route_load_penalty_tokens=args.route_load_penalty_tokens,
         session_ttl_s=args.session_ttl,
         metrics_port=args.metrics_port,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         grace_s=args.grace,
+        auth=server_tokens(args.auth_token, args.auth_token_file),
+        tls=ServerTls.from_files(args.tls_cert_file, args.tls_key_file),
+        store_auth_token=store_token(args),
+        store_tls_ca=read_pem(getattr(args, "tls_ca_file", None), "TLS CA certificate"),
+        max_request_bytes=args.max_request_bytes,
+        max_requests_per_worker=args.max_requests_per_worker,
     )
 
 

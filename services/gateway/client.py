@@ -21,6 +21,7 @@ import grpc
 
 from kvpool.v1 import inference_pb2 as pb
 from kvpool.v1 import inference_pb2_grpc
+from services.auth import call_metadata
 from services.status import error_from_rpc
 
 FINISH_REASON_NAMES = {
@@ -130,7 +131,7 @@ class InferenceClient:
         else:
             self._channel = grpc.secure_channel(target, credentials)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else None
+        self._metadata = call_metadata(auth_token)
 
     def stream(
         self, timeout_s: float | None = None, **request: Any
@@ -219,7 +220,15 @@ def run_generate_command(args: argparse.Namespace) -> int:
         request["prompt"] = args.prompt
     else:
         request["messages"] = messages
-    with InferenceClient(args.target, timeout_s=args.timeout) as client:
+    from services.auth import channel_credentials, client_token, read_pem
+
+    client = InferenceClient(
+        args.target,
+        timeout_s=args.timeout,
+        auth_token=client_token(args.auth_token, args.auth_token_file),
+        credentials=channel_credentials(read_pem(args.tls_ca_file, "TLS CA certificate")),
+    )
+    with client:
         if args.json:
             print(json.dumps(client.generate(**request).as_json(), ensure_ascii=False))
             return 0

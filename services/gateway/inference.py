@@ -18,14 +18,14 @@ from dataclasses import dataclass, replace
 import ray
 from ray.exceptions import GetTimeoutError, RayTaskError
 
-from kvpool.errors import InvalidArgument, Unavailable
+from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pool import WORKER_GONE, WorkerPool, call, unwrap
 from services.gateway.router import Route
-from services.gateway.sessions import Session, SessionStore, check_session_id
+from services.gateway.sessions import LiveSessions, Session, SessionStore, check_session_id
 from workers.engine import SamplingParams, TokenEvent
 from workers.inputs import PromptInput
-from workers.kv.hashing import Namespace, chain_hashes
+from workers.kv.hashing import BlockHash, Namespace, chain_hashes
 from workers.worker import PrefillResult, WorkDone, WorkRequest, WorkUsage
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,19 @@ class GatewayConfig:
     max_failovers: int = 3
     # A worker silent for this long between two tokens is treated as dead: killed and replaced.
     token_timeout_s: float = 300.0
+    # Limits (0: none beyond the model's context). A prompt counts a session's history too.
+    max_prompt_tokens: int = 0
+    max_new_tokens: int = 0
+    max_sessions: int = 0  # live sessions this gateway has opened and not seen expire
 
     def __post_init__(self) -> None:
         if self.max_failovers < 0:
             raise ValueError(f"max_failovers must be >= 0, got {self.max_failovers}")
         if self.token_timeout_s <= 0:
             raise ValueError(f"token_timeout_s must be > 0, got {self.token_timeout_s}")
+        for name in ("max_prompt_tokens", "max_new_tokens", "max_sessions"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +106,7 @@ class InferenceCore:
         self.sessions = sessions
         self.metrics = metrics
         self.config = config or GatewayConfig()
+        self.live_sessions = LiveSessions(sessions.ttl_s)
 
     # --- Generate ----------------------------------------------------------------------------
 
@@ -106,6 +114,8 @@ class InferenceCore:
         self, req: GenerateCall, cancelled: threading.Event | None = None
     ) -> Iterator[Delta | Finished]:
         received = time.perf_counter()
+        self.metrics.requests.labels(req.tenant).inc()
+        self._check_new_tokens(req.params)
         session = self._open_session(req)
         history = session.token_ids if session else ()
         prompt = self.pool.on_any(lambda h: h.encode.remote(req.input, history))
@@ -126,7 +136,7 @@ class InferenceCore:
             done = self._finished_without_worker(prompt, output, params, last_worker)
             if done is not None:
                 break
-            route = self.pool.router.acquire(hashes, frozenset(excluded))
+            route = self._acquire(hashes, frozenset(excluded))
             last_worker = route.worker_id
             self.pool.router.record(route.worker_id, hashes)
             request = WorkRequest(
@@ -170,6 +180,7 @@ class InferenceCore:
         self.pool.router.record(done.usage.worker, chain_hashes(self._namespace(req.tenant), fed))
         if session is not None:
             self.sessions.save(session.with_turn([*prompt, *done.token_ids]))
+            self.live_sessions.touch(req.tenant, req.session_id)
         ttft_ms = ((first_token_at or time.perf_counter()) - received) * 1000.0
         usage = Usage(
             prompt_tokens=len(prompt),
@@ -247,7 +258,7 @@ class InferenceCore:
         self._check_fits(len(tokens), SamplingParams(max_new_tokens=1))
         hashes = chain_hashes(self._namespace(req.tenant), tokens)
         for _ in range(self.config.max_failovers + 1):
-            route = self.pool.router.acquire(hashes)
+            route = self._acquire(hashes)
             try:
                 result = call(self.pool.handle(route.worker_id).prefill.remote(tokens, req.tenant))
             except WORKER_GONE:
@@ -269,6 +280,7 @@ class InferenceCore:
 
     def delete_session(self, tenant: str, session_id: str) -> None:
         self.sessions.delete(tenant, session_id)
+        self.live_sessions.forget(tenant, session_id)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -276,13 +288,48 @@ class InferenceCore:
         if not req.session_id:
             return None
         check_session_id(req.session_id)
-        return self.sessions.open(req.tenant, req.session_id)
+        session = self.sessions.open(req.tenant, req.session_id)
+        limit = self.config.max_sessions
+        if (
+            limit
+            and session.turns == 0
+            and not self.live_sessions.reserve(req.tenant, req.session_id, limit)
+        ):
+            self.metrics.limit_rejections.labels("max_sessions").inc()
+            raise ResourceExhausted(
+                f"{limit} live sessions already (limit --max-sessions={limit}); delete one with "
+                "DeleteSession or wait for one to expire"
+            )
+        return session
 
     def _namespace(self, tenant: str) -> Namespace:
         info = self.pool.info
         return Namespace(info.fingerprint, info.codec, info.block_tokens, tenant)
 
+    def _acquire(self, hashes: list[BlockHash], excluded: frozenset[str] = frozenset()) -> Route:
+        try:
+            return self.pool.router.acquire(hashes, excluded)
+        except ResourceExhausted:
+            self.metrics.limit_rejections.labels("max_requests_per_worker").inc()
+            raise
+
+    def _check_new_tokens(self, params: SamplingParams) -> None:
+        limit = self.config.max_new_tokens
+        if limit and params.max_new_tokens > limit:
+            self.metrics.limit_rejections.labels("max_new_tokens").inc()
+            raise InvalidArgument(
+                f"max_new_tokens={params.max_new_tokens} exceeds the gateway's limit "
+                f"--max-new-tokens={limit}"
+            )
+
     def _check_fits(self, prompt_tokens: int, params: SamplingParams) -> None:
+        most = self.config.max_prompt_tokens
+        if most and prompt_tokens > most:
+            self.metrics.limit_rejections.labels("max_prompt_tokens").inc()
+            raise InvalidArgument(
+                f"prompt of {prompt_tokens} tokens (a session's history included) exceeds the "
+                f"gateway's limit --max-prompt-tokens={most}"
+            )
         limit = self.pool.info.max_context
         if prompt_tokens + params.max_new_tokens > limit:
             raise InvalidArgument(

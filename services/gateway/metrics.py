@@ -39,6 +39,14 @@ class GatewayMetrics:
             "Gateway receipt to first token, by where the prompt's cached prefix came from.",
             ["cache"], registry=r, buckets=_TTFT_BUCKETS,
         )  # fmt: skip
+        # tenant labels: one series per tenant, so keep tenants to a bounded set (docs/gateway.md).
+        self.requests = Counter(
+            "kvpool_gateway_requests", "Generate requests received.", ["tenant"], registry=r
+        )
+        self.limit_rejections = Counter(
+            "kvpool_gateway_limit_rejections", "Requests refused by a configured limit.",
+            ["limit"], registry=r,
+        )  # fmt: skip
         self.prompt_tokens = Counter(
             "kvpool_gateway_prompt_tokens", "Prompt tokens served.", ["tenant"], registry=r
         )

@@ -23,7 +23,7 @@ from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from kvpool.errors import Unavailable
+from kvpool.errors import ResourceExhausted, Unavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +36,14 @@ class RouterConfig:
     # Block hashes remembered per worker; 4096 blocks of 64 tokens is 256k tokens, about the L1
     # of a worker with a few GiB for SmolLM2-sized blocks.
     record_blocks: int = 4096
+    # Requests one worker runs at once (0: no limit). A request that finds every worker full is
+    # refused with RESOURCE_EXHAUSTED at once rather than queued: the client (or its load
+    # balancer) knows best whether to retry, wait or go elsewhere.
+    max_in_flight: int = 0
 
     def __post_init__(self) -> None:
+        if self.max_in_flight < 0:
+            raise ValueError(f"max_in_flight must be >= 0 (0: no limit), got {self.max_in_flight}")
         if self.block_tokens < 1:
             raise ValueError(f"block_tokens must be >= 1, got {self.block_tokens}")
         if self.load_penalty_tokens < 0:
@@ -122,6 +128,14 @@ class Router:
             candidates = {w: r for w, r in self._workers.items() if w not in exclude}
             if any(not r.draining for r in candidates.values()):
                 candidates = {w: r for w, r in candidates.items() if not r.draining}
+            most = self.config.max_in_flight
+            if most and candidates:
+                candidates = {w: r for w, r in candidates.items() if r.in_flight < most}
+                if not candidates:
+                    raise ResourceExhausted(
+                        f"every worker is running {most} requests (limit "
+                        f"--max-requests-per-worker={most}); retry later"
+                    )
             best: tuple[tuple[int, int, int], str, int, int] | None = None
             for worker_id, record in candidates.items():
                 cached = self._prefix_blocks(record, hashes) * self.config.block_tokens

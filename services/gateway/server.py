@@ -10,9 +10,10 @@ an in-process store.
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvpool.v1 import inference_pb2_grpc
+from services.auth import ServerTls, TokenTable, channel_credentials
 from services.gateway.inference import GatewayConfig, InferenceCore
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pool import PoolConfig, WorkerPool, call
@@ -40,7 +41,12 @@ class GatewaySettings:
     metrics_port: int = 0  # 0: no /metrics endpoint
     max_concurrent_rpcs: int = 64  # gRPC handler threads; each open stream holds one
     grace_s: float = 30.0
-    auth_token: str | None = None
+    auth: TokenTable | None = None  # tokens callers must present, each with its tenant
+    tls: ServerTls | None = None
+    store_auth_token: str | None = field(default=None, repr=False)  # the store's, for sessions
+    store_tls_ca: bytes | None = field(default=None, repr=False)  # PEM CA: store over TLS
+    max_request_bytes: int = 4 << 20  # larger requests get RESOURCE_EXHAUSTED from gRPC
+    max_requests_per_worker: int = 0  # 0: no limit
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
@@ -49,6 +55,8 @@ class GatewaySettings:
             raise ValueError(f"session_ttl_s must be > 0, got {self.session_ttl_s}")
         if self.max_concurrent_rpcs < 1:
             raise ValueError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
 
 
 class GatewayServer:
@@ -62,10 +70,16 @@ class GatewayServer:
                 # Remember about as many blocks per worker as its L1 can hold (at int8 sizes the
                 # record overestimates a little, which only costs an occasional store fetch).
                 record_blocks=max(1024, worker.l1_bytes // (256 << 10)),
+                max_in_flight=settings.max_requests_per_worker,
             )
         )
-        self.pool = WorkerPool(settings.pool, self.router)
-        self.store = StoreClient(settings.store_target, timeout_s=settings.store_timeout_s)
+        self.pool = WorkerPool(_with_store_credentials(settings), self.router)
+        self.store = StoreClient(
+            settings.store_target,
+            timeout_s=settings.store_timeout_s,
+            auth_token=settings.store_auth_token,
+            credentials=channel_credentials(settings.store_tls_ca),
+        )
         self.metrics = GatewayMetrics()
         self.core = InferenceCore(
             self.pool,
@@ -73,21 +87,7 @@ class GatewayServer:
             self.metrics,
             settings.gateway,
         )
-        self._grpc = GrpcServer(
-            [
-                ServiceSpec(
-                    SERVICE_NAME,
-                    lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(
-                        InferenceServicer(self.core), server
-                    ),
-                )
-            ],
-            host=settings.host,
-            port=settings.port,
-            max_workers=settings.max_concurrent_rpcs,
-            interceptors=[ErrorInterceptor(self.metrics.observe_call)],
-            auth_token=settings.auth_token,
-        )
+        self._grpc = inference_server(settings, self.core, self.metrics)
         self._metrics_server = None
         self._stopped = False
 
@@ -145,3 +145,39 @@ class GatewayServer:
 
     def wait(self, timeout_s: float | None = None) -> bool:
         return self._grpc.wait(timeout_s)
+
+
+def inference_server(
+    settings: GatewaySettings, core: InferenceCore, metrics: GatewayMetrics
+) -> GrpcServer:
+    """The gRPC front of a gateway: auth, TLS, the request size limit, errors, metrics."""
+    return GrpcServer(
+        [
+            ServiceSpec(
+                SERVICE_NAME,
+                lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(
+                    InferenceServicer(core, settings.auth), server
+                ),
+            )
+        ],
+        host=settings.host,
+        port=settings.port,
+        max_workers=settings.max_concurrent_rpcs,
+        max_message_bytes=settings.max_request_bytes,
+        interceptors=[ErrorInterceptor(metrics.observe_call)],
+        auth=settings.auth,
+        tls=settings.tls,
+    )
+
+
+def _with_store_credentials(settings: GatewaySettings) -> PoolConfig:
+    """The pool config, its workers reaching the store as the gateway does unless told otherwise."""
+    worker = settings.pool.worker
+    return replace(
+        settings.pool,
+        worker=replace(
+            worker,
+            store_auth_token=worker.store_auth_token or settings.store_auth_token,
+            store_tls_ca=worker.store_tls_ca or settings.store_tls_ca,
+        ),
+    )

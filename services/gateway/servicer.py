@@ -10,9 +10,10 @@ from collections.abc import Iterator
 
 import grpc
 
-from kvpool.errors import InvalidArgument
+from kvpool.errors import InvalidArgument, Unauthenticated
 from kvpool.v1 import inference_pb2 as pb
 from kvpool.v1 import inference_pb2_grpc
+from services.auth import TokenTable, check_tenant, request_authorization
 from services.gateway.inference import Delta, Finished, GenerateCall, InferenceCore, PrefillCall
 from workers.engine import SamplingParams
 from workers.inputs import ChatMessage, PromptInput
@@ -26,14 +27,25 @@ FINISH_REASONS = {
 }
 
 
-def tenant_of(request_tenant: str, context: grpc.ServicerContext) -> str:
-    """The tenant a call acts for: the one place to map an authenticated caller to a tenant.
+def tenant_of(request_tenant: str, context: grpc.ServicerContext, auth: TokenTable | None) -> str:
+    """The tenant a call acts for: the one place that maps a caller to a tenant.
 
-    Without auth the request names its tenant ("" is the default tenant). With auth, the
-    interceptor's identity will take precedence here.
+    Without auth the request names its tenant ("" is the default tenant). With auth the token
+    decides; a request that names another tenant is refused rather than silently re-labelled,
+    so a client that mixes up its tokens hears about it.
     """
-    del context  # reserved for the caller's identity once auth maps tokens to tenants
-    return request_tenant
+    check_tenant(request_tenant, "the request")
+    if auth is None:
+        return request_tenant
+    tenant = auth.tenant_for(request_authorization(context.invocation_metadata()))
+    if tenant is None:  # the interceptor lets no such call through; never fall back to a default
+        raise Unauthenticated("bearer token not accepted")
+    if request_tenant and request_tenant != tenant:
+        raise InvalidArgument(
+            f"the request names tenant {request_tenant!r} but its token acts for "
+            f"{tenant or 'the default tenant'!r}; leave tenant empty when auth is on"
+        )
+    return tenant
 
 
 def prompt_input(request: pb.GenerateRequest | pb.PrefillRequest) -> PromptInput:
@@ -67,8 +79,9 @@ def sampling_params(sampling: pb.SamplingParams) -> SamplingParams:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, core: InferenceCore) -> None:
+    def __init__(self, core: InferenceCore, auth: TokenTable | None = None) -> None:
         self.core = core
+        self.auth = auth
 
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
@@ -77,7 +90,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             input=prompt_input(request),
             params=sampling_params(request.sampling),
             session_id=request.session_id,
-            tenant=tenant_of(request.tenant, context),
+            tenant=tenant_of(request.tenant, context, self.auth),
         )
         cancelled = threading.Event()
         context.add_callback(cancelled.set)  # runs when the call ends, a client cancel included
@@ -98,7 +111,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> pb.PrefillResponse:
         started = time.perf_counter()
         result = self.core.prefill(
-            PrefillCall(input=prompt_input(request), tenant=tenant_of(request.tenant, context))
+            PrefillCall(
+                input=prompt_input(request), tenant=tenant_of(request.tenant, context, self.auth)
+            )
         )
         return pb.PrefillResponse(
             prompt_tokens=result.prompt_tokens,
@@ -112,7 +127,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: pb.GetSessionRequest, context: grpc.ServicerContext
     ) -> pb.Session:
         session, text = self.core.get_session(
-            tenant_of(request.tenant, context), request.session_id
+            tenant_of(request.tenant, context, self.auth), request.session_id
         )
         return pb.Session(
             session_id=session.session_id,
@@ -126,7 +141,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def DeleteSession(
         self, request: pb.DeleteSessionRequest, context: grpc.ServicerContext
     ) -> pb.DeleteSessionResponse:
-        self.core.delete_session(tenant_of(request.tenant, context), request.session_id)
+        self.core.delete_session(tenant_of(request.tenant, context, self.auth), request.session_id)
         return pb.DeleteSessionResponse()
 
 

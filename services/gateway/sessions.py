@@ -18,6 +18,7 @@ earlier one's. Clients that need strict ordering send turns one at a time.
 import hashlib
 import re
 import struct
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -147,6 +148,10 @@ class SessionStore:
         self._store = store
         self._ttl_s = ttl_s
 
+    @property
+    def ttl_s(self) -> int | None:
+        return self._ttl_s
+
     def find(self, tenant: str, session_id: str) -> Session | None:
         check_session_id(session_id)
         key = session_key(tenant, session_id)
@@ -177,3 +182,52 @@ class SessionStore:
         check_session_id(session_id)
         if self._store.delete([session_key(tenant, session_id)]) == 0:
             raise NotFound(f"session {session_id!r} does not exist (or has expired)")
+
+
+class LiveSessions:
+    """Sessions this gateway opened that have not expired: what `--max-sessions` counts.
+
+    The store alone cannot count them cheaply (sessions are hashed keys among blocks), so each
+    gateway counts its own: a session is live from its first turn until its TTL passes with no
+    turn through this gateway, or until it is deleted here. With several gateway replicas the
+    limit applies to each.
+    """
+
+    def __init__(self, ttl_s: int | None, clock=time.monotonic) -> None:
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._expiry: dict[str, float] = {}  # session key -> clock time it expires
+        self._lock = threading.Lock()
+
+    def _expires(self) -> float:
+        return float("inf") if self._ttl_s is None else self._clock() + self._ttl_s
+
+    def _prune(self) -> None:
+        now = self._clock()
+        for key in [k for k, at in self._expiry.items() if at <= now]:
+            del self._expiry[key]
+
+    def reserve(self, tenant: str, session_id: str, limit: int) -> bool:
+        """Count a new session unless `limit` are live already; False when refused."""
+        key = session_key(tenant, session_id)
+        with self._lock:
+            if key in self._expiry:
+                return True
+            self._prune()
+            if len(self._expiry) >= limit:
+                return False
+            self._expiry[key] = self._expires()
+            return True
+
+    def touch(self, tenant: str, session_id: str) -> None:
+        with self._lock:
+            self._expiry[session_key(tenant, session_id)] = self._expires()
+
+    def forget(self, tenant: str, session_id: str) -> None:
+        with self._lock:
+            self._expiry.pop(session_key(tenant, session_id), None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._prune()
+            return len(self._expiry)

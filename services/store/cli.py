@@ -25,6 +25,21 @@ def parse_size(text: str) -> int:
     return int(match[1]) * _UNITS[(match[2] or "").lower()]
 
 
+def add_security_flags(parser: argparse.ArgumentParser) -> None:
+    """The store's auth and TLS flags (docs/store.md, "Security")."""
+
+    def flag(name: str, help: str) -> None:
+        parser.add_argument(name, default=env_default(name, None), help=help)
+
+    flag(
+        "--auth-token-file",
+        "require a bearer token from this file: lines of 'TOKEN [TENANT]', # comments",
+    )
+    flag("--auth-token", "require this bearer token too; prefer env KVPOOL_AUTH_TOKEN")
+    flag("--tls-cert-file", "serve TLS with this PEM certificate chain (with --tls-key-file)")
+    flag("--tls-key-file", "the PEM private key of --tls-cert-file")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     def flag(name: str, default: object, **kwargs: object) -> None:
         parser.add_argument(name, default=env_default(name, default), **kwargs)  # type: ignore[arg-type]
@@ -47,7 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         None,
         help="Redis password when not in the URL (prefer env KVPOOL_REDIS_PASSWORD)",
     )
-    flag("--auth-token", None, help="require this bearer token (prefer env KVPOOL_AUTH_TOKEN)")
+    add_security_flags(parser)
     flag("--metrics-port", 0, type=int, help="Prometheus /metrics port (0: off)")
     flag("--grace", 10.0, type=float, help="seconds in-flight calls get on shutdown")
     flag("--max-workers", 16, type=int, help="concurrent calls served")
@@ -65,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
+    from services.auth import ServerTls, server_tokens
     from services.grpc_server import run_until_signal
     from services.store.server import StoreConfig, StoreServer
     from services.store.service import StoreLimits
@@ -84,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         grace_s=args.grace,
         max_workers=args.max_workers,
-        auth_token=args.auth_token,
+        auth=server_tokens(args.auth_token, args.auth_token_file),
+        tls=ServerTls.from_files(args.tls_cert_file, args.tls_key_file),
     )
     server = StoreServer(config)
     server.start()

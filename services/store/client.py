@@ -25,6 +25,7 @@ import grpc.experimental
 
 from kvpool.errors import DataLoss, Unavailable
 from kvpool.v1 import store_pb2, store_pb2_grpc
+from services.auth import call_metadata
 from services.grpc_server import message_options
 from services.status import error_from_rpc
 from services.store.chunks import (
@@ -102,7 +103,7 @@ class StoreClient:
             response_deserializer=store_pb2.PutResponse.FromString,
             _registered_method=True,
         )
-        self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else None
+        self._metadata = call_metadata(auth_token)
 
     def _call(self, what: str, attempt: Callable[[], T], *, read: bool) -> T:
         retryable = {grpc.StatusCode.UNAVAILABLE}

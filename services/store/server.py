@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 
 from kvpool.errors import KvpoolError
+from services.auth import ServerTls, TokenTable
 from services.grpc_server import GrpcServer, ServiceSpec
 from services.status import ErrorInterceptor
 from services.store.backends import BlockStore, check_backend_spec, open_backend, redact_url
@@ -32,7 +33,8 @@ class StoreConfig:
     metrics_port: int = 0  # 0: no /metrics endpoint
     grace_s: float = 10.0
     max_workers: int = 16
-    auth_token: str | None = None  # when set, calls need `authorization: Bearer <token>`
+    auth: TokenTable | None = None  # when set, calls need `authorization: Bearer <token>`
+    tls: ServerTls | None = None  # when set, serve TLS only
 
     def __post_init__(self) -> None:
         check_backend_spec(self.backend)
@@ -71,7 +73,8 @@ class StoreServer:
             max_workers=config.max_workers,
             max_message_bytes=config.limits.chunk_bytes + MESSAGE_MARGIN_BYTES,
             interceptors=[ErrorInterceptor(self.metrics.observe_call)],
-            auth_token=config.auth_token,
+            auth=config.auth,
+            tls=config.tls,
         )
 
     @property

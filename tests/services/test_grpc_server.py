@@ -8,6 +8,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvpool.errors import Unavailable
+from services.auth import TokenTable
 from services.grpc_server import GrpcServer, ServiceSpec
 
 pytestmark = pytest.mark.integration
@@ -72,7 +73,7 @@ def test_a_busy_port_is_a_clear_error():
 
 
 def test_bearer_token_guards_calls_but_not_health():
-    server = GrpcServer([ServiceSpec("t.Slow", _register)], auth_token="abc")
+    server = GrpcServer([ServiceSpec("t.Slow", _register)], auth=TokenTable({"abc": ""}))
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:

@@ -1,6 +1,6 @@
 import pytest
 
-from kvpool.errors import Unavailable
+from kvpool.errors import ResourceExhausted, Unavailable
 from services.gateway.router import Router, RouterConfig
 
 
@@ -101,3 +101,20 @@ def test_draining_workers_get_no_new_requests_unless_all_drain():
     r.set_draining("b", False)
     r.set_draining("c", False)
     assert r.acquire(["h1", "h2"]).worker_id == "a"
+
+
+def test_a_full_worker_is_skipped_even_when_it_holds_the_prefix():
+    r = router(max_in_flight=1)
+    r.record("a", ["h1", "h2"])
+    first = r.acquire(["h1", "h2"])
+    assert first.worker_id == "a"
+    assert r.acquire(["h1", "h2"]).worker_id != "a"  # a is full: the prefix no longer counts
+
+
+def test_every_worker_full_is_resource_exhausted_naming_the_limit():
+    r = router(max_in_flight=2)
+    routes = [r.acquire([]) for _ in range(6)]
+    with pytest.raises(ResourceExhausted, match="--max-requests-per-worker=2"):
+        r.acquire([])
+    r.release(routes[0])
+    assert r.acquire([]).worker_id == routes[0].worker_id  # room again once one finishes

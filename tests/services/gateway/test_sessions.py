@@ -4,6 +4,7 @@ import pytest
 from kvpool.errors import DataLoss, InvalidArgument, NotFound
 from services.gateway.sessions import (
     SESSION_KEY_PREFIX,
+    LiveSessions,
     Session,
     SessionStore,
     check_session_id,
@@ -103,3 +104,18 @@ def test_a_value_for_another_session_under_the_key_is_data_loss():
 def test_unreadable_values_are_data_loss(value):
     with pytest.raises(DataLoss, match="unreadable"):
         decode_session(value, tenant="", session_id="s1")
+
+
+def test_live_sessions_count_until_expiry_or_delete():
+    now = [0.0]
+    live = LiveSessions(ttl_s=10, clock=lambda: now[0])
+    assert live.reserve("t", "s1", limit=2) and live.reserve("t", "s2", limit=2)
+    assert not live.reserve("t", "s3", limit=2)
+    assert live.reserve("t", "s1", limit=2)  # an existing session is never refused
+    assert live.reserve("u", "s3", limit=3)  # tenants share one count per gateway
+    live.forget("u", "s3")
+    now[0] = 5.0
+    live.touch("t", "s1")  # a turn keeps it alive
+    now[0] = 11.0  # s2 expired, s1 lives until 15
+    assert len(live) == 1
+    assert live.reserve("t", "s3", limit=2)

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from kvpool.errors import InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
 from kvpool.v1 import store_pb2, store_pb2_grpc
+from services.auth import TokenTable
 from services.store.client import StoreClient
 from services.store.server import StoreConfig, StoreServer
 from services.store.service import StoreLimits
@@ -221,7 +222,7 @@ def test_health_and_reflection(serve):
 
 
 def test_bearer_token(serve):
-    server = serve(auth_token="t0ken")
+    server = serve(auth=TokenTable({"t0ken": ""}))
     with StoreClient(server.target) as anonymous, pytest.raises(Unauthenticated):
         anonymous.lookup([key(1)])
     with StoreClient(server.target, auth_token="wrong") as wrong, pytest.raises(Unauthenticated):

@@ -1,0 +1,234 @@
+"""Auth, tenant isolation and limits end to end: real gRPC, Ray workers, the store over Redis.
+
+Each test puts a second gRPC front (`inference_server`, the gateway's own) with its own settings
+in front of the package's shared workers and store, so auth and limits are exercised without
+starting another Ray cluster.
+"""
+
+import contextlib
+import uuid
+from dataclasses import replace
+
+import grpc
+import pytest
+import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import generate_latest
+
+from kvpool.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
+from services.auth import parse_token_file
+from services.gateway.client import InferenceClient
+from services.gateway.inference import GatewayConfig, InferenceCore
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.server import GatewaySettings, inference_server
+from tests.services.gateway.support import drained
+from workers.kv.hashing import Namespace, chain_hashes
+
+pytestmark = pytest.mark.integration
+
+TOKENS = """
+token-acme-000000000000000000000000 acme
+token-globex-00000000000000000000000 globex
+token-initech-0000000000000000000000 initech
+"""
+ACME, GLOBEX, INITECH = (line.split()[0] for line in TOKENS.split("\n") if line)
+
+
+@pytest.fixture
+def front(stack):
+    """`front(**settings)`: a started gRPC front over the stack's workers; returns its target."""
+    started = []
+
+    def start(gateway: GatewayConfig | None = None, **settings):
+        config = GatewaySettings(store_target="unused", port=0, grace_s=1, **settings)
+        metrics = GatewayMetrics()
+        core = InferenceCore(stack.pool, stack.core.sessions, metrics, gateway)
+        server = inference_server(config, core, metrics)
+        server.start()
+        started.append(server)
+        return f"127.0.0.1:{server.port}", metrics
+
+    yield start
+    for server in started:
+        server.stop(0)
+
+
+def flush(stack):
+    for handle in stack.pool.live().values():
+        ray.get(handle.flush.remote())
+
+
+def computed_tokens(stack) -> int:
+    return sum(s.computed_tokens for s in stack.worker_stats())
+
+
+def test_calls_without_a_good_token_are_unauthenticated(front):
+    target, _ = front(auth=parse_token_file(TOKENS))
+    with InferenceClient(target, timeout_s=30) as anonymous:
+        with pytest.raises(Unauthenticated, match="missing bearer token"):
+            anonymous.generate(prompt="hi", max_new_tokens=1)  # server-streaming
+        with pytest.raises(Unauthenticated, match="missing bearer token"):
+            anonymous.get_session("s")  # unary
+    with InferenceClient(target, timeout_s=30, auth_token="token-acme-0000") as wrong:
+        with pytest.raises(Unauthenticated, match="not accepted"):
+            wrong.generate(prompt="hi", max_new_tokens=1)
+        with pytest.raises(Unauthenticated, match="not accepted"):
+            wrong.prefill(prompt="hi")
+    with grpc.insecure_channel(target) as channel:  # probes need no token
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with InferenceClient(target, timeout_s=60, auth_token=ACME) as acme:
+        assert acme.generate(prompt="hi", max_new_tokens=1).usage["completion_tokens"] == 1
+        with pytest.raises(InvalidArgument, match="names tenant 'globex' but its token acts for"):
+            acme.generate(prompt="hi", max_new_tokens=1, tenant="globex")
+
+
+def test_a_tenant_never_hits_another_tenants_blocks(stack, front):
+    target, metrics = front(auth=parse_token_file(TOKENS))
+    prompt = f"Tenant secret {uuid.uuid4().hex}: " + "the quarterly numbers are confidential. " * 8
+    acme = InferenceClient(target, timeout_s=120, auth_token=ACME)
+    globex = InferenceClient(target, timeout_s=120, auth_token=GLOBEX)
+    initech = InferenceClient(target, timeout_s=120, auth_token=INITECH)
+    with acme, globex, initech:
+        first = acme.generate(prompt=prompt, max_new_tokens=4)
+        assert first.usage["cached_tokens"] == 0
+        holder = first.usage["worker"]  # its L1 and the store now hold acme's blocks
+        flush(stack)
+        other = next(w for w in stack.pool.live() if w != holder)
+
+        # Within a tenant, sharing works: from L1 on the same worker, from the store elsewhere.
+        again = acme.generate(prompt=prompt, max_new_tokens=4)
+        assert again.usage["cached_tokens_by_tier"]["local"] > 0
+        with drained(stack, holder):
+            elsewhere = acme.generate(prompt=prompt, max_new_tokens=4)
+        assert elsewhere.usage["worker"] == other
+        assert elsewhere.usage["cached_tokens_by_tier"]["store"] > 0
+
+        info = stack.pool.info
+        assert first.usage["prompt_tokens"] > 32  # several full blocks
+        # Another tenant: nothing from the L1 of the worker that holds acme's blocks ...
+        before = computed_tokens(stack)
+        with drained(stack, other):
+            b = globex.generate(prompt=prompt, max_new_tokens=4)
+        assert b.usage["worker"] == holder
+        assert b.usage["cached_tokens"] == 0
+        # ... nor from the store on the other worker; both prefilled the whole prompt.
+        with drained(stack, holder):
+            c = initech.generate(prompt=prompt, max_new_tokens=4)
+        assert c.usage["worker"] == other
+        assert c.usage["cached_tokens"] == 0
+        assert (
+            computed_tokens(stack) - before == b.usage["prompt_tokens"] + c.usage["prompt_tokens"]
+        )
+        assert b.token_ids == first.token_ids == c.token_ids  # same model, same answer
+
+    namespace = Namespace(info.fingerprint, info.codec, info.block_tokens, "acme")
+    assert namespace != replace(namespace, tenant="globex")
+    text = generate_latest(metrics.registry).decode()
+    for tenant in ("acme", "globex", "initech"):
+        assert f'kvpool_gateway_requests_total{{tenant="{tenant}"}}' in text
+        assert f'kvpool_gateway_prompt_tokens_total{{tenant="{tenant}"}}' in text
+
+
+def test_router_records_are_per_tenant(stack, client):
+    prompt = f"Router {uuid.uuid4().hex}: " + "a shared system prompt for everyone. " * 8
+    done = client.generate(prompt=prompt, max_new_tokens=2, tenant="t-one")
+    info = stack.pool.info
+    ids = client.prefill(prompt=prompt, tenant="t-one")
+    assert ids.cached_tokens > 0
+    worker = done.usage["worker"]
+    tokens = stack.pool.on_any(lambda h: h.encode.remote(_prompt_input(prompt), ()))
+    one = chain_hashes(Namespace(info.fingerprint, info.codec, info.block_tokens, "t-one"), tokens)
+    two = chain_hashes(Namespace(info.fingerprint, info.codec, info.block_tokens, "t-two"), tokens)
+    assert stack.router.cached_prefix_blocks(worker, one) == len(one) > 0
+    assert stack.router.cached_prefix_blocks(worker, two) == 0
+    # Without auth the request names the tenant: another tenant starts cold.
+    cold = client.generate(prompt=prompt, max_new_tokens=2, tenant="t-two")
+    assert cold.usage["cached_tokens"] == 0
+
+
+def _prompt_input(prompt: str):
+    from workers.inputs import PromptInput
+
+    return PromptInput(prompt=prompt)
+
+
+def test_sessions_belong_to_the_tokens_tenant(front):
+    target, _ = front(auth=parse_token_file(TOKENS))
+    with (
+        InferenceClient(target, timeout_s=120, auth_token=ACME) as acme,
+        InferenceClient(target, timeout_s=120, auth_token=GLOBEX) as globex,
+    ):
+        acme.generate(prompt="remember me", max_new_tokens=2, session_id="shared-name")
+        assert acme.get_session("shared-name").turns == 1
+        with pytest.raises(NotFound):
+            globex.get_session("shared-name")
+        with pytest.raises(NotFound):
+            globex.delete_session("shared-name")
+        acme.delete_session("shared-name")
+
+
+def test_prompt_and_new_token_limits_are_invalid_argument(front):
+    target, metrics = front(GatewayConfig(max_prompt_tokens=40, max_new_tokens=8))
+    with InferenceClient(target, timeout_s=60) as client:
+        assert client.generate(prompt="short", max_new_tokens=8).usage["completion_tokens"] == 8
+        with pytest.raises(InvalidArgument, match="--max-new-tokens=8"):
+            client.generate(prompt="short", max_new_tokens=9)
+        with pytest.raises(
+            InvalidArgument, match="exceeds the gateway's limit --max-prompt-tokens=40"
+        ):
+            client.generate(prompt="many words " * 40, max_new_tokens=1)
+        with pytest.raises(InvalidArgument, match="--max-prompt-tokens=40"):
+            client.prefill(prompt="many words " * 40)
+    text = generate_latest(metrics.registry).decode()
+    assert 'kvpool_gateway_limit_rejections_total{limit="max_prompt_tokens"} 2.0' in text
+    assert 'kvpool_gateway_limit_rejections_total{limit="max_new_tokens"} 1.0' in text
+
+
+def test_a_request_over_max_request_bytes_is_resource_exhausted(front):
+    target, _ = front(max_request_bytes=64 << 10)
+    with InferenceClient(target, timeout_s=60) as client:
+        with pytest.raises(ResourceExhausted, match="larger than max"):
+            client.generate(prompt="x" * (100 << 10), max_new_tokens=1)
+        with pytest.raises(ResourceExhausted, match="larger than max"):
+            client.prefill(prompt="x" * (100 << 10))
+        assert client.generate(prompt="x" * 1000, max_new_tokens=1).usage["completion_tokens"] == 1
+
+
+def test_live_sessions_are_limited(front):
+    target, _ = front(GatewayConfig(max_sessions=1))
+    with InferenceClient(target, timeout_s=60) as client:
+        client.generate(prompt="one", max_new_tokens=1, session_id="limit-1")
+        with pytest.raises(ResourceExhausted, match="--max-sessions=1"):
+            client.generate(prompt="two", max_new_tokens=1, session_id="limit-2")
+        client.generate(prompt="again", max_new_tokens=1, session_id="limit-1")  # an existing one
+        client.generate(prompt="no session", max_new_tokens=1)
+        client.delete_session("limit-1")
+        client.generate(prompt="two", max_new_tokens=1, session_id="limit-2")
+        client.delete_session("limit-2")
+
+
+def test_every_worker_full_is_resource_exhausted(stack, front):
+    target, metrics = front()
+    original = stack.router.config
+    stack.router.config = replace(original, max_in_flight=1)
+    streams = []
+    try:
+        with InferenceClient(target, timeout_s=120) as client:
+            for n in range(len(stack.pool.live())):  # one long stream per worker, each started
+                stream = client.stream(prompt=f"busy {n}", max_new_tokens=400)
+                next(stream)
+                streams.append(stream)
+            with pytest.raises(ResourceExhausted, match="--max-requests-per-worker=1"):
+                client.generate(prompt="one too many", max_new_tokens=1)
+            for stream in streams:
+                stream.close()  # cancels the call; the workers free up
+    finally:
+        for stream in streams:
+            with contextlib.suppress(Exception):
+                stream.close()
+        stack.router.config = original
+    text = generate_latest(metrics.registry).decode()
+    assert 'kvpool_gateway_limit_rejections_total{limit="max_requests_per_worker"} 1.0' in text
