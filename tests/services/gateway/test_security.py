@@ -6,6 +6,10 @@ starting another Ray cluster.
 """
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
 import uuid
 from dataclasses import replace
 
@@ -16,12 +20,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 
 from kvpool.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
-from services.auth import parse_token_file
+from services.auth import ServerTls, parse_token_file
 from services.gateway.client import InferenceClient
 from services.gateway.inference import GatewayConfig, InferenceCore
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.server import GatewaySettings, inference_server
 from tests.services.gateway.support import drained
+from tests.support.tls import self_signed
 from workers.kv.hashing import Namespace, chain_hashes
 
 pytestmark = pytest.mark.integration
@@ -232,3 +237,22 @@ def test_every_worker_full_is_resource_exhausted(stack, front):
         stack.router.config = original
     text = generate_latest(metrics.registry).decode()
     assert 'kvpool_gateway_limit_rejections_total{limit="max_requests_per_worker"} 1.0' in text
+
+
+def test_kvpool_generate_over_tls_with_a_token_file(front, tmp_path):
+    cert, key = self_signed(tmp_path)
+    tls = ServerTls(cert.read_bytes(), key.read_bytes())
+    target, _ = front(auth=parse_token_file(TOKENS), tls=tls)
+    token_file = tmp_path / "client-token"
+    token_file.write_text(f"{GLOBEX}\n")
+    command = [sys.executable, "-m", "kvpool.cli", "generate", "--target", target, "--json"]
+    env = {**os.environ, "KVPOOL_AUTH_TOKEN_FILE": str(token_file)}
+    args = ["--tls-ca-file", str(cert), "--max-new-tokens", "2", "--raw", "over tls"]
+    done = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["usage"]["completion_tokens"] == 2
+    # No token: a one-line error naming the status, no traceback.
+    del env["KVPOOL_AUTH_TOKEN_FILE"]
+    done = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "UNAUTHENTICATED" in done.stderr and "Traceback" not in done.stderr

@@ -8,8 +8,11 @@ import sys
 import pytest
 from grpc_health.v1 import health_pb2
 
+from kvpool.errors import Unauthenticated, Unavailable
+from services.auth import channel_credentials, client_token
 from services.store.client import StoreClient
 from tests.services.store.test_service import _health
+from tests.support.tls import self_signed
 
 pytestmark = pytest.mark.integration
 
@@ -72,3 +75,39 @@ def test_parse_size_units():
     assert parse_size("64KiB") == 64 << 10
     assert parse_size("1MiB") == parse_size("1m") == 1 << 20
     assert parse_size("2GiB") == 2 << 30
+
+
+def test_serve_with_a_token_file_and_tls(free_port, tmp_path):
+    cert, key = self_signed(tmp_path)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# the store ignores tenants\nstore-token-0123456789 internal\n")
+    port = free_port()
+    env = {
+        "KVPOOL_PORT": str(port),
+        "KVPOOL_GRACE": "1",
+        "KVPOOL_AUTH_TOKEN_FILE": str(tokens),
+        "KVPOOL_TLS_CERT_FILE": str(cert),
+        "KVPOOL_TLS_KEY_FILE": str(key),
+    }
+    proc = _kvpool("store", "serve", env=env)
+    target = f"127.0.0.1:{port}"
+    tls = channel_credentials(cert.read_bytes())
+    try:
+        with StoreClient(target, timeout_s=2, credentials=tls) as anonymous:
+            anonymous.wait_ready(30)
+            with pytest.raises(Unauthenticated, match="missing bearer token"):
+                anonymous.lookup(["kvpool:sess:a"])
+        token = client_token(None, str(tokens))
+        with StoreClient(target, timeout_s=2, credentials=tls, auth_token=token) as client:
+            assert client.put_many([("kvpool:sess:a", b"1")]) == 1
+            assert client.get_many(["kvpool:sess:a"]) == {"kvpool:sess:a": b"1"}
+        plaintext = StoreClient(target, timeout_s=1, retries=0, auth_token=token)
+        with plaintext, pytest.raises(Unavailable):  # the TLS port does not speak plaintext
+            plaintext.lookup(["kvpool:sess:a"])
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "store-token-0123456789" not in stderr
