@@ -42,7 +42,11 @@ VALID = {
     "tenant": st.sampled_from(["", "acme"]) | st.text(max_size=20),
     "prompt": nonblank,
     "token_ids": st.lists(st.integers(0, 49151), min_size=1, max_size=40),
-    "roles": st.sampled_from(["user", "assistant"]),
+    "messages": st.lists(
+        st.builds(pb.ChatMessage, role=st.sampled_from(["user", "assistant"]), content=text),
+        min_size=1,
+        max_size=4,
+    ),
     "max_new_tokens": st.sampled_from([None, 1, 2, 3]),
     "temperature": st.sampled_from([None, 0.0, 0.5, 1.0, 2.0]),
     "top_k": st.sampled_from([None, 0, 1, 5, 2**31 - 1]),
@@ -57,7 +61,14 @@ HOSTILE = {
     "token_ids": st.lists(
         st.integers(0, 49151) | st.integers(-(2**63), 2**63 - 1), min_size=0, max_size=40
     ),
-    "roles": st.sampled_from(["system", "user", "assistant", "", "tool", "USER"]) | text,
+    "messages": st.lists(
+        st.builds(
+            pb.ChatMessage,
+            role=st.sampled_from(["system", "user", "assistant", "", "tool", "USER"]) | text,
+            content=text,
+        ),
+        max_size=4,
+    ),
     # Small or invalid only: a valid large value would just spend CPU generating noise.
     "max_new_tokens": st.sampled_from([0, -1, -(2**31), 2**31 - 1, 4096, 4097]),
     "temperature": st.floats(width=32),
@@ -69,10 +80,6 @@ HOSTILE = {
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
 
 
-def _messages(roles: st.SearchStrategy[str]) -> st.SearchStrategy[list[pb.ChatMessage]]:
-    return st.lists(st.builds(pb.ChatMessage, role=roles, content=text), max_size=4)
-
-
 INPUT_KINDS = ("prompt", "messages", "token_ids")
 
 
@@ -82,10 +89,7 @@ def _set_input(draw: st.DrawFn, request, field, mode: str) -> None:
     if kind == "prompt":
         request.prompt = draw(field("prompt"))
     elif kind == "messages":
-        chat = draw(_messages(field("roles")))
-        if field("roles") is VALID["roles"] and not chat:
-            chat = [pb.ChatMessage(role="user", content="hi")]
-        request.messages.CopyFrom(pb.ChatMessages(messages=chat))
+        request.messages.CopyFrom(pb.ChatMessages(messages=draw(field("messages"))))
     elif kind == "token_ids":
         request.token_ids.CopyFrom(pb.TokenIds(ids=draw(field("token_ids"))))
 
