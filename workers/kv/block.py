@@ -279,15 +279,26 @@ def decode_block(
     # torch.frombuffer over the caller's immutable bytes would alias memory torch may not write.
     start = PREAMBLE_BYTES + header.header_bytes
     payload = torch.frombuffer(bytearray(memoryview(data)[start:]), dtype=torch.uint8)  # [P]
-    sections = []
+    offsets = []
     offset = 0
     for section in layout:
-        chunk = payload[offset : offset + section.nbytes]  # [nbytes] uint8
         pad = payload[offset + section.nbytes : offset + _padded(section.nbytes)]
         if bool(pad.any()):
             raise BlockFormatError("payload", f"non-zero padding after section {section.name}")
-        sections.append(chunk.view(section.dtype).view(section.shape).to(device))
+        offsets.append(offset)
         offset += _padded(section.nbytes)
+    target = torch.device(device)
+    if target.type == "cuda":
+        # One pinned staging copy and one asynchronous host-to-device transfer for the whole
+        # payload; the sections are then views on the device. Work queued later on the same
+        # stream (the codec's decode) is ordered after the copy.
+        payload = payload.pin_memory().to(target, non_blocking=True)  # [P] on the GPU
+    elif target != payload.device:
+        payload = payload.to(target)
+    sections = [
+        payload[start : start + section.nbytes].view(section.dtype).view(section.shape)
+        for start, section in zip(offsets, layout, strict=True)
+    ]
     kv = codec.decode(sections, getattr(torch, geometry.dtype))  # [L, 2, H, T, D]
     # Checksums vouch for the bytes, not for the writer: NaN/inf (or a scale that overflows the
     # model dtype) would poison attention, so such a value is refused like a damaged one.
