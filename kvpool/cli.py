@@ -35,17 +35,12 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 ]
 
 
-def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpool", description=__doc__.splitlines()[0])
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for words, module_name, help_text in COMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError:
-            if available_only:
-                continue  # a command whose module is not written yet is simply not offered
-            raise
+        module = importlib.import_module(module_name)
         if len(words) == 1:
             sub = top.add_parser(words[0], help=help_text, description=help_text)
         else:

@@ -238,7 +238,7 @@ def test_ray_token_auth_is_on_for_every_ray_node(gpu):
 
 
 def parse(words: list[str]) -> argparse.Namespace:
-    parser = build_parser(available_only=False)
+    parser = build_parser()
     try:
         return parser.parse_args(words)
     except SystemExit as exc:  # argparse reports bad flags by exiting

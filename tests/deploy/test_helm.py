@@ -250,7 +250,7 @@ def test_gateway_command_exists_in_the_cli(rendered):
     _, docs = rendered
     words = gateway_command(docs)
     try:
-        args = build_parser(available_only=False).parse_args(words[1:])
+        args = build_parser().parse_args(words[1:])
     except SystemExit as exc:
         raise AssertionError(f"`{' '.join(words)}` is not a valid command") from exc
     store = one(docs, "Service", "store")
@@ -309,7 +309,7 @@ def test_store_deployment_service_and_probes(rendered):
     container = store_container(docs)
     assert container["command"] == ["kvpool", "store", "serve"]
     try:
-        build_parser(available_only=False).parse_args(["store", "serve", *container["args"]])
+        build_parser().parse_args(["store", "serve", *container["args"]])
     except SystemExit as exc:
         raise AssertionError(f"bad store args {container['args']}") from exc
     assert container["readinessProbe"]["grpc"]["port"] == 50052
@@ -427,7 +427,7 @@ def test_helm_test_pod_asks_the_gateway(rendered):
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     container = pod["spec"]["containers"][0]
     words = container["command"][1:] + container["args"]
-    build_parser(available_only=False).parse_args(words)
+    build_parser().parse_args(words)
     gateway = one(docs, "Service", "gateway")
     assert option(words, "--target") == f"{gateway['metadata']['name']}:50051"
 
