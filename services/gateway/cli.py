@@ -132,8 +132,12 @@ def store_token(args: argparse.Namespace) -> str | None:
     """The bearer token the gateway and its workers present to the store."""
     from services.auth import client_token
 
-    store = client_token(args.store_auth_token, args.store_auth_token_file)
-    return store or client_token(args.auth_token, args.auth_token_file)
+    # A shared KVPOOL_AUTH_TOKEN before the token file: the file's first token may be a tenant's.
+    return (
+        client_token(args.store_auth_token, args.store_auth_token_file)
+        or client_token(args.auth_token, None)
+        or client_token(None, args.auth_token_file)
+    )
 
 
 def gateway_settings(

@@ -493,3 +493,27 @@ def test_head_script_exits_when_the_gateway_dies(tmp_path):
     status, out = run_head_script(tmp_path, STUB_GATEWAY_CRASH, stop_after_s=None)
     assert status == 1, out  # the pod restarts rather than run Ray without its gateway
     assert "ray stopped" in out
+
+
+def test_gateway_limits_and_tenant_tokens_reach_the_gateway():
+    values = {
+        **SECURED,
+        "auth": {"enabled": True, "tenantTokens": {"existingSecret": "kvpool-tenants"}},
+        "gateway": {"limits": {"maxPromptTokens": 4096, "maxRequestBytes": "1MiB"}},
+    }
+    docs = render(values)
+    args = build_parser().parse_args(gateway_command(docs)[1:])
+    assert (args.max_prompt_tokens, args.max_request_bytes, args.max_sessions) == (4096, 1 << 20, 0)
+    head = head_container(docs)
+    [file_env] = [e for e in head["env"] if e["name"] == "KVPOOL_AUTH_TOKEN_FILE"]
+    [mount] = [m for m in head["volumeMounts"] if m["name"] == "tenant-tokens"]
+    assert file_env["value"] == f"{mount['mountPath']}/tokens"
+    volumes = raycluster(docs)["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]
+    [volume] = [v for v in volumes if v["name"] == "tenant-tokens"]
+    assert volume["secret"]["secretName"] == "kvpool-tenants"
+    # Only the gateway holds the tenants' tokens; the store and workers keep the shared one.
+    for container in (
+        store_container(docs),
+        worker_group(docs)["template"]["spec"]["containers"][0],
+    ):
+        assert "KVPOOL_AUTH_TOKEN_FILE" not in {e["name"] for e in container["env"]}

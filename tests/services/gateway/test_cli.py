@@ -1,0 +1,42 @@
+"""`kvpool gateway serve` and `kvpool serve` flags for auth and limits, parsed (no servers)."""
+
+import pytest
+
+from kvpool.cli import build_parser
+from services.gateway.cli import check_args, gateway_settings, store_token
+
+
+def parse(*words: str):
+    return build_parser().parse_args(["gateway", "serve", "--store", "s:1", *words])
+
+
+def test_the_store_gets_the_shared_token_before_a_tenants_file(tmp_path):
+    tenants = tmp_path / "tokens"
+    tenants.write_text("tenant-token-aaaaaaaa acme\n")
+    assert store_token(parse("--auth-token-file", str(tenants))) == "tenant-token-aaaaaaaa"
+    shared = parse("--auth-token-file", str(tenants), "--auth-token", "shared-token-bbbbbbbb")
+    assert store_token(shared) == "shared-token-bbbbbbbb"
+    own = parse("--auth-token", "shared-token-bbbbbbbb", "--store-auth-token", "store-cccccccc")
+    assert store_token(own) == "store-cccccccc"
+    assert store_token(parse()) is None
+
+
+def test_limits_and_auth_reach_the_settings(tmp_path, monkeypatch):
+    tenants = tmp_path / "tokens"
+    tenants.write_text("tenant-token-aaaaaaaa acme\n")
+    monkeypatch.setenv("KVPOOL_MAX_SESSIONS", "7")
+    args = build_parser().parse_args(
+        ["serve", "--auth-token-file", str(tenants), "--max-prompt-tokens", "100",
+         "--max-new-tokens", "10", "--max-request-bytes", "64KiB", "--max-requests-per-worker", "2"]
+    )  # fmt: skip
+    check_args(args)
+    settings = gateway_settings(args, "127.0.0.1:1", 0.0)
+    assert settings.auth is not None
+    assert settings.auth.tenant_for("Bearer tenant-token-aaaaaaaa") == "acme"
+    assert settings.store_auth_token == "tenant-token-aaaaaaaa"
+    assert (settings.gateway.max_prompt_tokens, settings.gateway.max_new_tokens) == (100, 10)
+    assert settings.gateway.max_sessions == 7
+    assert (settings.max_request_bytes, settings.max_requests_per_worker) == (64 << 10, 2)
+    assert settings.pool.worker.store_auth_token is None  # GatewayServer hands it to the workers
+    with pytest.raises(ValueError, match="--max-sessions must be >= 0"):
+        check_args(build_parser().parse_args(["serve", "--max-sessions", "-1"]))
