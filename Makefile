@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Rebuilt when the dependencies change.
 STAMP := $(VENV)/.kvpool-installed
 
-.PHONY: demo test lint proto redis-server install clean
+.PHONY: demo test lint proto redis-server install clean docs
 
 demo: $(STAMP)
 	$(BIN)/kvpool demo
@@ -51,3 +51,6 @@ proto: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+
+docs: $(STAMP)
+	$(BIN)/python -m kvpool.configdoc
