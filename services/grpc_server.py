@@ -111,7 +111,8 @@ class GrpcServer:
         self._health = health.HealthServicer(experimental_non_blocking=True)
         chain = list(interceptors)
         if auth is not None:
-            chain.insert(0, BearerTokenInterceptor(auth))
+            # Last, so the interceptors before it (errors, metrics) see refused calls too.
+            chain.append(BearerTokenInterceptor(auth))
         self._tls = tls
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),

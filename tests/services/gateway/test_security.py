@@ -68,7 +68,7 @@ def computed_tokens(stack) -> int:
 
 
 def test_calls_without_a_good_token_are_unauthenticated(front):
-    target, _ = front(auth=parse_token_file(TOKENS))
+    target, metrics = front(auth=parse_token_file(TOKENS))
     with InferenceClient(target, timeout_s=30) as anonymous:
         with pytest.raises(Unauthenticated, match="missing bearer token"):
             anonymous.generate(prompt="hi", max_new_tokens=1)  # server-streaming
@@ -88,6 +88,9 @@ def test_calls_without_a_good_token_are_unauthenticated(front):
         assert acme.generate(prompt="hi", max_new_tokens=1).usage["completion_tokens"] == 1
         with pytest.raises(InvalidArgument, match="names tenant 'globex' but its token acts for"):
             acme.generate(prompt="hi", max_new_tokens=1, tenant="globex")
+    text = generate_latest(metrics.registry).decode()  # refusals are counted, by method
+    assert 'kvpool_gateway_calls_total{code="UNAUTHENTICATED",method="Generate"} 2.0' in text
+    assert 'kvpool_gateway_calls_total{code="UNAUTHENTICATED",method="GetSession"} 1.0' in text
 
 
 def test_a_tenant_never_hits_another_tenants_blocks(stack, front):
