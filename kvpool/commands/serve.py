@@ -33,6 +33,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="keep blocks in this Redis (redis://, rediss://, unix://) instead of in memory",
     )
+    flag(
+        "--redis-password",
+        None,
+        help="Redis password when not in the --redis URL (prefer env KVPOOL_REDIS_PASSWORD)",
+    )
     flag("--store-port", 50052, type=int, help="the embedded KVStore's port (default 50052)")
     flag(
         "--store-host",
@@ -67,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             host=store_host,
             port=args.store_port,
             max_memory_bytes=args.store_memory_bytes,
+            redis_password=args.redis_password,
             auth=TokenTable({internal_token: ""}) if internal_token else None,
         )
     )

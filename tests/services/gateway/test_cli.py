@@ -40,3 +40,9 @@ def test_limits_and_auth_reach_the_settings(tmp_path, monkeypatch):
     assert settings.pool.worker.store_auth_token is None  # GatewayServer hands it to the workers
     with pytest.raises(ValueError, match="--max-sessions must be >= 0"):
         check_args(build_parser().parse_args(["serve", "--max-sessions", "-1"]))
+
+
+def test_serve_takes_the_redis_password_from_the_environment(monkeypatch):
+    monkeypatch.setenv("KVPOOL_REDIS_PASSWORD", "from-env")
+    args = build_parser().parse_args(["serve", "--redis", "rediss://kvpool@redis:6380/0"])
+    assert (args.redis, args.redis_password) == ("rediss://kvpool@redis:6380/0", "from-env")
