@@ -117,6 +117,23 @@ class InferenceCore:
         self.metrics.requests.labels(req.tenant).inc()
         self._check_new_tokens(req.params)
         session = self._open_session(req)
+        saved = threading.Event()
+        try:
+            yield from self._generate(req, cancelled, session, received, saved)
+        finally:
+            if session is not None and session.turns == 0 and not saved.is_set():
+                # A first turn that failed or was cancelled leaves no session: free its slot.
+                self.live_sessions.forget(req.tenant, req.session_id)
+
+    def _generate(
+        self,
+        req: GenerateCall,
+        cancelled: threading.Event | None,
+        session: Session | None,
+        received: float,
+        saved: threading.Event,
+    ) -> Iterator[Delta | Finished]:
+        """The stream of `generate`; sets `saved` once a session's turn is stored."""
         history = session.token_ids if session else ()
         prompt = self.pool.on_any(lambda h: h.encode.remote(req.input, history))
         self._check_fits(len(prompt), req.params)
@@ -181,6 +198,7 @@ class InferenceCore:
         if session is not None:
             self.sessions.save(session.with_turn([*prompt, *done.token_ids]))
             self.live_sessions.touch(req.tenant, req.session_id)
+            saved.set()
         ttft_ms = ((first_token_at or time.perf_counter()) - received) * 1000.0
         usage = Usage(
             prompt_tokens=len(prompt),

@@ -206,8 +206,11 @@ def test_a_request_over_max_request_bytes_is_resource_exhausted(front):
 
 
 def test_live_sessions_are_limited(front):
-    target, _ = front(GatewayConfig(max_sessions=1))
+    target, _ = front(GatewayConfig(max_sessions=1, max_prompt_tokens=40))
     with InferenceClient(target, timeout_s=60) as client:
+        # A first turn that fails leaves no session behind, and takes no slot.
+        with pytest.raises(InvalidArgument, match="--max-prompt-tokens"):
+            client.generate(prompt="long " * 60, max_new_tokens=1, session_id="limit-0")
         client.generate(prompt="one", max_new_tokens=1, session_id="limit-1")
         with pytest.raises(ResourceExhausted, match="--max-sessions=1"):
             client.generate(prompt="two", max_new_tokens=1, session_id="limit-2")
