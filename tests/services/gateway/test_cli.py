@@ -4,6 +4,7 @@ import pytest
 
 from kvpool.cli import build_parser
 from services.gateway.cli import check_args, gateway_settings, store_token
+from tests.support.tls import self_signed
 
 
 def parse(*words: str):
@@ -46,3 +47,15 @@ def test_serve_takes_the_redis_password_from_the_environment(monkeypatch):
     monkeypatch.setenv("KVPOOL_REDIS_PASSWORD", "from-env")
     args = build_parser().parse_args(["serve", "--redis", "rediss://kvpool@redis:6380/0"])
     assert (args.redis, args.redis_password) == ("rediss://kvpool@redis:6380/0", "from-env")
+
+
+def test_gateway_tls_flags_reach_the_settings(tmp_path):
+    cert, key = self_signed(tmp_path)
+    args = parse(
+        "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-file", str(cert)
+    )
+    settings = gateway_settings(args, "s:1", 0.0)
+    assert settings.tls is not None and settings.tls.cert_chain == cert.read_bytes()
+    assert settings.store_tls_ca == cert.read_bytes()  # the gateway and workers verify the store
+    with pytest.raises(ValueError, match="go together"):
+        gateway_settings(parse("--tls-cert-file", str(cert)), "s:1", 0.0)
