@@ -80,6 +80,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="reach the gateway by TLS, trusting this PEM CA (--target only)",
     )
     parser.add_argument(
+        "--tls-server-name",
+        default=env_default("--tls-server-name", None),
+        help="the name the gateway's certificate must carry, when --target is another address "
+        "(a port-forward to 127.0.0.1, say)",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=300.0,

@@ -121,15 +121,16 @@ class InferenceClient:
         timeout_s: float = 300.0,
         auth_token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.target = target
         self.timeout_s = timeout_s
         if credentials is None:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(target, options=list(options))
         else:
-            self._channel = grpc.secure_channel(target, credentials)
+            self._channel = grpc.secure_channel(target, credentials, options=list(options))
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         self._metadata = call_metadata(auth_token)
 
@@ -227,6 +228,10 @@ def run_generate_command(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         auth_token=client_token(args.auth_token, args.auth_token_file),
         credentials=channel_credentials(read_pem(args.tls_ca_file, "TLS CA certificate")),
+        # Through a port-forward the address is 127.0.0.1, but the certificate names the Service.
+        options=[("grpc.ssl_target_name_override", args.tls_server_name)]
+        if args.tls_server_name
+        else (),
     )
     with client:
         if args.json:

@@ -262,3 +262,11 @@ def test_kvpool_generate_over_tls_with_a_token_file(front, tmp_path):
     done = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "UNAUTHENTICATED" in done.stderr and "Traceback" not in done.stderr
+    # The certificate names localhost and 127.0.0.1; another name is refused, unless told.
+    env["KVPOOL_AUTH_TOKEN"] = GLOBEX
+    named = [*args, "--tls-server-name", "kvpool-gateway"]
+    done = subprocess.run([*command, *named], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "UNAVAILABLE" in done.stderr
+    named = [*args, "--tls-server-name", "localhost"]
+    done = subprocess.run([*command, *named], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
