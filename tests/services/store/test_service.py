@@ -227,6 +227,9 @@ def test_bearer_token(serve):
         anonymous.lookup([key(1)])
     with StoreClient(server.target, auth_token="wrong") as wrong, pytest.raises(Unauthenticated):
         wrong.get_many([key(1)])
+    refused = pytest.raises(Unauthenticated, match="bearer token not accepted")
+    with StoreClient(server.target, auth_token="wrong") as wrong, refused:  # client-streaming
+        wrong.put_many([(key(1), b"v")])
     with StoreClient(server.target, auth_token="t0ken") as client:
         assert client.put_many([(key(1), b"v")]) == 1
     assert _health(server.target, "") == health_pb2.HealthCheckResponse.SERVING  # no token
