@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,10 +245,25 @@ def prepare_smollm2() -> Path:
     (staging / "kvpool.json").write_text(
         json.dumps({"source": gguf.name, "fingerprint": fingerprint, "version": CONVERSION_VERSION})
     )
-    staging.rename(target)
+    _publish(staging, target)
     steps.update()
     steps.close()
     return target
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move a finished conversion into place; the first of several racing processes wins.
+
+    Workers, gateways and test processes on one machine can all convert at once on a fresh
+    cache. A rename onto an existing folder fails, and then the other process's identical result
+    is already in place, so ours is simply dropped.
+    """
+    try:
+        staging.rename(target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _drop_gguf_quantization_flag(model: PreTrainedModel) -> None:
@@ -313,7 +329,7 @@ def _smollm2_tokenizer() -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         staging = tokenizer_dir.with_name(f"{tokenizer_dir.name}.tmp-{os.getpid()}")
         tokenizer.save_pretrained(staging)
-        staging.rename(tokenizer_dir)
+        _publish(staging, tokenizer_dir)
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 

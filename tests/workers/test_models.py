@@ -69,3 +69,19 @@ def test_local_model_folder_loads(tiny, tmp_path):
     loaded = load_model(str(tmp_path), device="cpu")
     assert loaded.fingerprint == tiny.fingerprint
     assert loaded.geometry == tiny.geometry
+
+
+def test_racing_conversions_leave_one_complete_copy(tmp_path, monkeypatch):
+    """Several processes converting on a fresh cache at once: every one of them succeeds."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("KVPOOL_CACHE_DIR", str(tmp_path))
+    code = (
+        "from workers.models import _smollm2_tokenizer, smollm2_cache_path\n"
+        "assert len(_smollm2_tokenizer()) > 1000\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(3)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
+    leftovers = [p.name for p in (tmp_path / "models").iterdir() if ".tmp-" in p.name]
+    assert leftovers == []
