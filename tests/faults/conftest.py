@@ -7,20 +7,17 @@ store: each request exercises the path a fault breaks, and `cached_store_tokens`
 store answered.
 """
 
-import contextlib
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import pytest
 
 from services.gateway.client import InferenceClient
-from services.gateway.pool import PoolConfig, call
-from services.gateway.server import GatewayServer, GatewaySettings
+from services.gateway.pool import call
+from services.gateway.server import GatewayServer
 from services.store.redis_process import RedisProcess
 from tests.faults.support import StoreProcess
 from tests.support.redis import require_redis_server
-from workers.actor import ActorResources
+from tests.support.stack import gateway_over
 from workers.kv.hashing import Namespace
 from workers.worker import WorkerConfig
 
@@ -46,18 +43,9 @@ class Stack:
 
 @pytest.fixture(scope="package")
 def stack():
-    ray = pytest.importorskip("ray")
     require_redis_server()
     redis = RedisProcess().start()
     store = StoreProcess(redis.url).start()
-    ray_dir = tempfile.mkdtemp(prefix="ray-")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=ray_dir,
-        log_to_driver=False,
-        configure_logging=False,
-    )
     # fp16: tiny-random's random logits have near-ties that int8 noise can flip, and these tests
     # compare greedy outputs exactly. A short store timeout keeps outages quick to detect.
     worker = WorkerConfig(
@@ -68,23 +56,12 @@ def stack():
         store_timeout_s=2.0,
         l1_bytes=0,
     )
-    gateway = GatewayServer(
-        GatewaySettings(
-            store_target=store.target,
-            port=0,
-            pool=PoolConfig(workers=2, worker=worker, resources=ActorResources(num_cpus=1)),
-            store_timeout_s=2.0,
-            grace_s=2,
-        )
-    )
     try:
-        gateway.start()
-        with InferenceClient(gateway.target, timeout_s=120) as client:
-            yield Stack(redis, store, gateway, client)
+        with (
+            gateway_over(store.target, worker, workers=2, store_timeout_s=2.0, grace_s=2) as gw,
+            InferenceClient(gw.target, timeout_s=120) as client,
+        ):
+            yield Stack(redis, store, gw, client)
     finally:
-        with contextlib.suppress(Exception):
-            gateway.stop(1)
-        ray.shutdown()
         store.kill()
         redis.close()
-        shutil.rmtree(ray_dir, ignore_errors=True)
