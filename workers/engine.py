@@ -12,7 +12,7 @@ exactly as the original would have, sampled or greedy.
 
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 from kvpool.errors import InvalidArgument
 from workers.models import LoadedModel
+from workers.window import CacheWindow, Rerotator, evict, feed_chunks
 
 MAX_NEW_TOKENS_LIMIT = 4096
 ROLES = ("system", "user", "assistant")
@@ -76,6 +77,7 @@ class Usage:
     completion_tokens: int = 0
     ttft_ms: float = 0.0
     tokens_per_s: float = 0.0
+    evicted_tokens: int = 0  # tokens of the sequence no longer in a windowed cache
 
 
 @dataclass(slots=True)
@@ -91,8 +93,14 @@ class Generation:
     """A running generation: iterate it for `TokenEvent`s; `result` is set once it ends."""
 
     cache: DynamicCache | None  # None in no-cache mode
-    fed_token_ids: list[int]  # tokens whose K and V are in `cache`, in order
+    fed_token_ids: list[int]  # tokens fed to the model so far, in order (all, evicted included)
     seed: int | None = None  # the sampling seed in use (drawn at random when none was given)
+    window: CacheWindow | None = None  # bounds the cache (workers.window)
+    evicted: int = 0  # tokens of fed_token_ids no longer in `cache`
+    # Feed the model in chunks ending on multiples of this (None: the whole prefill at once),
+    # calling `on_forward` after each, so blocks can be cut before they leave the cache.
+    chunk_tokens: int | None = None
+    on_forward: Callable[["Generation"], None] | None = field(default=None, repr=False)
     _events: Iterator[TokenEvent] = field(repr=False, default=iter(()))
     result: GenerationResult | None = None
 
@@ -121,6 +129,23 @@ class Engine:
         self.device = loaded.device
         self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = int(self.model.config.vocab_size)
+        self._rerotator: Rerotator | None = None  # built on the first windowed request
+
+    def rerotator(self) -> Rerotator:
+        """Re-rotates cached keys; InvalidArgument for a model that cannot be windowed."""
+        if self._rerotator is None:
+            self._rerotator = Rerotator(self.model)
+        return self._rerotator
+
+    @property
+    def native_window(self) -> int | None:
+        """The model's own sliding window, when some of its layers attend only to recent tokens."""
+        config = self.model.config.get_text_config(decoder=True)
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+            return None
+        return int(window)
 
     # --- input -----------------------------------------------------------------------------
 
@@ -188,9 +213,23 @@ class Engine:
         )
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def check_fits(self, prompt_tokens: int, params: SamplingParams) -> None:
-        """Raise unless the prompt plus `max_new_tokens` fits the model's context."""
+    def check_fits(
+        self, prompt_tokens: int, params: SamplingParams, window: CacheWindow | None = None
+    ) -> None:
+        """Raise unless the prompt plus `max_new_tokens` fits the model's context.
+
+        A windowed cache never holds more than `window.max_cache_tokens` positions, so then only
+        the window has to fit, however long the sequence grows.
+        """
         limit = self.loaded.max_context
+        if window is not None:
+            if window.max_cache_tokens > limit:
+                raise InvalidArgument(
+                    f"max_cache_tokens={window.max_cache_tokens} exceeds the model's context of "
+                    f"{limit} tokens"
+                )
+            self.rerotator()  # refuses models whose keys cannot be re-rotated
+            return
         if prompt_tokens + params.max_new_tokens > limit:
             raise InvalidArgument(
                 f"prompt of {prompt_tokens} tokens plus max_new_tokens={params.max_new_tokens} "
@@ -205,9 +244,13 @@ class Engine:
         params: SamplingParams,
         *,
         past: DynamicCache | None = None,
+        past_tokens: int | None = None,
         prior_output: Sequence[int] = (),
         use_cache: bool = True,
         started: float | None = None,
+        window: CacheWindow | None = None,
+        chunk_tokens: int | None = None,
+        on_forward: Callable[[Generation], None] | None = None,
     ) -> Generation:
         """Start generating after `prompt_ids` (+ `prior_output`, tokens already generated).
 
@@ -215,6 +258,12 @@ class Engine:
         At least the last token is always recomputed, since its logits pick the next token.
         `started` (a `time.perf_counter()` value) lets a caller include its own work, such as
         fetching cached blocks, in `ttft_ms`.
+
+        With a `window`, the cache is bounded (workers.window): `past` is then a windowed cache
+        rebuilt at a block boundary, `past_tokens` the number of tokens it stands for (they
+        cannot be cropped back: evicted tokens are gone), and the sequence is fed in chunks that
+        end on block boundaries. `chunk_tokens` asks for chunked feeding without a window (for a
+        model's native sliding window); `on_forward` runs after every chunk.
         """
         prompt_ids, prior_output = list(prompt_ids), list(prior_output)
         if not prompt_ids:
@@ -224,10 +273,21 @@ class Engine:
                 f"prior_output has {len(prior_output)} tokens, not below "
                 f"max_new_tokens={params.max_new_tokens}"
             )
-        self.check_fits(len(prompt_ids), params)
+        self.check_fits(len(prompt_ids), params, window)
         sequence = prompt_ids + prior_output
         cached = 0
-        if use_cache:
+        if window is not None:
+            if not use_cache:
+                raise InvalidArgument("a windowed cache needs use_cache; the window is the cache")
+            chunk_tokens = window.block_tokens
+            cache = past if past is not None else DynamicCache(config=self.model.config)
+            cached = past_tokens if past_tokens is not None else cache.get_seq_length()
+            if cached % window.block_tokens or not 0 <= cached < len(sequence):
+                raise InvalidArgument(
+                    f"a windowed past must stand for a whole number of blocks before the last "
+                    f"token; got {cached} tokens of a {len(sequence)}-token sequence"
+                )
+        elif use_cache:
             cache = past if past is not None else DynamicCache(config=self.model.config)
             cached = min(cache.get_seq_length(), len(sequence) - 1)
             if cache.get_seq_length() > cached:
@@ -239,7 +299,18 @@ class Engine:
             # An unseeded sample still gets a seed, recorded on the generation, so that a
             # failover can hand it to the next worker and the stream continues identically.
             params = replace(params, seed=secrets.randbits(63))
-        generation = Generation(cache=cache, fed_token_ids=sequence[:cached], seed=params.seed)
+        generation = Generation(
+            cache=cache,
+            fed_token_ids=sequence[:cached],
+            seed=params.seed,
+            window=window,
+            chunk_tokens=chunk_tokens,
+            on_forward=on_forward,
+        )
+        if window is not None and cache is not None:
+            generation.evicted = cached - cache.get_seq_length()
+            if cached:  # a past of plain blocks may still owe the eviction at its boundary
+                generation.evicted += evict(cache, window, self.rerotator())
         usage = Usage(prompt_tokens=len(prompt_ids), cached_tokens=cached)
         generation._events = self._decode_loop(
             generation, sequence, len(prompt_ids), params, usage, started or time.perf_counter()
@@ -300,6 +371,7 @@ class Engine:
         generated = len(output) - resumed
         elapsed = time.perf_counter() - (first_token_at or started)
         usage.completion_tokens = len(output)
+        usage.evicted_tokens = generation.evicted
         usage.tokens_per_s = (generated - 1) / elapsed if generated > 1 and elapsed > 0 else 0.0
         generation.result = GenerationResult(
             text=visible, token_ids=output, finish_reason=finish_reason, usage=usage
@@ -310,6 +382,8 @@ class Engine:
         if generation.cache is None:
             input_ids = torch.tensor([full], device=self.device)  # [1, seq]
             out = self.model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+        elif generation.chunk_tokens is not None:
+            return self._forward_chunks(generation, new_ids)
         else:
             input_ids = torch.tensor([new_ids], device=self.device)  # [1, new]
             # logits_to_keep=1: the LM head over a 49k vocabulary for every prompt position
@@ -322,6 +396,29 @@ class Engine:
             )
             generation.fed_token_ids.extend(new_ids)
         return out.logits[0, -1].float()  # [vocab]
+
+    def _forward_chunks(self, generation: Generation, new_ids: list[int]) -> torch.Tensor:
+        """Feed `new_ids` in chunks ending on multiples of `chunk_tokens`, evicting at each end."""
+        assert generation.cache is not None and generation.chunk_tokens is not None
+        start = len(generation.fed_token_ids)
+        logits = None
+        for a, b in feed_chunks(start, start + len(new_ids), generation.chunk_tokens):
+            input_ids = torch.tensor([new_ids[a - start : b - start]], device=self.device)
+            out = self.model(
+                input_ids=input_ids,
+                past_key_values=generation.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits = out.logits[0, -1]
+            generation.fed_token_ids.extend(new_ids[a - start : b - start])
+            if generation.on_forward is not None:
+                generation.on_forward(generation)  # cuts completed blocks before any eviction
+            window = generation.window
+            if window is not None and b % window.block_tokens == 0:
+                generation.evicted += evict(generation.cache, window, self.rerotator())
+        assert logits is not None, "no tokens to feed"
+        return logits.float()
 
     def _sample(self, logits: torch.Tensor, params: SamplingParams, position: int) -> int:
         """Pick the token at output `position` from `logits` [vocab]."""

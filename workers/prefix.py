@@ -72,6 +72,57 @@ def find_prefix(
     return CachedPrefix(tuple(blocks), local_count, len(blocks) - local_count, corrupt)
 
 
+def find_blocks(
+    hashes: dict[int, BlockHash],
+    local: LocalBlocks,
+    store: BlockStore | None,
+    decode: Callable[[bytes, BlockHash], torch.Tensor],
+) -> "CachedBlocks":
+    """The blocks of `hashes` (block index -> hash) found in L1 or the store, not only a prefix.
+
+    A windowed session needs its sink blocks and its most recent blocks, not the middle. Refused
+    store values are deleted and counted, as in `find_prefix`; any store error is a partial find.
+    """
+    found: dict[int, torch.Tensor] = {}
+    for index, block_hash in hashes.items():
+        block = local.get(block_hash)
+        if block is not None:
+            found[index] = block
+    local_count = len(found)
+    rest = {i: h for i, h in hashes.items() if i not in found}
+    if not rest or store is None:
+        return CachedBlocks(found, local_count)
+    keys = {i: block_key(h) for i, h in rest.items()}
+    try:
+        values = store.get_many(list(keys.values()))
+    except Exception as exc:  # store down or slow: compute instead
+        log.warning("store get failed, treating as a miss: %s", exc)
+        return CachedBlocks(found, local_count, store_error=True)
+    corrupt = 0
+    for index, key in keys.items():
+        data = values.get(key)
+        if data is None:
+            continue
+        try:
+            block = decode(data, rest[index])
+        except DataLoss as exc:
+            corrupt += 1
+            log.warning("refusing stored block %s: %s", key, exc)
+            _forget(store, key)
+            continue
+        local.put(rest[index], block)
+        found[index] = block
+    return CachedBlocks(found, local_count, corrupt_blocks=corrupt)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedBlocks:
+    blocks: dict[int, torch.Tensor]  # block index -> [layers, 2, kv_heads, block_tokens, head_dim]
+    local_blocks: int  # of those, found in L1
+    corrupt_blocks: int = 0
+    store_error: bool = False
+
+
 def _forget(store: BlockStore, key: str) -> None:
     try:
         store.delete([key])

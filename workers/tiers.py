@@ -74,6 +74,17 @@ class LocalBlocks:
             self._misses += len(hashes) - len(found)
         return found
 
+    def get(self, block_hash: BlockHash) -> torch.Tensor | None:
+        """One block, or None (marked recently used, and counted as a hit or a miss)."""
+        with self._lock:
+            block = self._blocks.get(block_hash)
+            if block is None:
+                self._misses += 1
+                return None
+            self._blocks.move_to_end(block_hash)
+            self._hits += 1
+            return block
+
     def __contains__(self, block_hash: BlockHash) -> bool:
         with self._lock:
             return block_hash in self._blocks

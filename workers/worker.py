@@ -12,18 +12,21 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+from transformers import DynamicCache
 
+from kvpool.errors import InvalidArgument
 from workers.engine import Engine, Generation, SamplingParams, TokenEvent
 from workers.inputs import PromptInput, encode_input
 from workers.kv.block import decode_block, encode_block
 from workers.kv.hashing import BlockHash, Namespace, chain_hashes
-from workers.kv.layout import blocks_to_cache, cache_to_blocks
+from workers.kv.layout import blocks_to_cache, cache_to_blocks, recent_blocks
 from workers.models import load_model
-from workers.prefix import CachedPrefix, find_prefix
+from workers.prefix import CachedPrefix, find_blocks, find_prefix
 from workers.tiers import BlockStore, LocalBlocks, LocalStats, WriteBehind, WriteStats
+from workers.window import DEFAULT_SINK_TOKENS, CacheWindow, rebuild
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ class WorkRequest:
     prior_output: tuple[int, ...] = ()  # tokens already streamed before a failover
     read_cache: bool = True  # False computes from scratch (a baseline for tests and benches)
     request_id: str = ""  # names the request for `cancel`
+    max_cache_tokens: int = 0  # > 0 bounds the cache with sinks + a recent window (workers.window)
+    sink_tokens: int = DEFAULT_SINK_TOKENS
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +78,7 @@ class WorkUsage:
     ttft_ms: float  # worker receipt to first token, the cache fetch included
     tokens_per_s: float
     worker: str
+    evicted_tokens: int = 0  # tokens of the sequence evicted from a windowed cache
 
     @property
     def cached_tokens(self) -> int:
@@ -189,35 +195,53 @@ class KVWorker:
             tenant=tenant,
         )
 
+    def window(self, request: WorkRequest) -> CacheWindow | None:
+        """The request's cache bound, or None; InvalidArgument when it cannot apply."""
+        if request.max_cache_tokens == 0:
+            if request.sink_tokens < 0:
+                raise InvalidArgument(
+                    f"sink_tokens must be 0 (no sinks) or positive, got {request.sink_tokens}"
+                )
+            return None
+        window = CacheWindow(
+            request.max_cache_tokens, request.sink_tokens, self.config.block_tokens
+        )
+        self.engine.check_fits(0, request.params, window)  # the model must be windowable
+        return window
+
     def generate(self, request: WorkRequest) -> Iterator[TokenEvent | WorkDone]:
         """Stream the output's tokens, then one WorkDone."""
         started = time.perf_counter()
-        self.engine.check_fits(len(request.token_ids), request.params)
-        namespace = self.namespace(request.tenant)
+        window = self.window(request)
+        self.engine.check_fits(len(request.token_ids), request.params, window)
         sequence = [*request.token_ids, *request.prior_output]
-        hashes = chain_hashes(namespace, sequence)
-        prefix = self._cached_prefix(hashes) if request.read_cache else CachedPrefix((), 0, 0)
-        past = self._past(prefix)
+        chain = _BlockChain(self.namespace(request.tenant), window)
+        hashes = chain.hashes(sequence)
+        start = self._start(hashes, window, len(sequence)) if request.read_cache else _Start()
+        chunked = window is not None or self.engine.native_window is not None
+        cutter = _Cutter(self, chain, start.tokens // self.config.block_tokens)
         generation = self.engine.stream(
-            request.token_ids, request.params, past=past,
-            prior_output=request.prior_output, started=started,
+            request.token_ids, request.params, past=start.past,
+            past_tokens=start.tokens if window is not None else None,
+            prior_output=request.prior_output, started=started, window=window,
+            chunk_tokens=self.config.block_tokens if chunked else None,
+            on_forward=cutter if chunked else None,
         )  # fmt: skip
         self._count(in_flight=1, requests=1)
         try:
-            written = len(prefix.blocks)
             for event in generation:
                 yield event  # first, so that cutting blocks never delays a token
-                written = self._write_behind(generation, namespace, hashes, written)
+                cutter(generation)
                 if self._take_cancel(request.request_id):
                     return
-            self._write_behind(generation, namespace, hashes, written)
+            cutter(generation)
         finally:
             self._count(in_flight=-1)
         result = generation.result
         if result is None:  # pragma: no cover - the engine sets it before its iterator ends
             raise RuntimeError("generation ended without a result")
         cached = result.usage.cached_tokens  # the engine may recompute the last cached token
-        local = min(cached, prefix.local_blocks * self.config.block_tokens)
+        local = min(cached, start.local_tokens)
         self._count(
             cached_local_tokens=local,
             cached_store_tokens=cached - local,
@@ -235,19 +259,24 @@ class KVWorker:
                 ttft_ms=result.usage.ttft_ms,
                 tokens_per_s=result.usage.tokens_per_s,
                 worker=self.worker_id,
+                evicted_tokens=result.usage.evicted_tokens,
             ),
         )
 
     def prefill(self, token_ids: Sequence[int], tenant: str = "") -> PrefillResult:
         """Compute and store the full blocks of `token_ids`; returns once they are stored."""
-        namespace = self.namespace(tenant)
-        hashes = chain_hashes(namespace, token_ids)
-        prefix = self._cached_prefix(hashes)
+        chain = _BlockChain(self.namespace(tenant), None)
+        hashes = chain.hashes(token_ids)
+        start = self._start(hashes, None, len(token_ids))
+        chunked = self.engine.native_window is not None
+        cutter = _Cutter(self, chain, start.tokens // self.config.block_tokens)
         generation = self.engine.stream(
-            token_ids, SamplingParams(max_new_tokens=1), past=self._past(prefix)
-        )
+            token_ids, SamplingParams(max_new_tokens=1), past=start.past,
+            chunk_tokens=self.config.block_tokens if chunked else None,
+            on_forward=cutter if chunked else None,
+        )  # fmt: skip
         generation.run()  # the one sampled token is discarded; its prompt's KV is what we want
-        self._write_behind(generation, namespace, hashes, len(prefix.blocks))
+        cutter(generation)
         self.writer.flush()
         block_tokens = self.config.block_tokens
         if self.store is not None:
@@ -258,7 +287,7 @@ class KVWorker:
         return PrefillResult(
             prompt_tokens=len(token_ids),
             stored_tokens=present * block_tokens,
-            cached_tokens=len(prefix.blocks) * block_tokens,
+            cached_tokens=start.tokens,
             worker=self.worker_id,
         )
 
@@ -325,10 +354,79 @@ class KVWorker:
             self._count(corrupt_blocks=prefix.corrupt_blocks, store_errors=int(prefix.store_error))
         return prefix
 
-    def _past(self, prefix: CachedPrefix):  # -> DynamicCache | None
+    def _start(self, hashes: list[BlockHash], window: CacheWindow | None, length: int) -> "_Start":
+        """Where to start a sequence of `length` tokens: the cache rebuilt from stored blocks.
+
+        Plain caches start after the longest cached prefix. A model with a native sliding
+        window, or a windowed request, starts on a block boundary before the last token, since
+        its cache cannot be cropped back. A windowed request needs only the sink blocks and the
+        recent window's blocks at the latest such boundary; when one of those is missing, it
+        falls back to the plain prefix before the first eviction and recomputes the rest.
+        """
+        block_tokens = self.config.block_tokens
+        usable = len(hashes)
+        if window is not None or self.engine.native_window is not None:
+            usable = min(usable, (length - 1) // block_tokens)
+        if window is not None:
+            boundary = self._window_boundary(hashes[:usable], window)
+            if boundary:
+                needed = window.blocks_for_state(boundary)
+                found = find_blocks({i: hashes[i] for i in needed}, self.local, self.store,
+                                    self._decode)  # fmt: skip
+                if found.corrupt_blocks or found.store_error:
+                    self._count(corrupt_blocks=found.corrupt_blocks,
+                                store_errors=int(found.store_error))  # fmt: skip
+                if len(found.blocks) == len(needed):
+                    past = rebuild(found.blocks, boundary, window, self.engine.rerotator(),
+                                   self.loaded.model.config)  # fmt: skip
+                    tokens = boundary * block_tokens
+                    local = tokens if found.local_blocks == len(needed) else 0
+                    return _Start(past, tokens, local)
+            while usable and window.windowed_block(usable - 1):
+                usable -= 1  # the plain blocks before the first eviction
+        prefix = self._cached_prefix(hashes[:usable])
         if not prefix.blocks:
-            return None
-        return blocks_to_cache(prefix.blocks, self.loaded.model.config)
+            return _Start()
+        past = blocks_to_cache(prefix.blocks, self.loaded.model.config)
+        tokens = len(prefix.blocks) * block_tokens
+        return _Start(past, tokens, prefix.local_blocks * block_tokens)
+
+    def _window_boundary(self, hashes: list[BlockHash], window: CacheWindow) -> int:
+        """The latest block boundary after the first eviction whose window is cached, or 0.
+
+        The latest boundary is tried first, then earlier ones, as far back as a window's worth of
+        blocks: a session's next turn usually finds every block of its previous turn, but not the
+        one block that its new input completes. Only hashes are looked up here; blocks are
+        fetched once the boundary is chosen.
+        """
+        block_tokens = window.block_tokens
+        latest = len(hashes)
+        earliest = max(latest - 2 * (window.max_cache_tokens // block_tokens) - 2, 1)
+        while earliest <= latest and window.evicted(earliest * block_tokens) == 0:
+            earliest += 1
+        if earliest > latest:
+            return 0
+        # The recent blocks of every candidate boundary start at or after `low`.
+        low = window.blocks_for_state(earliest)[-1] if earliest else 0
+        low = min(
+            low, (window.sink_tokens + window.evicted(earliest * block_tokens)) // block_tokens
+        )
+        run = hashes[low:latest]
+        present = 0
+        for block_hash in run:  # the leading run held in L1
+            if block_hash not in self.local:
+                break
+            present += 1
+        if present < len(run) and self.store is not None:
+            from workers.kv.hashing import block_key
+
+            try:
+                present = max(present, self.store.lookup([block_key(h) for h in run]))
+            except Exception as exc:
+                log.warning("store lookup failed, treating as a miss: %s", exc)
+                self._count(store_errors=1)
+        boundary = low + present
+        return boundary if boundary >= earliest else 0
 
     def _store_prefix_blocks(self, hashes: Sequence[BlockHash]) -> int:
         from workers.kv.hashing import block_key
@@ -340,17 +438,8 @@ class KVWorker:
             self._count(store_errors=1)
             return 0
 
-    def _write_behind(
-        self,
-        generation: Generation,
-        namespace: Namespace,
-        hashes: list[BlockHash],
-        written: int,
-    ) -> int:
-        """Hand blocks completed since block `written` to the writer; returns the new count.
-
-        `hashes` (the chain so far) is extended in place as the output completes blocks.
-        """
+    def _cut(self, generation: Generation, chain: "_BlockChain", written: int) -> int:
+        """Hand blocks completed since block `written` to the writer; returns the new count."""
         if generation.cache is None:
             return written
         block_tokens = self.config.block_tokens
@@ -358,18 +447,14 @@ class KVWorker:
         full = len(fed) // block_tokens
         if full <= written:
             return written
-        if full > len(hashes):
-            parent = hashes[-1] if hashes else None
-            hashes.extend(
-                chain_hashes(
-                    namespace, fed[len(hashes) * block_tokens : full * block_tokens], parent
-                )
-            )
-        # Fresh tensors (cache_to_blocks copies), so the growing cache cannot change them.
-        blocks = cache_to_blocks(generation.cache, block_tokens, first_block=written)[
-            : full - written
-        ]
-        self.writer.submit(list(zip(hashes[written:full], blocks, strict=True)))
+        hashes = chain.hashes(fed)
+        # Fresh tensors (both functions copy), so the growing cache cannot change them.
+        if generation.chunk_tokens is None:
+            blocks = cache_to_blocks(generation.cache, block_tokens, first_block=written)
+        else:  # a windowed or sliding cache: the new blocks are at its tail
+            blocks = recent_blocks(generation.cache, full - written, block_tokens,
+                                   after=len(fed) - full * block_tokens)  # fmt: skip
+        self.writer.submit(list(zip(hashes[written:full], blocks[: full - written], strict=True)))
         return full
 
     def _count(self, **deltas: int) -> None:
@@ -377,3 +462,55 @@ class KVWorker:
         with c.lock:
             for name, delta in deltas.items():
                 setattr(c, name, getattr(c, name) + delta)
+
+
+@dataclass(frozen=True, slots=True)
+class _Start:
+    """A cache to continue from, the tokens it stands for, and how many came from L1."""
+
+    past: DynamicCache | None = None
+    tokens: int = 0
+    local_tokens: int = 0
+
+
+class _BlockChain:
+    """The hashes of a growing sequence's full blocks.
+
+    Under a window, a block computed after the first eviction depends on the window, so it is
+    keyed in a namespace that names the window; the blocks before stay in the plain namespace,
+    shared with every request on that prefix (workers.window).
+    """
+
+    def __init__(self, namespace: Namespace, window: CacheWindow | None) -> None:
+        self.window = window
+        self._namespaces = [namespace]
+        if window is not None:
+            self._namespaces.append(
+                replace(namespace, window=(window.max_cache_tokens, window.sink_tokens))
+            )
+        self._chains: list[list[BlockHash]] = [[] for _ in self._namespaces]
+        self._block_tokens = namespace.block_tokens
+
+    def hashes(self, tokens: Sequence[int]) -> list[BlockHash]:
+        size = self._block_tokens
+        full = len(tokens) // size
+        for namespace, chain in zip(self._namespaces, self._chains, strict=True):
+            if full > len(chain):
+                parent = chain[-1] if chain else None
+                fresh = tokens[len(chain) * size : full * size]
+                chain.extend(chain_hashes(namespace, fresh, parent))
+        plain = self._chains[0][:full]
+        if self.window is None:
+            return plain
+        windowed = self._chains[1]
+        return [windowed[i] if self.window.windowed_block(i) else plain[i] for i in range(full)]
+
+
+class _Cutter:
+    """Cuts a generation's completed blocks for the writer; called after every chunk and token."""
+
+    def __init__(self, worker: KVWorker, chain: _BlockChain, written: int) -> None:
+        self._worker, self._chain, self.written = worker, chain, written
+
+    def __call__(self, generation: Generation) -> None:
+        self.written = self._worker._cut(generation, self._chain, self.written)

@@ -30,6 +30,7 @@ BlockHash = NewType("BlockHash", bytes)
 HASH_BYTES = 32
 BLOCK_KEY_PREFIX = "kvpool:blk:"
 _NAMESPACE_TAG = b"kvpool.namespace\x00"  # domain separation from the token chain
+_WINDOW_TAG = b"window\x00"
 _UINT32_MAX = 2**32 - 1
 _MAX_TEXT_BYTES = 1024  # a fingerprint or tenant longer than this is a caller mistake
 
@@ -63,6 +64,9 @@ class Namespace:
     block_tokens: int = 64
     tenant: str = ""  # tenant salt; "" is the default tenant
     format_version: int = FORMAT_VERSION
+    # (max_cache_tokens, sink_tokens) for blocks computed after a windowed session's first
+    # eviction (workers.window): their K and V depend on the window, not only on the tokens.
+    window: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         _check_text("model_fingerprint", self.model_fingerprint, allow_empty=False)
@@ -75,6 +79,13 @@ class Namespace:
         # Any version may be *named* (so the hash of a future layout differs); decoding a value
         # still refuses versions this build does not read.
         _check_uint32("format_version", self.format_version, minimum=1)
+        if self.window is not None:
+            if not isinstance(self.window, tuple) or len(self.window) != 2:
+                raise InvalidArgument(
+                    f"Namespace.window must be (max_cache_tokens, sink_tokens), got {self.window!r}"
+                )
+            _check_uint32("window[0] (max_cache_tokens)", self.window[0], minimum=1)
+            _check_uint32("window[1] (sink_tokens)", self.window[1], minimum=0)
 
     def canonical_bytes(self) -> bytes:
         """The exact bytes hashed into h0 (layout in docs/block-format.md, "Namespace")."""
@@ -85,6 +96,8 @@ class Namespace:
             struct.pack("<I", self.block_tokens),
             _length_prefixed(self.tenant),
         ]
+        if self.window is not None:  # absent for plain blocks, so their keys never changed
+            fields.append(_WINDOW_TAG + struct.pack("<II", *self.window))
         return _NAMESPACE_TAG + b"".join(fields)
 
     def root(self) -> BlockHash:

@@ -110,3 +110,31 @@ def blocks_to_cache(blocks: Sequence[torch.Tensor], config: Any = None) -> Dynam
         # update() appends a copy: [1, H, S, D] keys and values for this layer.
         cache.update(kv[index, 0].unsqueeze(0), kv[index, 1].unsqueeze(0), index)
     return cache
+
+
+def recent_blocks(
+    cache: DynamicCache, count: int, block_tokens: int, after: int = 0
+) -> list[torch.Tensor]:
+    """The `count` full blocks that end `after` tokens before the end of every layer.
+
+    For caches that do not hold every token from the start: a windowed cache (sinks plus recent
+    tokens) or a model's native sliding-window layers. The worker cuts each block as soon as it
+    completes, so it is still at the tail. Blocks are fresh tensors, as from `cache_to_blocks`.
+    """
+    if count <= 0:
+        return []
+    span = count * block_tokens
+    pairs = []
+    for index, layer in enumerate(cache.layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if keys is None or values is None or keys.dim() != 4 or keys.shape[0] != 1:
+            raise InvalidArgument(f"layer {index} of the cache is empty or not batch size 1")
+        held = keys.shape[2]
+        if held < span + after:
+            raise InvalidArgument(
+                f"layer {index} holds {held} tokens, fewer than the {span + after} needed to cut "
+                f"{count} blocks; its window is smaller than a block"
+            )
+        stop = held - after
+        pairs.append((keys[:, :, stop - span : stop], values[:, :, stop - span : stop]))
+    return cache_to_blocks(pairs, block_tokens)
