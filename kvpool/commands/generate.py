@@ -59,6 +59,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--session", default=None, help="continue this session (--target only)")
     parser.add_argument(
+        "--max-cache-tokens",
+        type=int,
+        default=None,
+        help="bound the KV cache: keep --sink-tokens plus the most recent tokens, evict the "
+        "middle (default: unbounded, or the session's or gateway's bound)",
+    )
+    parser.add_argument(
+        "--sink-tokens",
+        type=int,
+        default=None,
+        help="first tokens a bounded cache always keeps (default 4)",
+    )
+    parser.add_argument(
         "--tenant",
         default=env_default("--tenant", None),
         help="tenant name when the gateway runs without auth; with auth the token decides "
@@ -133,7 +146,15 @@ def _run_local(args: argparse.Namespace) -> int:
         prompt_ids = engine.encode(messages=messages)
     else:
         prompt_ids = engine.encode(prompt=args.prompt)
-    generation = engine.stream(prompt_ids, params, use_cache=not args.no_cache)
+    window = None
+    if args.max_cache_tokens:
+        from workers.window import DEFAULT_SINK_TOKENS, CacheWindow
+
+        sinks = DEFAULT_SINK_TOKENS if args.sink_tokens is None else args.sink_tokens
+        window = CacheWindow(args.max_cache_tokens, sinks, block_tokens=64)
+        if args.no_cache:
+            raise ValueError("--max-cache-tokens bounds the cache; it cannot go with --no-cache")
+    generation = engine.stream(prompt_ids, params, use_cache=not args.no_cache, window=window)
     for event in generation:
         if not args.json and event.text:
             sys.stdout.write(event.text)
@@ -164,5 +185,6 @@ def result_json(result) -> dict:
             "completion_tokens": usage.completion_tokens,
             "ttft_ms": round(usage.ttft_ms, 3),
             "tokens_per_s": round(usage.tokens_per_s, 3),
+            "evicted_tokens": usage.evicted_tokens,
         },
     }

@@ -70,6 +70,15 @@ def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True
         help="requests one worker runs at once; more get RESOURCE_EXHAUSTED (0: no limit)",
     )
     flag("--max-sessions", 0, type=int, help="live sessions this gateway keeps (0: no limit)")
+    # Bounded sessions (docs/gateway.md, "Bounded sessions"): requests may override both.
+    flag(
+        "--max-cache-tokens",
+        0,
+        type=int,
+        help="bound each request's KV cache: keep --sink-tokens plus the most recent tokens "
+        "(0: unbounded)",
+    )
+    flag("--sink-tokens", 4, type=int, help="first tokens a bounded cache always keeps (4)")
     # Security (docs/gateway.md, "Authentication and tenants").
     parser.add_argument(
         "--auth-token-file",
@@ -122,10 +131,26 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--block-tokens must be >= 1, got {args.block_tokens}")
     if args.worker_gpus is not None and args.worker_gpus < 0:
         raise ValueError(f"--worker-gpus must be >= 0, got {args.worker_gpus}")
-    for name in ("max_prompt_tokens", "max_new_tokens", "max_requests_per_worker", "max_sessions"):
+    for name in (
+        "max_prompt_tokens",
+        "max_new_tokens",
+        "max_requests_per_worker",
+        "max_sessions",
+        "max_cache_tokens",
+        "sink_tokens",
+    ):
         if getattr(args, name) < 0:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} must be >= 0 (0: no limit), got {getattr(args, name)}")
+    if args.max_cache_tokens:
+        from workers.window import CacheWindow
+
+        try:
+            CacheWindow(args.max_cache_tokens, args.sink_tokens, args.block_tokens)
+        except ValueError as exc:  # name the flags, not the fields
+            raise ValueError(
+                f"--max-cache-tokens/--sink-tokens: {exc}".replace("block_tokens", "--block-tokens")
+            ) from None
 
 
 def store_token(args: argparse.Namespace) -> str | None:
@@ -175,6 +200,8 @@ def gateway_settings(
             max_prompt_tokens=args.max_prompt_tokens,
             max_new_tokens=args.max_new_tokens,
             max_sessions=args.max_sessions,
+            max_cache_tokens=args.max_cache_tokens,
+            sink_tokens=args.sink_tokens,
         ),
         route_load_penalty_tokens=args.route_load_penalty_tokens,
         session_ttl_s=args.session_ttl,

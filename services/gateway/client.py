@@ -64,6 +64,7 @@ def usage_dict(usage: pb.Usage) -> dict[str, Any]:
         "worker": usage.worker,
         "session_id": usage.session_id,
         "failovers": usage.failovers,
+        "evicted_tokens": usage.evicted_tokens,
     }
 
 
@@ -80,8 +81,14 @@ def build_request(
     stop: Sequence[str] = (),
     session_id: str = "",
     tenant: str = "",
+    max_cache_tokens: int | None = None,
+    sink_tokens: int | None = None,
 ) -> pb.GenerateRequest:
     request = pb.GenerateRequest(session_id=session_id, tenant=tenant)
+    if max_cache_tokens is not None:
+        request.max_cache_tokens = max_cache_tokens
+    if sink_tokens is not None:
+        request.sink_tokens = sink_tokens
     _set_input(request, prompt, messages, token_ids)
     sampling = request.sampling
     for name, value in (
@@ -216,6 +223,8 @@ def run_generate_command(args: argparse.Namespace) -> int:
         "stop": tuple(args.stop),
         "session_id": args.session or "",
         "tenant": args.tenant or "",
+        "max_cache_tokens": args.max_cache_tokens,
+        "sink_tokens": args.sink_tokens,
     }
     if messages is None:
         request["prompt"] = args.prompt

@@ -26,6 +26,7 @@ from services.gateway.sessions import LiveSessions, Session, SessionStore, check
 from workers.engine import SamplingParams, TokenEvent
 from workers.inputs import PromptInput
 from workers.kv.hashing import BlockHash, Namespace, chain_hashes
+from workers.window import DEFAULT_SINK_TOKENS, CacheWindow
 from workers.worker import PrefillResult, WorkDone, WorkRequest, WorkUsage
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,16 @@ class GatewayConfig:
     max_prompt_tokens: int = 0
     max_new_tokens: int = 0
     max_sessions: int = 0  # live sessions this gateway has opened and not seen expire
+    # The cache bound of requests that name none (and are not in a session that has one).
+    max_cache_tokens: int = 0  # 0: unbounded
+    sink_tokens: int = DEFAULT_SINK_TOKENS
 
     def __post_init__(self) -> None:
         if self.max_failovers < 0:
             raise ValueError(f"max_failovers must be >= 0, got {self.max_failovers}")
         if self.token_timeout_s <= 0:
             raise ValueError(f"token_timeout_s must be > 0, got {self.token_timeout_s}")
-        for name in ("max_prompt_tokens", "max_new_tokens", "max_sessions"):
+        for name in ("max_prompt_tokens", "max_new_tokens", "max_sessions", "max_cache_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
 
@@ -57,6 +61,9 @@ class GenerateCall:
     params: SamplingParams
     session_id: str = ""  # "" when the request is not part of a session
     tenant: str = ""
+    # The cache bound (workers.window); None: the session's, else the gateway's default.
+    max_cache_tokens: int | None = None
+    sink_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +83,7 @@ class Usage:
     worker: str
     session_id: str
     failovers: int
+    evicted_tokens: int = 0
 
     @property
     def cached_tokens(self) -> int:
@@ -135,8 +143,9 @@ class InferenceCore:
     ) -> Iterator[Delta | Finished]:
         """The stream of `generate`; sets `saved` once a session's turn is stored."""
         history = session.token_ids if session else ()
+        window = self._window(req, session)
         prompt = self.pool.on_any(lambda h: h.encode.remote(req.input, history))
-        self._check_fits(len(prompt), req.params)
+        self._check_fits(len(prompt), req.params, window)
         params = req.params
         if not params.greedy and params.seed is None:
             # Fix the seed here, so a failover continues the very same sample.
@@ -162,6 +171,8 @@ class InferenceCore:
                 tenant=req.tenant,
                 prior_output=tuple(output),
                 request_id=uuid.uuid4().hex,
+                max_cache_tokens=window[0],
+                sink_tokens=window[1],
             )
             try:
                 for item in self._stream(route, request, cancelled):
@@ -196,7 +207,7 @@ class InferenceCore:
         fed = [*prompt, *done.token_ids][:-1]
         self.pool.router.record(done.usage.worker, chain_hashes(self._namespace(req.tenant), fed))
         if session is not None:
-            self.sessions.save(session.with_turn([*prompt, *done.token_ids]))
+            self.sessions.save(session.with_turn([*prompt, *done.token_ids], window=window))
             self.live_sessions.touch(req.tenant, req.session_id)
             saved.set()
         ttft_ms = ((first_token_at or time.perf_counter()) - received) * 1000.0
@@ -210,6 +221,7 @@ class InferenceCore:
             worker=done.usage.worker,
             session_id=req.session_id,
             failovers=failovers,
+            evicted_tokens=done.usage.evicted_tokens,
         )
         self.metrics.observe_generate(usage, req.tenant)
         yield Finished(done.finish_reason, usage)
@@ -340,7 +352,34 @@ class InferenceCore:
                 f"--max-new-tokens={limit}"
             )
 
-    def _check_fits(self, prompt_tokens: int, params: SamplingParams) -> None:
+    def _window(self, req: GenerateCall, session: Session | None) -> tuple[int, int]:
+        """The turn's (max_cache_tokens, sink_tokens): the request's, the session's, or ours.
+
+        Checked here, before any worker is asked, so a bad bound is a clear INVALID_ARGUMENT.
+        """
+        max_cache_tokens, sink_tokens = self.config.max_cache_tokens, self.config.sink_tokens
+        if session is not None and session.turns:
+            max_cache_tokens, sink_tokens = session.max_cache_tokens, session.sink_tokens
+        if req.max_cache_tokens is not None:
+            max_cache_tokens = req.max_cache_tokens
+        if req.sink_tokens is not None:
+            sink_tokens = req.sink_tokens
+        if sink_tokens < 0:
+            raise InvalidArgument(
+                f"sink_tokens must be 0 (no sinks) or positive, got {sink_tokens}"
+            )
+        if max_cache_tokens:
+            window = CacheWindow(max_cache_tokens, sink_tokens, self.pool.info.block_tokens)
+            if window.max_cache_tokens > self.pool.info.max_context:
+                raise InvalidArgument(
+                    f"max_cache_tokens={max_cache_tokens} exceeds the model's context of "
+                    f"{self.pool.info.max_context} tokens"
+                )
+        return max_cache_tokens, sink_tokens
+
+    def _check_fits(
+        self, prompt_tokens: int, params: SamplingParams, window: tuple[int, int] = (0, 0)
+    ) -> None:
         most = self.config.max_prompt_tokens
         if most and prompt_tokens > most:
             self.metrics.limit_rejections.labels("max_prompt_tokens").inc()
@@ -349,6 +388,8 @@ class InferenceCore:
                 f"gateway's limit --max-prompt-tokens={most}"
             )
         limit = self.pool.info.max_context
+        if window[0]:
+            return  # a bounded cache holds at most max_cache_tokens positions, whatever the length
         if prompt_tokens + params.max_new_tokens > limit:
             raise InvalidArgument(
                 f"prompt of {prompt_tokens} tokens plus max_new_tokens={params.max_new_tokens} "

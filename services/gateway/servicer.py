@@ -91,6 +91,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             params=sampling_params(request.sampling),
             session_id=request.session_id,
             tenant=tenant_of(request.tenant, context, self.auth),
+            max_cache_tokens=(
+                request.max_cache_tokens if request.HasField("max_cache_tokens") else None
+            ),
+            sink_tokens=request.sink_tokens if request.HasField("sink_tokens") else None,
         )
         cancelled = threading.Event()
         context.add_callback(cancelled.set)  # runs when the call ends, a client cancel included
@@ -136,6 +140,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             turns=session.turns,
             created_unix_s=session.created_unix_s,
             updated_unix_s=session.updated_unix_s,
+            max_cache_tokens=session.max_cache_tokens,
+            sink_tokens=session.sink_tokens,
         )
 
     def DeleteSession(
@@ -159,4 +165,5 @@ def _usage(item: Finished) -> pb.Usage:
         worker=u.worker,
         session_id=u.session_id,
         failovers=u.failovers,
+        evicted_tokens=u.evicted_tokens,
     )

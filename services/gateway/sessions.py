@@ -7,9 +7,10 @@ state of its own: any gateway replica can serve any turn.
 
 Value layout (docs/gateway.md, "Sessions"): a msgpack map
 `{"v": 1, "tenant": str, "id": str, "tokens": bytes (uint32 little-endian), "turns": int,
-"created": float, "updated": float}` under the key from `session_key`. Values are untrusted like
-any store data: a value that does not parse, or names another tenant or id, is refused as
-DataLoss and never used as a prompt.
+"created": float, "updated": float, "window": [max_cache_tokens, sink_tokens]}` under the key
+from `session_key` ("window" is absent in values written before bounded sessions; they read as
+unbounded). Values are untrusted like any store data: a value that does not parse, or names
+another tenant or id, is refused as DataLoss and never used as a prompt.
 
 Concurrent turns on one session are last-writer-wins: the later turn's history replaces the
 earlier one's. Clients that need strict ordering send turns one at a time.
@@ -27,6 +28,7 @@ from typing import Protocol
 import msgpack
 
 from kvpool.errors import DataLoss, InvalidArgument, NotFound
+from workers.window import DEFAULT_SINK_TOKENS
 
 SESSION_KEY_PREFIX = "kvpool:sess:"
 SESSION_FORMAT_VERSION = 1
@@ -78,14 +80,27 @@ class Session:
     turns: int
     created_unix_s: float
     updated_unix_s: float
+    # The cache bound its turns run with (workers.window); later turns keep it unless they ask
+    # for another. 0: unbounded.
+    max_cache_tokens: int = 0
+    sink_tokens: int = DEFAULT_SINK_TOKENS
 
     def __post_init__(self) -> None:
         check_session_id(self.session_id)
         if self.turns < 0:
             raise ValueError(f"Session.turns must be >= 0, got {self.turns}")
 
-    def with_turn(self, token_ids: Sequence[int], now: float | None = None) -> "Session":
-        """The session after a turn whose whole fed sequence (history included) is `token_ids`."""
+    def with_turn(
+        self,
+        token_ids: Sequence[int],
+        now: float | None = None,
+        window: tuple[int, int] | None = None,
+    ) -> "Session":
+        """The session after a turn whose whole fed sequence (history included) is `token_ids`.
+
+        `window` is the turn's (max_cache_tokens, sink_tokens); None keeps the session's.
+        """
+        max_cache_tokens, sink_tokens = window or (self.max_cache_tokens, self.sink_tokens)
         return Session(
             session_id=self.session_id,
             tenant=self.tenant,
@@ -93,6 +108,8 @@ class Session:
             turns=self.turns + 1,
             created_unix_s=self.created_unix_s,
             updated_unix_s=time.time() if now is None else now,
+            max_cache_tokens=max_cache_tokens,
+            sink_tokens=sink_tokens,
         )
 
 
@@ -109,6 +126,7 @@ def encode_session(session: Session) -> bytes:
             "turns": session.turns,
             "created": session.created_unix_s,
             "updated": session.updated_unix_s,
+            "window": [session.max_cache_tokens, session.sink_tokens],
         },
         use_bin_type=True,
     )
@@ -127,6 +145,10 @@ def decode_session(data: bytes, *, tenant: str, session_id: str) -> Session:
             raise ValueError("token bytes are not a uint32 array")
         if record["tenant"] != tenant or record["id"] != session_id:
             raise ValueError("value belongs to another session")
+        max_cache_tokens, sink_tokens = record.get("window", (0, DEFAULT_SINK_TOKENS))
+        window = (max_cache_tokens, sink_tokens)
+        if not all(type(v) is int and 0 <= v <= _UINT32_MAX for v in window):
+            raise ValueError("window is not two unsigned integers")
         return Session(
             session_id=session_id,
             tenant=tenant,
@@ -134,6 +156,8 @@ def decode_session(data: bytes, *, tenant: str, session_id: str) -> Session:
             turns=int(record["turns"]),
             created_unix_s=float(record["created"]),
             updated_unix_s=float(record["updated"]),
+            max_cache_tokens=max_cache_tokens,
+            sink_tokens=sink_tokens,
         )
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
         raise DataLoss(f"session {session_id!r} is stored in an unreadable form: {exc}") from None
