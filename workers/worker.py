@@ -147,6 +147,15 @@ class KVWorker:
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
         self.loaded = load_model(config.model, device=config.device)
         self.engine = Engine(self.loaded)
+        native = self.engine.native_window
+        if native is not None and config.block_tokens >= native:
+            # A sliding layer keeps only its last `native - 1` tokens, and each block is cut from
+            # that tail as it completes; checked here, as mid-stream the output has already begun.
+            raise InvalidArgument(
+                f"block_tokens={config.block_tokens} does not fit the model's sliding window of "
+                f"{native} tokens: its sliding layers keep the last {native - 1} tokens, so "
+                f"block_tokens must be at most {native - 1}"
+            )
         self.store: BlockStore | None = None
         if config.store_target:
             from services.auth import channel_credentials  # the gRPC edge, only when used

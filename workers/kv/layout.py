@@ -4,8 +4,9 @@ A block is all layers' K and V for `block_tokens` consecutive tokens,
 [layers, 2, kv_heads, block_tokens, head_dim]. Caches are read through `layers[i].keys/.values`
 and rebuilt only through the public `DynamicCache(config=...)` and `update()`, so the rebuilt cache
 is exactly what a prefill of those tokens would have left, and generation continues after it.
-Only batch size 1 and full-attention layers are supported: a sliding-window layer does not keep
-every token, so it cannot be cut into prefix blocks.
+Only batch size 1 is supported. `cache_to_blocks` takes full-attention layers only: a
+sliding-window layer does not keep every token. Such layers are cut with `recent_blocks`, one
+block as it completes, and `blocks_to_cache` fills them through `update()`, which keeps the tail.
 """
 
 from collections.abc import Sequence
