@@ -84,6 +84,7 @@ class Usage:
     session_id: str
     failovers: int
     evicted_tokens: int = 0
+    bounded: bool = False  # the request ran with max_cache_tokens
 
     @property
     def cached_tokens(self) -> int:
@@ -222,6 +223,7 @@ class InferenceCore:
             session_id=req.session_id,
             failovers=failovers,
             evicted_tokens=done.usage.evicted_tokens,
+            bounded=window[0] > 0,
         )
         self.metrics.observe_generate(usage, req.tenant)
         yield Finished(done.finish_reason, usage)

@@ -58,6 +58,16 @@ class GatewayMetrics:
         self.completion_tokens = Counter(
             "kvpool_gateway_completion_tokens", "Tokens generated.", ["tenant"], registry=r
         )
+        self.bounded_requests = Counter(
+            "kvpool_gateway_bounded_requests",
+            "Generate requests whose KV cache was bounded (max_cache_tokens).",
+            ["tenant"], registry=r,
+        )  # fmt: skip
+        self.evicted_tokens = Counter(
+            "kvpool_gateway_evicted_tokens",
+            "Tokens no longer in a bounded request's cache when it finished.",
+            ["tenant"], registry=r,
+        )  # fmt: skip
         self.failovers = Counter(
             "kvpool_gateway_failovers", "Streams moved to another worker after one died.",
             registry=r,
@@ -77,6 +87,9 @@ class GatewayMetrics:
         self.cached_tokens.labels(tenant, "local").inc(usage.cached_local_tokens)
         self.cached_tokens.labels(tenant, "store").inc(usage.cached_store_tokens)
         self.completion_tokens.labels(tenant).inc(usage.completion_tokens)
+        if usage.bounded:
+            self.bounded_requests.labels(tenant).inc()
+            self.evicted_tokens.labels(tenant).inc(usage.evicted_tokens)
         if usage.cached_local_tokens and usage.cached_store_tokens:
             cache = "mixed"
         elif usage.cached_local_tokens:

@@ -3,6 +3,7 @@
 import msgpack
 import pytest
 import ray
+from prometheus_client import generate_latest
 
 from kvpool.errors import InvalidArgument
 from services.gateway.sessions import Session, decode_session, encode_session
@@ -37,6 +38,10 @@ def test_a_bounded_session_keeps_its_bound_and_survives_its_worker(stack, client
     assert third.usage["evicted_tokens"] > second.usage["evicted_tokens"]
     history = client.get_session("bounded").token_ids
     assert len(history) == third.usage["prompt_tokens"] + third.usage["completion_tokens"]
+    metrics = generate_latest(stack.metrics.registry).decode()
+    assert 'kvpool_gateway_bounded_requests_total{tenant=""} 3.0' in metrics
+    evicted = sum(u.usage["evicted_tokens"] for u in (first, second, third))
+    assert f'kvpool_gateway_evicted_tokens_total{{tenant=""}} {float(evicted)}' in metrics
     wait_for(lambda: len(stack.pool.live()) == 2, 180, "a replacement worker")
 
 
