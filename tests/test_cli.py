@@ -32,6 +32,27 @@ def kvpool(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         ),
         (["generate", "hi", "--model", "tiny-random", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["generate", "hi", "--session", "s1"], "--session and --tenant need a gateway"),
+        (
+            ["generate", "hi", "--model", "tiny-random", "--max-cache-tokens", "100"],
+            "it must be at least sink_tokens + 2 x block_tokens = 132",
+        ),
+        (
+            [
+                "generate",
+                "hi",
+                "--model",
+                "tiny-random",
+                "--max-cache-tokens",
+                "256",
+                "--sink-tokens",
+                "-1",
+            ],
+            "sink_tokens must be 0 (no sinks) or positive",
+        ),
+        (
+            ["gateway", "serve", "--store", "127.0.0.1:1", "--max-cache-tokens", "100"],
+            "--max-cache-tokens/--sink-tokens: max_cache_tokens=100 is too small",
+        ),
     ],
 )
 def test_bad_input_is_a_message_not_a_traceback(args, message):
@@ -91,3 +112,16 @@ def test_help_lists_the_commands():
     assert proc.returncode == 0
     for command in ("generate", "bench"):
         assert command in proc.stdout
+
+
+def test_generate_local_with_a_bounded_cache_reports_evicted_tokens():
+    proc = kvpool(
+        "generate", "A bounded cache. " * 60, "--local", "--raw", "--model", "tiny-random",
+        "--max-new-tokens", "8", "--max-cache-tokens", "132", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    usage = json.loads(proc.stdout)["usage"]
+    # Evicted at block boundaries (64 tokens) down to 132 - 64 = 68 kept; 7 outputs were fed.
+    fed = usage["prompt_tokens"] + 7
+    assert fed > 132 + 64  # at least two evictions
+    assert usage["evicted_tokens"] == fed // 64 * 64 - 68
