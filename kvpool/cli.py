@@ -32,6 +32,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "store"), "kvpool.bench.store", "KVStore throughput against raw redis-py"),
     (("bench", "ttft"), "kvpool.bench.ttft", "time to first token: miss, store hit, local hit"),
     (("bench", "load"), "kvpool.bench.load", "concurrent clients against a running stack"),
+    (("bench", "window"), "kvpool.bench.window", "bounded cache with and without sinks vs full"),
 ]
 
 
