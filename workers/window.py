@@ -66,10 +66,8 @@ class CacheWindow:
             raise InvalidArgument(
                 f"sink_tokens must be 0 (no sinks) or positive, got {self.sink_tokens}"
             )
-        if self.max_cache_tokens < 0:
-            raise InvalidArgument(
-                f"max_cache_tokens must be 0 (unbounded) or positive, got {self.max_cache_tokens}"
-            )
+        if self.max_cache_tokens < 1:  # unbounded is no CacheWindow at all, not max_cache_tokens=0
+            raise InvalidArgument(f"max_cache_tokens must be positive, got {self.max_cache_tokens}")
         least = self.sink_tokens + 2 * self.block_tokens
         if self.max_cache_tokens < least:
             raise InvalidArgument(
@@ -104,6 +102,21 @@ class CacheWindow:
         return sorted(set(range(sink_blocks)) | set(range(first_recent, boundary_block)))
 
 
+def requested_window(
+    max_cache_tokens: int, sink_tokens: int, block_tokens: int
+) -> CacheWindow | None:
+    """The bound a request asks for: None for `max_cache_tokens == 0` (unbounded)."""
+    if not isinstance(max_cache_tokens, int) or max_cache_tokens < 0:
+        raise InvalidArgument(
+            f"max_cache_tokens must be 0 (unbounded) or positive, got {max_cache_tokens!r}"
+        )
+    if not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise InvalidArgument(f"sink_tokens must be 0 (no sinks) or positive, got {sink_tokens!r}")
+    if max_cache_tokens == 0:
+        return None
+    return CacheWindow(max_cache_tokens, sink_tokens, block_tokens)
+
+
 def check_windowable(model) -> None:
     """Raise unless `model` is a RoPE model whose keys `rotate_keys` can re-rotate."""
     config = model.config.get_text_config(decoder=True)
@@ -112,12 +125,12 @@ def check_windowable(model) -> None:
             f"max_cache_tokens needs a RoPE model of type {sorted(ROTATE_HALF_MODEL_TYPES)}; "
             f"this model is {config.model_type!r}"
         )
-    if getattr(config, "sliding_window", None) or "sliding_attention" in (
-        getattr(config, "layer_types", None) or ()
-    ):
+    layer_types = getattr(config, "layer_types", None) or ()
+    if getattr(config, "sliding_window", None) or "sliding_attention" in layer_types:
         raise InvalidArgument(
-            f"this model has a native sliding window of {config.sliding_window} tokens, which "
-            "already bounds its cache; max_cache_tokens applies to full-attention models"
+            "this model has a native sliding window (config.sliding_window="
+            f"{getattr(config, 'sliding_window', None)}), which already bounds its cache; "
+            "max_cache_tokens applies to full-attention models"
         )
     rotary = _rotary(model)
     rope_type = getattr(rotary, "rope_type", "default")
@@ -160,11 +173,6 @@ class Rerotator:
         return (k * cos + rotated_half * sin).to(keys.dtype)
 
 
-def cache_tokens(cache: DynamicCache) -> int:
-    """Tokens held by the cache's first layer."""
-    return cache.get_seq_length()
-
-
 def cache_bytes(cache: DynamicCache) -> int:
     """Bytes of every layer's keys and values."""
     total = 0
@@ -178,8 +186,8 @@ def cache_bytes(cache: DynamicCache) -> int:
 def evict(cache: DynamicCache, window: CacheWindow, rerotator: Rerotator | None) -> int:
     """Evict down to `window.kept_tokens` if the cache holds more; returns tokens evicted.
 
-    Called only at block boundaries. `rerotator` None keeps positions as they were (an ablation
-    for the benchmark, not something a server does).
+    Called only at block boundaries. `rerotator` None leaves the kept keys' positions as they
+    were (an ablation, never what a worker does).
     """
     held = cache.get_seq_length()
     excess = held - window.kept_tokens

@@ -26,7 +26,7 @@ from workers.kv.layout import blocks_to_cache, cache_to_blocks, recent_blocks
 from workers.models import load_model
 from workers.prefix import CachedPrefix, find_blocks, find_prefix
 from workers.tiers import BlockStore, LocalBlocks, LocalStats, WriteBehind, WriteStats
-from workers.window import DEFAULT_SINK_TOKENS, CacheWindow, rebuild
+from workers.window import DEFAULT_SINK_TOKENS, CacheWindow, rebuild, requested_window
 
 log = logging.getLogger(__name__)
 
@@ -206,16 +206,11 @@ class KVWorker:
 
     def window(self, request: WorkRequest) -> CacheWindow | None:
         """The request's cache bound, or None; InvalidArgument when it cannot apply."""
-        if request.max_cache_tokens == 0:
-            if request.sink_tokens < 0:
-                raise InvalidArgument(
-                    f"sink_tokens must be 0 (no sinks) or positive, got {request.sink_tokens}"
-                )
-            return None
-        window = CacheWindow(
+        window = requested_window(
             request.max_cache_tokens, request.sink_tokens, self.config.block_tokens
         )
-        self.engine.check_fits(0, request.params, window)  # the model must be windowable
+        if window is not None:
+            self.engine.check_fits(0, request.params, window)  # the model must be windowable
         return window
 
     def generate(self, request: WorkRequest) -> Iterator[TokenEvent | WorkDone]:

@@ -146,14 +146,12 @@ def _run_local(args: argparse.Namespace) -> int:
         prompt_ids = engine.encode(messages=messages)
     else:
         prompt_ids = engine.encode(prompt=args.prompt)
-    window = None
-    if args.max_cache_tokens:
-        from workers.window import DEFAULT_SINK_TOKENS, CacheWindow
+    from workers.window import DEFAULT_SINK_TOKENS, requested_window
 
-        sinks = DEFAULT_SINK_TOKENS if args.sink_tokens is None else args.sink_tokens
-        window = CacheWindow(args.max_cache_tokens, sinks, block_tokens=64)
-        if args.no_cache:
-            raise ValueError("--max-cache-tokens bounds the cache; it cannot go with --no-cache")
+    sinks = DEFAULT_SINK_TOKENS if args.sink_tokens is None else args.sink_tokens
+    window = requested_window(args.max_cache_tokens or 0, sinks, block_tokens=64)
+    if window is not None and args.no_cache:
+        raise ValueError("--max-cache-tokens bounds the cache; it cannot go with --no-cache")
     generation = engine.stream(prompt_ids, params, use_cache=not args.no_cache, window=window)
     for event in generation:
         if not args.json and event.text:

@@ -26,7 +26,7 @@ from services.gateway.sessions import LiveSessions, Session, SessionStore, check
 from workers.engine import SamplingParams, TokenEvent
 from workers.inputs import PromptInput
 from workers.kv.hashing import BlockHash, Namespace, chain_hashes
-from workers.window import DEFAULT_SINK_TOKENS, CacheWindow
+from workers.window import DEFAULT_SINK_TOKENS, requested_window
 from workers.worker import PrefillResult, WorkDone, WorkRequest, WorkUsage
 
 log = logging.getLogger(__name__)
@@ -366,17 +366,12 @@ class InferenceCore:
             max_cache_tokens = req.max_cache_tokens
         if req.sink_tokens is not None:
             sink_tokens = req.sink_tokens
-        if sink_tokens < 0:
+        window = requested_window(max_cache_tokens, sink_tokens, self.pool.info.block_tokens)
+        if window is not None and window.max_cache_tokens > self.pool.info.max_context:
             raise InvalidArgument(
-                f"sink_tokens must be 0 (no sinks) or positive, got {sink_tokens}"
+                f"max_cache_tokens={max_cache_tokens} exceeds the model's context of "
+                f"{self.pool.info.max_context} tokens"
             )
-        if max_cache_tokens:
-            window = CacheWindow(max_cache_tokens, sink_tokens, self.pool.info.block_tokens)
-            if window.max_cache_tokens > self.pool.info.max_context:
-                raise InvalidArgument(
-                    f"max_cache_tokens={max_cache_tokens} exceeds the model's context of "
-                    f"{self.pool.info.max_context} tokens"
-                )
         return max_cache_tokens, sink_tokens
 
     def _check_fits(

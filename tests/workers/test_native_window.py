@@ -268,5 +268,7 @@ def test_block_tokens_must_fit_in_what_the_sliding_layers_keep(model_dirs, kind)
 def test_a_windowed_request_is_refused_on_a_native_sliding_model(worker):
     request = WorkRequest(tuple(range(100, 150)), SamplingParams(max_new_tokens=4),
                           max_cache_tokens=256)  # fmt: skip
-    with pytest.raises(InvalidArgument, match=f"native sliding window of {WINDOW} tokens"):
+    with pytest.raises(
+        InvalidArgument, match=rf"native sliding window \(config.sliding_window={WINDOW}\)"
+    ):
         next(worker.generate(request))
