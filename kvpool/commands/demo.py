@@ -84,12 +84,21 @@ def run(args: argparse.Namespace) -> int:
         say(f"ready in {time.perf_counter() - started:.0f} s; gateway on {stack.gateway.target}\n")
         n = args.max_new_tokens
 
+        sessions: set[str] = set()
+
         def ask(
-            step: str, question: str, *, session_id: str = "", kill_after: int | None = None
+            step: str,
+            question: str,
+            *,
+            session_id: str = "",
+            kill_after: int | None = None,
+            max_cache_tokens: int | None = None,
         ) -> None:
             # A new conversation starts with the system prompt and the document, so every task
             # and the chat's first turn share that prefix; later turns send only the question.
-            new = not session_id or not any(r.step.startswith("chat") for r in rows)
+            new = session_id not in sessions
+            if session_id:
+                sessions.add(session_id)
             messages = [{"role": "user", "content": question}]
             if new:
                 messages = [
@@ -102,7 +111,10 @@ def run(args: argparse.Namespace) -> int:
             tokens = 0
             last = None
             with stack.client() as client:
-                stream = client.stream(messages=messages, max_new_tokens=n, session_id=session_id)
+                stream = client.stream(
+                    messages=messages, max_new_tokens=n, session_id=session_id,
+                    max_cache_tokens=max_cache_tokens,
+                )  # fmt: skip
                 for chunk in stream:
                     if chunk.text:
                         sys.stdout.write(chunk.text if text_started else chunk.text.lstrip())
@@ -116,8 +128,9 @@ def run(args: argparse.Namespace) -> int:
                         sys.stdout.flush()
                     last = chunk
             u = last.usage
-            say(f"\n   (worker {u.worker}, {u.prompt_tokens} prompt tokens, "
-                f"{u.cached_tokens} cached, first token after {u.ttft_ms:.0f} ms)\n")  # fmt: skip
+            evicted = f", {u.evicted_tokens} evicted" if u.evicted_tokens else ""
+            say(f"\n   (worker {u.worker}, {u.prompt_tokens} prompt tokens, {u.cached_tokens} "
+                f"cached{evicted}, first token after {u.ttft_ms:.0f} ms)\n")  # fmt: skip
             rows.append(
                 Row(step, u.worker, u.prompt_tokens, u.cached_tokens_by_tier.local,
                     u.cached_tokens_by_tier.store, u.ttft_ms, u.failovers)
@@ -137,6 +150,16 @@ def run(args: argparse.Namespace) -> int:
         )
         stack.flush()
         ask("chat, turn 3", "Say that again in one short sentence.", session_id="demo")
+        # A bounded session: its cache keeps 4 sink tokens and the most recent ones, at most 512,
+        # however long it runs; its next turn rebuilds that state from the store on any worker.
+        ask(
+            "bounded chat, turn 1 (cache bounded to 512 tokens)",
+            "List three facts from the document.",
+            session_id="bounded",
+            max_cache_tokens=512,
+        )
+        stack.flush()
+        ask("bounded chat, turn 2", "Which fact is the most surprising?", session_id="bounded")
         print_table(rows)
         say(f"\nshutting down (the demo took {time.perf_counter() - started:.0f} s)")
     say("done")

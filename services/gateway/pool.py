@@ -198,6 +198,8 @@ class WorkerPool:
             handle = start_actor(self.config.worker, wid, self.config.resources)
             info = call(handle.info.remote(), self.config.start_timeout_s)
         except Exception as exc:
+            if self._closed.is_set():
+                return  # shutting down: the replacement was cancelled, as it should be
             log.error("could not start a replacement worker: %s", exc)
             return
         if _namespace_of(info) != _namespace_of(self.info) or self._closed.is_set():
