@@ -22,3 +22,14 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_engine(smollm2):
     return Engine(smollm2)
+
+
+@pytest.fixture(scope="module")
+def store():
+    """A real KVStore (gRPC, memory backend) on a loopback port, for workers in this process."""
+    from services.store.server import StoreConfig, StoreServer
+
+    server = StoreServer(StoreConfig(port=0))
+    server.start()
+    yield server
+    server.stop(0)

@@ -4,7 +4,7 @@ backend). The Ray and gateway layers are tested in tests/services/gateway."""
 import pytest
 
 from kvpool.errors import InvalidArgument
-from services.store.server import StoreConfig, StoreServer
+from tests.support.work import run
 from workers.engine import SamplingParams
 from workers.inputs import ChatMessage, PromptInput
 from workers.kv.hashing import block_key, chain_hashes
@@ -16,28 +16,12 @@ DOC = (
 ) * 6
 
 
-@pytest.fixture(scope="module")
-def store():
-    server = StoreServer(StoreConfig(port=0))
-    server.start()
-    yield server
-    server.stop(0)
-
-
 def make_worker(store, worker_id, **overrides) -> KVWorker:
     # fp16 keeps tiny-random's greedy output identical to the exact cache (its random logits
     # have near-ties that int8 can flip); int8 is checked on SmolLM2 below.
     config = dict(model="tiny-random", codec="fp16", block_tokens=16, store_target=store.target)
     config.update(overrides)
     return KVWorker(WorkerConfig(**config), worker_id)
-
-
-def run(worker: KVWorker, request: WorkRequest) -> WorkDone:
-    items = list(worker.generate(request))
-    done = items[-1]
-    assert isinstance(done, WorkDone)
-    assert [i.token_id for i in items[:-1]] == list(done.token_ids[len(request.prior_output) :])
-    return done
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from kvpool.errors import InvalidArgument
 from services.store.client import StoreClient
-from services.store.server import StoreConfig, StoreServer
+from tests.support.work import run
 from workers.engine import SamplingParams
 from workers.inputs import PromptInput
 from workers.kv.hashing import block_key, chain_hashes
@@ -88,21 +88,6 @@ def worker(model_dirs, kind):
     worker = KVWorker(WorkerConfig(model=model_dirs[kind], codec="fp16", block_tokens=BLOCK))
     yield worker
     worker.close()
-
-
-@pytest.fixture(scope="module")
-def store():
-    server = StoreServer(StoreConfig(port=0))
-    server.start()
-    yield server
-    server.stop(0)
-
-
-def run(worker: KVWorker, request: WorkRequest) -> WorkDone:
-    items = list(worker.generate(request))
-    done = items[-1]
-    assert isinstance(done, WorkDone)
-    return done
 
 
 def sliding(layer) -> bool:

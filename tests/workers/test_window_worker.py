@@ -5,11 +5,11 @@ and window blocks in the store, with the output the first worker would have give
 import pytest
 
 from kvpool.errors import InvalidArgument
-from services.store.server import StoreConfig, StoreServer
+from tests.support.work import run
 from workers.engine import SamplingParams
 from workers.inputs import PromptInput
 from workers.kv.hashing import block_key
-from workers.worker import KVWorker, WorkDone, WorkerConfig, WorkRequest
+from workers.worker import KVWorker, WorkerConfig, WorkRequest
 
 TEXT = (
     "A bounded session keeps its first tokens and its most recent ones, so a long conversation "
@@ -18,26 +18,10 @@ TEXT = (
 WINDOW = {"max_cache_tokens": 68, "sink_tokens": 4}  # block_tokens 16: keeps 52 after eviction
 
 
-@pytest.fixture(scope="module")
-def store():
-    server = StoreServer(StoreConfig(port=0))
-    server.start()
-    yield server
-    server.stop(0)
-
-
 def make_worker(store, worker_id, **overrides) -> KVWorker:
     config = dict(model="tiny-random", codec="fp16", block_tokens=16, store_target=store.target)
     config.update(overrides)
     return KVWorker(WorkerConfig(**config), worker_id)
-
-
-def run(worker: KVWorker, request: WorkRequest) -> WorkDone:
-    items = list(worker.generate(request))
-    done = items[-1]
-    assert isinstance(done, WorkDone)
-    assert [i.token_id for i in items[:-1]] == list(done.token_ids[len(request.prior_output) :])
-    return done
 
 
 @pytest.fixture(scope="module")
