@@ -1,6 +1,6 @@
 """Running a KVWorker request to the end in a test."""
 
-from workers.worker import KVWorker, WorkDone, WorkRequest
+from workers.worker import KVWorker, WorkDone, WorkerConfig, WorkRequest
 
 
 def run(worker: KVWorker, request: WorkRequest) -> WorkDone:
@@ -10,3 +10,14 @@ def run(worker: KVWorker, request: WorkRequest) -> WorkDone:
     assert isinstance(done, WorkDone)
     assert [i.token_id for i in items[:-1]] == list(done.token_ids[len(request.prior_output) :])
     return done
+
+
+def make_worker(store, worker_id: str, **overrides) -> KVWorker:
+    """A tiny-random worker on `store` (a started StoreServer); `overrides` go to WorkerConfig.
+
+    fp16 keeps tiny-random's greedy output identical to the exact cache: its random logits have
+    near-ties that int8 can flip (int8 is checked on SmolLM2).
+    """
+    config = dict(model="tiny-random", codec="fp16", block_tokens=16, store_target=store.target)
+    config.update(overrides)
+    return KVWorker(WorkerConfig(**config), worker_id)

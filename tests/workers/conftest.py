@@ -33,3 +33,14 @@ def store():
     server.start()
     yield server
     server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def pair(store):
+    """Two tiny-random workers, "a" and "b", sharing `store`."""
+    from tests.support.work import make_worker
+
+    a, b = make_worker(store, "a"), make_worker(store, "b")
+    yield a, b
+    a.close()
+    b.close()

@@ -4,7 +4,7 @@ backend). The Ray and gateway layers are tested in tests/services/gateway."""
 import pytest
 
 from kvpool.errors import InvalidArgument
-from tests.support.work import run
+from tests.support.work import make_worker, run
 from workers.engine import SamplingParams
 from workers.inputs import ChatMessage, PromptInput
 from workers.kv.hashing import block_key, chain_hashes
@@ -14,22 +14,6 @@ DOC = (
     "A KV cache stores the attention keys and values of every token a model has seen, so the "
     "next token needs one step instead of a pass over the whole text. "
 ) * 6
-
-
-def make_worker(store, worker_id, **overrides) -> KVWorker:
-    # fp16 keeps tiny-random's greedy output identical to the exact cache (its random logits
-    # have near-ties that int8 can flip); int8 is checked on SmolLM2 below.
-    config = dict(model="tiny-random", codec="fp16", block_tokens=16, store_target=store.target)
-    config.update(overrides)
-    return KVWorker(WorkerConfig(**config), worker_id)
-
-
-@pytest.fixture(scope="module")
-def pair(store):
-    a, b = make_worker(store, "a"), make_worker(store, "b")
-    yield a, b
-    a.close()
-    b.close()
 
 
 def test_worker_b_reuses_blocks_that_worker_a_stored(pair):

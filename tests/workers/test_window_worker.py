@@ -5,31 +5,17 @@ and window blocks in the store, with the output the first worker would have give
 import pytest
 
 from kvpool.errors import InvalidArgument
-from tests.support.work import run
+from tests.support.work import make_worker, run
 from workers.engine import SamplingParams
 from workers.inputs import PromptInput
 from workers.kv.hashing import block_key
-from workers.worker import KVWorker, WorkerConfig, WorkRequest
+from workers.worker import WorkRequest
 
 TEXT = (
     "A bounded session keeps its first tokens and its most recent ones, so a long conversation "
     "runs in flat memory on any worker. "
 ) * 10
 WINDOW = {"max_cache_tokens": 68, "sink_tokens": 4}  # block_tokens 16: keeps 52 after eviction
-
-
-def make_worker(store, worker_id, **overrides) -> KVWorker:
-    config = dict(model="tiny-random", codec="fp16", block_tokens=16, store_target=store.target)
-    config.update(overrides)
-    return KVWorker(WorkerConfig(**config), worker_id)
-
-
-@pytest.fixture(scope="module")
-def pair(store):
-    a, b = make_worker(store, "a"), make_worker(store, "b")
-    yield a, b
-    a.close()
-    b.close()
 
 
 def test_a_windowed_session_continues_on_another_worker(pair, store):
