@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from kvpool.errors import InvalidArgument
 from workers.models import LoadedModel
-from workers.window import CacheWindow, Rerotator, evict, feed_chunks
+from workers.window import CacheWindow, Rerotator, evict, feed_chunks, native_window
 
 MAX_NEW_TOKENS_LIMIT = 4096
 ROLES = ("system", "user", "assistant")
@@ -130,22 +130,14 @@ class Engine:
         self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = int(self.model.config.vocab_size)
         self._rerotator: Rerotator | None = None  # built on the first windowed request
+        # The model's own sliding window, when some of its layers attend only to recent tokens.
+        self.native_window = native_window(self.model.config)
 
     def rerotator(self) -> Rerotator:
         """Re-rotates cached keys; InvalidArgument for a model that cannot be windowed."""
         if self._rerotator is None:
             self._rerotator = Rerotator(self.model)
         return self._rerotator
-
-    @property
-    def native_window(self) -> int | None:
-        """The model's own sliding window, when some of its layers attend only to recent tokens."""
-        config = self.model.config.get_text_config(decoder=True)
-        window = getattr(config, "sliding_window", None)
-        layer_types = getattr(config, "layer_types", None)
-        if not window or (layer_types is not None and "sliding_attention" not in layer_types):
-            return None
-        return int(window)
 
     # --- input -----------------------------------------------------------------------------
 

@@ -87,18 +87,26 @@ class CacheWindow:
         boundary = fed - fed % self.block_tokens
         return max(0, boundary - self.kept_tokens)
 
+    @property
+    def plain_blocks(self) -> int:
+        """Blocks computed before the first eviction, which happens at the boundary after them."""
+        return self.kept_tokens // self.block_tokens + 1
+
     def windowed_block(self, index: int) -> bool:
         """Whether block `index` was computed after an eviction (so it depends on the window)."""
-        return self.evicted(index * self.block_tokens) > 0
+        return index >= self.plain_blocks
+
+    def first_recent_block(self, boundary_block: int) -> int:
+        """The first block holding recent tokens the cache keeps after `boundary_block` blocks."""
+        evicted = self.evicted(boundary_block * self.block_tokens)
+        return (self.sink_tokens + evicted) // self.block_tokens
 
     def blocks_for_state(self, boundary_block: int) -> list[int]:
         """The block indices whose tokens make up the cache after `boundary_block` blocks."""
-        fed = boundary_block * self.block_tokens
-        evicted = self.evicted(fed)
-        if evicted == 0:
+        if boundary_block < self.plain_blocks:
             return list(range(boundary_block))
         sink_blocks = -(-self.sink_tokens // self.block_tokens)
-        first_recent = (self.sink_tokens + evicted) // self.block_tokens
+        first_recent = self.first_recent_block(boundary_block)
         return sorted(set(range(sink_blocks)) | set(range(first_recent, boundary_block)))
 
 
@@ -117,6 +125,16 @@ def requested_window(
     return CacheWindow(max_cache_tokens, sink_tokens, block_tokens)
 
 
+def native_window(config) -> int | None:
+    """A model's own sliding window, when some of its layers attend only to recent tokens."""
+    text = config.get_text_config(decoder=True)
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
 def check_windowable(model) -> None:
     """Raise unless `model` is a RoPE model whose keys `rotate_keys` can re-rotate."""
     config = model.config.get_text_config(decoder=True)
@@ -125,11 +143,10 @@ def check_windowable(model) -> None:
             f"max_cache_tokens needs a RoPE model of type {sorted(ROTATE_HALF_MODEL_TYPES)}; "
             f"this model is {config.model_type!r}"
         )
-    layer_types = getattr(config, "layer_types", None) or ()
-    if getattr(config, "sliding_window", None) or "sliding_attention" in layer_types:
+    if native_window(model.config) is not None:
         raise InvalidArgument(
             "this model has a native sliding window (config.sliding_window="
-            f"{getattr(config, 'sliding_window', None)}), which already bounds its cache; "
+            f"{config.sliding_window}), which already bounds its cache; "
             "max_cache_tokens applies to full-attention models"
         )
     rotary = _rotary(model)

@@ -21,7 +21,7 @@ from kvpool.errors import InvalidArgument
 from workers.engine import Engine, Generation, SamplingParams, TokenEvent
 from workers.inputs import PromptInput, encode_input
 from workers.kv.block import decode_block, encode_block
-from workers.kv.hashing import BlockHash, Namespace, chain_hashes
+from workers.kv.hashing import BlockHash, Namespace, block_key, chain_hashes
 from workers.kv.layout import blocks_to_cache, cache_to_blocks, recent_blocks
 from workers.models import load_model
 from workers.prefix import CachedPrefix, find_blocks, find_prefix
@@ -386,8 +386,7 @@ class KVWorker:
                     tokens = boundary * block_tokens
                     local = tokens if found.local_blocks == len(needed) else 0
                     return _Start(past, tokens, local)
-            while usable and window.windowed_block(usable - 1):
-                usable -= 1  # the plain blocks before the first eviction
+            usable = min(usable, window.plain_blocks)  # the blocks before the first eviction
         prefix = self._cached_prefix(hashes[:usable])
         if not prefix.blocks:
             return _Start()
@@ -403,18 +402,13 @@ class KVWorker:
         one block that its new input completes. Only hashes are looked up here; blocks are
         fetched once the boundary is chosen.
         """
-        block_tokens = window.block_tokens
         latest = len(hashes)
-        earliest = max(latest - 2 * (window.max_cache_tokens // block_tokens) - 2, 1)
-        while earliest <= latest and window.evicted(earliest * block_tokens) == 0:
-            earliest += 1
+        span = 2 * (window.max_cache_tokens // window.block_tokens) + 2
+        earliest = max(latest - span, window.plain_blocks)
         if earliest > latest:
             return 0
         # The recent blocks of every candidate boundary start at or after `low`.
-        low = window.blocks_for_state(earliest)[-1] if earliest else 0
-        low = min(
-            low, (window.sink_tokens + window.evicted(earliest * block_tokens)) // block_tokens
-        )
+        low = window.first_recent_block(earliest)
         run = hashes[low:latest]
         present = 0
         for block_hash in run:  # the leading run held in L1
@@ -422,8 +416,6 @@ class KVWorker:
                 break
             present += 1
         if present < len(run) and self.store is not None:
-            from workers.kv.hashing import block_key
-
             try:
                 present = max(present, self.store.lookup([block_key(h) for h in run]))
             except Exception as exc:
@@ -433,8 +425,6 @@ class KVWorker:
         return boundary if boundary >= earliest else 0
 
     def _store_prefix_blocks(self, hashes: Sequence[BlockHash]) -> int:
-        from workers.kv.hashing import block_key
-
         try:
             return self.store.lookup([block_key(h) for h in hashes]) if self.store else 0
         except Exception as exc:
