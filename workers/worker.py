@@ -206,12 +206,10 @@ class KVWorker:
 
     def window(self, request: WorkRequest) -> CacheWindow | None:
         """The request's cache bound, or None; InvalidArgument when it cannot apply."""
-        window = requested_window(
+        # `generate` then checks, with the engine, that the model can be windowed.
+        return requested_window(
             request.max_cache_tokens, request.sink_tokens, self.config.block_tokens
         )
-        if window is not None:
-            self.engine.check_fits(0, request.params, window)  # the model must be windowable
-        return window
 
     def generate(self, request: WorkRequest) -> Iterator[TokenEvent | WorkDone]:
         """Stream the output's tokens, then one WorkDone."""
