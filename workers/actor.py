@@ -12,16 +12,14 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import ray
 
 from kvpool.errors import KvpoolError
-from workers.engine import TokenEvent
-from workers.inputs import PromptInput
-from workers.worker import (
-    KVWorker,
+from workers.api import (
+    ActorResources,
     PrefillResult,
+    TokenEvent,
     WorkDone,
     WorkerConfig,
     WorkerInfo,
@@ -34,21 +32,6 @@ log = logging.getLogger(__name__)
 ACTOR_NAME_PREFIX = "kvpool-worker-"
 
 
-@dataclass(frozen=True, slots=True)
-class ActorResources:
-    """What one worker actor asks Ray for."""
-
-    num_gpus: float = 0.0
-    num_cpus: float = 1.0
-    max_concurrency: int = 8  # generations sharing the model, plus stats and health calls
-
-    def __post_init__(self) -> None:
-        if self.num_gpus < 0 or self.num_cpus < 0:
-            raise ValueError("num_gpus and num_cpus must be >= 0")
-        if self.max_concurrency < 2:
-            raise ValueError("max_concurrency must be >= 2 so health calls answer during work")
-
-
 class WorkerActor:
     """Ray-facing methods; each forwards to the `KVWorker` built in the actor's process."""
 
@@ -57,6 +40,10 @@ class WorkerActor:
         if config.retain_freed_memory:
             retain_freed_memory()
         self._startup_error: KvpoolError | None = None
+        # Imported here, in the actor's process: the gateway imports this module to start actors
+        # and must not load torch (workers.api).
+        from workers.worker import KVWorker
+
         try:
             self._worker = KVWorker(config, worker_id)
         except KvpoolError as exc:
@@ -73,11 +60,8 @@ class WorkerActor:
             raise self._startup_error
         return self._worker.info()
 
-    def encode(self, given: PromptInput, history: Sequence[int] = ()) -> list[int]:
-        return self._worker.encode(given, history)
-
-    def decode_text(self, token_ids: Sequence[int]) -> str:
-        return self._worker.decode_text(token_ids)
+    def tokenizer_files(self) -> dict[str, bytes]:
+        return self._worker.tokenizer_files()
 
     def generate(self, request: WorkRequest) -> Iterator[TokenEvent | WorkDone]:
         yield from self._worker.generate(request)

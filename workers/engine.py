@@ -19,59 +19,16 @@ import torch
 from transformers import DynamicCache
 
 from kvpool.errors import InvalidArgument
+from workers.api import SamplingParams, TokenEvent
+from workers.kv.bounds import CacheWindow, feed_chunks
 from workers.models import LoadedModel
-from workers.window import CacheWindow, Rerotator, evict, feed_chunks, native_window
-
-MAX_NEW_TOKENS_LIMIT = 4096
-ROLES = ("system", "user", "assistant")
-FINISH_REASONS = ("length", "eos", "stop")
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """How to pick tokens. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` disable."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise InvalidArgument(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise InvalidArgument(
-                f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, "
-                f"got {self.max_new_tokens}"
-            )
-        if not 0.0 <= self.temperature <= 10.0:
-            raise InvalidArgument(f"temperature must be in [0, 10], got {self.temperature}")
-        if self.top_k < 0:
-            raise InvalidArgument(f"top_k must be 0 (off) or positive, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise InvalidArgument(f"seed must be in [0, 2**63), got {self.seed}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InvalidArgument("stop strings must be non-empty strings")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class TokenEvent:
-    """One generated token and the text it added (empty while a character is incomplete)."""
-
-    token_id: int
-    text: str
+from workers.window import Rerotator, evict, native_window
 
 
 @dataclass(slots=True)
-class Usage:
+class GenerationUsage:
+    """What one generation cost; the worker turns it into `WorkUsage`."""
+
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int = 0
@@ -85,7 +42,7 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     finish_reason: str
-    usage: Usage
+    usage: GenerationUsage
 
 
 @dataclass(slots=True)
@@ -138,72 +95,6 @@ class Engine:
         if self._rerotator is None:
             self._rerotator = Rerotator(self.model)
         return self._rerotator
-
-    # --- input -----------------------------------------------------------------------------
-
-    def encode(
-        self,
-        prompt: str | None = None,
-        messages: Sequence[dict[str, str]] | None = None,
-        token_ids: Sequence[int] | None = None,
-    ) -> list[int]:
-        """Token ids for exactly one of a prompt, chat messages (chat template) or token ids."""
-        given = [
-            name
-            for name, value in (
-                ("prompt", prompt),
-                ("messages", messages),
-                ("token_ids", token_ids),
-            )
-            if value is not None
-        ]
-        if len(given) != 1:
-            raise InvalidArgument(
-                f"give exactly one of prompt, messages or token_ids (got {given or 'none'})"
-            )
-        if prompt is not None:
-            if not prompt.strip():
-                raise InvalidArgument("prompt is empty; give some text to continue")
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        elif messages is not None:
-            ids = self.encode_messages(messages)
-        else:
-            ids = list(token_ids or [])
-            if not ids:
-                raise InvalidArgument("token_ids is empty; give at least one token id")
-            bad = [
-                t
-                for t in ids
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size
-            ]
-            if bad:
-                raise InvalidArgument(
-                    f"token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}"
-                )
-        if not ids:
-            raise InvalidArgument("the prompt encodes to no tokens; give some text")
-        return list(ids)
-
-    def encode_messages(
-        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
-    ) -> list[int]:
-        """Token ids of chat messages rendered with the model's chat template."""
-        if not messages:
-            raise InvalidArgument("messages is empty; give at least one {role, content} message")
-        for i, message in enumerate(messages):
-            role, content = message.get("role"), message.get("content")
-            if role not in ROLES:
-                raise InvalidArgument(f"messages[{i}].role must be one of {ROLES}, got {role!r}")
-            if not isinstance(content, str) or not content.strip():
-                raise InvalidArgument(f"messages[{i}].content is empty")
-        if self.tokenizer.chat_template is None:
-            raise InvalidArgument(
-                f"model {self.loaded.name!r} has no chat template; send a plain prompt instead"
-            )
-        text = self.tokenizer.apply_chat_template(
-            [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def check_fits(
         self, prompt_tokens: int, params: SamplingParams, window: CacheWindow | None = None
@@ -303,7 +194,7 @@ class Engine:
             generation.evicted = cached - cache.get_seq_length()
             if cached:  # a past of plain blocks may still owe the eviction at its boundary
                 generation.evicted += evict(cache, window, self.rerotator())
-        usage = Usage(prompt_tokens=len(prompt_ids), cached_tokens=cached)
+        usage = GenerationUsage(prompt_tokens=len(prompt_ids), cached_tokens=cached)
         generation._events = self._decode_loop(
             generation, sequence, len(prompt_ids), params, usage, started or time.perf_counter()
         )
@@ -322,7 +213,7 @@ class Engine:
         sequence: list[int],
         prompt_len: int,
         params: SamplingParams,
-        usage: Usage,
+        usage: GenerationUsage,
         started: float,
     ) -> Iterator[TokenEvent]:
         output = sequence[prompt_len:]  # starts with prior_output on a resumed generation

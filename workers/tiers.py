@@ -11,11 +11,11 @@ import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from workers.api import LocalStats, WriteStats
 from workers.kv.hashing import BlockHash, block_key
 
 log = logging.getLogger(__name__)
@@ -31,16 +31,6 @@ class BlockStore(Protocol):
     def put_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int | None = None) -> int: ...
 
     def delete(self, keys: Sequence[str]) -> int: ...
-
-
-@dataclass(frozen=True, slots=True)
-class LocalStats:
-    blocks: int
-    bytes: int
-    capacity_bytes: int
-    hits: int
-    misses: int
-    evictions: int
 
 
 class LocalBlocks:
@@ -114,15 +104,6 @@ class LocalBlocks:
                 misses=self._misses,
                 evictions=self._evictions,
             )
-
-
-@dataclass(frozen=True, slots=True)
-class WriteStats:
-    submitted: int  # blocks handed to the queue
-    stored: int  # blocks the store accepted
-    dropped: int  # blocks not queued because the queue was full
-    failed: int  # blocks whose put failed (store down): a later miss, never a request error
-    pending: int  # blocks waiting in the queue or being written
 
 
 # (hash, block [layers, 2, kv_heads, block_tokens, head_dim]) pairs, in chain order

@@ -12,121 +12,36 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
 from kvpool.errors import InvalidArgument
-from workers.engine import Engine, Generation, SamplingParams, TokenEvent
-from workers.inputs import PromptInput, encode_input
+from workers.api import (
+    PrefillResult,
+    SamplingParams,
+    TokenEvent,
+    WorkDone,
+    WorkerConfig,
+    WorkerInfo,
+    WorkerStats,
+    WorkRequest,
+    WorkUsage,
+)
+from workers.chain import BlockChain, Cutter
+from workers.engine import Engine
 from workers.kv.block import decode_block, encode_block
-from workers.kv.hashing import BlockHash, Namespace, block_key, chain_hashes
-from workers.kv.layout import blocks_to_cache, cache_to_blocks, recent_blocks
+from workers.kv.bounds import CacheWindow, requested_window
+from workers.kv.hashing import BlockHash, Namespace, block_key
+from workers.kv.layout import blocks_to_cache
 from workers.models import load_model
 from workers.prefix import CachedPrefix, find_blocks, find_prefix
-from workers.tiers import BlockStore, LocalBlocks, LocalStats, WriteBehind, WriteStats
-from workers.window import DEFAULT_SINK_TOKENS, CacheWindow, rebuild, requested_window
+from workers.prompt import PromptEncoder, tokenizer_files
+from workers.tiers import BlockStore, LocalBlocks, WriteBehind
+from workers.window import rebuild
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerConfig:
-    model: str = "smollm2-135m"
-    device: str | None = None  # None: CUDA when the worker's process sees a GPU, else CPU
-    codec: str = "int8"
-    block_tokens: int = 64
-    store_target: str | None = None  # HOST:PORT of the KVStore; None runs with L1 only
-    store_timeout_s: float = 5.0
-    store_auth_token: str | None = field(default=None, repr=False)  # bearer token for the store
-    store_tls_ca: bytes | None = field(default=None, repr=False)  # PEM CA: reach the store by TLS
-    l1_bytes: int = 1 << 30
-    write_queue_blocks: int = 512
-    block_ttl_s: int | None = None  # None: the store's default
-    retain_freed_memory: bool = True  # in the actor process; see workers.actor.retain_freed_memory
-
-    def __post_init__(self) -> None:
-        if self.block_tokens < 1:
-            raise ValueError(f"block_tokens must be >= 1, got {self.block_tokens}")
-        if self.l1_bytes < 0:
-            raise ValueError(f"l1_bytes must be >= 0, got {self.l1_bytes}")
-        if self.write_queue_blocks < 1:
-            raise ValueError(f"write_queue_blocks must be >= 1, got {self.write_queue_blocks}")
-
-
-@dataclass(frozen=True, slots=True)
-class WorkRequest:
-    """What the gateway asks a worker to generate."""
-
-    token_ids: tuple[int, ...]  # the whole prompt (a session's history included)
-    params: SamplingParams
-    tenant: str = ""
-    prior_output: tuple[int, ...] = ()  # tokens already streamed before a failover
-    read_cache: bool = True  # False computes from scratch (a baseline for tests and benches)
-    request_id: str = ""  # names the request for `cancel`
-    max_cache_tokens: int = 0  # > 0 bounds the cache with sinks + a recent window (workers.window)
-    sink_tokens: int = DEFAULT_SINK_TOKENS
-
-
-@dataclass(frozen=True, slots=True)
-class WorkUsage:
-    prompt_tokens: int
-    cached_local_tokens: int
-    cached_store_tokens: int
-    completion_tokens: int  # prior_output included
-    ttft_ms: float  # worker receipt to first token, the cache fetch included
-    tokens_per_s: float
-    worker: str
-    evicted_tokens: int = 0  # tokens of the sequence evicted from a windowed cache
-
-    @property
-    def cached_tokens(self) -> int:
-        return self.cached_local_tokens + self.cached_store_tokens
-
-
-@dataclass(frozen=True, slots=True)
-class WorkDone:
-    """The last item of a worker's stream."""
-
-    finish_reason: str  # "stop" | "length" | "eos"
-    token_ids: tuple[int, ...]  # the whole output, prior_output included
-    text: str
-    usage: WorkUsage
-
-
-@dataclass(frozen=True, slots=True)
-class PrefillResult:
-    prompt_tokens: int
-    stored_tokens: int  # full blocks of the prompt now in the store (or L1 without a store)
-    cached_tokens: int  # of those, tokens that were cached before the call
-    worker: str
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerInfo:
-    worker_id: str
-    model: str
-    fingerprint: str
-    codec: str
-    block_tokens: int
-    max_context: int
-    eos_token_ids: frozenset[int]
-    device: str
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerStats:
-    worker_id: str
-    requests: int
-    in_flight: int
-    cached_local_tokens: int
-    cached_store_tokens: int
-    computed_tokens: int  # prompt tokens prefilled because no tier had them
-    corrupt_blocks: int
-    store_errors: int
-    local: LocalStats
-    writes: WriteStats
 
 
 @dataclass(slots=True)
@@ -147,6 +62,7 @@ class KVWorker:
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
         self.loaded = load_model(config.model, device=config.device)
         self.engine = Engine(self.loaded)
+        self.prompts = PromptEncoder.for_model(self.loaded)
         native = self.engine.native_window
         if native is not None and config.block_tokens >= native:
             # A sliding layer keeps only its last `native - 1` tokens, and each block is cut from
@@ -188,13 +104,12 @@ class KVWorker:
             max_context=self.loaded.max_context,
             eos_token_ids=self.loaded.eos_token_ids,
             device=str(self.loaded.device),
+            vocab_size=self.prompts.vocab_size,
         )
 
-    def encode(self, given: PromptInput, history: Sequence[int] = ()) -> list[int]:
-        return encode_input(self.engine, given, history)
-
-    def decode_text(self, token_ids: Sequence[int]) -> str:
-        return self.engine.tokenizer.decode(list(token_ids), skip_special_tokens=False)
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The tokenizer's files, for the gateway to tokenize exactly as this worker would."""
+        return tokenizer_files(self.loaded.tokenizer)
 
     def namespace(self, tenant: str) -> Namespace:
         return Namespace(
@@ -217,11 +132,11 @@ class KVWorker:
         window = self.window(request)
         self.engine.check_fits(len(request.token_ids), request.params, window)
         sequence = [*request.token_ids, *request.prior_output]
-        chain = _BlockChain(self.namespace(request.tenant), window)
+        chain = BlockChain(self.namespace(request.tenant), window)
         hashes = chain.hashes(sequence)
         start = self._start(hashes, window, len(sequence)) if request.read_cache else _Start()
         chunked = window is not None or self.engine.native_window is not None
-        cutter = _Cutter(self, chain, start.tokens // self.config.block_tokens)
+        cutter = Cutter(chain, start.tokens // self.config.block_tokens, self.writer.submit)
         generation = self.engine.stream(
             request.token_ids, request.params, past=start.past,
             past_tokens=start.tokens if window is not None else None,
@@ -267,11 +182,11 @@ class KVWorker:
 
     def prefill(self, token_ids: Sequence[int], tenant: str = "") -> PrefillResult:
         """Compute and store the full blocks of `token_ids`; returns once they are stored."""
-        chain = _BlockChain(self.namespace(tenant), None)
+        chain = BlockChain(self.namespace(tenant), None)
         hashes = chain.hashes(token_ids)
         start = self._start(hashes, None, len(token_ids))
         chunked = self.engine.native_window is not None
-        cutter = _Cutter(self, chain, start.tokens // self.config.block_tokens)
+        cutter = Cutter(chain, start.tokens // self.config.block_tokens, self.writer.submit)
         generation = self.engine.stream(
             token_ids, SamplingParams(max_new_tokens=1), past=start.past,
             chunk_tokens=self.config.block_tokens if chunked else None,
@@ -430,25 +345,6 @@ class KVWorker:
             self._count(store_errors=1)
             return 0
 
-    def _cut(self, generation: Generation, chain: "_BlockChain", written: int) -> int:
-        """Hand blocks completed since block `written` to the writer; returns the new count."""
-        if generation.cache is None:
-            return written
-        block_tokens = self.config.block_tokens
-        fed = generation.fed_token_ids
-        full = len(fed) // block_tokens
-        if full <= written:
-            return written
-        hashes = chain.hashes(fed)
-        # Fresh tensors (both functions copy), so the growing cache cannot change them.
-        if generation.chunk_tokens is None:
-            blocks = cache_to_blocks(generation.cache, block_tokens, first_block=written)
-        else:  # a windowed or sliding cache: the new blocks are at its tail
-            blocks = recent_blocks(generation.cache, full - written, block_tokens,
-                                   after=len(fed) - full * block_tokens)  # fmt: skip
-        self.writer.submit(list(zip(hashes[written:full], blocks[: full - written], strict=True)))
-        return full
-
     def _count(self, **deltas: int) -> None:
         c = self._counters
         with c.lock:
@@ -463,46 +359,3 @@ class _Start:
     past: DynamicCache | None = None
     tokens: int = 0
     local_tokens: int = 0
-
-
-class _BlockChain:
-    """The hashes of a growing sequence's full blocks.
-
-    Under a window, a block computed after the first eviction depends on the window, so it is
-    keyed in a namespace that names the window; the blocks before stay in the plain namespace,
-    shared with every request on that prefix (workers.window).
-    """
-
-    def __init__(self, namespace: Namespace, window: CacheWindow | None) -> None:
-        self.window = window
-        self._namespaces = [namespace]
-        if window is not None:
-            self._namespaces.append(
-                replace(namespace, window=(window.max_cache_tokens, window.sink_tokens))
-            )
-        self._chains: list[list[BlockHash]] = [[] for _ in self._namespaces]
-        self._block_tokens = namespace.block_tokens
-
-    def hashes(self, tokens: Sequence[int]) -> list[BlockHash]:
-        size = self._block_tokens
-        full = len(tokens) // size
-        for namespace, chain in zip(self._namespaces, self._chains, strict=True):
-            if full > len(chain):
-                parent = chain[-1] if chain else None
-                fresh = tokens[len(chain) * size : full * size]
-                chain.extend(chain_hashes(namespace, fresh, parent))
-        plain = self._chains[0][:full]
-        if self.window is None:
-            return plain
-        windowed = self._chains[1]
-        return [windowed[i] if self.window.windowed_block(i) else plain[i] for i in range(full)]
-
-
-class _Cutter:
-    """Cuts a generation's completed blocks for the writer; called after every chunk and token."""
-
-    def __init__(self, worker: KVWorker, chain: _BlockChain, written: int) -> None:
-        self._worker, self._chain, self.written = worker, chain, written
-
-    def __call__(self, generation: Generation) -> None:
-        self.written = self._worker._cut(generation, self._chain, self.written)

@@ -43,13 +43,15 @@ def run(args: argparse.Namespace) -> int:
     counts = _parse_counts(args.new_tokens)
     import torch
 
-    from workers.engine import Engine, SamplingParams
+    from workers.api import SamplingParams
+    from workers.engine import Engine
     from workers.models import load_model
+    from workers.prompt import PromptEncoder
 
     loaded = load_model(args.model)
     engine = Engine(loaded)
     engine.eos_token_ids = frozenset()  # time exactly the requested number of tokens
-    prompt_ids = engine.encode(prompt=args.prompt)
+    prompt_ids = PromptEncoder.for_model(loaded).encode(prompt=args.prompt)
     input_ids = torch.tensor([prompt_ids], device=loaded.device)
 
     def timed(fn) -> tuple[float, list[int]]:

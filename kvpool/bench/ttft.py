@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from kvpool.bench.report import environment, write_json
     from kvpool.commands.demo import load_corpus
     from services.gateway.embedded import EmbeddedStack
-    from workers.inputs import PromptInput
+    from workers.api import PromptInput
 
     text = load_corpus(args.document)
     load_before = os.getloadavg()
@@ -60,14 +60,14 @@ def run(args: argparse.Namespace) -> int:
         workers=2, model=args.model, codec=args.codec, block_tokens=args.block_tokens
     ) as stack:
         gateway = stack.gateway
-        corpus = gateway.pool.on_any(lambda h: h.encode.remote(PromptInput(prompt=text)))
+        corpus = gateway.pool.prompts.encode_input(PromptInput(prompt=text))
         max_len = max(lengths)
         if len(corpus) < max_len:
             corpus = corpus * (max_len // len(corpus) + 1)  # long enough for the longest prompt
 
         def prompt(length: int) -> list[int]:
             header = f"[benchmark prompt {uuid.uuid4().hex}]\n"
-            ids = gateway.pool.on_any(lambda h: h.encode.remote(PromptInput(prompt=header)))
+            ids = gateway.pool.prompts.encode_input(PromptInput(prompt=header))
             return (ids + corpus)[:length]
 
         with stack.client() as client:

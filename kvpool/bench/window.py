@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             f"--tokens must be >= 2 and --bucket-tokens >= 1, got {args.tokens} and "
             f"{args.bucket_tokens}"
         )
-    from workers.window import CacheWindow
+    from workers.kv.bounds import CacheWindow
 
     windows = {
         "full": None,

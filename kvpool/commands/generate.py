@@ -109,9 +109,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.target:
-        from services.gateway.client import run_generate_command
-
-        return run_generate_command(args)
+        return _run_remote(args)
     if args.session or args.tenant:
         raise ValueError("--session and --tenant need a gateway: pass --target HOST:PORT")
     return _run_local(args)
@@ -125,8 +123,67 @@ def messages_for(args: argparse.Namespace) -> list[dict[str, str]] | None:
     return [*messages, {"role": "user", "content": args.prompt}]
 
 
+def _run_remote(args: argparse.Namespace) -> int:
+    """`kvpool generate --target HOST:PORT ...`: stream to stdout, or print one JSON object."""
+    from kvpool.v1 import inference_pb2 as pb
+    from services.auth import channel_credentials, client_token, read_pem
+    from services.gateway.client import FINISH_REASON_NAMES, InferenceClient, usage_dict
+
+    if not args.prompt.strip():
+        raise ValueError("prompt is empty; give some text to continue")
+    messages = messages_for(args)
+    request: dict[str, object] = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop": tuple(args.stop),
+        "session_id": args.session or "",
+        "tenant": args.tenant or "",
+        "max_cache_tokens": args.max_cache_tokens,
+        "sink_tokens": args.sink_tokens,
+    }
+    if messages is None:
+        request["prompt"] = args.prompt
+    else:
+        request["messages"] = messages
+    client = InferenceClient(
+        args.target,
+        timeout_s=args.timeout,
+        auth_token=client_token(args.auth_token, args.auth_token_file),
+        credentials=channel_credentials(read_pem(args.tls_ca_file, "TLS CA certificate")),
+        # Through a port-forward the address is 127.0.0.1, but the certificate names the Service.
+        options=[("grpc.ssl_target_name_override", args.tls_server_name)]
+        if args.tls_server_name
+        else (),
+    )
+    with client:
+        if args.json:
+            print(json.dumps(client.generate(**request).as_json(), ensure_ascii=False))
+            return 0
+        last = pb.GenerateResponse()
+        for chunk in client.stream(**request):
+            if chunk.text:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            last = chunk
+    u = usage_dict(last.usage)
+    tiers = u["cached_tokens_by_tier"]
+    print(
+        f"\n[{FINISH_REASON_NAMES.get(last.finish_reason, 'unknown')}] prompt={u['prompt_tokens']} "
+        f"cached={u['cached_tokens']} (local {tiers['local']}, store {tiers['store']}) "
+        f"completion={u['completion_tokens']} ttft={u['ttft_ms']:.0f}ms "
+        f"{u['tokens_per_s']:.1f} tok/s worker={u['worker']}"
+        + (f" session={u['session_id']}" if u["session_id"] else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _run_local(args: argparse.Namespace) -> int:
-    from workers.engine import Engine, SamplingParams
+    from workers.api import SamplingParams
+    from workers.engine import Engine
 
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -138,15 +195,17 @@ def _run_local(args: argparse.Namespace) -> int:
     )
     if not args.prompt.strip():
         raise ValueError("prompt is empty; give some text to continue")
+    from workers.kv.bounds import DEFAULT_SINK_TOKENS, requested_window
     from workers.models import load_model
+    from workers.prompt import PromptEncoder
 
-    engine = Engine(load_model(args.model, device=args.device))
+    loaded = load_model(args.model, device=args.device)
+    engine, prompts = Engine(loaded), PromptEncoder.for_model(loaded)
     messages = messages_for(args)
-    if messages is not None and engine.tokenizer.chat_template is not None:
-        prompt_ids = engine.encode(messages=messages)
+    if messages is not None and loaded.tokenizer.chat_template is not None:
+        prompt_ids = prompts.encode(messages=messages)
     else:
-        prompt_ids = engine.encode(prompt=args.prompt)
-    from workers.window import DEFAULT_SINK_TOKENS, requested_window
+        prompt_ids = prompts.encode(prompt=args.prompt)
 
     sinks = DEFAULT_SINK_TOKENS if args.sink_tokens is None else args.sink_tokens
     window = requested_window(args.max_cache_tokens or 0, sinks, block_tokens=64)

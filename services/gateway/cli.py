@@ -143,7 +143,7 @@ def check_args(args: argparse.Namespace) -> None:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} must be >= 0 (0: no limit), got {getattr(args, name)}")
     if args.max_cache_tokens:
-        from workers.window import CacheWindow
+        from workers.kv.bounds import CacheWindow
 
         try:
             CacheWindow(args.max_cache_tokens, args.sink_tokens, args.block_tokens)
@@ -169,11 +169,10 @@ def gateway_settings(
     args: argparse.Namespace, store_target: str, worker_gpus: float
 ):  # -> GatewaySettings
     from services.auth import ServerTls, read_pem, server_tokens
-    from services.gateway.inference import GatewayConfig
+    from services.gateway.core import GatewayConfig
     from services.gateway.pool import PoolConfig
     from services.gateway.server import GatewaySettings
-    from workers.actor import ActorResources
-    from workers.worker import WorkerConfig
+    from workers.api import ActorResources, WorkerConfig
 
     worker = WorkerConfig(
         model=args.model,

@@ -1,4 +1,4 @@
-"""A client for the Inference gateway, and the remote half of `kvpool generate --target`.
+"""A client for the Inference gateway (`kvpool generate --target` runs on it).
 
     with InferenceClient("127.0.0.1:50051") as client:
         for chunk in client.stream(prompt="Hello", max_new_tokens=16):
@@ -10,9 +10,6 @@ Every call has a deadline. Failures are raised as `kvpool.errors` exceptions (In
 NotFound, Unavailable, ...) through `services.status.error_from_rpc`.
 """
 
-import argparse
-import json
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -205,61 +202,3 @@ class InferenceClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def run_generate_command(args: argparse.Namespace) -> int:
-    """`kvpool generate --target HOST:PORT ...`: stream to stdout, or print one JSON object."""
-    from kvpool.commands.generate import messages_for
-
-    if not args.prompt.strip():
-        raise ValueError("prompt is empty; give some text to continue")
-    messages = messages_for(args)
-    request: dict[str, Any] = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "seed": args.seed,
-        "stop": tuple(args.stop),
-        "session_id": args.session or "",
-        "tenant": args.tenant or "",
-        "max_cache_tokens": args.max_cache_tokens,
-        "sink_tokens": args.sink_tokens,
-    }
-    if messages is None:
-        request["prompt"] = args.prompt
-    else:
-        request["messages"] = messages
-    from services.auth import channel_credentials, client_token, read_pem
-
-    client = InferenceClient(
-        args.target,
-        timeout_s=args.timeout,
-        auth_token=client_token(args.auth_token, args.auth_token_file),
-        credentials=channel_credentials(read_pem(args.tls_ca_file, "TLS CA certificate")),
-        # Through a port-forward the address is 127.0.0.1, but the certificate names the Service.
-        options=[("grpc.ssl_target_name_override", args.tls_server_name)]
-        if args.tls_server_name
-        else (),
-    )
-    with client:
-        if args.json:
-            print(json.dumps(client.generate(**request).as_json(), ensure_ascii=False))
-            return 0
-        last = pb.GenerateResponse()
-        for chunk in client.stream(**request):
-            if chunk.text:
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-            last = chunk
-    u = usage_dict(last.usage)
-    tiers = u["cached_tokens_by_tier"]
-    print(
-        f"\n[{FINISH_REASON_NAMES.get(last.finish_reason, 'unknown')}] prompt={u['prompt_tokens']} "
-        f"cached={u['cached_tokens']} (local {tiers['local']}, store {tiers['store']}) "
-        f"completion={u['completion_tokens']} ttft={u['ttft_ms']:.0f}ms "
-        f"{u['tokens_per_s']:.1f} tok/s worker={u['worker']}"
-        + (f" session={u['session_id']}" if u["session_id"] else ""),
-        file=sys.stderr,
-    )
-    return 0

@@ -15,11 +15,10 @@ import tempfile
 from types import TracebackType
 
 from services.gateway.client import InferenceClient
-from services.gateway.pool import PoolConfig, call
+from services.gateway.pool import PoolConfig
 from services.gateway.server import GatewayServer, GatewaySettings
 from services.store.server import StoreConfig, StoreServer
-from workers.actor import ActorResources
-from workers.worker import WorkerConfig
+from workers.api import ActorResources, WorkerConfig
 
 
 class EmbeddedStack:
@@ -84,8 +83,7 @@ class EmbeddedStack:
 
     def flush(self) -> None:
         """Wait until every worker has written its pending blocks to the store."""
-        for handle in self.gateway.pool.live().values():
-            call(handle.flush.remote(), 120)
+        self.gateway.pool.flush(120)
 
     @contextlib.contextmanager
     def drained(self, worker_id: str):

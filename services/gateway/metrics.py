@@ -15,8 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from services.gateway.inference import Usage
-    from workers.worker import WorkerStats
+    from services.gateway.api import Usage
+    from workers.api import WorkerStats
 
 # TTFT spans an L1 hit on a GPU (ms) to a cold multi-thousand-token prefill on a CPU (s).
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0)

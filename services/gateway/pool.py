@@ -1,5 +1,11 @@
 """The gateway's workers: Ray actors it starts, watches, and replaces when they die.
 
+The pool is the one place the gateway calls Ray, and it owns the router: the core
+(`services.gateway.core`) asks it to `acquire` a worker, `stream` a request from it (raising
+`WorkerLost` when the worker dies or stalls), `prefill` on it and `release` it, in domain types.
+It also holds the workers' tokenizer (`prompts`), fetched once from the first worker, so prompts
+are tokenized here and never sent to a worker and back.
+
 Every worker must serve the same model with the same codec and block size (the same block
 namespace), or blocks computed by one would be useless to another; `start` checks that. A dead
 worker leaves the router at once and a replacement, with a fresh id, is started in the
@@ -10,7 +16,7 @@ import contextlib
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -18,9 +24,20 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from kvpool.errors import KvpoolError, Unavailable
-from services.gateway.router import Router
-from workers.actor import ActorResources, start_actor
-from workers.worker import WorkerConfig, WorkerInfo
+from services.gateway.router import Route, Router
+from workers.actor import start_actor
+from workers.api import (
+    ActorResources,
+    PrefillResult,
+    TokenEvent,
+    WorkDone,
+    WorkerConfig,
+    WorkerInfo,
+    WorkerStats,
+    WorkRequest,
+)
+from workers.kv.hashing import BlockHash
+from workers.prompt import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +52,10 @@ try:  # Ray >= 2.33: the actor's node is unreachable but may come back
     WORKER_GONE = (RayActorError, ActorUnavailableError)
 except ImportError:  # pragma: no cover - older Ray
     pass
+
+
+class WorkerLost(Exception):
+    """The worker serving a request died or stalled; the request moves to another one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +93,7 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._info: WorkerInfo | None = None
+        self._prompts: PromptEncoder | None = None
         self.deaths = 0
         self.replacements = 0
         self.on_change: Callable[[], None] = lambda: None
@@ -101,6 +123,15 @@ class WorkerPool:
                     f"workers disagree on the block namespace: {_namespace_of(first)} vs "
                     f"{_namespace_of(info)}; every worker must load the same model and codec"
                 )
+        try:
+            files = call(next(iter(handles.values())).tokenizer_files.remote(), 60)
+        except (GetTimeoutError, *WORKER_GONE) as exc:
+            for other in handles.values():
+                ray.kill(other, no_restart=True)
+            raise Unavailable(f"could not read the workers' tokenizer: {exc}") from exc
+        self._prompts = PromptEncoder.from_files(
+            files, name=first.model, vocab_size=first.vocab_size, eos_token_ids=first.eos_token_ids
+        )
         self._info = first
         with self._lock:
             self._actors.update(handles)
@@ -146,27 +177,97 @@ class WorkerPool:
         with self._lock:
             return dict(self._actors)
 
-    def least_loaded(self) -> tuple[str, Any]:
-        """A worker for small calls (tokenizing), without counting it as a request."""
-        live = self.live()
-        if not live:
-            raise Unavailable("no live worker")
-        wid = min(live, key=self.router.in_flight)
-        return wid, live[wid]
+    @property
+    def prompts(self) -> PromptEncoder:
+        """The workers' tokenizer, loaded in this process (no torch)."""
+        if self._prompts is None:
+            raise Unavailable("the worker pool has not started")
+        return self._prompts
 
-    def on_any(self, fn: Callable[[Any], Any], timeout_s: float = 60.0) -> Any:
-        """Run a small call on a live worker, trying the next one when a worker is gone."""
-        tried: set[str] = set()
-        while True:
-            live = {w: h for w, h in self.live().items() if w not in tried}
-            if not live:
-                raise Unavailable("no live worker answered")
-            wid = min(live, key=self.router.in_flight)
+    def has_live(self, excluded: set[str] | frozenset[str] = frozenset()) -> bool:
+        return bool(set(self.live()) - set(excluded))
+
+    # --- requests --------------------------------------------------------------------------
+
+    def acquire(self, hashes: Sequence[BlockHash], excluded: frozenset[str] = frozenset()) -> Route:
+        """A worker for a request on `hashes` (cache- and load-aware); `release` it after."""
+        return self.router.acquire(hashes, excluded)
+
+    def release(self, route: Route) -> None:
+        self.router.release(route)
+
+    def record(self, worker_id: str, hashes: Sequence[BlockHash]) -> None:
+        """`worker_id` now holds the blocks `hashes` in its L1."""
+        self.router.record(worker_id, hashes)
+
+    def stream(
+        self,
+        worker_id: str,
+        request: WorkRequest,
+        cancelled: threading.Event | None,
+        token_timeout_s: float,
+    ) -> Iterator[TokenEvent | WorkDone]:
+        """The worker's items; raises WorkerLost when the worker dies or stays silent for
+        `token_timeout_s` (then it is killed and replaced). A stream left early (the client went
+        away, `cancelled`, or the caller stopped iterating) is cancelled on the worker."""
+        try:
+            handle = self.handle(worker_id)
+        except Unavailable as exc:
+            raise WorkerLost(str(exc)) from None
+        refs = handle.generate.options(num_returns="streaming").remote(request)
+        finished = False
+        try:
+            while True:
+                if cancelled is not None and cancelled.is_set():
+                    return
+                try:
+                    # `next` would block for good on a hung worker; wait with a deadline first.
+                    ready, _ = ray.wait([refs], timeout=token_timeout_s)
+                    if not ready:
+                        raise GetTimeoutError("no token")
+                    item = ray.get(next(refs), timeout=token_timeout_s)
+                except StopIteration:
+                    finished = True
+                    return
+                except WORKER_GONE as exc:
+                    self.mark_dead(worker_id)
+                    raise WorkerLost(type(exc).__name__) from None
+                except GetTimeoutError:
+                    self.mark_dead(worker_id, kill=True)
+                    raise WorkerLost(f"no token for {token_timeout_s:.0f} s") from None
+                except RayTaskError as exc:
+                    raise unwrap(exc) from None
+                yield item
+                if isinstance(item, WorkDone):
+                    finished = True
+        finally:
+            if not finished:
+                # The client left (or we failed over): stop the worker spending its time on it.
+                with contextlib.suppress(Exception):  # a dead worker is not generating anyway
+                    handle.cancel.remote(request.request_id)
+
+    def prefill(self, worker_id: str, token_ids: Sequence[int], tenant: str) -> PrefillResult:
+        """Store the full blocks of `token_ids` on `worker_id`; WorkerLost when it is gone."""
+        try:
+            return call(self.handle(worker_id).prefill.remote(list(token_ids), tenant))
+        except WORKER_GONE as exc:
+            self.mark_dead(worker_id)
+            raise WorkerLost(type(exc).__name__) from None
+
+    def stats(self, timeout_s: float = 2.0) -> list[WorkerStats]:
+        """Each live worker's stats; workers that do not answer in time are left out."""
+        stats = []
+        for handle in self.live().values():
             try:
-                return call(fn(live[wid]), timeout_s)
-            except WORKER_GONE:
-                self.mark_dead(wid)
-                tried.add(wid)
+                stats.append(call(handle.stats.remote(), timeout_s))
+            except Exception:  # a dead or busy worker is absent from this scrape
+                continue
+        return stats
+
+    def flush(self, timeout_s: float = 120.0) -> None:
+        """Wait until every live worker has written the blocks it cut so far (tests, benches)."""
+        for handle in self.live().values():
+            call(handle.flush.remote(), timeout_s)
 
     # --- failures --------------------------------------------------------------------------
 

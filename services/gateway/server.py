@@ -14,16 +14,16 @@ from dataclasses import dataclass, field, replace
 
 from kvpool.v1 import inference_pb2_grpc
 from services.auth import ServerTls, TokenTable, channel_credentials
-from services.gateway.inference import GatewayConfig, InferenceCore
+from services.gateway.core import GatewayConfig, InferenceCore
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.pool import PoolConfig, WorkerPool, call
+from services.gateway.pool import PoolConfig, WorkerPool
 from services.gateway.router import Router, RouterConfig
 from services.gateway.servicer import SERVICE_NAME, InferenceServicer
 from services.gateway.sessions import SessionStore
 from services.grpc_server import GrpcServer, ServiceSpec
 from services.status import ErrorInterceptor
 from services.store.client import StoreClient
-from workers.worker import WorkerStats
+from workers.api import WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +124,7 @@ class GatewayServer:
 
     def worker_stats(self, timeout_s: float = 2.0) -> list[WorkerStats]:
         """Each live worker's stats; workers that do not answer in time are left out."""
-        stats = []
-        for handle in self.pool.live().values():
-            try:
-                stats.append(call(handle.stats.remote(), timeout_s))
-            except Exception:  # a dead or busy worker is absent from this scrape
-                continue
-        return stats
+        return self.pool.stats(timeout_s)
 
     def stop(self, grace_s: float | None = None) -> None:
         """Graceful: NOT_SERVING, in-flight streams finish, workers flush their writes, stop."""

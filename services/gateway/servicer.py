@@ -14,9 +14,9 @@ from kvpool.errors import InvalidArgument, Unauthenticated
 from kvpool.v1 import inference_pb2 as pb
 from kvpool.v1 import inference_pb2_grpc
 from services.auth import TokenTable, check_tenant, request_authorization
-from services.gateway.inference import Delta, Finished, GenerateCall, InferenceCore, PrefillCall
-from workers.engine import SamplingParams
-from workers.inputs import ChatMessage, PromptInput
+from services.gateway.api import Delta, Finished, GenerateCall, PrefillCall
+from services.gateway.core import InferenceCore
+from workers.api import ChatMessage, PromptInput, SamplingParams
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 

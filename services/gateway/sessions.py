@@ -28,7 +28,7 @@ from typing import Protocol
 import msgpack
 
 from kvpool.errors import DataLoss, InvalidArgument, NotFound
-from workers.window import DEFAULT_SINK_TOKENS
+from workers.kv.bounds import DEFAULT_SINK_TOKENS
 
 SESSION_KEY_PREFIX = "kvpool:sess:"
 SESSION_FORMAT_VERSION = 1

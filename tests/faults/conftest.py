@@ -18,8 +18,8 @@ from services.store.redis_process import RedisProcess
 from tests.faults.support import StoreProcess
 from tests.support.redis import require_redis_server
 from tests.support.stack import gateway_over
+from workers.api import WorkerConfig
 from workers.kv.hashing import Namespace
-from workers.worker import WorkerConfig
 
 BLOCK_TOKENS = 16
 

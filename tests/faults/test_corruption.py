@@ -7,7 +7,7 @@ import torch
 
 from tests.faults.conftest import BLOCK_TOKENS
 from tests.faults.support import gateway_metrics, metric
-from workers.inputs import PromptInput
+from workers.api import PromptInput
 from workers.kv.block import PREAMBLE_BYTES, encode_block, read_header
 from workers.kv.hashing import block_key, chain_hashes
 
@@ -58,7 +58,7 @@ def raw_redis(stack):
 def test_a_corrupt_block_is_refused_counted_deleted_and_recomputed(stack, raw_redis, kind):
     client, gateway = stack.client, stack.gateway
     text = f"Corruption case {kind}. {DOC}"
-    tokens = gateway.pool.on_any(lambda h: h.encode.remote(PromptInput(prompt=text)))
+    tokens = gateway.pool.prompts.encode_input(PromptInput(prompt=text))
     assert len(tokens) >= (DAMAGED + 2) * BLOCK_TOKENS
 
     cold = client.generate(token_ids=tokens, max_new_tokens=8)

@@ -11,9 +11,8 @@ from services.store.redis_process import RedisProcess
 from services.store.server import StoreConfig, StoreServer
 from tests.faults.support import metric
 from tests.support.redis import require_redis_server
-from workers.engine import SamplingParams
-from workers.inputs import PromptInput
-from workers.worker import KVWorker, WorkDone, WorkerConfig, WorkRequest
+from workers.api import PromptInput, SamplingParams, WorkDone, WorkerConfig, WorkRequest
+from workers.worker import KVWorker
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +96,11 @@ def test_a_worker_keeps_exact_outputs_while_its_blocks_are_evicted(tiny_store):
     try:
         params = SamplingParams(max_new_tokens=8)
         prompts = [
-            tuple(worker.encode(PromptInput(prompt=f"Eviction {n}. " + "Some filler text. " * 120)))
+            tuple(
+                worker.prompts.encode_input(
+                    PromptInput(prompt=f"Eviction {n}. " + "Some filler text. " * 120)
+                )
+            )
             for n in range(8)
         ]
         # About 30 blocks of 4 KiB (fp16, tiny-random) per prompt, about 1 MiB in all, output

@@ -5,7 +5,7 @@ import pytest
 
 from services.store.server import StoreConfig, StoreServer
 from tests.support.stack import gateway_over
-from workers.worker import WorkerConfig
+from workers.api import WorkerConfig
 
 
 @pytest.fixture(scope="package")

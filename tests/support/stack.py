@@ -14,8 +14,7 @@ import ray
 
 from services.gateway.pool import PoolConfig
 from services.gateway.server import GatewayServer, GatewaySettings
-from workers.actor import ActorResources
-from workers.worker import WorkerConfig
+from workers.api import ActorResources, WorkerConfig
 
 
 @contextlib.contextmanager

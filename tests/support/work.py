@@ -1,6 +1,7 @@
 """Running a KVWorker request to the end in a test."""
 
-from workers.worker import KVWorker, WorkDone, WorkerConfig, WorkRequest
+from workers.api import WorkDone, WorkerConfig, WorkRequest
+from workers.worker import KVWorker
 
 
 def run(worker: KVWorker, request: WorkRequest) -> WorkDone:

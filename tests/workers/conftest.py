@@ -2,6 +2,7 @@ import pytest
 
 from workers.engine import Engine
 from workers.models import load_model
+from workers.prompt import PromptEncoder
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +16,11 @@ def tiny_engine(tiny):
 
 
 @pytest.fixture(scope="session")
+def tiny_prompts(tiny):
+    return PromptEncoder.for_model(tiny)
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     return load_model("smollm2-135m", device="cpu")
 
@@ -22,6 +28,11 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_engine(smollm2):
     return Engine(smollm2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_prompts(smollm2):
+    return PromptEncoder.for_model(smollm2)
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,16 @@ import pytest
 
 from kvpool.errors import InvalidArgument
 from tests.support.work import make_worker, run
-from workers.engine import SamplingParams
-from workers.inputs import ChatMessage, PromptInput
+from workers.api import (
+    ChatMessage,
+    PromptInput,
+    SamplingParams,
+    WorkDone,
+    WorkerConfig,
+    WorkRequest,
+)
 from workers.kv.hashing import block_key, chain_hashes
-from workers.worker import KVWorker, WorkDone, WorkerConfig, WorkRequest
+from workers.worker import KVWorker
 
 DOC = (
     "A KV cache stores the attention keys and values of every token a model has seen, so the "
@@ -18,7 +24,7 @@ DOC = (
 
 def test_worker_b_reuses_blocks_that_worker_a_stored(pair):
     a, b = pair
-    prompt = tuple(a.encode(PromptInput(prompt="Worker reuse. " + DOC)))
+    prompt = tuple(a.prompts.encode_input(PromptInput(prompt="Worker reuse. " + DOC)))
     params = SamplingParams(max_new_tokens=24)
     cold = run(a, WorkRequest(prompt, params, read_cache=False))
     first = run(a, WorkRequest(prompt, params))
@@ -38,7 +44,7 @@ def test_worker_b_reuses_blocks_that_worker_a_stored(pair):
 
 def test_output_blocks_are_written_behind_too(pair, store):
     a, _ = pair
-    prompt = tuple(a.encode(PromptInput(prompt="Output blocks. " + DOC[:200])))
+    prompt = tuple(a.prompts.encode_input(PromptInput(prompt="Output blocks. " + DOC[:200])))
     done = run(a, WorkRequest(prompt, SamplingParams(max_new_tokens=40)))
     assert a.flush(10)
     fed = [*prompt, *done.token_ids][:-1]  # the last sampled token was never fed
@@ -51,7 +57,7 @@ def test_output_blocks_are_written_behind_too(pair, store):
 
 def test_resume_from_prior_output_continues_the_same_greedy_text(pair):
     a, b = pair
-    prompt = tuple(a.encode(PromptInput(prompt="Resume me. " + DOC)))
+    prompt = tuple(a.prompts.encode_input(PromptInput(prompt="Resume me. " + DOC)))
     params = SamplingParams(max_new_tokens=30)
     whole = run(a, WorkRequest(prompt, params))
     assert a.flush(10)
@@ -63,7 +69,7 @@ def test_resume_from_prior_output_continues_the_same_greedy_text(pair):
 
 def test_tenants_do_not_share_blocks(pair):
     a, b = pair
-    prompt = tuple(a.encode(PromptInput(prompt="Tenant wall. " + DOC)))
+    prompt = tuple(a.prompts.encode_input(PromptInput(prompt="Tenant wall. " + DOC)))
     params = SamplingParams(max_new_tokens=4)
     run(a, WorkRequest(prompt, params, tenant="acme"))
     assert a.flush(10)
@@ -75,7 +81,7 @@ def test_tenants_do_not_share_blocks(pair):
 
 def test_a_corrupt_stored_block_is_refused_deleted_and_recomputed(pair, store):
     a, b = pair
-    prompt = tuple(a.encode(PromptInput(prompt="Corruption. " + DOC)))
+    prompt = tuple(a.prompts.encode_input(PromptInput(prompt="Corruption. " + DOC)))
     params = SamplingParams(max_new_tokens=16)
     clean = run(a, WorkRequest(prompt, params))
     assert a.flush(10)
@@ -103,7 +109,7 @@ def test_a_dead_store_is_a_miss_not_an_error():
         "lonely",
     )  # fmt: skip
     try:
-        prompt = tuple(worker.encode(PromptInput(prompt=DOC)))
+        prompt = tuple(worker.prompts.encode_input(PromptInput(prompt=DOC)))
         done = run(worker, WorkRequest(prompt, SamplingParams(max_new_tokens=4)))
         assert done.usage.cached_tokens == 0
         assert worker.stats().store_errors == 1
@@ -122,7 +128,7 @@ def test_a_dead_store_is_a_miss_not_an_error():
 
 def test_prefill_stores_every_full_block(pair):
     a, b = pair
-    prompt = a.encode(PromptInput(prompt="Prefill this document. " + DOC))
+    prompt = a.prompts.encode_input(PromptInput(prompt="Prefill this document. " + DOC))
     result = b.prefill(prompt)
     assert result.stored_tokens == len(prompt) // 16 * 16 and result.cached_tokens == 0
     assert a.prefill(prompt).cached_tokens == result.stored_tokens
@@ -130,7 +136,7 @@ def test_prefill_stores_every_full_block(pair):
 
 def test_cancel_stops_a_generation_after_the_current_token(pair):
     a, _ = pair
-    prompt = tuple(a.encode(PromptInput(prompt="Cancel me")))
+    prompt = tuple(a.prompts.encode_input(PromptInput(prompt="Cancel me")))
     stream = a.generate(WorkRequest(prompt, SamplingParams(max_new_tokens=200), request_id="r1"))
     next(stream)
     a.cancel("r1")
@@ -141,16 +147,16 @@ def test_cancel_stops_a_generation_after_the_current_token(pair):
 def test_session_turns_in_messages_form_append_to_the_history(pair):
     a, _ = pair
     first = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hi!")]
-    history = a.encode(PromptInput(messages=tuple(first)))
+    history = a.prompts.encode_input(PromptInput(messages=tuple(first)))
     reply = run(a, WorkRequest(tuple(history), SamplingParams(max_new_tokens=8))).token_ids
     so_far = [*history, *reply]
-    turn = a.encode(PromptInput(messages=(ChatMessage("user", "And then?"),)), so_far)
+    turn = a.prompts.encode_input(PromptInput(messages=(ChatMessage("user", "And then?"),)), so_far)
     assert turn[: len(so_far)] == so_far
-    text = a.decode_text(turn[len(so_far) :])
+    text = a.prompts.decode(turn[len(so_far) :])
     assert text.endswith("<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")
     assert "You are a helpful" not in text  # no second default system prompt
     with pytest.raises(InvalidArgument, match="system message"):
-        a.encode(PromptInput(messages=(ChatMessage("system", "x"),)), so_far)
+        a.prompts.encode_input(PromptInput(messages=(ChatMessage("system", "x"),)), so_far)
 
 
 @pytest.mark.model
@@ -159,7 +165,7 @@ def test_smollm2_int8_blocks_from_another_worker_keep_greedy_output(store):
     b = make_worker(store, "smol-b", model="smollm2-135m", codec="int8", block_tokens=64)
     try:
         messages = (ChatMessage("user", "Summarize in one sentence:\n" + DOC),)
-        prompt = tuple(a.encode(PromptInput(messages=messages)))
+        prompt = tuple(a.prompts.encode_input(PromptInput(messages=messages)))
         params = SamplingParams(max_new_tokens=24)
         cold = run(a, WorkRequest(prompt, params, read_cache=False))
         assert a.flush(30)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from workers.engine import MAX_NEW_TOKENS_LIMIT, Engine, SamplingParams
+from workers.api import MAX_NEW_TOKENS_LIMIT, SamplingParams
 
 PROMPTS = [
     "The quick brown fox",
@@ -28,8 +28,10 @@ def hf_greedy(loaded, prompt_ids, n, ignore_eos=False):
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_is_identical_with_cache_without_cache_and_hf_generate(tiny, tiny_engine, prompt):
-    ids = tiny_engine.encode(prompt=prompt)
+def test_greedy_is_identical_with_cache_without_cache_and_hf_generate(
+    tiny, tiny_engine, prompt, tiny_prompts
+):
+    ids = tiny_prompts.encode(prompt=prompt)
     params = SamplingParams(max_new_tokens=24)
     tiny_engine.eos_token_ids = frozenset()  # compare full-length runs
     try:
@@ -44,8 +46,10 @@ def test_greedy_is_identical_with_cache_without_cache_and_hf_generate(tiny, tiny
 
 
 @pytest.mark.model
-def test_smollm2_greedy_matches_without_cache_and_hf_generate(smollm2, smollm2_engine):
-    ids = smollm2_engine.encode(
+def test_smollm2_greedy_matches_without_cache_and_hf_generate(
+    smollm2, smollm2_engine, smollm2_prompts
+):
+    ids = smollm2_prompts.encode(
         messages=[{"role": "user", "content": "What is the capital of France? Answer briefly."}]
     )
     params = SamplingParams(max_new_tokens=16)
@@ -60,8 +64,8 @@ def test_smollm2_greedy_matches_without_cache_and_hf_generate(smollm2, smollm2_e
     assert "<|im_end|>" not in cached.text
 
 
-def test_streamed_deltas_add_up_to_the_text(tiny_engine):
-    ids = tiny_engine.encode(prompt="Once upon a time")
+def test_streamed_deltas_add_up_to_the_text(tiny_engine, tiny_prompts):
+    ids = tiny_prompts.encode(prompt="Once upon a time")
     generation = tiny_engine.stream(ids, SamplingParams(max_new_tokens=20))
     events = list(generation)
     assert len(events) == len(generation.result.token_ids)
@@ -69,8 +73,8 @@ def test_streamed_deltas_add_up_to_the_text(tiny_engine):
     assert "".join(e.text for e in events) == generation.result.text
 
 
-def test_same_seed_same_sample_other_seed_other_sample(tiny_engine):
-    ids = tiny_engine.encode(prompt="The quick brown fox")
+def test_same_seed_same_sample_other_seed_other_sample(tiny_engine, tiny_prompts):
+    ids = tiny_prompts.encode(prompt="The quick brown fox")
     sample = {
         s: tiny_engine.generate(
             ids, SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=100, seed=s)
@@ -86,8 +90,8 @@ def test_same_seed_same_sample_other_seed_other_sample(tiny_engine):
     assert sample[1].token_ids != greedy.token_ids  # sampling really samples
 
 
-def test_top_k_one_is_greedy(tiny_engine):
-    ids = tiny_engine.encode(prompt="In a hole in the ground there lived")
+def test_top_k_one_is_greedy(tiny_engine, tiny_prompts):
+    ids = tiny_prompts.encode(prompt="In a hole in the ground there lived")
     greedy = tiny_engine.generate(ids, SamplingParams(max_new_tokens=12))
     top1 = tiny_engine.generate(
         ids, SamplingParams(max_new_tokens=12, temperature=1.5, top_k=1, seed=3)
@@ -95,8 +99,8 @@ def test_top_k_one_is_greedy(tiny_engine):
     assert top1.token_ids == greedy.token_ids
 
 
-def test_stop_string_ends_generation_and_is_never_streamed(tiny_engine):
-    ids = tiny_engine.encode(prompt="Once upon a time")
+def test_stop_string_ends_generation_and_is_never_streamed(tiny_engine, tiny_prompts):
+    ids = tiny_prompts.encode(prompt="Once upon a time")
     full = tiny_engine.generate(ids, SamplingParams(max_new_tokens=30))
     stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 4]
     assert stop.strip()
@@ -109,8 +113,8 @@ def test_stop_string_ends_generation_and_is_never_streamed(tiny_engine):
     assert len(result.token_ids) < 30
 
 
-def test_eos_ends_generation(tiny, tiny_engine):
-    ids = tiny_engine.encode(prompt="Once upon a time")
+def test_eos_ends_generation(tiny, tiny_engine, tiny_prompts):
+    ids = tiny_prompts.encode(prompt="Once upon a time")
     full = tiny_engine.generate(ids, SamplingParams(max_new_tokens=20))
     eos = full.token_ids[5]
     first = full.token_ids.index(eos)
@@ -123,17 +127,17 @@ def test_eos_ends_generation(tiny, tiny_engine):
     assert stopped.token_ids == full.token_ids[: first + 1]
 
 
-def test_length_limit(tiny_engine):
+def test_length_limit(tiny_engine, tiny_prompts):
     result = tiny_engine.generate(
-        tiny_engine.encode(prompt="Hello"), SamplingParams(max_new_tokens=7)
+        tiny_prompts.encode(prompt="Hello"), SamplingParams(max_new_tokens=7)
     )
     assert result.finish_reason in ("length", "eos")
     assert len(result.token_ids) <= 7
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_resume_from_prior_output_continues_identically(tiny_engine, temperature):
-    ids = tiny_engine.encode(prompt="KV caches store attention keys and values so that")
+def test_resume_from_prior_output_continues_identically(tiny_engine, temperature, tiny_prompts):
+    ids = tiny_prompts.encode(prompt="KV caches store attention keys and values so that")
     params = SamplingParams(max_new_tokens=20, temperature=temperature, seed=11)
     whole = tiny_engine.generate(ids, params)
     resumed = tiny_engine.generate(ids, params, prior_output=whole.token_ids[:8])
@@ -141,8 +145,8 @@ def test_resume_from_prior_output_continues_identically(tiny_engine, temperature
     assert resumed.text == whole.text
 
 
-def test_prefill_skips_the_cached_prefix(tiny_engine):
-    ids = tiny_engine.encode(prompt="Redis is an in-memory data store used as a cache by")
+def test_prefill_skips_the_cached_prefix(tiny_engine, tiny_prompts):
+    ids = tiny_prompts.encode(prompt="Redis is an in-memory data store used as a cache by")
     params = SamplingParams(max_new_tokens=12)
     reference = tiny_engine.stream(ids, params)
     reference.run()
@@ -160,37 +164,12 @@ def test_prefill_skips_the_cached_prefix(tiny_engine):
     assert again.token_ids == reference.result.token_ids
 
 
-def test_live_cache_tracks_fed_tokens(tiny_engine):
-    ids = tiny_engine.encode(prompt="1, 2, 3, 4,")
+def test_live_cache_tracks_fed_tokens(tiny_engine, tiny_prompts):
+    ids = tiny_prompts.encode(prompt="1, 2, 3, 4,")
     generation = tiny_engine.stream(ids, SamplingParams(max_new_tokens=5))
     for _ in generation:
         assert generation.cache.get_seq_length() == len(generation.fed_token_ids)
     assert generation.fed_token_ids == ids + generation.result.token_ids[:-1]
-
-
-def test_chat_template_is_applied_to_messages(tiny_engine):
-    ids = tiny_engine.encode(messages=[{"role": "user", "content": "hi there"}])
-    text = tiny_engine.tokenizer.decode(ids)
-    assert "<|im_start|>user\nhi there<|im_end|>" in text
-    assert text.rstrip().endswith("<|im_start|>assistant")
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"prompt": ""}, "prompt is empty"),
-        ({"prompt": "   "}, "prompt is empty"),
-        ({"token_ids": []}, "token_ids is empty"),
-        ({"token_ids": [-1]}, r"token ids must be integers in \[0, "),
-        ({"messages": []}, "messages is empty"),
-        ({"messages": [{"role": "robot", "content": "x"}]}, "role must be one of"),
-        ({}, "exactly one of prompt, messages or token_ids"),
-        ({"prompt": "a", "token_ids": [1]}, "exactly one of"),
-    ],
-)
-def test_bad_input_names_what_is_allowed(tiny_engine, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        tiny_engine.encode(**kwargs)
 
 
 @pytest.mark.parametrize("n", [0, -1, MAX_NEW_TOKENS_LIMIT + 1])
@@ -217,8 +196,3 @@ def test_prompt_longer_than_context(tiny, tiny_engine):
     too_long = [5] * tiny.max_context
     with pytest.raises(ValueError, match=f"exceeds the model's context of {tiny.max_context}"):
         tiny_engine.stream(too_long, SamplingParams(max_new_tokens=1))
-
-
-def test_engine_accepts_token_ids(tiny_engine):
-    assert tiny_engine.encode(token_ids=[1, 2, 3]) == [1, 2, 3]
-    assert isinstance(Engine, type)

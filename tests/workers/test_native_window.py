@@ -20,11 +20,10 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from kvpool.errors import InvalidArgument
 from services.store.client import StoreClient
 from tests.support.work import run
-from workers.engine import SamplingParams
-from workers.inputs import PromptInput
+from workers.api import PromptInput, SamplingParams, WorkDone, WorkerConfig, WorkRequest
 from workers.kv.hashing import block_key, chain_hashes
 from workers.kv.layout import blocks_to_cache, recent_blocks
-from workers.worker import KVWorker, WorkDone, WorkerConfig, WorkRequest
+from workers.worker import KVWorker
 
 WINDOW = 48
 KEPT = WINDOW - 1  # DynamicSlidingWindowLayer keeps the last sliding_window - 1 tokens
@@ -95,7 +94,7 @@ def sliding(layer) -> bool:
 
 
 def prompt_of(worker: KVWorker, text: str) -> tuple[int, ...]:
-    return tuple(worker.encode(PromptInput(prompt=text)))
+    return tuple(worker.prompts.encode_input(PromptInput(prompt=text)))
 
 
 def test_the_models_build_sliding_cache_layers(worker, kind):

@@ -8,9 +8,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvpool.errors import InvalidArgument
-from workers.engine import SamplingParams
+from workers.api import SamplingParams
+from workers.kv.bounds import CacheWindow
 from workers.kv.layout import recent_blocks
-from workers.window import CacheWindow, Rerotator, cache_bytes, check_windowable, rebuild
+from workers.window import Rerotator, cache_bytes, check_windowable, rebuild
 
 B = 16  # block tokens for tiny-random
 TEXT = (
@@ -99,9 +100,9 @@ def _run(engine, ids, window, max_new_tokens=80, **kwargs):
     return generation.run(), blocks, held, sizes
 
 
-def test_cache_stays_bounded_over_a_session_many_times_the_window(tiny_engine):
+def test_cache_stays_bounded_over_a_session_many_times_the_window(tiny_engine, tiny_prompts):
     window = CacheWindow(max_cache_tokens=68, sink_tokens=4, block_tokens=B)
-    ids = tiny_engine.encode(prompt=TEXT)[:200]
+    ids = tiny_prompts.encode(prompt=TEXT)[:200]
     result, blocks, held, sizes = _run(tiny_engine, ids, window, max_new_tokens=120)
     fed = len(ids) + 119
     assert fed >= 4 * window.max_cache_tokens
@@ -117,9 +118,9 @@ def test_cache_stays_bounded_over_a_session_many_times_the_window(tiny_engine):
     assert sorted(blocks) == list(range(fed // B))  # every block was cut before its eviction
 
 
-def test_a_windowed_cache_rebuilt_from_blocks_continues_exactly(tiny_engine):
+def test_a_windowed_cache_rebuilt_from_blocks_continues_exactly(tiny_engine, tiny_prompts):
     window = CacheWindow(max_cache_tokens=68, sink_tokens=4, block_tokens=B)
-    ids = tiny_engine.encode(prompt=TEXT)[:150]
+    ids = tiny_prompts.encode(prompt=TEXT)[:150]
     first, blocks, _, _ = _run(tiny_engine, ids, window)
     for kept in (3, 37, 60):  # resume after `kept` output tokens, from the last boundary before
         sequence = ids + first.token_ids[:kept]
@@ -133,8 +134,8 @@ def test_a_windowed_cache_rebuilt_from_blocks_continues_exactly(tiny_engine):
         assert resumed.token_ids == first.token_ids
 
 
-def test_sink_and_window_modes_differ_and_a_short_sequence_is_untouched(tiny_engine):
-    ids = tiny_engine.encode(prompt=TEXT)[:30]
+def test_sink_and_window_modes_differ_and_a_short_sequence_is_untouched(tiny_engine, tiny_prompts):
+    ids = tiny_prompts.encode(prompt=TEXT)[:30]
     params = SamplingParams(max_new_tokens=10)
     unbounded = tiny_engine.generate(ids, params)
     # 39 tokens never reach the first eviction of a 68-token window: same output as unbounded.

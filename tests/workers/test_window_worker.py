@@ -6,10 +6,8 @@ import pytest
 
 from kvpool.errors import InvalidArgument
 from tests.support.work import make_worker, run
-from workers.engine import SamplingParams
-from workers.inputs import PromptInput
+from workers.api import PromptInput, SamplingParams, WorkRequest
 from workers.kv.hashing import block_key
-from workers.worker import WorkRequest
 
 TEXT = (
     "A bounded session keeps its first tokens and its most recent ones, so a long conversation "
@@ -21,12 +19,12 @@ WINDOW = {"max_cache_tokens": 68, "sink_tokens": 4}  # block_tokens 16: keeps 52
 def test_a_windowed_session_continues_on_another_worker(pair, store):
     a, b = pair
     params = SamplingParams(max_new_tokens=40)
-    turn1 = tuple(a.encode(PromptInput(prompt="Session one. " + TEXT)))
+    turn1 = tuple(a.prompts.encode_input(PromptInput(prompt="Session one. " + TEXT)))
     first = run(a, WorkRequest(turn1, params, **WINDOW))
     assert first.usage.evicted_tokens > 0
     assert a.flush(10)
     history = [*turn1, *first.token_ids]
-    turn2 = tuple(a.encode(PromptInput(prompt=" And then? " + TEXT[:200]), history))
+    turn2 = tuple(a.prompts.encode_input(PromptInput(prompt=" And then? " + TEXT[:200]), history))
 
     on_b = run(b, WorkRequest(turn2, params, **WINDOW))
     on_a = run(a, WorkRequest(turn2, params, **WINDOW))  # what the first worker would give
@@ -41,7 +39,7 @@ def test_a_windowed_session_continues_on_another_worker(pair, store):
 def test_failover_mid_generation_resumes_the_windowed_stream(pair):
     a, b = pair
     params = SamplingParams(max_new_tokens=90)
-    prompt = tuple(a.encode(PromptInput(prompt="Failover. " + TEXT)))
+    prompt = tuple(a.prompts.encode_input(PromptInput(prompt="Failover. " + TEXT)))
     whole = run(a, WorkRequest(prompt, params, **WINDOW))
     assert a.flush(10)
     # A "died" after 50 tokens: B resumes from the blocks A wrote, recomputing the tail.
@@ -54,7 +52,7 @@ def test_failover_mid_generation_resumes_the_windowed_stream(pair):
 def test_windowed_blocks_are_keyed_apart_and_the_plain_prefix_is_shared(pair, store):
     a, b = pair
     params = SamplingParams(max_new_tokens=4)
-    prompt = tuple(a.encode(PromptInput(prompt="Shared prefix. " + TEXT)))
+    prompt = tuple(a.prompts.encode_input(PromptInput(prompt="Shared prefix. " + TEXT)))
     run(a, WorkRequest(prompt, params, **WINDOW))
     assert a.flush(10)
     # An unbounded request reuses only the blocks computed before the first eviction (the first
@@ -72,7 +70,7 @@ def test_windowed_blocks_are_keyed_apart_and_the_plain_prefix_is_shared(pair, st
 
 def test_an_impossible_window_is_a_clear_error(pair):
     a, _ = pair
-    prompt = tuple(a.encode(PromptInput(prompt=TEXT)))
+    prompt = tuple(a.prompts.encode_input(PromptInput(prompt=TEXT)))
     params = SamplingParams(max_new_tokens=4)
     with pytest.raises(InvalidArgument, match="at least sink_tokens \\+ 2 x block_tokens = 44"):
         list(a.generate(WorkRequest(prompt, params, max_cache_tokens=40, sink_tokens=12)))
@@ -87,11 +85,11 @@ def test_smollm2_windowed_session_on_another_worker_matches_a_fresh_computation(
     try:
         window = {"max_cache_tokens": 256, "sink_tokens": 4}
         params = SamplingParams(max_new_tokens=32)
-        turn1 = tuple(a.encode(PromptInput(prompt=TEXT * 2)))
+        turn1 = tuple(a.prompts.encode_input(PromptInput(prompt=TEXT * 2)))
         first = run(a, WorkRequest(turn1, params, **window))
         assert a.flush(30)
         history = [*turn1, *first.token_ids]
-        turn2 = tuple(a.encode(PromptInput(prompt=" Why is that useful?"), history))
+        turn2 = tuple(a.prompts.encode_input(PromptInput(prompt=" Why is that useful?"), history))
         on_b = run(b, WorkRequest(turn2, params, **window))
         fresh = run(b, WorkRequest(turn2, params, read_cache=False, **window))
         assert on_b.usage.cached_store_tokens > 256 and fresh.usage.cached_tokens == 0

@@ -6,10 +6,9 @@ from services.auth import ServerTls, TokenTable, channel_credentials
 from services.store.client import StoreClient
 from services.store.server import StoreConfig, StoreServer
 from tests.support.tls import self_signed
-from workers.engine import SamplingParams
-from workers.inputs import PromptInput
+from workers.api import PromptInput, SamplingParams, WorkDone, WorkerConfig, WorkRequest
 from workers.kv.hashing import block_key, chain_hashes
-from workers.worker import KVWorker, WorkDone, WorkerConfig, WorkRequest
+from workers.worker import KVWorker
 
 TOKEN = "worker-store-token-0123456789"
 PROMPT = "Tenants keep their own blocks. " * 12
@@ -46,7 +45,7 @@ def test_worker_writes_and_reads_through_a_token_and_tls(secure_store):
     assert TOKEN not in repr(config)
     a, b = KVWorker(config, "a"), KVWorker(config, "b")
     try:
-        prompt = tuple(a.encode(PromptInput(prompt=PROMPT)))
+        prompt = tuple(a.prompts.encode_input(PromptInput(prompt=PROMPT)))
         params = SamplingParams(max_new_tokens=2)
         first = run(a, WorkRequest(prompt, params, tenant="acme"))
         assert first.usage.cached_tokens == 0

@@ -8,7 +8,7 @@ from services.store.redis_process import RedisProcess
 from services.store.server import StoreConfig, StoreServer
 from tests.services.gateway.support import BLOCK_TOKENS
 from tests.support.stack import gateway_over
-from workers.worker import WorkerConfig
+from workers.api import WorkerConfig
 
 
 @pytest.fixture(scope="package")

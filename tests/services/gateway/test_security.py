@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 from kvpool.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
 from services.auth import ServerTls, parse_token_file
 from services.gateway.client import InferenceClient
-from services.gateway.inference import GatewayConfig, InferenceCore
+from services.gateway.core import GatewayConfig, InferenceCore
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.server import GatewaySettings, inference_server
 from tests.services.gateway.support import drained
@@ -147,7 +147,7 @@ def test_router_records_are_per_tenant(stack, client):
     ids = client.prefill(prompt=prompt, tenant="t-one")
     assert ids.cached_tokens > 0
     worker = done.usage["worker"]
-    tokens = stack.pool.on_any(lambda h: h.encode.remote(_prompt_input(prompt), ()))
+    tokens = stack.pool.prompts.encode_input(_prompt_input(prompt))
     one = chain_hashes(Namespace(info.fingerprint, info.codec, info.block_tokens, "t-one"), tokens)
     two = chain_hashes(Namespace(info.fingerprint, info.codec, info.block_tokens, "t-two"), tokens)
     assert stack.router.cached_prefix_blocks(worker, one) == len(one) > 0
@@ -158,7 +158,7 @@ def test_router_records_are_per_tenant(stack, client):
 
 
 def _prompt_input(prompt: str):
-    from workers.inputs import PromptInput
+    from workers.api import PromptInput
 
     return PromptInput(prompt=prompt)
 

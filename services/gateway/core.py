@@ -1,12 +1,12 @@
-"""What the gateway does per request, in domain types (no protobuf here; see `servicer`).
+"""What the gateway does per request, in domain types (no protobuf here, see `servicer`; no Ray
+here, see `pool`).
 
-Generate: resolve the session, tokenize on a worker, hash the full blocks, route, stream from
-the worker, and on a worker's death resume on another one with the tokens already streamed as
-`prior_output`. The client's stream simply continues: the new worker rebuilds the cache from the
-stored blocks, recomputes the short tail, and carries on from the next token.
+Generate: resolve the session, tokenize (here, with the workers' tokenizer), hash the full blocks,
+route, stream from the worker, and on a worker's death resume on another one with the tokens
+already streamed as `prior_output`. The client's stream simply continues: the new worker rebuilds
+the cache from the stored blocks, recomputes the short tail, and carries on from the next token.
 """
 
-import contextlib
 import logging
 import secrets
 import threading
@@ -15,19 +15,15 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-import ray
-from ray.exceptions import GetTimeoutError, RayTaskError
-
 from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.gateway.api import Delta, Finished, GenerateCall, PrefillCall, Usage
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.pool import WORKER_GONE, WorkerPool, call, unwrap
+from services.gateway.pool import WorkerLost, WorkerPool
 from services.gateway.router import Route
 from services.gateway.sessions import LiveSessions, Session, SessionStore, check_session_id
-from workers.engine import SamplingParams, TokenEvent
-from workers.inputs import PromptInput
+from workers.api import PrefillResult, SamplingParams, WorkDone, WorkRequest, WorkUsage
+from workers.kv.bounds import DEFAULT_SINK_TOKENS, requested_window
 from workers.kv.hashing import BlockHash, Namespace, chain_hashes
-from workers.window import DEFAULT_SINK_TOKENS, requested_window
-from workers.worker import PrefillResult, WorkDone, WorkRequest, WorkUsage
 
 log = logging.getLogger(__name__)
 
@@ -53,54 +49,6 @@ class GatewayConfig:
         for name in ("max_prompt_tokens", "max_new_tokens", "max_sessions", "max_cache_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
-
-
-@dataclass(frozen=True, slots=True)
-class GenerateCall:
-    input: PromptInput
-    params: SamplingParams
-    session_id: str = ""  # "" when the request is not part of a session
-    tenant: str = ""
-    # The cache bound (workers.window); None: the session's, else the gateway's default.
-    max_cache_tokens: int | None = None
-    sink_tokens: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Delta:
-    text: str
-    token_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    cached_local_tokens: int
-    cached_store_tokens: int
-    completion_tokens: int
-    ttft_ms: float  # gateway receipt to first token
-    tokens_per_s: float
-    worker: str
-    session_id: str
-    failovers: int
-    evicted_tokens: int = 0
-    bounded: bool = False  # the request ran with max_cache_tokens
-
-    @property
-    def cached_tokens(self) -> int:
-        return self.cached_local_tokens + self.cached_store_tokens
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    finish_reason: str  # "stop" | "length" | "eos"
-    usage: Usage
-
-
-@dataclass(frozen=True, slots=True)
-class PrefillCall:
-    input: PromptInput
-    tenant: str = ""
 
 
 class InferenceCore:
@@ -145,7 +93,7 @@ class InferenceCore:
         """The stream of `generate`; sets `saved` once a session's turn is stored."""
         history = session.token_ids if session else ()
         window = self._window(req, session)
-        prompt = self.pool.on_any(lambda h: h.encode.remote(req.input, history))
+        prompt = self.pool.prompts.encode_input(req.input, history)
         self._check_fits(len(prompt), req.params, window)
         params = req.params
         if not params.greedy and params.seed is None:
@@ -165,7 +113,7 @@ class InferenceCore:
                 break
             route = self._acquire(hashes, frozenset(excluded))
             last_worker = route.worker_id
-            self.pool.router.record(route.worker_id, hashes)
+            self.pool.record(route.worker_id, hashes)
             request = WorkRequest(
                 token_ids=tuple(prompt),
                 params=params,
@@ -176,7 +124,9 @@ class InferenceCore:
                 sink_tokens=window[1],
             )
             try:
-                for item in self._stream(route, request, cancelled):
+                for item in self.pool.stream(
+                    route.worker_id, request, cancelled, self.config.token_timeout_s
+                ):
                     if isinstance(item, WorkDone):
                         done = item
                         break
@@ -184,7 +134,7 @@ class InferenceCore:
                         first_token_at = time.perf_counter()
                     output.append(item.token_id)
                     yield Delta(item.text, (item.token_id,))
-            except _WorkerLost as lost:
+            except WorkerLost as lost:
                 failovers += 1
                 excluded.add(route.worker_id)
                 self.metrics.failovers.inc()
@@ -196,17 +146,17 @@ class InferenceCore:
                     raise Unavailable(
                         f"gave up after {failovers - 1} failovers; the last worker was lost: {lost}"
                     ) from None
-                if not set(self.pool.live()) - excluded:
+                if not self.pool.has_live(excluded):
                     excluded.clear()  # replacements may be up; better any worker than none
             finally:
-                self.pool.router.release(route)
+                self.pool.release(route)
             if done is None and cancelled is not None and cancelled.is_set():
                 return  # the client went away: nothing to resume, nothing to save
 
         # The worker now holds (in L1) the prompt's and the output's blocks: a session's next turn
         # should find its way back there.
         fed = [*prompt, *done.token_ids][:-1]
-        self.pool.router.record(done.usage.worker, chain_hashes(self._namespace(req.tenant), fed))
+        self.pool.record(done.usage.worker, chain_hashes(self._namespace(req.tenant), fed))
         if session is not None:
             self.sessions.save(session.with_turn([*prompt, *done.token_ids], window=window))
             self.live_sessions.touch(req.tenant, req.session_id)
@@ -228,46 +178,6 @@ class InferenceCore:
         self.metrics.observe_generate(usage, req.tenant)
         yield Finished(done.finish_reason, usage)
 
-    def _stream(
-        self, route: Route, request: WorkRequest, cancelled: threading.Event | None
-    ) -> Iterator[TokenEvent | WorkDone]:
-        """The worker's items; raises _WorkerLost when the worker dies or stalls."""
-        try:
-            handle = self.pool.handle(route.worker_id)
-        except Unavailable as exc:
-            raise _WorkerLost(str(exc)) from None
-        refs = handle.generate.options(num_returns="streaming").remote(request)
-        finished = False
-        try:
-            while True:
-                if cancelled is not None and cancelled.is_set():
-                    return
-                try:
-                    # `next` would block for good on a hung worker; wait with a deadline first.
-                    ready, _ = ray.wait([refs], timeout=self.config.token_timeout_s)
-                    if not ready:
-                        raise GetTimeoutError("no token")
-                    item = ray.get(next(refs), timeout=self.config.token_timeout_s)
-                except StopIteration:
-                    finished = True
-                    return
-                except WORKER_GONE as exc:
-                    self.pool.mark_dead(route.worker_id)
-                    raise _WorkerLost(type(exc).__name__) from None
-                except GetTimeoutError:
-                    self.pool.mark_dead(route.worker_id, kill=True)
-                    raise _WorkerLost(f"no token for {self.config.token_timeout_s:.0f} s") from None
-                except RayTaskError as exc:
-                    raise unwrap(exc) from None
-                yield item
-                if isinstance(item, WorkDone):
-                    finished = True
-        finally:
-            if not finished:
-                # The client left (or we failed over): stop the worker spending its time on it.
-                with contextlib.suppress(Exception):  # a dead worker is not generating anyway
-                    handle.cancel.remote(request.request_id)
-
     def _finished_without_worker(
         self, prompt: list[int], output: list[int], params: SamplingParams, worker: str
     ) -> WorkDone | None:
@@ -286,19 +196,18 @@ class InferenceCore:
     # --- Prefill -----------------------------------------------------------------------------
 
     def prefill(self, req: PrefillCall) -> PrefillResult:
-        tokens = self.pool.on_any(lambda h: h.encode.remote(req.input, ()))
+        tokens = self.pool.prompts.encode_input(req.input)
         self._check_fits(len(tokens), SamplingParams(max_new_tokens=1))
         hashes = chain_hashes(self._namespace(req.tenant), tokens)
         for _ in range(self.config.max_failovers + 1):
             route = self._acquire(hashes)
             try:
-                result = call(self.pool.handle(route.worker_id).prefill.remote(tokens, req.tenant))
-            except WORKER_GONE:
-                self.pool.mark_dead(route.worker_id)
+                result = self.pool.prefill(route.worker_id, tokens, req.tenant)
+            except WorkerLost:
                 continue
             finally:
-                self.pool.router.release(route)
-            self.pool.router.record(route.worker_id, hashes)
+                self.pool.release(route)
+            self.pool.record(route.worker_id, hashes)
             return result
         raise Unavailable("no worker could prefill the prompt")
 
@@ -307,7 +216,7 @@ class InferenceCore:
     def get_session(self, tenant: str, session_id: str) -> tuple[Session, str]:
         """The session and its history as text."""
         session = self.sessions.get(tenant, session_id)
-        text = self.pool.on_any(lambda h: h.decode_text.remote(session.token_ids))
+        text = self.pool.prompts.decode(session.token_ids)
         return session, text
 
     def delete_session(self, tenant: str, session_id: str) -> None:
@@ -340,7 +249,7 @@ class InferenceCore:
 
     def _acquire(self, hashes: list[BlockHash], excluded: frozenset[str] = frozenset()) -> Route:
         try:
-            return self.pool.router.acquire(hashes, excluded)
+            return self.pool.acquire(hashes, excluded)
         except ResourceExhausted:
             self.metrics.limit_rejections.labels("max_requests_per_worker").inc()
             raise
@@ -392,7 +301,3 @@ class InferenceCore:
                 f"prompt of {prompt_tokens} tokens plus max_new_tokens={params.max_new_tokens} "
                 f"exceeds the model's context of {limit} tokens"
             )
-
-
-class _WorkerLost(Exception):
-    """The worker serving a stream died or stalled; the stream moves to another one."""

@@ -1,0 +1,227 @@
+"""The workers' contract with their callers: requests, results and settings, as plain records.
+
+Torch-free on purpose (no torch, transformers or Ray here): the gateway imports this module, never
+the modules that run the model, so its process never loads torch (the way TGI's router shares
+only its .proto with the model servers). Every record is a frozen dataclass that checks itself in
+`__post_init__`, so a request is validated once, where it is made.
+"""
+
+from dataclasses import dataclass, field
+
+from kvpool.errors import InvalidArgument
+from workers.kv.bounds import DEFAULT_SINK_TOKENS
+
+MAX_NEW_TOKENS_LIMIT = 4096
+ROLES = ("system", "user", "assistant")
+FINISH_REASONS = ("length", "eos", "stop")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick tokens. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` disable."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise InvalidArgument(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise InvalidArgument(
+                f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, "
+                f"got {self.max_new_tokens}"
+            )
+        if not 0.0 <= self.temperature <= 10.0:
+            raise InvalidArgument(f"temperature must be in [0, 10], got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidArgument(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidArgument(f"seed must be in [0, 2**63), got {self.seed}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidArgument("stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One generated token and the text it added (empty while a character is incomplete)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise InvalidArgument(f"message role must be one of {ROLES}, got {self.role!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class PromptInput:
+    """Exactly one of `prompt`, `messages` or `token_ids` is set."""
+
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("prompt", "messages", "token_ids") if getattr(self, n) is not None]
+        if len(given) != 1:
+            named = ", ".join(given) or "none"
+            raise InvalidArgument(
+                f"give exactly one of prompt, messages or token_ids (got {named})"
+            )
+
+    def as_dicts(self) -> list[dict[str, str]] | None:
+        if self.messages is None:
+            return None
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+
+# --- the worker ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    model: str = "smollm2-135m"
+    device: str | None = None  # None: CUDA when the worker's process sees a GPU, else CPU
+    codec: str = "int8"
+    block_tokens: int = 64
+    store_target: str | None = None  # HOST:PORT of the KVStore; None runs with L1 only
+    store_timeout_s: float = 5.0
+    store_auth_token: str | None = field(default=None, repr=False)  # bearer token for the store
+    store_tls_ca: bytes | None = field(default=None, repr=False)  # PEM CA: reach the store by TLS
+    l1_bytes: int = 1 << 30
+    write_queue_blocks: int = 512
+    block_ttl_s: int | None = None  # None: the store's default
+    retain_freed_memory: bool = True  # in the actor process; see workers.actor.retain_freed_memory
+
+    def __post_init__(self) -> None:
+        if self.block_tokens < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {self.block_tokens}")
+        if self.l1_bytes < 0:
+            raise ValueError(f"l1_bytes must be >= 0, got {self.l1_bytes}")
+        if self.write_queue_blocks < 1:
+            raise ValueError(f"write_queue_blocks must be >= 1, got {self.write_queue_blocks}")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkRequest:
+    """What the gateway asks a worker to generate."""
+
+    token_ids: tuple[int, ...]  # the whole prompt (a session's history included)
+    params: SamplingParams
+    tenant: str = ""
+    prior_output: tuple[int, ...] = ()  # tokens already streamed before a failover
+    read_cache: bool = True  # False computes from scratch (a baseline for tests and benches)
+    request_id: str = ""  # names the request for `cancel`
+    max_cache_tokens: int = 0  # > 0 bounds the cache with sinks + a recent window (workers.window)
+    sink_tokens: int = DEFAULT_SINK_TOKENS
+
+
+@dataclass(frozen=True, slots=True)
+class WorkUsage:
+    prompt_tokens: int
+    cached_local_tokens: int
+    cached_store_tokens: int
+    completion_tokens: int  # prior_output included
+    ttft_ms: float  # worker receipt to first token, the cache fetch included
+    tokens_per_s: float
+    worker: str
+    evicted_tokens: int = 0  # tokens of the sequence evicted from a windowed cache
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.cached_local_tokens + self.cached_store_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class WorkDone:
+    """The last item of a worker's stream."""
+
+    finish_reason: str  # "stop" | "length" | "eos"
+    token_ids: tuple[int, ...]  # the whole output, prior_output included
+    text: str
+    usage: WorkUsage
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    prompt_tokens: int
+    stored_tokens: int  # full blocks of the prompt now in the store (or L1 without a store)
+    cached_tokens: int  # of those, tokens that were cached before the call
+    worker: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    worker_id: str
+    model: str
+    fingerprint: str
+    codec: str
+    block_tokens: int
+    max_context: int
+    eos_token_ids: frozenset[int]
+    device: str
+    vocab_size: int = 0  # the model's; token ids must lie in [0, vocab_size)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalStats:
+    blocks: int
+    bytes: int
+    capacity_bytes: int
+    hits: int
+    misses: int
+    evictions: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteStats:
+    submitted: int  # blocks handed to the queue
+    stored: int  # blocks the store accepted
+    dropped: int  # blocks not queued because the queue was full
+    failed: int  # blocks whose put failed (store down): a later miss, never a request error
+    pending: int  # blocks waiting in the queue or being written
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    worker_id: str
+    requests: int
+    in_flight: int
+    cached_local_tokens: int
+    cached_store_tokens: int
+    computed_tokens: int  # prompt tokens prefilled because no tier had them
+    corrupt_blocks: int
+    store_errors: int
+    local: LocalStats
+    writes: WriteStats
+
+
+@dataclass(frozen=True, slots=True)
+class ActorResources:
+    """What one worker actor asks Ray for."""
+
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    max_concurrency: int = 8  # generations sharing the model, plus stats and health calls
+
+    def __post_init__(self) -> None:
+        if self.num_gpus < 0 or self.num_cpus < 0:
+            raise ValueError("num_gpus and num_cpus must be >= 0")
+        if self.max_concurrency < 2:
+            raise ValueError("max_concurrency must be >= 2 so health calls answer during work")
