@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import pytest
 
 from services.gateway.client import InferenceClient
-from services.gateway.pool import call
 from services.gateway.server import GatewayServer
 from services.store.redis_process import RedisProcess
 from tests.faults.support import StoreProcess
@@ -33,8 +32,7 @@ class Stack:
 
     def flush(self) -> None:
         """Wait until every worker has written its pending blocks (or given up on them)."""
-        for handle in self.gateway.pool.live().values():
-            call(handle.flush.remote(), 60)
+        self.gateway.pool.flush(60)
 
     def namespace(self, tenant: str = "") -> Namespace:
         info = self.gateway.pool.info

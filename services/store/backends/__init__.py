@@ -1,9 +1,10 @@
 """Storage tiers behind the KVStore service, chosen by a backend spec: `memory` or a Redis URL."""
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from kvpool.errors import InvalidArgument
 from services.store.backends.base import BackendStats, BlockStore
+from services.store.backends.urls import redact_url
 
 __all__ = [
     "SCHEMES",
@@ -15,18 +16,6 @@ __all__ = [
 ]
 
 SCHEMES = ("memory", "redis://", "rediss://", "unix://")
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password (if any) replaced by `***`, safe for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def check_backend_spec(spec: str) -> None:

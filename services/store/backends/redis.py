@@ -21,8 +21,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
-from services.store.backends import redact_url
 from services.store.backends.base import BackendStats
+from services.store.backends.urls import redact_url
 
 # The length of the present prefix of KEYS, in one command. It stops at the first miss. A
 # pipeline of EXISTS took 0.35 ms for 64 keys here, against 0.09 ms for this script, most of it
