@@ -10,6 +10,7 @@ Sampling is reproducible per position: the random draw for output token i depend
 exactly as the original would have, sampled or greedy.
 """
 
+import inspect
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -89,6 +90,10 @@ class Engine:
         self._rerotator: Rerotator | None = None  # built on the first windowed request
         # The model's own sliding window, when some of its layers attend only to recent tokens.
         self.native_window = native_window(self.model.config)
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name
+        # warns, and goes in 5.40); older versions know only the old name.
+        forward = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
 
     def rerotator(self) -> Rerotator:
         """Re-rotates cached keys; InvalidArgument for a model that cannot be windowed."""
@@ -273,9 +278,9 @@ class Engine:
             # would cost more than the rest of a short prefill.
             out = self.model(
                 input_ids=input_ids,
-                past_key_values=generation.cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{self._cache_arg: generation.cache},
             )
             generation.fed_token_ids.extend(new_ids)
         return out.logits[0, -1].float()  # [vocab]
@@ -289,9 +294,9 @@ class Engine:
             input_ids = torch.tensor([new_ids[a - start : b - start]], device=self.device)
             out = self.model(
                 input_ids=input_ids,
-                past_key_values=generation.cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{self._cache_arg: generation.cache},
             )
             logits = out.logits[0, -1]
             generation.fed_token_ids.extend(new_ids[a - start : b - start])
