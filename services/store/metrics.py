@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvpool.errors import KvpoolError
-from services.store.backends import BlockStore
+from services.store.backends import StorageBackend
 
 # Loopback calls take well under a millisecond; batches of 4 MiB values take tens of ms.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -21,7 +21,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class _BackendCollector:
     """Reads backend stats at scrape time; a down backend shows as up=0, not a failed scrape."""
 
-    def __init__(self, backend: BlockStore) -> None:
+    def __init__(self, backend: StorageBackend) -> None:
         self._backend = backend
 
     def describe(self) -> list[Metric]:
@@ -58,7 +58,7 @@ class _BackendCollector:
 class StoreMetrics:
     """Counters and histograms the servicer updates, plus an optional /metrics endpoint."""
 
-    def __init__(self, backend: BlockStore | None = None) -> None:
+    def __init__(self, backend: StorageBackend | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(

@@ -13,7 +13,7 @@ from kvpool.errors import KvpoolError
 from services.auth import ServerTls, TokenTable
 from services.grpc_server import GrpcServer, ServiceSpec
 from services.status import ErrorInterceptor
-from services.store.backends import BlockStore, check_backend_spec, open_backend, redact_url
+from services.store.backends import StorageBackend, check_backend_spec, open_backend, redact_url
 from services.store.chunks import MESSAGE_MARGIN_BYTES, SERVICE_NAME
 from services.store.metrics import StoreMetrics
 from services.store.service import KVStoreServicer, StoreLimits, add_to_server
@@ -49,7 +49,7 @@ class StoreConfig:
 class StoreServer:
     """The KVStore service on a gRPC server, with its backend and metrics."""
 
-    def __init__(self, config: StoreConfig, *, backend: BlockStore | None = None) -> None:
+    def __init__(self, config: StoreConfig, *, backend: StorageBackend | None = None) -> None:
         self.config = config
         self._owns_backend = backend is None
         self.backend = backend or open_backend(
@@ -123,7 +123,7 @@ class StoreServer:
         self.stop()
 
 
-def serve_store(config: StoreConfig, *, backend: BlockStore | None = None) -> StoreServer:
+def serve_store(config: StoreConfig, *, backend: StorageBackend | None = None) -> StoreServer:
     """A started StoreServer (the caller stops it)."""
     server = StoreServer(config, backend=backend)
     server.start()

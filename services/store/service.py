@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import grpc
 
 from kvpool.v1 import store_pb2, store_pb2_grpc
-from services.store.backends import BlockStore
+from services.store.backends import StorageBackend
 from services.store.chunks import DEFAULT_CHUNK_BYTES, SERVICE_NAME, BlockAssembler, get_chunks
 from services.store.keys import check_keys
 from services.store.metrics import StoreMetrics
@@ -56,7 +56,7 @@ class _Counts:
 class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
     def __init__(
         self,
-        backend: BlockStore,
+        backend: StorageBackend,
         *,
         limits: StoreLimits,
         metrics: StoreMetrics,

@@ -3,13 +3,13 @@
 from urllib.parse import urlsplit
 
 from kvpool.errors import InvalidArgument
-from services.store.backends.base import BackendStats, BlockStore
+from services.store.backends.base import BackendStats, StorageBackend
 from services.store.backends.urls import redact_url
 
 __all__ = [
     "SCHEMES",
     "BackendStats",
-    "BlockStore",
+    "StorageBackend",
     "check_backend_spec",
     "open_backend",
     "redact_url",
@@ -35,7 +35,7 @@ def check_backend_spec(spec: str) -> None:
 
 def open_backend(
     spec: str, *, max_memory_bytes: int, redis_password: str | None = None
-) -> BlockStore:
+) -> StorageBackend:
     """The backend for `spec`; `max_memory_bytes` bounds the memory backend only."""
     check_backend_spec(spec)
     if spec == "memory":

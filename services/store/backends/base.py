@@ -16,7 +16,7 @@ class BackendStats:
     evictions: int | None = None
 
 
-class BlockStore(Protocol):
+class StorageBackend(Protocol):
     """Opaque values under opaque keys. Keys reach a backend already validated.
 
     Backends raise `kvpool.errors.Unavailable` when their storage cannot be reached and

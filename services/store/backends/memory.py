@@ -23,7 +23,7 @@ class _Entry:
 
 
 class MemoryStore:
-    """A `BlockStore` in a dict, oldest-used first; thread-safe."""
+    """A `StorageBackend` in a dict, oldest-used first; thread-safe."""
 
     def __init__(self, max_bytes: int, *, clock: Callable[[], float] = time.monotonic) -> None:
         if max_bytes <= 0:

@@ -52,7 +52,7 @@ def _zero_copy_packer() -> object | None:
 
 
 class RedisStore:
-    """A `BlockStore` on one Redis database; thread-safe (the pool hands out connections)."""
+    """A `StorageBackend` on one Redis database; thread-safe (the pool hands out connections)."""
 
     def __init__(
         self,
