@@ -176,7 +176,7 @@ class WorkerInfo:
     max_context: int
     eos_token_ids: frozenset[int]
     device: str
-    vocab_size: int = 0  # the model's; token ids must lie in [0, vocab_size)
+    vocab_size: int  # the model's; token ids must lie in [0, vocab_size)
 
 
 @dataclass(frozen=True, slots=True)
