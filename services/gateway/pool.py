@@ -207,9 +207,12 @@ class WorkerPool:
         cancelled: threading.Event | None,
         token_timeout_s: float,
     ) -> Iterator[TokenEvent | WorkDone]:
-        """The worker's items; raises WorkerLost when the worker dies or stays silent for
-        `token_timeout_s` (then it is killed and replaced). A stream left early (the client went
-        away, `cancelled`, or the caller stopped iterating) is cancelled on the worker."""
+        """The worker's items, ending with its WorkDone.
+
+        Raises WorkerLost when the worker dies or stays silent for `token_timeout_s` (then it is
+        killed and replaced). A stream left early (the client went away, `cancelled`, or the
+        caller stopped iterating) is cancelled on the worker.
+        """
         try:
             handle = self.handle(worker_id)
         except Unavailable as exc:
