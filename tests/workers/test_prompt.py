@@ -53,16 +53,31 @@ def gateway_prompts(tiny, tiny_prompts):
 def test_gateway_encoder_gives_the_workers_ids_for_chat_and_raw_prompts_with_history(
     tiny_prompts, gateway_prompts
 ):
+    _check_same_ids(tiny_prompts, gateway_prompts)
+
+
+@pytest.mark.model
+def test_smollm2_gateway_encoder_gives_the_workers_ids(smollm2, smollm2_prompts):
+    gateway = PromptEncoder.from_files(
+        tokenizer_files(smollm2.tokenizer),
+        smollm2.name,
+        smollm2_prompts.vocab_size,
+        smollm2_prompts.eos_token_ids,
+    )
+    _check_same_ids(smollm2_prompts, gateway)
+
+
+def _check_same_ids(worker: PromptEncoder, gateway: PromptEncoder) -> None:
     chat = PromptInput(messages=(ChatMessage("system", "Be brief."), ChatMessage("user", "Hi!")))
     raw = PromptInput(prompt="Tokenize me, with ünïcödé and   spaces.\n")
-    first = tiny_prompts.encode_input(chat)
-    assert gateway_prompts.encode_input(chat) == first
-    assert gateway_prompts.encode_input(raw) == tiny_prompts.encode_input(raw)
-    history = [*first, 42, 7, *sorted(tiny_prompts.eos_token_ids)[:1]]
+    first = worker.encode_input(chat)
+    assert gateway.encode_input(chat) == first
+    assert gateway.encode_input(raw) == worker.encode_input(raw)
+    history = [*first, 42, 7, *sorted(worker.eos_token_ids)[:1]]
     turn = PromptInput(messages=(ChatMessage("user", "And then?"),))
-    assert gateway_prompts.encode_input(turn, history) == tiny_prompts.encode_input(turn, history)
-    assert gateway_prompts.encode_input(raw, history) == tiny_prompts.encode_input(raw, history)
-    assert gateway_prompts.decode(history) == tiny_prompts.decode(history)
+    assert gateway.encode_input(turn, history) == worker.encode_input(turn, history)
+    assert gateway.encode_input(raw, history) == worker.encode_input(raw, history)
+    assert gateway.decode(history) == worker.decode(history)
 
 
 def test_gateway_encoder_loads_without_torch(tiny):
