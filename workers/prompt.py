@@ -15,6 +15,7 @@ the whole conversation, without re-rendering (and re-tokenizing) the history.
 """
 
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,10 @@ class PromptEncoder:
         self.name = name
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
+        # A fast tokenizer may reset its padding and truncation state on each call, and Rust's
+        # borrow check then fails a concurrent call ("Already borrowed"); the gateway's request
+        # threads share one encoder, so calls take turns (each is a millisecond or so).
+        self._lock = threading.Lock()
 
     @classmethod
     def for_model(cls, loaded: Any) -> "PromptEncoder":
@@ -100,7 +105,7 @@ class PromptEncoder:
         if prompt is not None:
             if not prompt.strip():
                 raise InvalidArgument("prompt is empty; give some text to continue")
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = self._ids(prompt)
         elif messages is not None:
             ids = self.encode_messages(messages)
         else:
@@ -139,7 +144,7 @@ class PromptEncoder:
         text = self.tokenizer.apply_chat_template(
             [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
         )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._ids(text)
 
     # --- a turn of a session -------------------------------------------------------------------
 
@@ -155,7 +160,13 @@ class PromptEncoder:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """The text of `token_ids`, special tokens included (a session's history as text)."""
-        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=False))
+        with self._lock:
+            return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=False))
+
+    def _ids(self, text: str) -> list[int]:
+        """`text` as token ids, no special tokens added (the chat template writes its own)."""
+        with self._lock:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _continuation(self, messages: list[dict[str, str]], history: Sequence[int]) -> list[int]:
         """Tokens that render `messages` as the next turns after an assistant reply in `history`."""
@@ -180,7 +191,7 @@ class PromptEncoder:
                 "form; send the next turn as a plain prompt"
             )
         tail = text[text.index(_PLACEHOLDER) + len(_PLACEHOLDER) :]
-        ids = list(self.tokenizer(tail, add_special_tokens=False)["input_ids"])
+        ids = self._ids(tail)
         # The history already ends the assistant turn when its last token was end-of-sequence.
         if ids and history[-1] in self.eos_token_ids and ids[0] == history[-1]:
             ids = ids[1:]
