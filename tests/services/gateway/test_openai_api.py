@@ -6,6 +6,7 @@ workers (as test_security does for gRPC), so no second Ray cluster is started.
 """
 
 import json
+import ssl
 import time
 
 import httpx2 as httpx
@@ -13,12 +14,13 @@ import openai
 import pytest
 from prometheus_client import generate_latest
 
-from services.auth import parse_token_file
+from services.auth import ServerTls, parse_token_file
 from services.gateway.client import InferenceClient
 from services.gateway.inference import GatewayConfig, InferenceCore
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.server import GatewaySettings, http_server
 from tests.services.gateway.support import BLOCK_TOKENS, wait_for
+from tests.support.tls import self_signed
 
 pytestmark = pytest.mark.integration
 
@@ -371,17 +373,19 @@ def test_a_client_that_disconnects_mid_stream_cancels_the_generation(api, stack,
     route = {"route": "/v1/completions"}
     before = metric(registry, "kvpool_gateway_http_disconnects_total", route)
     finished_before = metric(registry, "kvpool_gateway_completion_tokens_total", {"tenant": ""})
+    # 4,000 tiny-random tokens take 30 s or more on these machines (2,000 took 13 s): a worker
+    # that stops within 10 s of the disconnect was cancelled, not finished.
     stream = api.completions.create(
-        model=model, prompt="Go on forever:", max_tokens=3000, temperature=0, stream=True
+        model=model, prompt="Go on forever:", max_tokens=4000, temperature=0, stream=True
     )
     next(iter(stream))
     stream.close()  # drops the connection
+    wait_for(lambda: all(s.in_flight == 0 for s in stack.worker_stats()), 10, "the worker to stop")
     wait_for(
         lambda: metric(registry, "kvpool_gateway_http_disconnects_total", route) == before + 1,
-        30,
-        "the gateway to see the disconnect",
+        10,
+        "the gateway to count the disconnect",
     )
-    wait_for(lambda: all(s.in_flight == 0 for s in stack.worker_stats()), 30, "the worker to stop")
     assert metric(registry, "kvpool_gateway_in_flight") == 0
     # Cancelled, not finished: no usage was recorded for it.
     after = metric(registry, "kvpool_gateway_completion_tokens_total", {"tenant": ""})
@@ -424,3 +428,36 @@ def test_stopping_lets_an_open_stream_finish_then_refuses_connections(model, sta
         server.stop(30)
         with pytest.raises(openai.APIConnectionError):
             api.models.list()
+
+
+def test_a_client_that_gives_up_on_an_unstreamed_reply_cancels_it(stack, model):
+    registry = stack.metrics.registry
+    route = {"route": "/v1/chat/completions"}
+    before = metric(registry, "kvpool_gateway_http_disconnects_total", route)
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Go on forever:"}],
+        "max_tokens": 4000,
+        "temperature": 0,
+    }
+    url = f"http://127.0.0.1:{stack.http_port}/v1/chat/completions"
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=body, timeout=httpx.Timeout(10, read=2))
+    wait_for(lambda: all(s.in_flight == 0 for s in stack.worker_stats()), 10, "the worker to stop")
+    wait_for(
+        lambda: metric(registry, "kvpool_gateway_http_disconnects_total", route) == before + 1,
+        10,
+        "the gateway to count the disconnect",
+    )
+
+
+def test_the_http_api_serves_tls_with_the_grpc_certificate(front, model, tmp_path):
+    cert, key = self_signed(tmp_path)
+    port, _ = front(tls=ServerTls(cert.read_bytes(), key.read_bytes()))
+    trusting = httpx.Client(verify=ssl.create_default_context(cafile=str(cert)))
+    with openai.OpenAI(
+        base_url=f"https://127.0.0.1:{port}/v1", api_key="x", max_retries=0, http_client=trusting
+    ) as api:
+        assert [m.id for m in api.models.list().data] == [model]
+    with pytest.raises(httpx.RemoteProtocolError):  # plaintext to a TLS port
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
