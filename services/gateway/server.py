@@ -1,4 +1,5 @@
-"""The gateway as an object: workers, router, sessions, the gRPC server and its metrics.
+"""The gateway as an object: workers, router, sessions, the gRPC server and its metrics, and
+(with `http_port`) the OpenAI-compatible HTTP API on the same core (`services/gateway/http`).
 
     gateway = GatewayServer(GatewaySettings(store_target="127.0.0.1:50052", port=0))
     port = gateway.start()   # Ray must be initialized; starts the worker actors

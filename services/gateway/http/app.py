@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from kvpool.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
 from services.auth import TokenTable, check_tenant
@@ -122,7 +122,7 @@ class OpenAIApp:
         started = time.perf_counter()
         status = 500  # what a client sees when the app fails before it answers
 
-        async def observed_send(message: dict[str, Any]) -> None:
+        async def observed_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]

@@ -84,6 +84,9 @@ class _Request(_Model):
                 f"{'it' if len(named) == 1 else 'them'} out (n must be 1)"
             )
 
+    def generate_call(self, tenant: str) -> GenerateCall:
+        raise NotImplementedError  # each request kind converts its own input
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage

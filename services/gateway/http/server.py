@@ -97,7 +97,9 @@ class HttpServer:
             self._server.force_exit = True
             self._thread.join(5.0)
 
-    def _ssl_context(self, _config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]):
+    def _ssl_context(
+        self, _config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]
+    ) -> ssl.SSLContext:
         tls = self._tls
         if tls is None:  # not installed without TLS; here for the type checker
             raise RuntimeError("no TLS settings")
