@@ -423,7 +423,12 @@ def test_stopping_lets_an_open_stream_finish_then_refuses_connections(model, sta
             model=model, prompt="Drain:", max_tokens=40, temperature=0, stream=True
         )
         first = next(iter(stream))
-        stopping["now"] = True
+        stopping["now"] = True  # what GatewayServer.stop says first
+        health = httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=10)
+        assert health.status_code == 503
+        with pytest.raises(openai.InternalServerError) as caught:  # 503: a new request
+            api.completions.create(model=model, prompt="late", max_tokens=2)
+        assert caught.value.status_code == 503 and "shutting down" in caught.value.message
         server.begin_stop()
         rest = list(stream)  # the open stream runs to its end
         assert first.choices and rest[-1].choices[0].finish_reason in ("stop", "length")
