@@ -26,8 +26,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 from starlette.types import Message, Receive, Scope, Send
 
-from kvpool.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
-from services.auth import TokenTable, check_tenant
+from kvpool.errors import NotFound, Unauthenticated, Unavailable
+from services.auth import TokenTable, caller_tenant
 from services.gateway.http.bridge import CoreStream, unless_disconnected, wait_for_disconnect
 from services.gateway.http.errors import BAD_REQUEST, TOO_LARGE, ErrorKind, HttpError, error_body
 from services.gateway.http.metrics import UNMATCHED, HttpMetrics
@@ -52,26 +52,6 @@ def authenticate(authorization: str | None, auth: TokenTable | None) -> None:
         )
     if auth.tenant_for(authorization) is None:
         raise Unauthenticated("bearer token not accepted")
-
-
-def tenant_of(request_tenant: str, authorization: str | None, auth: TokenTable | None) -> str:
-    """The tenant a call acts for, by the gRPC servicer's rule (`servicer.tenant_of`).
-
-    Without auth the request names it (`kvpool.tenant`, "" is the default tenant); with auth the
-    token decides, and a request naming another tenant is refused.
-    """
-    check_tenant(request_tenant, "the request's kvpool.tenant")
-    if auth is None:
-        return request_tenant
-    tenant = auth.tenant_for(authorization)
-    if tenant is None:  # `authenticate` let no such call through; never fall back to a default
-        raise Unauthenticated("bearer token not accepted")
-    if request_tenant and request_tenant != tenant:
-        raise InvalidArgument(
-            f"the request names tenant {request_tenant!r} but its token acts for "
-            f"{tenant or 'the default tenant'!r}; leave kvpool.tenant empty when auth is on"
-        )
-    return tenant
 
 
 def error_response(exc: BaseException) -> Response:
@@ -194,7 +174,8 @@ class OpenAIApp:
             body = await self._body(request)
             req = parse(ChatCompletionRequest if chat else CompletionRequest, body)
             self._check_model(req.model)
-            call = req.generate_call(tenant_of(req.kvpool.tenant, authorization, self.auth))
+            tenant = caller_tenant(req.kvpool.tenant, authorization, self.auth, "kvpool.tenant")
+            call = req.generate_call(tenant)
         except Exception as exc:
             return error_response(exc)
         route = "/v1/chat/completions" if chat else "/v1/completions"
