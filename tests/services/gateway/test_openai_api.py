@@ -12,6 +12,7 @@ import time
 import httpx2 as httpx
 import openai
 import pytest
+import ray
 from prometheus_client import generate_latest
 
 from services.auth import ServerTls, parse_token_file
@@ -468,3 +469,20 @@ def test_the_http_api_serves_tls_with_the_grpc_certificate(front, model, tmp_pat
         assert [m.id for m in api.models.list().data] == [model]
     with pytest.raises(httpx.RemoteProtocolError):  # plaintext to a TLS port
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+
+
+def test_an_error_after_the_first_token_arrives_as_an_error_event(front, stack, model):
+    port, _ = front(GatewayConfig(max_failovers=0))
+    with openai.OpenAI(base_url=base_url(port), api_key="x", max_retries=0, timeout=120) as api:
+        stream = api.completions.create(
+            model=model, prompt="Lost mid-stream:", max_tokens=2000, temperature=0, stream=True
+        )
+        chunks = iter(stream)
+        next(chunks)
+        busy = [w for w in stack.router.workers() if stack.router.in_flight(w)]
+        assert len(busy) == 1
+        ray.kill(stack.pool.handle(busy[0]), no_restart=True)
+        with pytest.raises(openai.APIError, match="gave up after 0 failovers"):
+            for _ in chunks:
+                pass
+    wait_for(lambda: len(stack.pool.live()) == 2, 180, "a replacement worker")
