@@ -18,7 +18,7 @@ import secrets
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kvpool.errors import InvalidArgument
 from services.gateway.inference import Finished, GenerateCall, Usage
@@ -33,6 +33,14 @@ _ROLE_ALIASES = {"developer": "system"}
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        """OpenAI reads a null field as an absent one, and clients send `"stop": null` and such."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 class StreamOptions(_Model):

@@ -60,6 +60,12 @@ def test_openais_defaults_sample_and_grpcs_bound_the_length():
     assert params.temperature == 1.0 and params.max_new_tokens == 64 and params.seed is None
 
 
+def test_null_fields_take_their_defaults():
+    nulls = dict.fromkeys(("temperature", "top_p", "n", "stream", "stop", "seed", "kvpool"))
+    call = chat(**nulls, max_tokens=None, logit_bias=None, presence_penalty=None)
+    assert call.params == chat().params and call.session_id == ""
+
+
 @pytest.mark.parametrize(
     ("prompt", "field", "value"),
     [
