@@ -21,7 +21,7 @@ import anyio
 from anyio import CapacityLimiter
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 from starlette.types import Message, Receive, Scope, Send
@@ -166,6 +166,7 @@ class OpenAIApp:
     # --- completions ---------------------------------------------------------------------
 
     async def _complete(self, request: Request, *, chat: bool) -> Response:
+        route = "/v1/chat/completions" if chat else "/v1/completions"
         try:
             authorization = request.headers.get("authorization")
             authenticate(authorization, self.auth)  # before reading a stranger's body
@@ -176,9 +177,11 @@ class OpenAIApp:
             self._check_model(req.model)
             tenant = caller_tenant(req.kvpool.tenant, authorization, self.auth, "kvpool.tenant")
             call = req.generate_call(tenant)
+        except ClientDisconnect:  # gone before its body was read (uvicorn reports that first)
+            self.metrics.disconnects.labels(route).inc()
+            return Response(status_code=499)
         except Exception as exc:
             return error_response(exc)
-        route = "/v1/chat/completions" if chat else "/v1/completions"
         shape = ResponseShape(chat, self.model, req.include_usage)
         cancelled = threading.Event()
         metrics = self.core.metrics

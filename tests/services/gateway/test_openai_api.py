@@ -449,13 +449,21 @@ def test_a_client_that_gives_up_on_an_unstreamed_reply_cancels_it(stack, model):
         "temperature": 0,
     }
     url = f"http://127.0.0.1:{stack.http_port}/v1/chat/completions"
+    requests_before = metric(registry, "kvpool_gateway_requests_total", {"tenant": ""})
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url, json=body, timeout=httpx.Timeout(10, read=2))
-    wait_for(
-        lambda: metric(registry, "kvpool_gateway_http_disconnects_total", route) == before + 1,
-        60,
-        "the gateway to count the disconnect",
-    )
+        httpx.post(url, json=body, timeout=httpx.Timeout(10, read=5))
+    # The generation had started (not a client gone before its body was read).
+    assert metric(registry, "kvpool_gateway_requests_total", {"tenant": ""}) == requests_before + 1
+    try:
+        wait_for(
+            lambda: metric(registry, "kvpool_gateway_http_disconnects_total", route) == before + 1,
+            60,
+            "the gateway to count the disconnect",
+        )
+    except AssertionError as exc:
+        in_flight = [(s.worker_id, s.in_flight) for s in stack.worker_stats()]
+        gauge = metric(registry, "kvpool_gateway_in_flight")
+        raise AssertionError(f"{exc}; workers in flight {in_flight}, gateway {gauge}") from None
     wait_for(lambda: all(s.in_flight == 0 for s in stack.worker_stats()), 10, "the worker to stop")
 
 
