@@ -66,9 +66,10 @@ COPY --from=build --chown=${UID}:${UID} /opt/kvpool-cache /opt/kvpool-cache
 USER ${UID}:${UID}
 WORKDIR /home/kvpool
 
-# gateway 50051, store 50052, metrics 9090 (gateway) and 9091 (store), Ray GCS 6380 (never 6379:
-# that is Redis), Ray dashboard 8265, Ray client 10001.
-EXPOSE 50051 50052 9090 9091 6380 8265 10001
+# gateway 50051 (gRPC) and 8000 (the OpenAI-compatible HTTP API, with --http-port 8000), store
+# 50052, metrics 9090 (gateway) and 9091 (store), Ray GCS 6380 (never 6379: that is Redis), Ray
+# dashboard 8265, Ray client 10001.
+EXPOSE 50051 8000 50052 9090 9091 6380 8265 10001
 
 # gRPC health (grpc.health.v1) of the server in this container: the gateway by default; set
 # GRPC_HEALTH_ADDR=127.0.0.1:50052 for the store. Ray worker nodes serve no gRPC of ours, so the

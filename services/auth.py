@@ -25,6 +25,8 @@ from typing import Any
 
 import grpc
 
+from kvpool.errors import InvalidArgument, Unauthenticated
+
 AUTH_HEADER = "authorization"
 _TOKEN = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what a gRPC metadata value may carry
 TENANT = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
@@ -117,6 +119,32 @@ def client_token(token: str | None, token_file: str | None) -> str | None:
     if token_file:
         return load_token_file(token_file).first_token
     return check_token(token.strip(), "KVPOOL_AUTH_TOKEN") if token else None
+
+
+def caller_tenant(
+    request_tenant: str,
+    authorization: str | bytes | None,
+    auth: TokenTable | None,
+    field: str = "tenant",
+) -> str:
+    """The tenant a call acts for: the one rule, for the gRPC and the HTTP API alike.
+
+    Without auth the request names its tenant in `field` ("" is the default tenant). With auth
+    the token decides; a request that names another tenant is refused rather than silently
+    re-labelled, so a client that mixes up its tokens hears about it.
+    """
+    check_tenant(request_tenant, "the request" if field == "tenant" else f"the request's {field}")
+    if auth is None:
+        return request_tenant
+    tenant = auth.tenant_for(authorization)
+    if tenant is None:  # the server lets no such call through; never fall back to a default
+        raise Unauthenticated("bearer token not accepted")
+    if request_tenant and request_tenant != tenant:
+        raise InvalidArgument(
+            f"the request names tenant {request_tenant!r} but its token acts for "
+            f"{tenant or 'the default tenant'!r}; leave {field} empty when auth is on"
+        )
+    return tenant
 
 
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:

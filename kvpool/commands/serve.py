@@ -2,8 +2,9 @@
 
 It starts the KVStore in this process (the memory backend, or Redis with `--redis URL`), joins
 the Ray cluster at RAY_ADDRESS or starts a local one, starts `--workers` worker actors and
-serves the Inference gateway on `--port`. On a signal the gateway stops taking calls and lets
-open streams finish, the workers flush their pending block writes, then the store stops.
+serves the Inference gateway on `--port` (and the OpenAI-compatible HTTP API on `--http-port`,
+when given). On a signal the gateway stops taking calls and lets open streams finish, the
+workers flush their pending block writes, then the store stops.
 """
 
 import argparse

@@ -23,6 +23,13 @@ def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True
 
     flag("--host", "0.0.0.0", help="address the gateway listens on (default 0.0.0.0)")
     flag("--port", 50051, type=int, help="gateway gRPC port (0 picks a free one; default 50051)")
+    flag(
+        "--http-port",
+        0,
+        type=int,
+        help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, ...) on this port, "
+        "next to gRPC (0: off)",
+    )
     flag("--workers", 1, type=int, help="worker actors to start (default 1)")
     flag(
         "--worker-gpus",
@@ -129,6 +136,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--codec must be one of {', '.join(CODEC_NAMES)}, got {args.codec!r}")
     if args.block_tokens < 1:
         raise ValueError(f"--block-tokens must be >= 1, got {args.block_tokens}")
+    if not 0 <= args.http_port <= 65535:
+        raise ValueError(f"--http-port must be between 0 (off) and 65535, got {args.http_port}")
     if args.worker_gpus is not None and args.worker_gpus < 0:
         raise ValueError(f"--worker-gpus must be >= 0, got {args.worker_gpus}")
     for name in (
@@ -205,6 +214,7 @@ def gateway_settings(
         route_load_penalty_tokens=args.route_load_penalty_tokens,
         session_ttl_s=args.session_ttl,
         metrics_port=args.metrics_port,
+        http_port=args.http_port or None,  # the flag's 0 is off; the setting's 0 a free port
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         grace_s=args.grace,
         auth=server_tokens(args.auth_token, args.auth_token_file),

@@ -1,4 +1,5 @@
-"""The gateway as an object: workers, router, sessions, the gRPC server and its metrics.
+"""The gateway as an object: workers, router, sessions, the gRPC server and its metrics, and
+(with `http_port`) the OpenAI-compatible HTTP API on the same core (`services/gateway/http`).
 
     gateway = GatewayServer(GatewaySettings(store_target="127.0.0.1:50052", port=0))
     port = gateway.start()   # Ray must be initialized; starts the worker actors
@@ -10,11 +11,14 @@ an in-process store.
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from kvpool.v1 import inference_pb2_grpc
 from services.auth import ServerTls, TokenTable, channel_credentials
 from services.gateway.core import GatewayConfig, InferenceCore
+from services.gateway.http.app import OpenAIApp
+from services.gateway.http.server import HttpServer
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pool import PoolConfig, WorkerPool
 from services.gateway.router import Router, RouterConfig
@@ -39,6 +43,8 @@ class GatewaySettings:
     session_ttl_s: int = 24 * 3600
     store_timeout_s: float = 5.0
     metrics_port: int = 0  # 0: no /metrics endpoint
+    # The OpenAI-compatible HTTP API (services/gateway/http): None: off; 0: a free port.
+    http_port: int | None = None
     max_concurrent_rpcs: int = 64  # gRPC handler threads; each open stream holds one
     grace_s: float = 30.0
     auth: TokenTable | None = None  # tokens callers must present, each with its tenant
@@ -51,6 +57,8 @@ class GatewaySettings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
             raise ValueError("ports must be between 0 and 65535")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be between 0 and 65535, got {self.http_port}")
         if self.session_ttl_s <= 0:
             raise ValueError(f"session_ttl_s must be > 0, got {self.session_ttl_s}")
         if self.max_concurrent_rpcs < 1:
@@ -89,11 +97,17 @@ class GatewayServer:
         )
         self._grpc = inference_server(settings, self.core, self.metrics)
         self._metrics_server = None
+        self._http: HttpServer | None = None
         self._stopped = False
 
     @property
     def port(self) -> int:
         return self._grpc.port
+
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP API's bound port; None when it is off (or not started)."""
+        return None if self._http is None else self._http.port
 
     @property
     def target(self) -> str:
@@ -114,6 +128,9 @@ class GatewayServer:
             self.worker_stats, lambda: len(self.pool.live()), lambda: self.pool.deaths
         )
         port = self._grpc.start()
+        if self.settings.http_port is not None:
+            self._http = http_server(self.settings, self.core, info.model, self._serving)
+            self._http.start()
         if self.settings.metrics_port:
             from prometheus_client import start_http_server
 
@@ -131,7 +148,12 @@ class GatewayServer:
         if self._stopped:
             return
         self._stopped = True
-        self._grpc.stop(self.settings.grace_s if grace_s is None else grace_s)
+        grace_s = self.settings.grace_s if grace_s is None else grace_s
+        if self._http is not None:
+            self._http.begin_stop()  # both fronts stop taking calls at once, then drain
+        self._grpc.stop(grace_s)
+        if self._http is not None:
+            self._http.stop(grace_s)
         self.pool.close()
         self.store.close()
         if self._metrics_server is not None:
@@ -139,6 +161,9 @@ class GatewayServer:
 
     def wait(self, timeout_s: float | None = None) -> bool:
         return self._grpc.wait(timeout_s)
+
+    def _serving(self) -> bool:
+        return not self._stopped
 
 
 def inference_server(
@@ -161,6 +186,29 @@ def inference_server(
         interceptors=[ErrorInterceptor(metrics.observe_call)],
         auth=settings.auth,
         tls=settings.tls,
+    )
+
+
+def http_server(
+    settings: GatewaySettings, core: InferenceCore, model: str, serving: Callable[[], bool]
+) -> HttpServer:
+    """The OpenAI-compatible HTTP front: the gRPC front's host, auth, TLS and limits."""
+    app = OpenAIApp(
+        core,
+        model=model,
+        auth=settings.auth,
+        max_request_bytes=settings.max_request_bytes,
+        max_concurrent=settings.max_concurrent_rpcs,
+        serving=serving,
+    )
+    return HttpServer(
+        app,
+        host=settings.host,
+        port=settings.http_port or 0,
+        grace_s=settings.grace_s,
+        tls=settings.tls,
+        # Connections waiting for a generation thread are bounded too; beyond this, 503.
+        max_connections=4 * settings.max_concurrent_rpcs,
     )
 
 

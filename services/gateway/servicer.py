@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import grpc
 
-from kvpool.errors import InvalidArgument, Unauthenticated
+from kvpool.errors import InvalidArgument
 from kvpool.v1 import inference_pb2 as pb
 from kvpool.v1 import inference_pb2_grpc
-from services.auth import TokenTable, check_tenant, request_authorization
+from services.auth import TokenTable, caller_tenant, request_authorization
 from services.gateway.api import Delta, Finished, GenerateCall, PrefillCall
 from services.gateway.core import InferenceCore
 from workers.api import ChatMessage, PromptInput, SamplingParams
@@ -28,24 +28,9 @@ FINISH_REASONS = {
 
 
 def tenant_of(request_tenant: str, context: grpc.ServicerContext, auth: TokenTable | None) -> str:
-    """The tenant a call acts for: the one place that maps a caller to a tenant.
-
-    Without auth the request names its tenant ("" is the default tenant). With auth the token
-    decides; a request that names another tenant is refused rather than silently re-labelled,
-    so a client that mixes up its tokens hears about it.
-    """
-    check_tenant(request_tenant, "the request")
-    if auth is None:
-        return request_tenant
-    tenant = auth.tenant_for(request_authorization(context.invocation_metadata()))
-    if tenant is None:  # the interceptor lets no such call through; never fall back to a default
-        raise Unauthenticated("bearer token not accepted")
-    if request_tenant and request_tenant != tenant:
-        raise InvalidArgument(
-            f"the request names tenant {request_tenant!r} but its token acts for "
-            f"{tenant or 'the default tenant'!r}; leave tenant empty when auth is on"
-        )
-    return tenant
+    """The tenant a call acts for (`services.auth.caller_tenant`, the rule both APIs share)."""
+    sent = None if auth is None else request_authorization(context.invocation_metadata())
+    return caller_tenant(request_tenant, sent, auth)
 
 
 def prompt_input(request: pb.GenerateRequest | pb.PrefillRequest) -> PromptInput:

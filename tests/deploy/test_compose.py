@@ -261,3 +261,10 @@ def test_every_kvpool_command_exists_in_the_cli(gpu, cpu, which):
                     dest = variable.removeprefix("KVPOOL_").lower()
                     assert hasattr(args, dest), f"{name}: {variable} is not a flag of {cmd[:3]}"
     assert ran >= 2  # the store and the gateway
+
+
+def test_the_gateway_publishes_the_openai_http_api(gpu):
+    head = services(gpu)["ray-head"]
+    gateway = kvpool_command(head, ("gateway", "serve"))
+    assert option(gateway, "--http-port") == "8000"
+    assert "8000" in published_ports(head)

@@ -517,3 +517,26 @@ def test_gateway_limits_and_tenant_tokens_reach_the_gateway():
         worker_group(docs)["template"]["spec"]["containers"][0],
     ):
         assert "KVPOOL_AUTH_TOKEN_FILE" not in {e["name"] for e in container["env"]}
+
+
+def test_the_openai_http_api_is_off_by_default_and_exposed_when_on():
+    docs = render({})
+    assert build_parser().parse_args(gateway_command(docs)[1:]).http_port == 0  # off
+    assert "http" not in {p["name"] for p in head_container(docs)["ports"]}
+    assert "http" not in {p["name"] for p in one(docs, "Service", "gateway")["spec"]["ports"]}
+
+    docs = render({**SECURED, "gateway": {"http": {"enabled": True, "port": 8080}}})
+    assert build_parser().parse_args(gateway_command(docs)[1:]).http_port == 8080
+    [port] = [p for p in head_container(docs)["ports"] if p["name"] == "http"]
+    assert port["containerPort"] == 8080
+    [service_port] = [
+        p for p in one(docs, "Service", "gateway")["spec"]["ports"] if p["name"] == "http"
+    ]
+    assert (service_port["port"], service_port["targetPort"]) == (8080, "http")
+    for doc in docs:
+        if doc["apiVersion"] in CORE_API_GROUPS:
+            kubernetes_validate.validate(doc, KUBE_VERSIONS[-1], strict=True)
+        else:
+            raycluster_validator().validate(doc)
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError):
+        chart.validate_schema({"gateway": {"http": {"enabled": True, "port": 0}}})

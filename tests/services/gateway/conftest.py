@@ -1,5 +1,6 @@
 """One real stack for the gateway's integration tests: redis-server, the KVStore over it, a local
-Ray cluster with two worker actors (tiny-random), and the gateway on a loopback port."""
+Ray cluster with two worker actors (tiny-random), and the gateway on a loopback port (gRPC, and
+the OpenAI-compatible HTTP API on another)."""
 
 import pytest
 
@@ -22,7 +23,7 @@ def stack():
         model="tiny-random", codec="fp16", block_tokens=BLOCK_TOKENS, store_target=store.target
     )
     try:
-        with gateway_over(store.target, worker, workers=2, grace_s=5) as gateway:
+        with gateway_over(store.target, worker, workers=2, grace_s=5, http_port=0) as gateway:
             yield gateway
     finally:
         store.stop(0)

@@ -59,3 +59,14 @@ def test_gateway_tls_flags_reach_the_settings(tmp_path):
     assert settings.store_tls_ca == cert.read_bytes()  # the gateway and workers verify the store
     with pytest.raises(ValueError, match="go together"):
         gateway_settings(parse("--tls-cert-file", str(cert)), "s:1", 0.0)
+
+
+def test_http_port_is_off_by_default_and_reaches_the_settings(monkeypatch):
+    assert gateway_settings(parse(), "s:1", 0.0).http_port is None  # 0, the flag's default: off
+    assert gateway_settings(parse("--http-port", "8000"), "s:1", 0.0).http_port == 8000
+    monkeypatch.setenv("KVPOOL_HTTP_PORT", "8001")
+    args = build_parser().parse_args(["serve"])
+    check_args(args)
+    assert gateway_settings(args, "s:1", 0.0).http_port == 8001
+    with pytest.raises(ValueError, match=r"--http-port must be between 0 \(off\) and 65535"):
+        check_args(parse("--http-port", "70000"))
