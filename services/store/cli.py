@@ -48,7 +48,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--backend",
         "memory",
         help="'memory' (in-process LRU) or a Redis URL: redis://[user:password@]host:port/db, "
-        "rediss://... (TLS), unix:///path/to/socket (default: memory)",
+        "rediss://... (TLS), unix:///path/to/socket, or a Redis Cluster: "
+        "redis+cluster://[user:password@]host:port[,host:port...] (rediss+cluster:// for TLS) "
+        "(default: memory)",
     )
     flag("--host", "127.0.0.1", help="address to listen on (0.0.0.0 in containers)")
     flag("--port", 50052, type=int, help="gRPC port (0 picks a free one; default 50052)")

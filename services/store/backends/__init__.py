@@ -1,4 +1,7 @@
-"""Storage tiers behind the KVStore service, chosen by a backend spec: `memory` or a Redis URL."""
+"""Storage tiers behind the KVStore service, chosen by a backend spec: `memory` or a Redis URL.
+
+`redis+cluster://host:port[,host:port...]` (or `rediss+cluster://`) is a Redis Cluster.
+"""
 
 from urllib.parse import urlsplit, urlunsplit
 
@@ -6,6 +9,7 @@ from kvpool.errors import InvalidArgument
 from services.store.backends.base import BackendStats, BlockStore
 
 __all__ = [
+    "CLUSTER_SCHEMES",
     "SCHEMES",
     "BackendStats",
     "BlockStore",
@@ -14,7 +18,8 @@ __all__ = [
     "redact_url",
 ]
 
-SCHEMES = ("memory", "redis://", "rediss://", "unix://")
+SCHEMES = ("memory", "redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
 def redact_url(url: str) -> str:
@@ -23,10 +28,8 @@ def redact_url(url: str) -> str:
     if parts.password is None:
         return url
     user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    hosts = parts.netloc.rpartition("@")[2]  # as written: a cluster URL lists several
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
 def check_backend_spec(spec: str) -> None:
@@ -53,6 +56,10 @@ def open_backend(
         from services.store.backends.memory import MemoryStore
 
         return MemoryStore(max_memory_bytes)
+    if spec.startswith(CLUSTER_SCHEMES):
+        from services.store.backends.redis_cluster import RedisClusterStore
+
+        return RedisClusterStore(spec, password=redis_password)
     from services.store.backends.redis import RedisStore
 
     return RedisStore(spec, password=redis_password)
