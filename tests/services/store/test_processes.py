@@ -1,0 +1,143 @@
+"""`--processes N`: store processes sharing one port, supervised, with one /metrics.
+
+Real child processes (spawned), a real redis-server, real gRPC clients on loopback.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from kvpool.errors import InvalidArgument
+from services.store.client import StoreClient
+from services.store.processes import AUTO_MAX_PROCESSES, StoreSupervisor, process_count
+from services.store.server import StoreConfig
+
+pytestmark = pytest.mark.integration
+
+
+def _wait_for(condition, timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not met after {timeout_s} s")
+        time.sleep(0.05)
+
+
+def _puts_seen_by_fresh_connections(target: str, connections: int) -> list[int]:
+    """Each fresh client (its own TCP connection) puts one block and reads its process's count.
+
+    A Put and the Stats after it travel on one connection, so they reach the same process, and
+    `puts` in Stats counts that process's Puts only: each process's first answer is 1.
+    """
+    seen = []
+    for n in range(connections):
+        with StoreClient(target, timeout_s=5) as client:
+            client.put_many([(f"kvpool:blk:{n:064x}", b"v")])
+            seen.append(client.stats().puts)
+    return seen
+
+
+def _metric(text: str, line_start: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(line_start))
+
+
+def test_two_processes_on_one_port_both_serve_with_one_metrics(redis_server, free_port):
+    config = StoreConfig(backend=redis_server, port=0, grace_s=1, metrics_port=free_port())
+    with StoreSupervisor(config, 2) as supervisor:
+        assert len(supervisor.pids()) == 2
+        seen = _puts_seen_by_fresh_connections(supervisor.target, 24)
+        # Two processes answered: each one's first Put reports 1 (all on one would be 1..24).
+        assert seen.count(1) == 2, seen
+        url = f"http://127.0.0.1:{supervisor.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    # The parent adds up both children's counters, and reads the backend itself.
+    assert _metric(text, 'kvpool_store_requests_total{code="OK",method="Put"}') == 24
+    assert _metric(text, "kvpool_store_puts_total") == 24
+    assert _metric(text, "kvpool_store_backend_up") == 1
+    assert _metric(text, "kvpool_store_backend_keys") == 24
+
+
+def test_a_killed_child_is_replaced_and_the_port_keeps_serving(redis_server):
+    config = StoreConfig(backend=redis_server, port=0, grace_s=1)
+    with StoreSupervisor(config, 2) as supervisor:
+        victim, survivor = supervisor.pids()
+        os.kill(victim, signal.SIGKILL)
+        _wait_for(lambda: victim not in supervisor.pids() and len(supervisor.pids()) == 2,
+                  what="a replacement child")  # fmt: skip
+        assert survivor in supervisor.pids() and supervisor.restarts == 1
+        seen = _puts_seen_by_fresh_connections(supervisor.target, 24)
+        assert seen.count(1) == 2, seen  # the survivor and the replacement (which starts at 0)
+        assert len(seen) == 24
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
+        found |= {int(p) for p in path.read_text().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; it is only waiting for its parent.
+    status = Path(f"/proc/{pid}/status").read_text() if Path(f"/proc/{pid}").exists() else ""
+    return "State:\tZ" not in status
+
+
+def test_cli_forwards_sigterm_to_every_process_and_exits_zero(redis_server, free_port):
+    port = free_port()
+    env = {**os.environ, "KVPOOL_PORT": str(port), "KVPOOL_BACKEND": redis_server}
+    env |= {"KVPOOL_GRACE": "1", "KVPOOL_PROCESSES": "2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvpool.cli", "store", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with StoreClient(f"127.0.0.1:{port}", timeout_s=5) as client:
+            client.wait_ready(60)
+            assert client.put_many([("kvpool:sess:a", b"1")]) == 1
+        _wait_for(lambda: len(_children(proc.pid)) >= 2, what="two children")
+        children = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert "2 processes" in stderr and "SIGTERM" in stderr
+    assert not any(_alive(pid) for pid in children)
+
+
+def test_memory_backend_with_several_processes_is_a_usage_error():
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvpool.cli", "store", "serve", "--processes", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "needs a shared backend" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_process_count():
+    assert process_count(0, "memory") == 1
+    assert process_count(1, "memory") == 1
+    auto = process_count(0, "redis://r:6379/0")
+    assert auto == min(os.cpu_count() or 1, AUTO_MAX_PROCESSES)
+    assert process_count(3, "redis+cluster://r:7000") == 3
+    for bad in (-1, 65):
+        with pytest.raises(InvalidArgument, match="0 \\(auto\\) to 64"):
+            process_count(bad, "redis://r:6379/0")
