@@ -121,12 +121,12 @@ def test_cli_forwards_sigterm_to_every_process_and_exits_zero(redis_server, free
     assert not any(_alive(pid) for pid in children)
 
 
-def test_memory_backend_with_several_processes_is_a_usage_error():
+@pytest.mark.parametrize(
+    "argv", [["store", "serve", "--processes", "2"], ["serve", "--store-processes", "2"]]
+)
+def test_memory_backend_with_several_processes_is_a_usage_error(argv):
     proc = subprocess.run(
-        [sys.executable, "-m", "kvpool.cli", "store", "serve", "--processes", "2"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, "-m", "kvpool.cli", *argv], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2
     assert "needs a shared backend" in proc.stderr and "Traceback" not in proc.stderr
