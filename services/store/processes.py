@@ -74,6 +74,22 @@ def process_count(requested: int, backend: str) -> int:
     return requested
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when the parent dies, as one store process dies with SIGKILL.
+
+    Linux's PR_SET_PDEATHSIG fires when the parent *thread* that started the child ends, which
+    is why the supervisor's threads that spawn children outlive them.
+    """
+    if sys.platform == "linux":
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:  # it died before the line above
+        os._exit(1)
+
+
 def _child_main(
     config: "StoreConfig",
     index: int,
@@ -83,6 +99,7 @@ def _child_main(
     parent_pid: int,
 ) -> None:
     """One store process: serve until SIGTERM/SIGINT (or until the parent is gone)."""
+    _die_with_parent(parent_pid)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     from prometheus_client import values
 
@@ -105,14 +122,6 @@ def _child_main(
         sys.exit(1)
     ready.send(("ready", port))
     ready.close()
-
-    def watch_parent() -> None:
-        # A parent killed with SIGKILL cannot forward anything: leave with it.
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch_parent, name="watch-parent", daemon=True).start()
     run_until_signal(server.stop)
 
 
@@ -173,6 +182,7 @@ class StoreSupervisor:
         self._children: list[_Child] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._children_gone = threading.Event()  # the monitor (a spawning thread) ends after
         self._monitor: threading.Thread | None = None
         self._metrics_dir = ""
         self._metrics_http: Any = None
@@ -277,7 +287,7 @@ class StoreSupervisor:
                 child = sentinels[sentinel]  # type: ignore[index]
                 child.process.join()
                 if self._stopping.is_set():
-                    return
+                    break
                 lived = time.monotonic() - child.started_at
                 if lived >= self._supervision.stable_after_s:
                     backoff = self._supervision.restart_backoff_s
@@ -287,7 +297,7 @@ class StoreSupervisor:
                     child.index, child.process.pid, child.process.exitcode, lived, backoff,
                 )  # fmt: skip
                 if self._stopping.wait(backoff):
-                    return
+                    break
                 backoff = min(backoff * 2, self._supervision.max_restart_backoff_s)
                 try:
                     replacement = self._spawn(child.index)
@@ -298,6 +308,8 @@ class StoreSupervisor:
                     self._children[self._children.index(child)] = replacement
                     self.restarts += 1
                 log.info("store process %d is back (pid %d)", child.index, replacement.process.pid)
+        # Children this thread spawned die with it (PR_SET_PDEATHSIG): outlive them.
+        self._children_gone.wait()
 
     def stop(self, grace_s: float | None = None) -> None:
         """SIGTERM every child (they finish in-flight calls within grace), then clean up."""
@@ -315,6 +327,7 @@ class StoreSupervisor:
                 log.warning("store process %d did not stop in time; killing it", child.index)
                 child.process.kill()
                 child.process.join()
+        self._children_gone.set()
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(5)
         if self._metrics_http is not None:

@@ -141,3 +141,22 @@ def test_process_count():
     for bad in (-1, 65):
         with pytest.raises(InvalidArgument, match="0 \\(auto\\) to 64"):
             process_count(bad, "redis://r:6379/0")
+
+
+def test_children_die_with_a_parent_killed_outright(redis_server, free_port):
+    """SIGKILL on the parent stops the whole store at once, as it stops one store process."""
+    port = free_port()
+    env = {**os.environ, "KVPOOL_PORT": str(port), "KVPOOL_BACKEND": redis_server}
+    env |= {"KVPOOL_PROCESSES": "2", "KVPOOL_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "kvpool.cli", "store", "serve"], env=env)
+    try:
+        with StoreClient(f"127.0.0.1:{port}", timeout_s=5) as client:
+            client.wait_ready(60)
+        _wait_for(lambda: len(_children(proc.pid)) >= 2, what="two children")
+        children = _children(proc.pid)
+        proc.kill()
+        proc.wait(10)
+        _wait_for(lambda: not any(_alive(pid) for pid in children), 5, "children gone")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,75 @@
+"""StoreClient splits a large Get over several streams: order kept, checks kept, processes used.
+
+Real StoreServers on loopback over a real redis-server; the two-process case uses
+`StoreSupervisor` (real child processes sharing one port).
+"""
+
+import pytest
+
+from kvpool.errors import InvalidArgument
+from services.store.client import StoreClient
+from services.store.processes import StoreSupervisor
+from services.store.server import StoreConfig, StoreServer
+
+pytestmark = pytest.mark.integration
+
+
+def key(i: int) -> str:
+    return f"kvpool:blk:{i:064x}"
+
+
+def _get_calls(server: StoreServer) -> float:
+    return server.metrics.requests.labels("Get", "OK")._value.get()
+
+
+@pytest.fixture
+def server(redis_server):
+    with StoreServer(StoreConfig(backend=redis_server, port=0, grace_s=1)) as server:
+        yield server
+
+
+def test_a_large_get_is_split_and_comes_back_in_request_order(server):
+    keys = [key(i) for i in range(40)]
+    values = {k: f"value of {k}".encode() * (i + 1) for i, k in enumerate(keys)}
+    with StoreClient(server.target, streams=4, min_keys_per_stream=4) as client:
+        client.put_many([(k, v) for k, v in values.items() if k != keys[21]])
+        asked = list(reversed(keys))  # any order: it is the caller's
+        before = _get_calls(server)
+        got = client.get_many(asked)
+        assert _get_calls(server) - before == 4  # four streams for one call
+        assert list(got) == [k for k in asked if k != keys[21]]  # order kept, the miss absent
+        assert all(got[k] == values[k] for k in got)
+        before = _get_calls(server)
+        assert list(client.get_many(keys[:7])) == keys[:7]  # small: one stream
+        assert _get_calls(server) - before == 1
+
+
+def test_one_failing_slice_fails_the_whole_get_and_the_client_goes_on(server):
+    keys = [key(i) for i in range(32)]
+    with StoreClient(server.target, streams=4) as client:
+        client.put_many([(k, b"v") for k in keys])
+        with pytest.raises(InvalidArgument, match="invalid key"):
+            client.get_many([*keys[:30], "not a key!", keys[30]])  # in the last slice only
+        assert len(client.get_many(keys)) == 32
+
+
+def test_slices_reach_both_store_processes(redis_server):
+    config = StoreConfig(backend=redis_server, port=0, grace_s=1)
+    keys = [key(i) for i in range(64)]
+    with StoreSupervisor(config, 2) as supervisor:
+        with StoreClient(supervisor.target, streams=16) as client:
+            client.put_many([(k, b"v") for k in keys])
+            assert len(client.get_many(keys)) == 64
+        # Stats' hits are per process: fresh connections see each process's share.
+        shares = set()
+        for _ in range(16):
+            with StoreClient(supervisor.target) as fresh:
+                shares.add(fresh.stats().hits)
+    assert len(shares) == 2 and sum(shares) == 64 and 0 not in shares, shares
+
+
+def test_stream_settings_are_checked():
+    with pytest.raises(ValueError, match="streams must be 1 to 64"):
+        StoreClient("127.0.0.1:1", streams=0)
+    with pytest.raises(ValueError, match="min_keys_per_stream positive"):
+        StoreClient("127.0.0.1:1", min_keys_per_stream=0)
