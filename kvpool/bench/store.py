@@ -6,6 +6,9 @@ For each value size, the same batches of values go (a) through the KVStore gRPC 
 this box. One operation moves one batch of about `--batch-bytes`. Throughput is bytes over the
 total time of the operations, latency is per operation. Without `--redis` the benchmark starts its
 own redis-server on a free loopback port (maxmemory 2 GiB, allkeys-lru, no persistence).
+
+With `--processes 1,2,4` and/or `--cluster N` it measures how the store scales out instead
+(`kvpool/bench/store_scaling.py`): rows per backend and process count.
 """
 
 import argparse
@@ -30,11 +33,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chain", type=int, default=64, help="keys in the Lookup chain")
     parser.add_argument("--lookups", type=int, default=500, help="Lookup calls timed")
     parser.add_argument(
+        "--processes",
+        type=_process_counts,
+        help="scaling rows: run the store with each of these process counts, e.g. 1,2,4",
+    )
+    parser.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="N",
+        help="scaling rows also on a Redis Cluster of N masters (N >= 3) started here",
+    )
+    parser.add_argument(
         "--tune-malloc",
         action="store_true",
         help="apply the store server's malloc settings to this process too (client and raw "
         "redis-py alike; both get faster)",
     )
+
+
+def _process_counts(text: str) -> list[int]:
+    from kvpool.bench.store_scaling import parse_processes
+
+    return parse_processes(text)
 
 
 def _percentile(samples: list[float], q: float) -> float:
@@ -66,11 +87,14 @@ def _summary(latencies: list[float], op_bytes: int) -> dict[str, float]:
     }
 
 
-def _start_store(redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
+def _start_store(
+    redis_url: str, *, processes: int = 1, metrics_port: int = 0
+) -> tuple[subprocess.Popen[bytes], str]:
     from services.store.redis_process import free_port
 
     port = free_port()
     env = {**os.environ, "KVPOOL_BACKEND": redis_url, "KVPOOL_PORT": str(port)}
+    env |= {"KVPOOL_PROCESSES": str(processes), "KVPOOL_METRICS_PORT": str(metrics_port)}
     cmd = [sys.executable, "-m", "kvpool.cli", "store", "serve", "--log-level", "WARNING"]
     proc = subprocess.Popen(cmd, env=env)  # the URL travels in env, not in the process list
     return proc, f"127.0.0.1:{port}"
@@ -198,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
     from services.store.redis_process import RedisProcess
 
     load_before = os.getloadavg()[0]  # shared machines: record how busy this one was
+    if args.processes or args.cluster:
+        return _run_scaling(args, load_before)
     local = None if args.redis else RedisProcess(maxmemory_bytes=2 << 30).start()
     url = args.redis or local.url  # type: ignore[union-attr]
     store, target = _start_store(url)
@@ -228,4 +254,25 @@ def run(args: argparse.Namespace) -> int:
     print(f"lookup of {result['lookup_chain']} keys: p50 {result['lookup_p50_ms']} ms")
     if args.plot:
         _plot(result, args.plot)
+    return 0
+
+
+def _run_scaling(args: argparse.Namespace, load_before: float) -> int:
+    from kvpool.bench.report import environment, write_json
+    from kvpool.bench.store_scaling import plot_scaling, run_scaling
+
+    if args.redis:
+        raise ValueError("--processes and --cluster start their own Redis servers: drop --redis")
+    if args.cluster and args.cluster < 3:
+        raise ValueError(f"--cluster needs at least 3 masters, got {args.cluster}")
+    result = run_scaling(args)
+    result["setup"] = {
+        "mib_per_phase": args.mib,
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        **environment(),
+    }
+    write_json(args.json, result)
+    if args.plot:
+        plot_scaling(result, args.plot)
     return 0
