@@ -67,11 +67,9 @@ class ClusterUrl:
             raise InvalidArgument(
                 f"not a cluster URL: {redact_url(spec)!r}; use " + " or ".join(SCHEMES)
             )
-        netloc, _, tail = rest.partition("/")
+        rest, _, query = rest.partition("?")  # first: a query may hold paths
+        netloc, _, path = rest.partition("/")
         userinfo, at, hosts = netloc.rpartition("@")
-        path, _, query = tail.partition("?")
-        if "?" in hosts:  # no path: redis+cluster://h:1?ssl_ca_certs=...
-            hosts, _, query = hosts.partition("?")
         if path not in ("", "0"):
             raise InvalidArgument(f"a Redis Cluster has only database 0, got /{path}")
         seeds = []

@@ -169,6 +169,9 @@ def test_cluster_urls():
     tls = ClusterUrl.parse("rediss+cluster://r:7000/0?ssl_ca_certs=/ca.pem")
     assert tls.options["ssl"] is True and tls.options["ssl_ca_certs"] == "/ca.pem"
     assert ClusterUrl.parse("redis+cluster://r:7000?ssl_cert_reqs=none").seeds == (("r", 7000),)
+    no_path = ClusterUrl.parse("rediss+cluster://a:1,b:2?ssl_ca_certs=/etc/ca.pem")
+    assert no_path.seeds == (("a", 1), ("b", 2))
+    assert no_path.options["ssl_ca_certs"] == "/etc/ca.pem"
     for bad in ("redis+cluster://r", "redis+cluster://r:7000,", "redis+cluster://:7000"):
         with pytest.raises(InvalidArgument, match=r"use redis\+cluster://host:port"):
             ClusterUrl.parse(bad)
