@@ -179,9 +179,13 @@ def plot_scaling(result: dict[str, Any], path: Any) -> None:
         xs = [r["processes"] for r in mine]
         left.plot(xs, [r["get_gbps"] for r in mine], marker="o", label=f"{backend}: get")
         left.plot(xs, [r["put_gbps"] for r in mine], marker="s", label=f"{backend}: put")
-        left.axhline(mine[0]["redis_get_gbps"], linestyle=":", label=f"{backend}: redis-py GET")
+        left.plot(xs, [r["redis_get_gbps"] for r in mine], linestyle=":", marker=".",
+                  label=f"{backend}: redis-py GET, same row")  # fmt: skip
         right.plot(xs, [r["lookup_p50_ms"] for r in mine], marker="o", label=f"{backend} p50")
         right.plot(xs, [r["lookup_p99_ms"] for r in mine], marker="^", label=f"{backend} p99")
+    counts = sorted({r["processes"] for r in rows})
+    left.set_xticks(counts)
+    right.set_xticks(counts)
     left.set_xlabel("store processes")
     left.set_ylabel("GB/s (1 MiB values, 16 per call)")
     left.legend(fontsize=7)

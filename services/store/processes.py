@@ -238,6 +238,7 @@ class StoreSupervisor:
         try:
             if not parent_end.poll(self._supervision.start_timeout_s):
                 process.kill()
+                process.join()
                 raise Unavailable(f"store process {index} did not start listening in time")
             try:
                 status, detail = parent_end.recv()
