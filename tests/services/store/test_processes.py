@@ -77,9 +77,16 @@ def test_a_killed_child_is_replaced_and_the_port_keeps_serving(redis_server):
 
 
 def _children(pid: int) -> set[int]:
+    """The store processes of the parent `pid` (not multiprocessing's resource tracker)."""
     found: set[int] = set()
     for path in Path(f"/proc/{pid}/task").glob("*/children"):
-        found |= {int(p) for p in path.read_text().split()}
+        for child in path.read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:  # gone already
+                continue
+            if b"spawn_main" in cmdline:
+                found.add(int(child))
     return found
 
 
