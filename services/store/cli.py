@@ -81,11 +81,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.store.backends import check_backend_spec
+    from services.store.backends import CLUSTER_SCHEMES, check_backend_spec
     from services.store.processes import process_count
 
     check_backend_spec(args.backend)  # a clear error before any heavy import
     processes = process_count(args.processes, args.backend)
+    if args.backend.startswith(CLUSTER_SCHEMES):  # here, not in each store process
+        from services.store.backends.redis_cluster import ClusterUrl
+
+        ClusterUrl.parse(args.backend)
     from services.store.malloc import tune_malloc
 
     tune_malloc()  # before gRPC starts its threads (and their malloc arenas)

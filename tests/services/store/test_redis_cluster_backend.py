@@ -7,6 +7,8 @@ mid-workload, sessions, and the URL.
 
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -202,3 +204,24 @@ def test_the_documented_cluster_acl_user_is_enough(redis_cluster):
     with pytest.raises(Unavailable, match="refused the credentials"):
         store.put_many([("other:1", b"v")], None)  # keys outside kvpool:* are refused
     store.close()
+
+
+def test_a_bad_cluster_url_is_a_usage_error_of_the_cli():
+    backend = ["--backend", "redis+cluster://:s3cret@nohost"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvpool.cli", "store", "serve", "--processes", "2", *backend],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "bad seed" in proc.stderr and "Traceback" not in proc.stderr
+    assert "s3cret" not in proc.stderr and "***" in proc.stderr  # the password stays hidden
+
+
+def test_the_dropped_counter_is_exported(redis_cluster):
+    from prometheus_client import generate_latest
+
+    with StoreServer(StoreConfig(backend=redis_cluster.url, port=0, grace_s=1)) as server:
+        text = generate_latest(server.metrics.registry).decode()
+    assert "kvpool_store_backend_dropped_total 0.0" in text
