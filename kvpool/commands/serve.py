@@ -52,7 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         Supervision().processes,
         type=int,
         help="KVStore processes sharing --store-port, as `kvpool store serve --processes` (0: one "
-        f"per core, at most {AUTO_MAX_PROCESSES}, with --redis; 1 with the memory backend)",
+        f"per usable core, at most {AUTO_MAX_PROCESSES}, with --redis; 1 with the memory backend)",
     )
     add_gateway_flags(parser, store_tls=False)
 

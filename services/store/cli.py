@@ -74,7 +74,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         Supervision().processes,
         type=int,
         help="store processes sharing the port with SO_REUSEPORT, under one parent that restarts "
-        f"them (0: one per core, at most {AUTO_MAX_PROCESSES}, with Redis; 1 with memory, "
+        f"them (0: one per usable core, at most {AUTO_MAX_PROCESSES}, with Redis; 1 with memory, "
         "which cannot be shared)",
     )
     flag("--log-level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -18,6 +18,7 @@ prometheus_client to multiprocess mode before any metric exists.
 """
 
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -28,6 +29,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvpool.errors import InvalidArgument, Unavailable
@@ -45,7 +47,7 @@ AUTO_MAX_PROCESSES = 8
 class Supervision:
     """How many store processes, and how the parent restarts them."""
 
-    processes: int = 0  # 0: one per core, at most 8, with Redis; 1 with the memory backend
+    processes: int = 0  # 0: one per usable core, at most 8, with Redis; 1 with memory
     start_timeout_s: float = 60.0  # a child that is not listening by then failed to start
     restart_backoff_s: float = 0.5  # first wait before restarting a child that died at once
     max_restart_backoff_s: float = 10.0
@@ -56,6 +58,25 @@ class Supervision:
             raise InvalidArgument(
                 f"processes must be 0 (auto) to {MAX_PROCESSES}, got {self.processes}"
             )
+
+
+def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota.
+
+    `os.cpu_count()` is the node's count; a container limited to 2 CPUs on a 64-core node
+    would otherwise start 8 processes that share 2 CPUs (and 8 times the memory).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota: the affinity stands
+    return cores
 
 
 def process_count(requested: int, backend: str) -> int:
@@ -70,7 +91,7 @@ def process_count(requested: int, backend: str) -> int:
             )
         return 1
     if requested == 0:
-        return max(1, min(os.cpu_count() or 1, AUTO_MAX_PROCESSES))
+        return max(1, min(available_cores(), AUTO_MAX_PROCESSES))
     return requested
 
 

@@ -15,7 +15,12 @@ import pytest
 
 from kvpool.errors import InvalidArgument
 from services.store.client import StoreClient
-from services.store.processes import AUTO_MAX_PROCESSES, StoreSupervisor, process_count
+from services.store.processes import (
+    AUTO_MAX_PROCESSES,
+    StoreSupervisor,
+    available_cores,
+    process_count,
+)
 from services.store.server import StoreConfig
 
 pytestmark = pytest.mark.integration
@@ -143,7 +148,7 @@ def test_process_count():
     assert process_count(0, "memory") == 1
     assert process_count(1, "memory") == 1
     auto = process_count(0, "redis://r:6379/0")
-    assert auto == min(os.cpu_count() or 1, AUTO_MAX_PROCESSES)
+    assert auto == min(available_cores(), AUTO_MAX_PROCESSES)
     assert process_count(3, "redis+cluster://r:7000") == 3
     for bad in (-1, 65):
         with pytest.raises(InvalidArgument, match="0 \\(auto\\) to 64"):
@@ -167,3 +172,15 @@ def test_children_die_with_a_parent_killed_outright(redis_server, free_port):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_available_cores_follow_a_cgroup_cpu_quota(tmp_path):
+    cpu_max = tmp_path / "cpu.max"
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max.write_text("max 100000\n")  # no quota
+    assert available_cores(cpu_max) == affinity
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: 2 processes can use them
+    assert available_cores(cpu_max) == min(affinity, 2)
+    cpu_max.write_text("50000 100000\n")  # half a CPU: still one process
+    assert available_cores(cpu_max) == 1
+    assert available_cores(tmp_path / "absent") == affinity
