@@ -78,3 +78,43 @@ def test_stream_settings_are_checked():
         StoreClient("127.0.0.1:1", streams=0)
     with pytest.raises(ValueError, match="min_keys_per_stream positive"):
         StoreClient("127.0.0.1:1", min_keys_per_stream=0)
+
+
+def test_a_slice_with_a_broken_frame_is_data_loss_for_the_whole_get():
+    """The split keeps the framing checks: a server that truncates one slice's value fails it.
+
+    A hand-written Get handler on a real gRPC server (the client is the layer under test).
+    """
+    from concurrent import futures
+
+    import grpc
+
+    from kvpool.errors import DataLoss
+    from kvpool.v1 import store_pb2
+    from services.store.chunks import SERVICE_NAME, get_chunks
+    from services.store.framing import Piece, encode_get_chunk
+
+    def get(request, context):
+        keys = list(request.keys)
+        if "kvpool:bad" in keys:  # announces 5 bytes, sends 3
+            yield encode_get_chunk(
+                [Piece(b"abc", last=True, size=5, index=keys.index("kvpool:bad"))]
+            )
+            return
+        yield from get_chunks(((i, k.encode()) for i, k in enumerate(keys)), 1 << 20)
+
+    handler = grpc.unary_stream_rpc_method_handler(get, store_pb2.GetRequest.FromString, None)
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Get": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        keys = [key(i) for i in range(16)]
+        with StoreClient(f"127.0.0.1:{port}", streams=4, retries=0) as client:
+            assert client.get_many(keys) == {k: k.encode() for k in keys}  # four good slices
+            with pytest.raises(DataLoss, match="announced 5"):
+                client.get_many([*keys[:14], "kvpool:bad", keys[14]])  # the last slice only
+    finally:
+        server.stop(0)
