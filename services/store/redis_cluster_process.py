@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 from services.store.redis_process import RedisProcess, free_port
 
@@ -69,6 +70,7 @@ class RedisClusterProcess:
         *,
         node_timeout_ms: int = 1000,
         maxmemory_bytes: int | None = None,
+        tls_cert_key: tuple[Path, Path] | None = None,
     ) -> None:
         if masters < 3:
             raise ValueError(f"a Redis Cluster needs at least 3 masters, got {masters}")
@@ -89,25 +91,49 @@ class RedisClusterProcess:
             # cannot take over from its master.
             "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
+        # With a (certificate, key) pair clients, the cluster bus and replication speak TLS on
+        # each node's TLS port (the plain port stays, for this class's own checks).
+        self.tls_cert_key = tls_cert_key
+        if tls_cert_key:
+            cluster_args += ["--tls-cluster", "yes", "--tls-replication", "yes"]
+            cluster_args += ["--tls-ca-cert-file", str(tls_cert_key[0])]
         self.nodes = [
-            RedisProcess(cluster_port(), maxmemory_bytes=maxmemory_bytes, extra_args=cluster_args)
+            RedisProcess(
+                cluster_port(),
+                maxmemory_bytes=maxmemory_bytes,
+                tls_cert_key=tls_cert_key,
+                extra_args=cluster_args,
+            )
             for _ in range(masters * (1 + replicas))
         ]
+        for node in self.nodes:
+            if tls_cert_key:
+                node.tls_port = cluster_port()  # its bus port (+10000) must be valid too
+
+    def _client_port(self, node: RedisProcess) -> int:
+        return node.tls_port if self.tls_cert_key and node.tls_port else node.port
 
     @property
     def url(self) -> str:
-        """`redis+cluster://` with the first `masters` nodes as seeds (any node would do)."""
-        seeds = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[: self.masters])
+        """`redis+cluster://` with the first `masters` nodes as seeds (any node would do).
+
+        With TLS: `rediss+cluster://...?ssl_ca_certs=CERT`, trusting the test certificate.
+        """
+        nodes = self.nodes[: self.masters]
+        seeds = ",".join(f"127.0.0.1:{self._client_port(node)}" for node in nodes)
+        if self.tls_cert_key:
+            return f"rediss+cluster://{seeds}?ssl_ca_certs={self.tls_cert_key[0]}"
         return f"redis+cluster://{seeds}"
 
     def start(self, timeout_s: float = 30.0) -> "RedisClusterProcess":
         try:
             for node in self.nodes:
                 node.start()
-            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            addresses = [f"127.0.0.1:{self._client_port(node)}" for node in self.nodes]
             replicas = ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
+            tls = ["--tls", "--cacert", str(self.tls_cert_key[0])] if self.tls_cert_key else []
             subprocess.run(
-                [self.redis_cli, "--cluster", "create", *addresses, *replicas],
+                [self.redis_cli, *tls, "--cluster", "create", *addresses, *replicas],
                 check=True,
                 capture_output=True,
                 timeout=timeout_s,

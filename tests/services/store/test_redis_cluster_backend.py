@@ -7,6 +7,7 @@ mid-workload, sessions, and the URL.
 
 import random
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from services.store.backends.redis_cluster import ClusterUrl, RedisClusterStore
 from services.store.client import StoreClient
 from services.store.server import StoreConfig, StoreServer
 from tests.support.redis import free_port
+from tests.support.redis_cluster import RedisClusterProcess, require_redis_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -225,3 +227,29 @@ def test_the_dropped_counter_is_exported(redis_cluster):
     with StoreServer(StoreConfig(backend=redis_cluster.url, port=0, grace_s=1)) as server:
         text = generate_latest(server.metrics.registry).decode()
     assert "kvpool_store_backend_dropped_total 0.0" in text
+
+
+def test_rediss_cluster_urls_use_tls_and_verify_the_nodes(tmp_path):
+    require_redis_cluster()
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1"
+    openssl += " -addext subjectAltName=IP:127.0.0.1"
+    subprocess.run(
+        [*openssl.split(), "-keyout", str(key_file), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    with RedisClusterProcess(tls_cert_key=(cert, key_file)) as cluster:
+        assert cluster.url.startswith("rediss+cluster://")
+        trusted = RedisClusterStore(cluster.url)
+        chain = [key(i) for i in range(32)]
+        assert trusted.put_many([(k, b"over tls") for k in chain], None) == 32
+        assert trusted.lookup(chain) == 32  # every shard, each over TLS
+        assert trusted.get_many(chain[:1]) == [b"over tls"]
+        trusted.close()
+        untrusted = RedisClusterStore(cluster.url.partition("?")[0])  # self-signed: refused
+        with pytest.raises(Unavailable, match=r"rediss\+cluster://"):
+            untrusted.lookup(chain)
+        untrusted.close()
