@@ -199,11 +199,11 @@ class RedisClusterStore:
                     if isinstance(reply, Exception):
                         self._raise_if_fatal(reply, what)
                         failed.append(todo[i])
+            todo = failed
             if not failed:
                 break
             if attempt == 0:
                 self._refresh()
-            todo = failed
         if todo and len(todo) == len(keys) and not self._any_master_answers():
             raise Unavailable(f"Redis Cluster at {self.url} is unreachable ({what})")
         return replies
