@@ -105,6 +105,7 @@ class GrpcServer:
         interceptors: Sequence[grpc.ServerInterceptor] = (),
         auth: TokenTable | None = None,
         tls: ServerTls | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self._services = list(services)
         self._address = f"{host}:{port}"
@@ -117,7 +118,9 @@ class GrpcServer:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
             interceptors=chain,
-            options=[*message_options(max_message_bytes), ("grpc.so_reuseport", 0)],
+            # Off by default, so a second server on a port in use fails instead of sharing it;
+            # the store's worker processes share one port on purpose (services/store/processes).
+            options=[*message_options(max_message_bytes), ("grpc.so_reuseport", int(reuse_port))],
         )
         self._port = 0
         self._stopped = threading.Event()

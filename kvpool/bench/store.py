@@ -6,17 +6,18 @@ For each value size, the same batches of values go (a) through the KVStore gRPC 
 this box. One operation moves one batch of about `--batch-bytes`. Throughput is bytes over the
 total time of the operations, latency is per operation. Without `--redis` the benchmark starts its
 own redis-server on a free loopback port (maxmemory 2 GiB, allkeys-lru, no persistence).
+
+With `--processes 1,2,4` and/or `--cluster N` it measures how the store scales out instead
+(`kvpool/bench/store_scaling.py`): rows per backend and process count.
 """
 
 import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+from kvpool.bench.store_timing import percentile, start_store, summary, timed_pair
 
 SIZES = (64 << 10, 1 << 20, 4 << 20)
 
@@ -30,6 +31,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chain", type=int, default=64, help="keys in the Lookup chain")
     parser.add_argument("--lookups", type=int, default=500, help="Lookup calls timed")
     parser.add_argument(
+        "--processes",
+        type=_process_counts,
+        help="scaling rows: run the store with each of these process counts, e.g. 1,2,4",
+    )
+    parser.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="N",
+        help="scaling rows also on a Redis Cluster of N masters (N >= 3) started here",
+    )
+    parser.add_argument(
         "--tune-malloc",
         action="store_true",
         help="apply the store server's malloc settings to this process too (client and raw "
@@ -37,43 +50,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+def _process_counts(text: str) -> list[int]:
+    from kvpool.bench.store_scaling import parse_processes
 
-
-def _timed_pair(
-    first: Callable[[int], object], second: Callable[[int], object], ops: int
-) -> tuple[list[float], list[float]]:
-    """Latencies of two operations run alternately (and in alternating order), so both see the
-    same machine: on shared, noisy hosts only ratios measured this way mean much."""
-    first(0), second(0)  # warm connections and caches
-    times: tuple[list[float], list[float]] = ([], [])
-    for i in range(ops):
-        order = ((0, first), (1, second)) if i % 2 == 0 else ((1, second), (0, first))
-        for slot, op in order:
-            start = time.perf_counter()
-            op(i)
-            times[slot].append(time.perf_counter() - start)
-    return times
-
-
-def _summary(latencies: list[float], op_bytes: int) -> dict[str, float]:
-    return {
-        "gbps": op_bytes * len(latencies) / sum(latencies) / 1e9,
-        "p50_ms": statistics.median(latencies) * 1e3,
-        "p99_ms": _percentile(latencies, 0.99) * 1e3,
-    }
-
-
-def _start_store(redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
-    from services.store.redis_process import free_port
-
-    port = free_port()
-    env = {**os.environ, "KVPOOL_BACKEND": redis_url, "KVPOOL_PORT": str(port)}
-    cmd = [sys.executable, "-m", "kvpool.cli", "store", "serve", "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, env=env)  # the URL travels in env, not in the process list
-    return proc, f"127.0.0.1:{port}"
+    return parse_processes(text)
 
 
 def _measure_size(raw: object, client: object, size: int, args: argparse.Namespace) -> dict:
@@ -103,10 +83,10 @@ def _measure_size(raw: object, client: object, size: int, args: argparse.Namespa
             raise RuntimeError("the store missed a key it had just written (is Redis too small?)")
 
     op_bytes = batch * size
-    put_times, set_times = _timed_pair(svc_put, raw_put, ops)
-    get_times, mget_times = _timed_pair(svc_get, raw_get, ops)
-    put, redis_set = _summary(put_times, op_bytes), _summary(set_times, op_bytes)
-    get, redis_get = _summary(get_times, op_bytes), _summary(mget_times, op_bytes)
+    put_times, set_times = timed_pair(svc_put, raw_put, ops)
+    get_times, mget_times = timed_pair(svc_get, raw_get, ops)
+    put, redis_set = summary(put_times, op_bytes), summary(set_times, op_bytes)
+    get, redis_get = summary(get_times, op_bytes), summary(mget_times, op_bytes)
     raw.flushdb()  # type: ignore[attr-defined]
     return {
         "value_bytes": size,
@@ -141,12 +121,12 @@ def _measure_lookup(raw: object, client: object, args: argparse.Namespace) -> di
             pipe.exists(key)
         pipe.execute()
 
-    svc, direct = _timed_pair(svc_lookup, raw_lookup, args.lookups)
+    svc, direct = timed_pair(svc_lookup, raw_lookup, args.lookups)
     raw.flushdb()  # type: ignore[attr-defined]
     return {
         "lookup_chain": args.chain,
         "lookup_p50_ms": round(statistics.median(svc) * 1e3, 3),
-        "lookup_p99_ms": round(_percentile(svc, 0.99) * 1e3, 3),
+        "lookup_p99_ms": round(percentile(svc, 0.99) * 1e3, 3),
         "redis_lookup_p50_ms": round(statistics.median(direct) * 1e3, 3),
     }
 
@@ -198,9 +178,11 @@ def run(args: argparse.Namespace) -> int:
     from services.store.redis_process import RedisProcess
 
     load_before = os.getloadavg()[0]  # shared machines: record how busy this one was
+    if args.processes or args.cluster:
+        return _run_scaling(args, load_before)
     local = None if args.redis else RedisProcess(maxmemory_bytes=2 << 30).start()
     url = args.redis or local.url  # type: ignore[union-attr]
-    store, target = _start_store(url)
+    store, target = start_store(url)
     raw = redis.Redis.from_url(url)
     try:
         with StoreClient(target, timeout_s=30) as client:
@@ -228,4 +210,25 @@ def run(args: argparse.Namespace) -> int:
     print(f"lookup of {result['lookup_chain']} keys: p50 {result['lookup_p50_ms']} ms")
     if args.plot:
         _plot(result, args.plot)
+    return 0
+
+
+def _run_scaling(args: argparse.Namespace, load_before: float) -> int:
+    from kvpool.bench.report import environment, write_json
+    from kvpool.bench.store_scaling import plot_scaling, run_scaling
+
+    if args.redis:
+        raise ValueError("--processes and --cluster start their own Redis servers: drop --redis")
+    if args.cluster and args.cluster < 3:
+        raise ValueError(f"--cluster needs at least 3 masters, got {args.cluster}")
+    result = run_scaling(args)
+    result["setup"] = {
+        "mib_per_phase": args.mib,
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        **environment(),
+    }
+    write_json(args.json, result)
+    if args.plot:
+        plot_scaling(result, args.plot)
     return 0

@@ -20,6 +20,7 @@ from services.gateway.cli import (
     store_token,
 )
 from services.store.cli import parse_size
+from services.store.processes import AUTO_MAX_PROCESSES, Supervision, process_count
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "RAY_ADDRESS puts workers on other machines)",
     )
     flag("--store-memory-bytes", "2GiB", type=parse_size, help="memory backend's byte bound")
+    flag(
+        "--store-processes",
+        Supervision().processes,
+        type=int,
+        help="KVStore processes sharing --store-port, as `kvpool store serve --processes` (0: one "
+        f"per usable core, at most {AUTO_MAX_PROCESSES}, with --redis; 1 with the memory backend)",
+    )
     add_gateway_flags(parser, store_tls=False)
 
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
+    store_processes = process_count(args.store_processes, args.redis or "memory")
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -60,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     from services.auth import TokenTable
     from services.gateway.server import GatewayServer
     from services.grpc_server import run_until_signal
+    from services.store.backends import redact_url
+    from services.store.processes import StoreSupervisor
     from services.store.server import StoreConfig, StoreServer
 
     remote_workers = bool(os.environ.get("RAY_ADDRESS"))
@@ -67,16 +78,19 @@ def run(args: argparse.Namespace) -> int:
     # The embedded store accepts just the token the gateway and workers present to it. It speaks
     # plaintext: TLS flags apply to the gateway (docs/gateway.md, "Authentication and tenants").
     internal_token = store_token(args)
-    store = StoreServer(
-        StoreConfig(
-            backend=args.redis or "memory",
-            host=store_host,
-            port=args.store_port,
-            max_memory_bytes=args.store_memory_bytes,
-            redis_password=args.redis_password,
-            auth=TokenTable({internal_token: ""}) if internal_token else None,
-        )
+    store_config = StoreConfig(
+        backend=args.redis or "memory",
+        host=store_host,
+        port=args.store_port,
+        max_memory_bytes=args.store_memory_bytes,
+        redis_password=args.redis_password,
+        auth=TokenTable({internal_token: ""}) if internal_token else None,
     )
+    store: StoreServer | StoreSupervisor
+    if store_processes > 1:  # child processes on one port (docs/store.md, "Several processes")
+        store = StoreSupervisor(store_config, store_processes, log_level=args.log_level)
+    else:
+        store = StoreServer(store_config)
     store_port = store.start()
     gateway = None
     try:
@@ -87,11 +101,13 @@ def run(args: argparse.Namespace) -> int:
         gateway = GatewayServer(gateway_settings(args, f"{advertised}:{store_port}", gpus))
         # One /metrics for the whole process: without this the embedded store's figures (its
         # backend being up, Redis evictions, calls by status code) were exported nowhere.
-        gateway.metrics.registry.register(store.metrics.registry)
+        gateway.metrics.registry.register(
+            store.registry if isinstance(store, StoreSupervisor) else store.metrics.registry
+        )
         port = gateway.start()
         log.info(
             "kvpool serving on %s:%d: %d workers, store %s on port %d",
-            args.host, port, args.workers, store.backend_name, store_port,
+            args.host, port, args.workers, redact_url(store_config.backend), store_port,
         )  # fmt: skip
         run_until_signal(gateway.stop)
     finally:

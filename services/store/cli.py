@@ -9,6 +9,7 @@ import logging
 import re
 
 from kvpool.config import env_default
+from services.store.processes import AUTO_MAX_PROCESSES, Supervision
 
 _SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|K|M|G)?", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
@@ -48,7 +49,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--backend",
         "memory",
         help="'memory' (in-process LRU) or a Redis URL: redis://[user:password@]host:port/db, "
-        "rediss://... (TLS), unix:///path/to/socket (default: memory)",
+        "rediss://... (TLS), unix:///path/to/socket, or a Redis Cluster: "
+        "redis+cluster://[user:password@]host:port[,host:port...] (rediss+cluster:// for TLS) "
+        "(default: memory)",
     )
     flag("--host", "127.0.0.1", help="address to listen on (0.0.0.0 in containers)")
     flag("--port", 50052, type=int, help="gRPC port (0 picks a free one; default 50052)")
@@ -65,14 +68,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_security_flags(parser)
     flag("--metrics-port", 0, type=int, help="Prometheus /metrics port (0: off)")
     flag("--grace", 10.0, type=float, help="seconds in-flight calls get on shutdown")
-    flag("--max-workers", 16, type=int, help="concurrent calls served")
+    flag("--max-workers", 16, type=int, help="concurrent calls served (per process)")
+    flag(
+        "--processes",
+        Supervision().processes,
+        type=int,
+        help="store processes sharing the port with SO_REUSEPORT, under one parent that restarts "
+        f"them (0: one per usable core, at most {AUTO_MAX_PROCESSES}, with Redis; 1 with memory, "
+        "which cannot be shared)",
+    )
     flag("--log-level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.store.backends import check_backend_spec
+    from services.store.backends import CLUSTER_SCHEMES, check_backend_spec
+    from services.store.processes import process_count
 
     check_backend_spec(args.backend)  # a clear error before any heavy import
+    processes = process_count(args.processes, args.backend)
+    if args.backend.startswith(CLUSTER_SCHEMES):  # here, not in each store process
+        from services.store.backends.redis_cluster import ClusterUrl
+
+        ClusterUrl.parse(args.backend)
     from services.store.malloc import tune_malloc
 
     tune_malloc()  # before gRPC starts its threads (and their malloc arenas)
@@ -103,6 +120,12 @@ def run(args: argparse.Namespace) -> int:
         auth=server_tokens(args.auth_token, args.auth_token_file),
         tls=ServerTls.from_files(args.tls_cert_file, args.tls_key_file),
     )
+    if processes > 1:
+        from services.store.processes import StoreSupervisor, serve_supervised
+
+        serve_supervised(StoreSupervisor(config, processes, log_level=args.log_level))
+        logging.getLogger(__name__).info("KVStore stopped")
+        return 0
     server = StoreServer(config)
     server.start()
     run_until_signal(server.stop)

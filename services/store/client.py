@@ -12,11 +12,19 @@ treat the store as a miss:
             present = 0  # the store is down: prefill everything, never fail the request
 
 Puts are idempotent (the same key always gets the same bytes), so retrying them is safe.
+
+A large Get is split into up to `streams` contiguous slices fetched at once, each on a channel of
+its own (its own TCP connection, so with `kvpool store serve --processes N` the slices are served
+by different processes, and each process fans out to the Redis Cluster shards): one fetch uses
+several cores on the far side. The values still come back in request order, every slice is
+checked like a whole Get, and a slice that fails fails the whole call.
 """
 
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -66,9 +74,16 @@ class StoreClient:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        streams: int = 4,
+        min_keys_per_stream: int = 4,
     ) -> None:
         if timeout_s <= 0 or retries < 0 or chunk_bytes <= 0:
             raise ValueError("timeout_s and chunk_bytes must be positive and retries >= 0")
+        if not 1 <= streams <= 64 or min_keys_per_stream < 1:
+            raise ValueError(
+                f"streams must be 1 to 64 and min_keys_per_stream positive, got {streams} and "
+                f"{min_keys_per_stream}"
+            )
         self.target = target
         self._timeout_s = timeout_s
         self._retries = retries
@@ -86,18 +101,32 @@ class StoreClient:
             (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
             *options,
         ]
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=channel_options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        # Its own connection per channel (gRPC otherwise shares one between equal channels), so
+        # the slices of a Get reach different store processes behind one SO_REUSEPORT port.
+        channel_options.append(("grpc.use_local_subchannel_pool", 1))
+
+        def channel() -> grpc.Channel:
+            if credentials is None:
+                return grpc.insecure_channel(target, options=channel_options)
+            return grpc.secure_channel(target, credentials, options=channel_options)
+
+        # Connections open on first use: the extra channels cost nothing until a large Get.
+        self._channels = [channel() for _ in range(streams)]
+        self._channel = self._channels[0]
         self._stub = store_pb2_grpc.KVStoreStub(self._channel)
         # Get responses and Put requests stay raw bytes, encoded and parsed by `framing`
         # (protobuf-compatible, fewer copies); the other methods use the generated stub.
-        self._get = self._channel.unary_stream(
-            f"/{SERVICE_NAME}/Get",
-            request_serializer=store_pb2.GetRequest.SerializeToString,
-            _registered_method=True,
-        )
+        self._gets = [
+            each.unary_stream(
+                f"/{SERVICE_NAME}/Get",
+                request_serializer=store_pb2.GetRequest.SerializeToString,
+                _registered_method=True,
+            )
+            for each in self._channels
+        ]
+        self._min_keys_per_stream = min_keys_per_stream
+        self._slices: ThreadPoolExecutor | None = None  # started at the first split Get
+        self._slices_lock = threading.Lock()
         self._put = self._channel.stream_unary(
             f"/{SERVICE_NAME}/Put",
             response_deserializer=store_pb2.PutResponse.FromString,
@@ -140,11 +169,43 @@ class StoreClient:
         return self._call("Lookup", attempt, read=True)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
-        """The values of the present keys; missing keys are absent from the dict.
+        """The values of the present keys, in request order; missing keys are absent.
 
+        At least `2 * min_keys_per_stream` keys are split over up to `streams` concurrent Gets.
         After a retryable failure mid-stream, only the keys not answered yet are asked again.
         """
         keys = list(keys)
+        parts = min(len(self._gets), len(keys) // self._min_keys_per_stream)
+        if parts <= 1:
+            return self._get_slice(self._gets[0], keys)
+        with self._slices_lock:
+            if self._slices is None:  # bounded: one thread per extra channel
+                self._slices = ThreadPoolExecutor(
+                    len(self._gets) - 1, thread_name_prefix="store-get"
+                )
+        bounds = [len(keys) * i // parts for i in range(parts + 1)]
+        slices = [keys[bounds[i] : bounds[i + 1]] for i in range(parts)]
+        futures: list[Future[dict[str, bytes]]] = [
+            self._slices.submit(self._get_slice, get, part)
+            for get, part in zip(self._gets[1:], slices[1:], strict=False)
+        ]
+        outcomes: list[dict[str, bytes] | BaseException] = []
+        try:
+            outcomes.append(self._get_slice(self._gets[0], slices[0]))
+        except Exception as exc:  # wait for the other slices before raising
+            outcomes.append(exc)
+        for future in futures:
+            error = future.exception()
+            outcomes.append(error if error is not None else future.result())
+        found: dict[str, bytes] = {}
+        for outcome in outcomes:  # slices in request order, so the dict is too
+            if isinstance(outcome, BaseException):
+                raise outcome
+            found.update(outcome)
+        return found
+
+    def _get_slice(self, get: Any, keys: list[str]) -> dict[str, bytes]:
+        """One Get stream for `keys`, checked and retried as a whole call."""
         found: dict[str, bytes] = {}
         remaining = keys
 
@@ -153,7 +214,7 @@ class StoreClient:
             asked = remaining
             answered: set[int] = set()
             assembler = ValueAssembler(len(asked))
-            call = self._get(
+            call = get(
                 store_pb2.GetRequest(keys=asked), timeout=self._timeout_s, metadata=self._metadata
             )
             try:
@@ -172,7 +233,8 @@ class StoreClient:
 
         if keys:
             self._call("Get", attempt, read=True)
-        return found
+        # A retry answers keys out of order: give them back in request order.
+        return {key: found[key] for key in keys if key in found}
 
     def put_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int | None = None) -> int:
         """Write blocks (each atomically); returns how many the store kept.
@@ -226,7 +288,10 @@ class StoreClient:
         return self._call("Stats", attempt, read=True)
 
     def close(self) -> None:
-        self._channel.close()
+        if self._slices is not None:
+            self._slices.shutdown(wait=True)
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> "StoreClient":
         return self

@@ -53,6 +53,12 @@ class _BackendCollector:
             yield CounterMetricFamily(
                 "kvpool_store_evictions", "keys evicted by the backend for space", stats.evictions
             )
+        if stats.dropped is not None:
+            yield CounterMetricFamily(
+                "kvpool_store_backend_dropped",
+                "keys read as misses or writes dropped because their shard failed",
+                stats.dropped,
+            )
 
 
 class StoreMetrics:

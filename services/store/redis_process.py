@@ -6,10 +6,12 @@ directory in a temporary folder, so it leaves nothing behind and never touches p
 """
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -30,6 +32,7 @@ class RedisProcess:
         policy: str = "allkeys-lru",
         tls_cert_key: tuple[Path, Path] | None = None,
         executable: str = "redis-server",
+        extra_args: Sequence[str] = (),
     ) -> None:
         path = shutil.which(executable)
         if path is None:
@@ -42,6 +45,7 @@ class RedisProcess:
         # With a (certificate, key) pair, TLS is served on `tls_port` (the plain port stays).
         self.tls_cert_key = tls_cert_key
         self.tls_port = free_port() if tls_cert_key else None
+        self.extra_args = tuple(extra_args)  # e.g. the cluster settings (redis_cluster_process)
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
 
@@ -74,6 +78,7 @@ class RedisProcess:
             args += ["--tls-key-file", str(key), "--tls-auth-clients", "no"]
         if self.maxmemory_bytes:
             args += ["--maxmemory", str(self.maxmemory_bytes), "--maxmemory-policy", self.policy]
+        args += self.extra_args
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s
         while not self._answers():
@@ -109,6 +114,12 @@ class RedisProcess:
         if self._proc.stderr:
             self._proc.stderr.close()
         self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, as in a crash (its temp dir stays until close)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGKILL)
+            self._proc.wait()
 
     def restart(self) -> "RedisProcess":
         self.stop()

@@ -35,6 +35,7 @@ class StoreConfig:
     max_workers: int = 16
     auth: TokenTable | None = None  # when set, calls need `authorization: Bearer <token>`
     tls: ServerTls | None = None  # when set, serve TLS only
+    reuse_port: bool = False  # SO_REUSEPORT: set in each process of `--processes N`
 
     def __post_init__(self) -> None:
         check_backend_spec(self.backend)
@@ -75,6 +76,7 @@ class StoreServer:
             interceptors=[ErrorInterceptor(self.metrics.observe_call)],
             auth=config.auth,
             tls=config.tls,
+            reuse_port=config.reuse_port,
         )
 
     @property

@@ -31,6 +31,8 @@ CPU = REPO / "docker-compose.cpu.yml"
 
 # What `.env` holds on a real box (docs/deploy.md); both are required, with no default.
 ENV = {"REDIS_PASSWORD": "test-redis-password", "RAY_AUTH_TOKEN": "test-ray-token"}
+# What docs/deploy.md tells .env to hold for the cluster profile.
+CLUSTER_URL = "redis+cluster://redis-cluster-0:7000,redis-cluster-1:7000,redis-cluster-2:7000"
 # KVPOOL_* variables that are read as such, not as a `--flag` (kvpool/config.py).
 NON_FLAG_ENV = {"KVPOOL_CACHE_DIR"}
 
@@ -131,6 +133,45 @@ def test_store_reaches_redis_with_the_same_password(gpu):
     assert "@" not in env["KVPOOL_BACKEND"], "keep the password out of the URL (and the logs)"
 
 
+def test_cluster_profile_is_three_masters_with_replicas_as_a_cache(gpu):
+    nodes = {name: svc for name, svc in services(gpu).items() if name.startswith("redis-cluster-")}
+    init = nodes.pop("redis-cluster-init")
+    assert len(nodes) == 6
+    for name, svc in [*nodes.items(), ("redis-cluster-init", init)]:
+        assert svc["profiles"] == ["cluster"], f"{name} would start without the profile"
+        assert "ports" not in svc, f"{name}: Redis must not be published"
+        assert svc["environment"]["REDIS_PASSWORD"] == ENV["REDIS_PASSWORD"]
+    for name, svc in nodes.items():
+        [cmd] = [c for c in commands(svc) if c[0] == "redis-server"]
+        assert option(cmd, "--cluster-enabled") == "yes", name
+        assert option(cmd, "--cluster-require-full-coverage") == "no", name
+        assert option(cmd, "--maxmemory-policy") == "allkeys-lru", name
+        assert option(cmd, "--save") == "" and option(cmd, "--appendonly") == "no", name
+        assert option(cmd, "--requirepass") == option(cmd, "--masterauth") == "${REDIS_PASSWORD}"
+        assert svc["healthcheck"]["test"][0] == "CMD-SHELL", name
+        assert init["depends_on"][name]["condition"] == "service_healthy"
+    [create] = [c for c in commands(init) if c[:3] == ["redis-cli", "--cluster", "create"]]
+    addresses = [word for word in create[3:] if word.endswith(":7000")]
+    assert len(addresses) == 6
+    assert sorted(a for n in nodes for a in addresses if n in a) == sorted(addresses)
+    assert option(create, "--cluster-replicas") == "1"  # 6 nodes: three masters, three replicas
+    assert "--cluster-yes" in create
+
+
+def test_store_uses_the_cluster_when_told_and_waits_for_it():
+    raw = load(BASE)["services"]["store"]
+    on_cluster = interpolate(load(BASE), {**ENV, "KVPOOL_STORE_BACKEND": CLUSTER_URL})
+    store = services(on_cluster)["store"]
+    assert store["environment"]["KVPOOL_BACKEND"] == CLUSTER_URL
+    from services.store.backends.redis_cluster import ClusterUrl
+
+    seeds = ClusterUrl.parse(CLUSTER_URL).seeds
+    assert {f"{host}" for host, _ in seeds} <= set(services(on_cluster))
+    init = raw["depends_on"]["redis-cluster-init"]
+    assert init == {"condition": "service_completed_successfully", "required": False}
+    assert interpolate(raw, ENV)["environment"]["KVPOOL_PROCESSES"] == "0"
+
+
 # --- GPUs ---------------------------------------------------------------------------------------
 
 
@@ -172,7 +213,9 @@ def test_cpu_override_runs_the_same_stack_without_gpus(gpu, cpu):
     for name, svc in ray_workers(cpu).items():
         assert svc["environment"]["NODE_GPUS"] == "0", name
         assert int(svc["environment"]["NODE_CPUS"]) >= 1, name
-    images = {svc["image"] for name, svc in services(cpu).items() if name != "redis"}
+    images = {
+        svc["image"] for svc in services(cpu).values() if not svc["image"].startswith("redis:")
+    }
     assert images == {"kvpool:0.1.0-cpu"}
 
 

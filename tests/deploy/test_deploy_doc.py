@@ -82,3 +82,11 @@ def test_worked_examples():
     assert f"int4 (KIVI) {64_000 * llama['int4'] * 1.1 / 1e9:.1f} GB" in text
     qwen = payload_bytes_per_token(MODELS["Qwen2.5-7B"], "int4")
     assert f"1,000,000 tokens x {qwen:,.0f} x 1.1 = {1e6 * qwen * 1.1 / 1e9:.1f} GB" in text
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_blocks_per_gb_per_node_table(model):
+    row = table_rows("Blocks of 64 tokens per GB")[model]
+    for cell, codecs in zip(row, COLUMNS, strict=True):
+        bytes_per_block = payload_bytes_per_token(MODELS[model], codecs[0]) * BLOCK_TOKENS * 1.1
+        assert int(cell.replace(",", "")) == round(1e9 / bytes_per_block), codecs

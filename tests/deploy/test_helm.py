@@ -46,6 +46,19 @@ EXTERNAL_REDIS = {
         "external": {"url": "rediss://cache.example.com:6380/0", "existingSecret": "redis-creds"},
     }
 }
+CLUSTER_REDIS = {
+    "redis": {
+        "mode": "cluster",
+        "cluster": {
+            "addresses": ["cfg.cache.example.com:6379", "10.0.0.7:6379"],
+            "tls": True,
+            "username": "kvpool",
+            "params": "ssl_ca_certs=/etc/kvpool/tls/ca.crt",
+            "existingSecret": "redis-creds",
+        },
+    },
+    "store": {"processes": 4},
+}
 SECURED = {"auth": {"enabled": True}, "tls": {"enabled": True, "existingSecret": "kvpool-tls"}}
 
 
@@ -117,6 +130,11 @@ def test_chart_lints_strict(name):
         {"accelerator": "tpu"},
         {"ray": {"gcsPort": 6379}},  # Redis' port
         {"redis": {"mode": "external"}},  # external needs a URL
+        {"redis": {"mode": "cluster"}},  # a cluster needs its addresses
+        {"redis": {"mode": "cluster", "cluster": {"addresses": []}}},
+        {"redis": {"mode": "cluster", "cluster": {"addresses": ["redis://h:6379"]}}},
+        {"redis": {"mode": "cluster", "cluster": {"addresses": ["h:1,h:2"]}}},  # one per item
+        {"store": {"processes": -1}},
         {"tls": {"enabled": True}},  # TLS needs its Secret
         {"redis": {"bundled": {"maxmemory": "2GiB"}}},  # not a unit Redis reads
         {"model": {"codec": "int3"}},
@@ -339,6 +357,37 @@ def test_bundled_redis_is_a_cache_with_a_secret_password():
     assert store_env["KVPOOL_BACKEND"]["value"].startswith("redis://kvp-kvpool-redis:6379/")
     assert store_env["KVPOOL_REDIS_PASSWORD"]["valueFrom"] == ref
     one(docs, "Service", "redis")
+
+
+def test_redis_cluster_addresses_become_the_store_cluster_url():
+    docs = render(CLUSTER_REDIS)
+    assert not find(docs, "StatefulSet") and not find(docs, "ConfigMap", "redis")
+    container = store_container(docs)
+    env = {e["name"]: e for e in container["env"]}
+    url = env["KVPOOL_BACKEND"]["value"]
+    assert url == (
+        "rediss+cluster://kvpool@cfg.cache.example.com:6379,10.0.0.7:6379"
+        "?ssl_ca_certs=/etc/kvpool/tls/ca.crt"
+    )
+    from services.store.backends.redis_cluster import ClusterUrl
+
+    parsed = ClusterUrl.parse(url)  # the store accepts what the chart writes
+    assert parsed.seeds == (("cfg.cache.example.com", 6379), ("10.0.0.7", 6379))
+    assert parsed.options["ssl"] is True and parsed.options["username"] == "kvpool"
+    ref = env["KVPOOL_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "redis-creds", "key": "redis-password"}
+    args = build_parser().parse_args(["store", "serve", *container["args"]])
+    assert args.processes == 4
+    plain = render({"redis": {"mode": "cluster", "cluster": {"addresses": ["r:7000"]}}})
+    plain_env = {e["name"]: e for e in store_container(plain)["env"]}
+    assert plain_env["KVPOOL_BACKEND"]["value"] == "redis+cluster://r:7000"
+    assert "KVPOOL_REDIS_PASSWORD" not in plain_env
+
+
+def test_cluster_values_lint_strict():
+    report = helm.lint(CHART, CLUSTER_REDIS, strict=True, namespace=NAMESPACE)
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert not problems, problems
 
 
 def test_external_redis_uses_its_url_and_existing_secret():

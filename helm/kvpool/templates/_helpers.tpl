@@ -79,6 +79,8 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- define "kvpool.redis.secretName" -}}
 {{- if eq .Values.redis.mode "external" -}}
 {{- .Values.redis.external.existingSecret -}}
+{{- else if eq .Values.redis.mode "cluster" -}}
+{{- .Values.redis.cluster.existingSecret -}}
 {{- else -}}
 {{- default (include "kvpool.redis.name" .) .Values.redis.bundled.existingSecret -}}
 {{- end -}}
@@ -87,6 +89,8 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- define "kvpool.redis.secretKey" -}}
 {{- if eq .Values.redis.mode "external" -}}
 {{- .Values.redis.external.existingSecretPasswordKey -}}
+{{- else if eq .Values.redis.mode "cluster" -}}
+{{- .Values.redis.cluster.existingSecretPasswordKey -}}
 {{- else -}}
 {{- .Values.redis.bundled.existingSecretPasswordKey -}}
 {{- end -}}
@@ -96,6 +100,11 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- define "kvpool.redis.url" -}}
 {{- if eq .Values.redis.mode "external" -}}
 {{- required "redis.external.url is required when redis.mode is external" .Values.redis.external.url -}}
+{{- else if eq .Values.redis.mode "cluster" -}}
+{{- $c := .Values.redis.cluster -}}
+{{- if not $c.addresses -}}{{- fail "redis.cluster.addresses is required when redis.mode is cluster" -}}{{- end -}}
+{{- printf "%s://%s%s" (ternary "rediss+cluster" "redis+cluster" $c.tls) (ternary "" (printf "%s@" $c.username) (empty $c.username)) (join "," $c.addresses) -}}
+{{- with $c.params }}?{{ . }}{{- end -}}
 {{- else -}}
 {{- printf "redis://%s:%d/0" (include "kvpool.redis.name" .) (int .Values.redis.bundled.port) -}}
 {{- end -}}
@@ -118,7 +127,7 @@ lazyfree-lazy-expire yes
 {{- end -}}
 
 {{- define "kvpool.redis.hasPassword" -}}
-{{- if eq .Values.redis.mode "external" -}}{{ ne .Values.redis.external.existingSecret "" }}{{- else -}}true{{- end -}}
+{{- if eq .Values.redis.mode "external" -}}{{ ne .Values.redis.external.existingSecret "" }}{{- else if eq .Values.redis.mode "cluster" -}}{{ ne .Values.redis.cluster.existingSecret "" }}{{- else -}}true{{- end -}}
 {{- end -}}
 
 {{/* Environment shared by every kvpool process: auth token, TLS files, extra env. ----------- */}}

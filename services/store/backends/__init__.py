@@ -1,12 +1,16 @@
-"""Storage tiers behind the KVStore service, chosen by a backend spec: `memory` or a Redis URL."""
+"""Storage tiers behind the KVStore service, chosen by a backend spec: `memory` or a Redis URL.
+
+`redis+cluster://host:port[,host:port...]` (or `rediss+cluster://`) is a Redis Cluster.
+"""
 
 from urllib.parse import urlsplit
 
 from kvpool.errors import InvalidArgument
 from services.store.backends.base import BackendStats, StorageBackend
-from services.store.backends.urls import redact_url
+from services.store.backends.urls import CLUSTER_SCHEMES, redact_url
 
 __all__ = [
+    "CLUSTER_SCHEMES",
     "SCHEMES",
     "BackendStats",
     "StorageBackend",
@@ -15,7 +19,7 @@ __all__ = [
     "redact_url",
 ]
 
-SCHEMES = ("memory", "redis://", "rediss://", "unix://")
+SCHEMES = ("memory", "redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 
 
 def check_backend_spec(spec: str) -> None:
@@ -42,6 +46,10 @@ def open_backend(
         from services.store.backends.memory import MemoryStore
 
         return MemoryStore(max_memory_bytes)
+    if spec.startswith(CLUSTER_SCHEMES):
+        from services.store.backends.redis_cluster import RedisClusterStore
+
+        return RedisClusterStore(spec, password=redis_password)
     from services.store.backends.redis import RedisStore
 
     return RedisStore(spec, password=redis_password)

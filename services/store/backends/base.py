@@ -14,6 +14,7 @@ class BackendStats:
     bytes: int | None = None
     capacity_bytes: int | None = None
     evictions: int | None = None
+    dropped: int | None = None  # keys a failing shard could not serve (Redis Cluster)
 
 
 class StorageBackend(Protocol):

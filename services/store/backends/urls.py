@@ -6,6 +6,9 @@ imports the other.
 
 from urllib.parse import urlsplit, urlunsplit
 
+# A Redis Cluster's URLs: `redis+cluster://host:port[,host:port...]`.
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
 
 def redact_url(url: str) -> str:
     """The URL with its password (if any) replaced by `***`, safe for logs and errors."""
@@ -13,7 +16,5 @@ def redact_url(url: str) -> str:
     if parts.password is None:
         return url
     user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    hosts = parts.netloc.rpartition("@")[2]  # as written: a cluster URL lists several
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))

@@ -32,3 +32,33 @@ def test_bench_store_writes_rows_lookup_and_plot(tmp_path, redis_server):
         assert all(row[k] > 0 for k in ROW_KEYS)
     assert result["lookup_chain"] == 64 and result["lookup_p50_ms"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+SCALING_KEYS = {
+    "put_gbps",
+    "get_gbps",
+    "redis_set_gbps",
+    "redis_get_gbps",
+    "lookup_p50_ms",
+    "lookup_p99_ms",
+}
+
+
+def test_bench_store_scaling_rows_per_backend_and_process_count(tmp_path):
+    out, plot = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    argv = ["bench", "store", "--json", str(out), "--plot", str(plot), "--processes", "1,2"]
+    assert main([*argv, "--cluster", "3", "--mib", "16", "--lookups", "10"]) == 0
+    rows = json.loads(out.read_text())["scaling"]
+    assert [(r["backend"], r["processes"]) for r in rows] == [
+        ("redis", 1), ("redis", 2), ("cluster-3", 1), ("cluster-3", 2),
+    ]  # fmt: skip
+    for row in rows:
+        assert all(row[k] > 0 for k in SCALING_KEYS) and row["lookup_chain"] == 64
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_store_scaling_flags_are_checked(tmp_path):
+    argv = ["bench", "store", "--json", str(tmp_path / "x.json")]
+    assert main([*argv, "--cluster", "2"]) == 2  # a cluster needs 3 masters
+    with pytest.raises(SystemExit):
+        main([*argv, "--processes", "1,zero"])

@@ -1,4 +1,9 @@
-"""RedisStore against a real redis-server on a loopback port."""
+"""RedisStore against a real redis-server on a loopback port.
+
+The contract tests (those taking `store`) also run against RedisClusterStore on a real
+three-master cluster (tests/support/redis_cluster.py); the cluster's own behaviour is tested in
+test_redis_cluster_backend.py.
+"""
 
 import shutil
 import subprocess
@@ -9,13 +14,39 @@ import redis
 from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.store.backends import check_backend_spec, open_backend, redact_url
 from services.store.backends.redis import RedisStore
+from services.store.backends.redis_cluster import RedisClusterStore
 from tests.support.redis import RedisProcess, require_redis_server
 
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(params=["redis", "redis+cluster"])
+def backend_and_raw(request):
+    """A backend under test and a plain redis-py client of the same servers."""
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_server")
+        backend, raw = RedisStore(url), redis.Redis.from_url(url)
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        backend = RedisClusterStore(cluster.url)
+        raw = redis.RedisCluster(host="127.0.0.1", port=cluster.master_ports()[0])
+    yield backend, raw
+    backend.close()
+    raw.close()
+
+
 @pytest.fixture
-def store(redis_server):
+def store(backend_and_raw):
+    return backend_and_raw[0]
+
+
+@pytest.fixture
+def raw(backend_and_raw):
+    return backend_and_raw[1]
+
+
+@pytest.fixture
+def redis_store(redis_server):
     backend = RedisStore(redis_server)
     yield backend
     backend.close()
@@ -29,15 +60,15 @@ def test_round_trip_lookup_get_put_delete(store):
     assert store.lookup(["a"]) == 0
 
 
-def test_put_sets_the_ttl_on_each_key(store, redis_server):
+def test_put_sets_the_ttl_on_each_key(store, raw):
     store.put_many([("t", b"v")], ttl_s=100)
     store.put_many([("p", b"v")], ttl_s=None)
-    raw = redis.Redis.from_url(redis_server)
     assert 98 <= raw.ttl("t") <= 100
     assert raw.ttl("p") == -1  # no expiry
 
 
-def test_lookup_is_one_command_that_stops_at_the_first_miss(store, redis_server):
+def test_lookup_is_one_command_that_stops_at_the_first_miss(redis_store, redis_server):
+    store = redis_store
     chain = [f"kvpool:blk:{i:064x}" for i in range(64)]
     store.put_many([(key, b"v") for key in chain], None)
     raw = redis.Redis.from_url(redis_server)

@@ -1,0 +1,50 @@
+"""Timing and store-process helpers shared by `kvpool bench store` and its scaling rows."""
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def timed_pair(
+    first: Callable[[int], object], second: Callable[[int], object], ops: int
+) -> tuple[list[float], list[float]]:
+    """Latencies of two operations run alternately (and in alternating order), so both see the
+    same machine: on shared, noisy hosts only ratios measured this way mean much."""
+    first(0), second(0)  # warm connections and caches
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(ops):
+        order = ((0, first), (1, second)) if i % 2 == 0 else ((1, second), (0, first))
+        for slot, op in order:
+            start = time.perf_counter()
+            op(i)
+            times[slot].append(time.perf_counter() - start)
+    return times
+
+
+def summary(latencies: list[float], op_bytes: int) -> dict[str, float]:
+    return {
+        "gbps": op_bytes * len(latencies) / sum(latencies) / 1e9,
+        "p50_ms": statistics.median(latencies) * 1e3,
+        "p99_ms": percentile(latencies, 0.99) * 1e3,
+    }
+
+
+def start_store(
+    redis_url: str, *, processes: int = 1, metrics_port: int = 0
+) -> tuple[subprocess.Popen[bytes], str]:
+    from services.store.redis_process import free_port
+
+    port = free_port()
+    env = {**os.environ, "KVPOOL_BACKEND": redis_url, "KVPOOL_PORT": str(port)}
+    env |= {"KVPOOL_PROCESSES": str(processes), "KVPOOL_METRICS_PORT": str(metrics_port)}
+    cmd = [sys.executable, "-m", "kvpool.cli", "store", "serve", "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, env=env)  # the URL travels in env, not in the process list
+    return proc, f"127.0.0.1:{port}"
