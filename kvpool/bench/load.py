@@ -96,9 +96,11 @@ def run(args: argparse.Namespace) -> int:
     texts = _corpus(args.corpus)
     if args.target:
         return _measure(args, args.target, texts)
-    from services.gateway.embedded import EmbeddedStack
+    from services.stack import local_stack
+    from workers.api import WorkerConfig
 
-    with EmbeddedStack(workers=args.workers, model=args.model, codec=args.codec) as stack:
+    worker = WorkerConfig(model=args.model, codec=args.codec)
+    with local_stack(worker, workers=args.workers, grace_s=5.0) as stack:
         return _measure(args, stack.gateway.target, texts)
 
 

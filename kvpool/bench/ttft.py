@@ -51,14 +51,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     from kvpool.bench.report import environment, write_json
     from kvpool.commands.demo import load_corpus
-    from services.gateway.embedded import EmbeddedStack
-    from workers.api import PromptInput
+    from services.stack import local_stack
+    from workers.api import PromptInput, WorkerConfig
 
     text = load_corpus(args.document)
     load_before = os.getloadavg()
-    with EmbeddedStack(
-        workers=2, model=args.model, codec=args.codec, block_tokens=args.block_tokens
-    ) as stack:
+    worker = WorkerConfig(model=args.model, codec=args.codec, block_tokens=args.block_tokens)
+    with local_stack(worker, workers=2, grace_s=5.0) as stack:
         gateway = stack.gateway
         corpus = gateway.pool.prompts.encode_input(PromptInput(prompt=text))
         max_len = max(lengths)

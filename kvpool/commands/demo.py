@@ -75,12 +75,14 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR)
     import ray
 
-    from services.gateway.embedded import EmbeddedStack
+    from services.stack import local_stack
+    from workers.api import WorkerConfig
 
     started = time.perf_counter()
     say(f"starting the store, a local Ray cluster and 2 workers ({args.model}, {args.codec})...")
     rows: list[Row] = []
-    with EmbeddedStack(workers=2, model=args.model, codec=args.codec) as stack:
+    worker = WorkerConfig(model=args.model, codec=args.codec)
+    with local_stack(worker, workers=2, grace_s=5.0) as stack:
         say(f"ready in {time.perf_counter() - started:.0f} s; gateway on {stack.gateway.target}\n")
         n = args.max_new_tokens
 

@@ -16,7 +16,6 @@ from services.gateway.cli import (
     add_gateway_flags,
     check_args,
     gateway_settings,
-    init_ray,
     store_token,
 )
 from services.store.cli import parse_size
@@ -64,14 +63,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    import ray
-
     from services.auth import TokenTable
-    from services.gateway.server import GatewayServer
     from services.grpc_server import run_until_signal
+    from services.stack import Stack
     from services.store.backends import redact_url
-    from services.store.processes import StoreSupervisor
-    from services.store.server import StoreConfig, StoreServer
+    from services.store.server import StoreConfig
 
     remote_workers = bool(os.environ.get("RAY_ADDRESS"))
     store_host = args.store_host or ("0.0.0.0" if remote_workers else "127.0.0.1")
@@ -86,34 +82,16 @@ def run(args: argparse.Namespace) -> int:
         redis_password=args.redis_password,
         auth=TokenTable({internal_token: ""}) if internal_token else None,
     )
-    store: StoreServer | StoreSupervisor
-    if store_processes > 1:  # child processes on one port (docs/store.md, "Several processes")
-        store = StoreSupervisor(store_config, store_processes, log_level=args.log_level)
-    else:
-        store = StoreServer(store_config)
-    store_port = store.start()
-    gateway = None
-    try:
-        cluster_gpus = init_ray(args.workers, args.worker_cpus)
-        # Workers on other machines reach the store at this node's address, not loopback.
-        advertised = ray.util.get_node_ip_address() if remote_workers else "127.0.0.1"
-        gpus = args.worker_gpus if args.worker_gpus is not None else (1.0 if cluster_gpus else 0.0)
-        gateway = GatewayServer(gateway_settings(args, f"{advertised}:{store_port}", gpus))
-        # One /metrics for the whole process: without this the embedded store's figures (its
-        # backend being up, Redis evictions, calls by status code) were exported nowhere.
-        gateway.metrics.registry.register(
-            store.registry if isinstance(store, StoreSupervisor) else store.metrics.registry
+    with Stack() as stack:
+        store_port = stack.start_store(
+            store_config, processes=store_processes, log_level=args.log_level
         )
-        port = gateway.start()
+        cluster_gpus = stack.start_ray(args.workers, args.worker_cpus)
+        gpus = args.worker_gpus if args.worker_gpus is not None else (1.0 if cluster_gpus else 0.0)
+        gateway = stack.start_gateway(gateway_settings(args, stack.store_target, gpus))
         log.info(
             "kvpool serving on %s:%d: %d workers, store %s on port %d",
-            args.host, port, args.workers, redact_url(store_config.backend), store_port,
+            args.host, gateway.port, args.workers, redact_url(store_config.backend), store_port,
         )  # fmt: skip
         run_until_signal(gateway.stop)
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        if ray.is_initialized():
-            ray.shutdown()
-        store.stop()
     return 0

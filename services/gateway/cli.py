@@ -7,7 +7,6 @@ also be set as `KVPOOL_SOME_FLAG`; the flag wins. `kvpool serve` shares these fl
 
 import argparse
 import logging
-import os
 
 from kvpool.config import env_default
 from services.store.cli import parse_size
@@ -226,20 +225,6 @@ def gateway_settings(
     )
 
 
-def init_ray(workers: int, worker_cpus: float) -> float:
-    """Join RAY_ADDRESS, or start a local cluster that fits the workers; returns cluster GPUs."""
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-    else:
-        # Enough CPU slots for every worker even on a small box: they then share the cores
-        # rather than wait forever for a slot.
-        cpus = max(os.cpu_count() or 1, int(workers * worker_cpus + 0.999))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    return float(ray.cluster_resources().get("GPU", 0.0))
-
-
 def run(args: argparse.Namespace) -> int:
     if not args.store:
         raise ValueError("--store HOST:PORT is required (or set KVPOOL_STORE)")
@@ -247,19 +232,13 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    import ray
-
-    from services.gateway.server import GatewayServer
     from services.grpc_server import run_until_signal
+    from services.stack import Stack
 
-    cluster_gpus = init_ray(args.workers, args.worker_cpus)
-    gpus = args.worker_gpus if args.worker_gpus is not None else (1.0 if cluster_gpus else 0.0)
-    gateway = GatewayServer(gateway_settings(args, args.store, gpus))
-    try:
-        port = gateway.start()
-        log.info("gateway serving on %s:%d with %d workers", args.host, port, args.workers)
+    with Stack() as stack:
+        cluster_gpus = stack.start_ray(args.workers, args.worker_cpus)
+        gpus = args.worker_gpus if args.worker_gpus is not None else (1.0 if cluster_gpus else 0.0)
+        gateway = stack.start_gateway(gateway_settings(args, args.store, gpus))
+        log.info("gateway serving on %s:%d with %d workers", args.host, gateway.port, args.workers)
         run_until_signal(gateway.stop)
-    finally:
-        gateway.stop()
-        ray.shutdown()
     return 0

@@ -13,10 +13,10 @@ import pytest
 
 from services.gateway.client import InferenceClient
 from services.gateway.server import GatewayServer
+from services.stack import local_stack
 from services.store.redis_process import RedisProcess
 from tests.faults.support import StoreProcess
 from tests.support.redis import require_redis_server
-from tests.support.stack import gateway_over
 from workers.api import WorkerConfig
 from workers.kv.hashing import Namespace
 
@@ -50,16 +50,17 @@ def stack():
         model="tiny-random",
         codec="fp16",
         block_tokens=BLOCK_TOKENS,
-        store_target=store.target,
         store_timeout_s=2.0,
         l1_bytes=0,
     )
     try:
         with (
-            gateway_over(store.target, worker, workers=2, store_timeout_s=2.0, grace_s=2) as gw,
-            InferenceClient(gw.target, timeout_s=120) as client,
+            local_stack(
+                worker, workers=2, store=store.target, store_timeout_s=2.0, grace_s=2
+            ) as running,
+            InferenceClient(running.gateway.target, timeout_s=120) as client,
         ):
-            yield Stack(redis, store, gw, client)
+            yield Stack(redis, store, running.gateway, client)
     finally:
         store.kill()
         redis.close()

@@ -5,28 +5,24 @@ the OpenAI-compatible HTTP API on another)."""
 import pytest
 
 from services.gateway.client import InferenceClient
+from services.stack import local_stack
 from services.store.redis_process import RedisProcess
-from services.store.server import StoreConfig, StoreServer
+from services.store.server import StoreConfig
 from tests.services.gateway.support import BLOCK_TOKENS
-from tests.support.stack import gateway_over
 from workers.api import WorkerConfig
 
 
 @pytest.fixture(scope="package")
 def stack():
     redis = RedisProcess().start()
-    store = StoreServer(StoreConfig(backend=redis.url, port=0))
-    store.start()
+    store = StoreConfig(backend=redis.url, port=0, grace_s=0)
     # fp16: tiny-random's random logits have near-ties that int8 noise can flip, and these
     # tests compare greedy outputs exactly (int8 on SmolLM2 is tested in tests/workers).
-    worker = WorkerConfig(
-        model="tiny-random", codec="fp16", block_tokens=BLOCK_TOKENS, store_target=store.target
-    )
+    worker = WorkerConfig(model="tiny-random", codec="fp16", block_tokens=BLOCK_TOKENS)
     try:
-        with gateway_over(store.target, worker, workers=2, grace_s=5, http_port=0) as gateway:
-            yield gateway
+        with local_stack(worker, workers=2, store=store, grace_s=5, http_port=0) as stack:
+            yield stack.gateway
     finally:
-        store.stop(0)
         redis.close()
 
 
