@@ -6,7 +6,8 @@ only its .proto with the model servers). Every record is a frozen dataclass that
 `__post_init__`, so a request is validated once, where it is made.
 """
 
-from dataclasses import dataclass, field
+import secrets
+from dataclasses import dataclass, field, replace
 
 from kvpool.errors import InvalidArgument
 from workers.kv.bounds import DEFAULT_SINK_TOKENS
@@ -49,6 +50,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def seeded(self) -> "SamplingParams":
+        """These params with a seed fixed for a sample that has none (the one place it is drawn).
+
+        Whoever fixes it first (the gateway, or the engine run alone) records it, so a failover
+        hands it to the next worker and the stream continues identically.
+        """
+        if self.greedy or self.seed is not None:
+            return self
+        return replace(self, seed=secrets.randbits(63))
 
 
 @dataclass(frozen=True, slots=True)

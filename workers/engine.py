@@ -11,17 +11,16 @@ exactly as the original would have, sampled or greedy.
 """
 
 import inspect
-import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
 from kvpool.errors import InvalidArgument
 from workers.api import SamplingParams, TokenEvent
-from workers.kv.bounds import CacheWindow, feed_chunks
+from workers.kv.bounds import CacheWindow, check_context, feed_chunks
 from workers.models import LoadedModel
 from workers.window import Rerotator, evict, native_window
 
@@ -109,20 +108,9 @@ class Engine:
         A windowed cache never holds more than `window.max_cache_tokens` positions, so then only
         the window has to fit, however long the sequence grows.
         """
-        limit = self.loaded.max_context
+        check_context(prompt_tokens, params.max_new_tokens, self.loaded.max_context, window)
         if window is not None:
-            if window.max_cache_tokens > limit:
-                raise InvalidArgument(
-                    f"max_cache_tokens={window.max_cache_tokens} exceeds the model's context of "
-                    f"{limit} tokens"
-                )
             self.rerotator()  # refuses models whose keys cannot be re-rotated
-            return
-        if prompt_tokens + params.max_new_tokens > limit:
-            raise InvalidArgument(
-                f"prompt of {prompt_tokens} tokens plus max_new_tokens={params.max_new_tokens} "
-                f"exceeds the model's context of {limit} tokens"
-            )
 
     # --- generation ------------------------------------------------------------------------
 
@@ -183,10 +171,7 @@ class Engine:
                 cache.crop(cached - cache.get_seq_length())
         else:
             cache = None
-        if params.seed is None and not params.greedy:
-            # An unseeded sample still gets a seed, recorded on the generation, so that a
-            # failover can hand it to the next worker and the stream continues identically.
-            params = replace(params, seed=secrets.randbits(63))
+        params = params.seeded()  # recorded on the generation, for a failover to hand on
         generation = Generation(
             cache=cache,
             fed_token_ids=sequence[:cached],

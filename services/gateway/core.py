@@ -8,12 +8,11 @@ the cache from the stored blocks, recomputes the short tail, and carries on from
 """
 
 import logging
-import secrets
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.gateway.api import Delta, Finished, GenerateCall, PrefillCall, Usage
@@ -22,7 +21,12 @@ from services.gateway.pool import WorkerLost, WorkerPool
 from services.gateway.router import Route
 from services.gateway.sessions import LiveSessions, Session, SessionStore, check_session_id
 from workers.api import PrefillResult, SamplingParams, WorkDone, WorkRequest, WorkUsage
-from workers.kv.bounds import DEFAULT_SINK_TOKENS, requested_window
+from workers.kv.bounds import (
+    DEFAULT_SINK_TOKENS,
+    check_context,
+    check_window_fits,
+    requested_window,
+)
 from workers.kv.hashing import BlockHash, Namespace, chain_hashes
 
 log = logging.getLogger(__name__)
@@ -95,10 +99,7 @@ class InferenceCore:
         window = self._window(req, session)
         prompt = self.pool.prompts.encode_input(req.input, history)
         self._check_fits(len(prompt), req.params, window)
-        params = req.params
-        if not params.greedy and params.seed is None:
-            # Fix the seed here, so a failover continues the very same sample.
-            params = replace(params, seed=secrets.randbits(63))
+        params = req.params.seeded()  # fixed here, so a failover continues the very same sample
         hashes = chain_hashes(self._namespace(req.tenant), prompt)
 
         output: list[int] = []
@@ -276,11 +277,8 @@ class InferenceCore:
         if req.sink_tokens is not None:
             sink_tokens = req.sink_tokens
         window = requested_window(max_cache_tokens, sink_tokens, self.pool.info.block_tokens)
-        if window is not None and window.max_cache_tokens > self.pool.info.max_context:
-            raise InvalidArgument(
-                f"max_cache_tokens={max_cache_tokens} exceeds the model's context of "
-                f"{self.pool.info.max_context} tokens"
-            )
+        if window is not None:
+            check_window_fits(window, self.pool.info.max_context)
         return max_cache_tokens, sink_tokens
 
     def _check_fits(
@@ -293,11 +291,6 @@ class InferenceCore:
                 f"prompt of {prompt_tokens} tokens (a session's history included) exceeds the "
                 f"gateway's limit --max-prompt-tokens={most}"
             )
-        limit = self.pool.info.max_context
         if window[0]:
-            return  # a bounded cache holds at most max_cache_tokens positions, whatever the length
-        if prompt_tokens + params.max_new_tokens > limit:
-            raise InvalidArgument(
-                f"prompt of {prompt_tokens} tokens plus max_new_tokens={params.max_new_tokens} "
-                f"exceeds the model's context of {limit} tokens"
-            )
+            return  # a bounded cache holds at most max_cache_tokens positions (checked in _window)
+        check_context(prompt_tokens, params.max_new_tokens, self.pool.info.max_context, None)

@@ -75,6 +75,31 @@ class CacheWindow:
         return sorted(set(range(sink_blocks)) | set(range(first_recent, boundary_block)))
 
 
+def check_window_fits(window: CacheWindow, max_context: int) -> None:
+    """Raise unless the bounded cache fits the model's context (whatever the sequence's length)."""
+    if window.max_cache_tokens > max_context:
+        raise InvalidArgument(
+            f"max_cache_tokens={window.max_cache_tokens} exceeds the model's context of "
+            f"{max_context} tokens"
+        )
+
+
+def check_context(
+    prompt_tokens: int, max_new_tokens: int, max_context: int, window: CacheWindow | None
+) -> None:
+    """Raise unless a request fits the model's context: the gateway checks it before any worker
+    is asked, and the engine for callers that reach it directly. A bounded cache never holds more
+    than `window.max_cache_tokens` positions, so then only the window has to fit."""
+    if window is not None:
+        check_window_fits(window, max_context)
+        return
+    if prompt_tokens + max_new_tokens > max_context:
+        raise InvalidArgument(
+            f"prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} "
+            f"exceeds the model's context of {max_context} tokens"
+        )
+
+
 def requested_window(
     max_cache_tokens: int, sink_tokens: int, block_tokens: int
 ) -> CacheWindow | None:
