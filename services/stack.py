@@ -30,8 +30,8 @@ from types import TracebackType
 from typing import Any
 
 from services.gateway.client import InferenceClient
-from services.gateway.pool import PoolConfig
-from services.gateway.server import GatewayServer, GatewaySettings
+from services.gateway.server import GatewayServer
+from services.gateway.settings import GatewaySettings, PoolConfig
 from services.store.processes import StoreSupervisor
 from services.store.server import StoreConfig, StoreServer
 from workers.api import ActorResources, WorkerConfig

@@ -6,30 +6,202 @@ also be set as `KVPOOL_SOME_FLAG`; the flag wins. `kvpool serve` shares these fl
 """
 
 import argparse
+import dataclasses
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from kvpool.config import env_default
+from services.gateway.settings import GatewaySettings
 from services.store.cli import parse_size
+from workers.api import ActorResources
+
+FIELD_DEFAULT: Any = object()  # a SettingFlag's default: the setting's own
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class SettingFlag:
+    """A flag that sets one field of `GatewaySettings` (a dotted path, e.g. `pool.worker.codec`).
+
+    Its default is that field's default (`default` only where the command's differs on purpose),
+    and its help ends with it, so neither is written twice. `gateway_settings` copies every row.
+    """
+
+    name: str
+    setting: str
+    help: str
+    type: Callable[[str], Any] | None = None
+    default: Any = FIELD_DEFAULT
+    to_setting: Callable[[Any], Any] = lambda value: value
+
+
+def _off_when_zero(value: Any) -> Any:
+    return value or None
+
+
+# One row per settings flag; a new setting gets a row here (or a line in NOT_FLAGS, with why).
+SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
+    SettingFlag("--host", "host", "address the gateway listens on", default="0.0.0.0"),
+    SettingFlag("--port", "port", "gateway gRPC port (0 picks a free one)", int),
+    SettingFlag(
+        "--http-port",
+        "http_port",
+        "serve the OpenAI-compatible HTTP API (/v1/chat/completions, ...) on this port, "
+        "next to gRPC (0: off)",
+        int,
+        default=0,  # the setting's None; 0 is a free port there, off here
+        to_setting=_off_when_zero,
+    ),
+    SettingFlag("--workers", "pool.workers", "worker actors to start", int),
+    SettingFlag("--model", "pool.worker.model", "smollm2-135m, tiny-random, a HF id or a path"),
+    SettingFlag(
+        "--device", "pool.worker.device", "worker device (default: cuda when it sees a GPU)"
+    ),
+    SettingFlag(
+        "--codec", "pool.worker.codec", "block codec: fp16, bf16, int8, fp8, int4, int4-g64"
+    ),
+    SettingFlag("--block-tokens", "pool.worker.block_tokens", "tokens per stored block", int),
+    SettingFlag(
+        "--l1-bytes", "pool.worker.l1_bytes", "per-worker L1 of decoded blocks", parse_size
+    ),
+    SettingFlag(
+        "--write-queue-blocks",
+        "pool.worker.write_queue_blocks",
+        "blocks a worker may hold for write-behind before it drops new ones",
+        int,
+    ),
+    SettingFlag(
+        "--block-ttl",
+        "pool.worker.block_ttl_s",
+        "TTL in seconds of stored blocks (0: the store's)",
+        int,
+        default=0,  # the setting's None: the store's default TTL
+        to_setting=_off_when_zero,
+    ),
+    SettingFlag(
+        "--session-ttl", "session_ttl_s", "seconds a session lives after its last turn", int
+    ),
+    SettingFlag(
+        "--route-load-penalty-tokens",
+        "route_load_penalty_tokens",
+        "routing: one request in flight costs this many cached prefix tokens",
+        int,
+    ),
+    SettingFlag(
+        "--max-failovers",
+        "gateway.max_failovers",
+        "times one stream may move to another worker",
+        int,
+    ),
+    SettingFlag(
+        "--token-timeout",
+        "gateway.token_timeout_s",
+        "seconds without a token before a worker is replaced",
+        float,
+    ),
+    SettingFlag("--max-concurrent-rpcs", "max_concurrent_rpcs", "gRPC calls served at once", int),
+    # Limits (docs/gateway.md, "Limits"); 0 means no limit beyond the model's context.
+    SettingFlag(
+        "--max-prompt-tokens",
+        "gateway.max_prompt_tokens",
+        "longest prompt, session history included (0: no limit)",
+        int,
+    ),
+    SettingFlag(
+        "--max-new-tokens",
+        "gateway.max_new_tokens",
+        "largest max_new_tokens a request may ask for (0: no limit)",
+        int,
+    ),
+    SettingFlag("--max-request-bytes", "max_request_bytes", "largest request message", parse_size),
+    SettingFlag(
+        "--max-requests-per-worker",
+        "max_requests_per_worker",
+        "requests one worker runs at once; more get RESOURCE_EXHAUSTED (0: no limit)",
+        int,
+    ),
+    SettingFlag(
+        "--max-sessions",
+        "gateway.max_sessions",
+        "live sessions this gateway keeps (0: no limit)",
+        int,
+    ),
+    # Bounded sessions (docs/gateway.md, "Bounded sessions"): requests may override both.
+    SettingFlag(
+        "--max-cache-tokens",
+        "gateway.max_cache_tokens",
+        "bound each request's KV cache: keep --sink-tokens plus the most recent tokens "
+        "(0: unbounded)",
+        int,
+    ),
+    SettingFlag(
+        "--sink-tokens", "gateway.sink_tokens", "first tokens a bounded cache always keeps", int
+    ),
+    SettingFlag("--metrics-port", "metrics_port", "Prometheus /metrics port (0: off)", int),
+    SettingFlag("--grace", "grace_s", "seconds in-flight streams get on shutdown", float),
+)
+
+# Fields no SettingFlag sets: filled by `gateway_settings` from other flags, or left at their
+# default on purpose. A test fails when a field of GatewaySettings is in neither place.
+NOT_FLAGS: dict[str, str] = {
+    "store_target": "--store, or the stack's own store (kvpool serve)",
+    "auth": "--auth-token, --auth-token-file",
+    "tls": "--tls-cert-file, --tls-key-file",
+    "store_auth_token": "--store-auth-token(-file), else the gateway's own token",
+    "store_tls_ca": "--tls-ca-file",
+    "store_timeout_s": "the default: a deadline on every store call",
+    "pool.resources.num_gpus": "--worker-gpus (default: 1 when the cluster has GPUs)",
+    "pool.resources.num_cpus": "--worker-cpus (0 for a GPU worker)",
+    "pool.resources.max_concurrency": "the default: generations sharing one model",
+    "pool.start_timeout_s": "the default: a model load in a fresh process",
+    "pool.replace_dead": "the default: dead workers are replaced",
+    "pool.worker.store_target": "GatewayServer hands the store's address to the workers",
+    "pool.worker.store_timeout_s": "GatewayServer hands store_timeout_s to the workers",
+    "pool.worker.store_auth_token": "GatewayServer hands the store's token to the workers",
+    "pool.worker.store_tls_ca": "GatewayServer hands the store's CA to the workers",
+    "pool.worker.retain_freed_memory": "the default (workers.actor.retain_freed_memory)",
+}
+
+
+def setting_fields(cls: type = GatewaySettings, prefix: str = "") -> dict[str, Any]:
+    """Every leaf field of `cls` as a dotted path, with its default (MISSING when it has none)."""
+    found: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        path = prefix + f.name
+        factory = f.default_factory
+        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
+            found |= setting_fields(factory, path + ".")  # type: ignore[arg-type]
+        elif factory is not dataclasses.MISSING:
+            found[path] = factory()
+        else:
+            found[path] = f.default
+    return found
+
+
+def format_size(size: int) -> str:
+    """1073741824 -> '1GiB': the largest unit that divides `size`."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
 def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True) -> None:
     """Flags of the gateway and its workers (shared with `kvpool serve`, whose store is local)."""
+    defaults = setting_fields()
 
-    def flag(name: str, default: object, **kwargs: object) -> None:
-        parser.add_argument(name, default=env_default(name, default), **kwargs)  # type: ignore[arg-type]
+    def flag(name: str, default: object, **kwargs: Any) -> None:
+        parser.add_argument(name, default=env_default(name, default), **kwargs)
 
-    flag("--host", "0.0.0.0", help="address the gateway listens on (default 0.0.0.0)")
-    flag("--port", 50051, type=int, help="gateway gRPC port (0 picks a free one; default 50051)")
-    flag(
-        "--http-port",
-        0,
-        type=int,
-        help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, ...) on this port, "
-        "next to gRPC (0: off)",
-    )
-    flag("--workers", 1, type=int, help="worker actors to start (default 1)")
+    for row in SETTINGS_FLAGS:
+        default = defaults[row.setting] if row.default is FIELD_DEFAULT else row.default
+        if row.type is parse_size:
+            default = format_size(default)  # shown as a size; argparse parses it like the flag
+        shown = "" if default in (None, 0) else f" (default {default})"  # 0 is explained
+        flag(row.name, default, type=row.type, help=row.help + shown)
     flag(
         "--worker-gpus",
         None,
@@ -37,81 +209,33 @@ def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True
         help="GPUs per worker: 1 on a GPU box, 0 for CPU workers (default: 1 when the Ray "
         "cluster has GPUs, else 0)",
     )
-    flag("--worker-cpus", 1.0, type=float, help="CPU slots per CPU worker (default 1)")
-    flag("--model", "smollm2-135m", help="smollm2-135m (default), tiny-random, a HF id or a path")
-    flag("--device", None, help="worker device (default: cuda when the worker sees a GPU)")
-    flag("--codec", "int8", help="block codec: fp16, bf16, int8 (default), fp8, int4, int4-g64")
-    flag("--block-tokens", 64, type=int, help="tokens per stored block (default 64)")
-    flag("--l1-bytes", "1GiB", type=parse_size, help="per-worker L1 of decoded blocks (1GiB)")
-    flag(
-        "--write-queue-blocks",
-        512,
-        type=int,
-        help="blocks a worker may hold for write-behind before it drops new ones (default 512)",
-    )
-    flag("--block-ttl", 0, type=int, help="TTL in seconds of stored blocks (0: the store's)")
-    flag("--session-ttl", 86400, type=int, help="seconds a session lives after its last turn")
-    flag(
-        "--route-load-penalty-tokens",
-        512,
-        type=int,
-        help="routing: one request in flight costs this many cached prefix tokens (default 512)",
-    )
-    flag("--max-failovers", 3, type=int, help="times one stream may move to another worker")
-    flag(
-        "--token-timeout",
-        300.0,
-        type=float,
-        help="seconds without a token before a worker is replaced",
-    )
-    flag("--max-concurrent-rpcs", 64, type=int, help="gRPC calls served at once")
-    # Limits (docs/gateway.md, "Limits"); 0 means no limit beyond the model's context.
-    flag("--max-prompt-tokens", 0, type=int, help="longest prompt, session history included")
-    flag("--max-new-tokens", 0, type=int, help="largest max_new_tokens a request may ask for")
-    flag("--max-request-bytes", "4MiB", type=parse_size, help="largest request message (4MiB)")
-    flag(
-        "--max-requests-per-worker",
-        0,
-        type=int,
-        help="requests one worker runs at once; more get RESOURCE_EXHAUSTED (0: no limit)",
-    )
-    flag("--max-sessions", 0, type=int, help="live sessions this gateway keeps (0: no limit)")
-    # Bounded sessions (docs/gateway.md, "Bounded sessions"): requests may override both.
-    flag(
-        "--max-cache-tokens",
-        0,
-        type=int,
-        help="bound each request's KV cache: keep --sink-tokens plus the most recent tokens "
-        "(0: unbounded)",
-    )
-    flag("--sink-tokens", 4, type=int, help="first tokens a bounded cache always keeps (4)")
+    cpus = ActorResources().num_cpus
+    flag("--worker-cpus", cpus, type=float, help=f"CPU slots per CPU worker (default {cpus})")
     # Security (docs/gateway.md, "Authentication and tenants").
-    parser.add_argument(
+    flag(
         "--auth-token-file",
-        default=env_default("--auth-token-file", None),
+        None,
         help="require a bearer token from this file: lines of 'TOKEN [TENANT]', # comments",
     )
-    parser.add_argument(
+    flag(
         "--auth-token",
-        default=env_default("--auth-token", None),
+        None,
         help="require this bearer token too (default tenant); prefer env KVPOOL_AUTH_TOKEN",
     )
-    parser.add_argument(
+    flag(
         "--store-auth-token-file",
-        default=env_default("--store-auth-token-file", None),
+        None,
         help="token file for reaching the store (default: this gateway's own first token)",
     )
-    parser.add_argument(
+    flag(
         "--store-auth-token",
-        default=env_default("--store-auth-token", None),
+        None,
         help="bearer token for the store; prefer env KVPOOL_STORE_AUTH_TOKEN",
     )
     flag("--tls-cert-file", None, help="serve TLS with this PEM certificate chain")
     flag("--tls-key-file", None, help="the PEM private key of --tls-cert-file")
     if store_tls:
         flag("--tls-ca-file", None, help="reach the store by TLS, trusting this PEM CA")
-    flag("--metrics-port", 0, type=int, help="Prometheus /metrics port (0: off)")
-    flag("--grace", 30.0, type=float, help="seconds in-flight streams get on shutdown")
     flag("--log-level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -175,54 +299,40 @@ def store_token(args: argparse.Namespace) -> str | None:
 
 def gateway_settings(
     args: argparse.Namespace, store_target: str, worker_gpus: float
-):  # -> GatewaySettings
+) -> GatewaySettings:
+    """The settings the flags ask for: every SettingFlag row, then the fields other flags make."""
     from services.auth import ServerTls, read_pem, server_tokens
-    from services.gateway.core import GatewayConfig
-    from services.gateway.pool import PoolConfig
-    from services.gateway.server import GatewaySettings
-    from workers.api import ActorResources, WorkerConfig
 
-    worker = WorkerConfig(
-        model=args.model,
-        device=args.device,
-        codec=args.codec,
-        block_tokens=args.block_tokens,
-        store_target=store_target,
-        l1_bytes=args.l1_bytes,
-        write_queue_blocks=args.write_queue_blocks,
-        block_ttl_s=args.block_ttl or None,
-    )
+    values = {
+        row.setting: row.to_setting(getattr(args, row.name.lstrip("-").replace("-", "_")))
+        for row in SETTINGS_FLAGS
+    }
     if worker_gpus > 0:
         resources = ActorResources(num_gpus=worker_gpus, num_cpus=0.0)
     else:
         resources = ActorResources(num_gpus=0.0, num_cpus=args.worker_cpus)
-    return GatewaySettings(
-        store_target=store_target,
-        host=args.host,
-        port=args.port,
-        pool=PoolConfig(workers=args.workers, worker=worker, resources=resources),
-        gateway=GatewayConfig(
-            max_failovers=args.max_failovers,
-            token_timeout_s=args.token_timeout,
-            max_prompt_tokens=args.max_prompt_tokens,
-            max_new_tokens=args.max_new_tokens,
-            max_sessions=args.max_sessions,
-            max_cache_tokens=args.max_cache_tokens,
-            sink_tokens=args.sink_tokens,
-        ),
-        route_load_penalty_tokens=args.route_load_penalty_tokens,
-        session_ttl_s=args.session_ttl,
-        metrics_port=args.metrics_port,
-        http_port=args.http_port or None,  # the flag's 0 is off; the setting's 0 a free port
-        max_concurrent_rpcs=args.max_concurrent_rpcs,
-        grace_s=args.grace,
-        auth=server_tokens(args.auth_token, args.auth_token_file),
-        tls=ServerTls.from_files(args.tls_cert_file, args.tls_key_file),
-        store_auth_token=store_token(args),
-        store_tls_ca=read_pem(getattr(args, "tls_ca_file", None), "TLS CA certificate"),
-        max_request_bytes=args.max_request_bytes,
-        max_requests_per_worker=args.max_requests_per_worker,
-    )
+    values |= {
+        "store_target": store_target,
+        "pool.worker.store_target": store_target,
+        "pool.resources": resources,
+        "auth": server_tokens(args.auth_token, args.auth_token_file),
+        "tls": ServerTls.from_files(args.tls_cert_file, args.tls_key_file),
+        "store_auth_token": store_token(args),
+        "store_tls_ca": read_pem(getattr(args, "tls_ca_file", None), "TLS CA certificate"),
+    }
+    return _build(GatewaySettings, values)
+
+
+def _build(cls: Any, values: dict[str, Any], prefix: str = "") -> Any:
+    """`cls` with the fields `values` names (dotted paths), nested records built alike."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        path = prefix + f.name
+        if path in values:
+            kwargs[f.name] = values[path]
+        elif dataclasses.is_dataclass(f.default_factory):
+            kwargs[f.name] = _build(f.default_factory, values, path + ".")
+    return cls(**kwargs)
 
 
 def run(args: argparse.Namespace) -> int:

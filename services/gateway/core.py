@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.gateway.api import Delta, Finished, GenerateCall, PrefillCall, Usage
@@ -20,9 +19,9 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.pool import WorkerLost, WorkerPool
 from services.gateway.router import Route
 from services.gateway.sessions import LiveSessions, Session, SessionStore, check_session_id
+from services.gateway.settings import GatewayConfig
 from workers.api import PrefillResult, SamplingParams, WorkDone, WorkRequest, WorkUsage
 from workers.kv.bounds import (
-    DEFAULT_SINK_TOKENS,
     check_context,
     check_window_fits,
     requested_window,
@@ -30,29 +29,6 @@ from workers.kv.bounds import (
 from workers.kv.hashing import BlockHash, Namespace, chain_hashes
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class GatewayConfig:
-    max_failovers: int = 3
-    # A worker silent for this long between two tokens is treated as dead: killed and replaced.
-    token_timeout_s: float = 300.0
-    # Limits (0: none beyond the model's context). A prompt counts a session's history too.
-    max_prompt_tokens: int = 0
-    max_new_tokens: int = 0
-    max_sessions: int = 0  # live sessions this gateway has opened and not seen expire
-    # The cache bound of requests that name none (and are not in a session that has one).
-    max_cache_tokens: int = 0  # 0: unbounded
-    sink_tokens: int = DEFAULT_SINK_TOKENS
-
-    def __post_init__(self) -> None:
-        if self.max_failovers < 0:
-            raise ValueError(f"max_failovers must be >= 0, got {self.max_failovers}")
-        if self.token_timeout_s <= 0:
-            raise ValueError(f"token_timeout_s must be > 0, got {self.token_timeout_s}")
-        for name in ("max_prompt_tokens", "max_new_tokens", "max_sessions", "max_cache_tokens"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
 
 
 class InferenceCore:

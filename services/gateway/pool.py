@@ -17,7 +17,6 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import ray
@@ -25,13 +24,12 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from kvpool.errors import KvpoolError, Unavailable
 from services.gateway.router import Route, Router
+from services.gateway.settings import PoolConfig
 from workers.actor import start_actor
 from workers.api import (
-    ActorResources,
     PrefillResult,
     TokenEvent,
     WorkDone,
-    WorkerConfig,
     WorkerInfo,
     WorkerStats,
     WorkRequest,
@@ -56,19 +54,6 @@ except ImportError:  # pragma: no cover - older Ray
 
 class WorkerLost(Exception):
     """The worker serving a request died or stalled; the request moves to another one."""
-
-
-@dataclass(frozen=True, slots=True)
-class PoolConfig:
-    workers: int = 1
-    worker: WorkerConfig = field(default_factory=WorkerConfig)
-    resources: ActorResources = field(default_factory=ActorResources)
-    start_timeout_s: float = 600.0  # model load in a fresh process, conversion included
-    replace_dead: bool = True
-
-    def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
 
 
 def unwrap(exc: RayTaskError) -> BaseException:

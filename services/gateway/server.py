@@ -12,59 +12,25 @@ an in-process store.
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from kvpool.v1 import inference_pb2_grpc
-from services.auth import ServerTls, TokenTable, channel_credentials
-from services.gateway.core import GatewayConfig, InferenceCore
+from services.auth import channel_credentials
+from services.gateway.core import InferenceCore
 from services.gateway.http.app import OpenAIApp
 from services.gateway.http.server import HttpServer
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.pool import PoolConfig, WorkerPool
+from services.gateway.pool import WorkerPool
 from services.gateway.router import Router, RouterConfig
 from services.gateway.servicer import SERVICE_NAME, InferenceServicer
 from services.gateway.sessions import SessionStore
+from services.gateway.settings import GatewaySettings, PoolConfig
 from services.grpc_server import GrpcServer, ServiceSpec
 from services.status import ErrorInterceptor
 from services.store.client import StoreClient
 from workers.api import WorkerStats
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class GatewaySettings:
-    store_target: str  # HOST:PORT of the KVStore, reachable from the gateway and every worker
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0: pick a free port
-    pool: PoolConfig = field(default_factory=PoolConfig)
-    gateway: GatewayConfig = field(default_factory=GatewayConfig)
-    route_load_penalty_tokens: int = 512
-    session_ttl_s: int = 24 * 3600
-    store_timeout_s: float = 5.0
-    metrics_port: int = 0  # 0: no /metrics endpoint
-    # The OpenAI-compatible HTTP API (services/gateway/http): None: off; 0: a free port.
-    http_port: int | None = None
-    max_concurrent_rpcs: int = 64  # gRPC handler threads; each open stream holds one
-    grace_s: float = 30.0
-    auth: TokenTable | None = None  # tokens callers must present, each with its tenant
-    tls: ServerTls | None = None
-    store_auth_token: str | None = field(default=None, repr=False)  # the store's, for sessions
-    store_tls_ca: bytes | None = field(default=None, repr=False)  # PEM CA: store over TLS
-    max_request_bytes: int = 4 << 20  # larger requests get RESOURCE_EXHAUSTED from gRPC
-    max_requests_per_worker: int = 0  # 0: no limit
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
-            raise ValueError("ports must be between 0 and 65535")
-        if self.http_port is not None and not 0 <= self.http_port <= 65535:
-            raise ValueError(f"http_port must be between 0 and 65535, got {self.http_port}")
-        if self.session_ttl_s <= 0:
-            raise ValueError(f"session_ttl_s must be > 0, got {self.session_ttl_s}")
-        if self.max_concurrent_rpcs < 1:
-            raise ValueError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
-        if self.max_request_bytes < 1024:
-            raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
 
 
 class GatewayServer:

@@ -1,9 +1,20 @@
 """`kvpool gateway serve` and `kvpool serve` flags for auth and limits, parsed (no servers)."""
 
+import os
+from dataclasses import replace
+
 import pytest
 
 from kvpool.cli import build_parser
-from services.gateway.cli import check_args, gateway_settings, store_token
+from services.gateway.cli import (
+    NOT_FLAGS,
+    SETTINGS_FLAGS,
+    check_args,
+    gateway_settings,
+    setting_fields,
+    store_token,
+)
+from services.gateway.settings import GatewaySettings
 from tests.support.tls import self_signed
 
 
@@ -70,3 +81,32 @@ def test_http_port_is_off_by_default_and_reaches_the_settings(monkeypatch):
     assert gateway_settings(args, "s:1", 0.0).http_port == 8001
     with pytest.raises(ValueError, match=r"--http-port must be between 0 \(off\) and 65535"):
         check_args(parse("--http-port", "70000"))
+
+
+def test_every_gateway_setting_is_a_flag_or_named_as_not_one():
+    """A new field of GatewaySettings (or of its pool, worker or core records) cannot be forgotten
+    by the command line: it needs a SettingFlag row or a NOT_FLAGS line saying why not."""
+    flagged = {row.setting for row in SETTINGS_FLAGS}
+    assert flagged.isdisjoint(NOT_FLAGS)
+    assert set(setting_fields()) == flagged | set(NOT_FLAGS)
+
+
+def test_flag_defaults_are_the_settings_own(monkeypatch):
+    for name in [k for k in os.environ if k.startswith("KVPOOL_")]:
+        monkeypatch.delenv(name)
+    settings = gateway_settings(parse(), "s:1", 0.0)
+    library = GatewaySettings(store_target="s:1")
+    # The server binary listens on every address; the library's default is loopback.
+    assert (settings.host, library.host) == ("0.0.0.0", "127.0.0.1")
+    assert replace(settings, host=library.host) == replace(
+        library,
+        pool=replace(library.pool, worker=replace(library.pool.worker, store_target="s:1")),
+    )
+
+
+def test_numeric_flags_parse_as_numbers():
+    args = parse("--port", "5", "--l1-bytes", "2MiB", "--token-timeout", "1.5", "--grace", "2")
+    settings = gateway_settings(args, "s:1", 0.0)
+    assert (settings.port, settings.pool.worker.l1_bytes) == (5, 2 << 20)
+    assert (settings.gateway.token_timeout_s, settings.grace_s) == (1.5, 2.0)
+    assert gateway_settings(parse("--block-ttl", "60"), "s:1", 0.0).pool.worker.block_ttl_s == 60
