@@ -10,6 +10,7 @@ import json
 import sys
 
 from kvpool.config import env_default
+from services.auth_flags import add_client_flags
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -77,27 +78,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="tenant name when the gateway runs without auth; with auth the token decides "
         "(--target only)",
     )
-    parser.add_argument(
-        "--auth-token-file",
-        default=env_default("--auth-token-file", None),
-        help="send the first token of this file as the bearer token (--target only)",
-    )
-    parser.add_argument(
-        "--auth-token",
-        default=env_default("--auth-token", None),
-        help="send this bearer token; prefer env KVPOOL_AUTH_TOKEN (--target only)",
-    )
-    parser.add_argument(
-        "--tls-ca-file",
-        default=env_default("--tls-ca-file", None),
-        help="reach the gateway by TLS, trusting this PEM CA (--target only)",
-    )
-    parser.add_argument(
-        "--tls-server-name",
-        default=env_default("--tls-server-name", None),
-        help="the name the gateway's certificate must carry, when --target is another address "
-        "(a port-forward to 127.0.0.1, say)",
-    )
+    add_client_flags(parser)
     parser.add_argument(
         "--timeout",
         type=float,

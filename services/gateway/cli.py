@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvpool.config import env_default
+from services.auth_flags import add_server_flags, add_store_client_flags
 from services.gateway.settings import GatewaySettings
 from services.store.cli import parse_size
 from workers.api import ActorResources
@@ -211,31 +212,8 @@ def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True
     )
     cpus = ActorResources().num_cpus
     flag("--worker-cpus", cpus, type=float, help=f"CPU slots per CPU worker (default {cpus})")
-    # Security (docs/gateway.md, "Authentication and tenants").
-    flag(
-        "--auth-token-file",
-        None,
-        help="require a bearer token from this file: lines of 'TOKEN [TENANT]', # comments",
-    )
-    flag(
-        "--auth-token",
-        None,
-        help="require this bearer token too (default tenant); prefer env KVPOOL_AUTH_TOKEN",
-    )
-    flag(
-        "--store-auth-token-file",
-        None,
-        help="token file for reaching the store (default: this gateway's own first token)",
-    )
-    flag(
-        "--store-auth-token",
-        None,
-        help="bearer token for the store; prefer env KVPOOL_STORE_AUTH_TOKEN",
-    )
-    flag("--tls-cert-file", None, help="serve TLS with this PEM certificate chain")
-    flag("--tls-key-file", None, help="the PEM private key of --tls-cert-file")
-    if store_tls:
-        flag("--tls-ca-file", None, help="reach the store by TLS, trusting this PEM CA")
+    add_server_flags(parser)  # docs/gateway.md, "Authentication and tenants"
+    add_store_client_flags(parser, tls=store_tls)
     flag("--log-level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 

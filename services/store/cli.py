@@ -9,6 +9,7 @@ import logging
 import re
 
 from kvpool.config import env_default
+from services.auth_flags import add_server_flags
 from services.store.processes import AUTO_MAX_PROCESSES, Supervision
 
 _SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|K|M|G)?", re.IGNORECASE)
@@ -24,21 +25,6 @@ def parse_size(text: str) -> int:
             f"{text!r} is not a size: use bytes or a number with KiB, MiB or GiB"
         )
     return int(match[1]) * _UNITS[(match[2] or "").lower()]
-
-
-def add_security_flags(parser: argparse.ArgumentParser) -> None:
-    """The store's auth and TLS flags (docs/store.md, "Security")."""
-
-    def flag(name: str, help: str) -> None:
-        parser.add_argument(name, default=env_default(name, None), help=help)
-
-    flag(
-        "--auth-token-file",
-        "require a bearer token from this file: lines of 'TOKEN [TENANT]', # comments",
-    )
-    flag("--auth-token", "require this bearer token too; prefer env KVPOOL_AUTH_TOKEN")
-    flag("--tls-cert-file", "serve TLS with this PEM certificate chain (with --tls-key-file)")
-    flag("--tls-key-file", "the PEM private key of --tls-cert-file")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         None,
         help="Redis password when not in the URL (prefer env KVPOOL_REDIS_PASSWORD)",
     )
-    add_security_flags(parser)
+    add_server_flags(parser)  # docs/store.md, "Security"
     flag("--metrics-port", 0, type=int, help="Prometheus /metrics port (0: off)")
     flag("--grace", 10.0, type=float, help="seconds in-flight calls get on shutdown")
     flag("--max-workers", 16, type=int, help="concurrent calls served (per process)")
