@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from workers.api import WorkerConfig
 from workers.kv.hashing import CODEC_NAMES
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
@@ -50,7 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"a text to measure on (repeatable; default: every *.txt in {DEFAULT_CORPUS})",
     )
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=WorkerConfig().model)
     parser.add_argument("--codecs", default=",".join(CODEC_NAMES), help="comma-separated specs")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -13,6 +13,8 @@ import platform
 import time
 from pathlib import Path
 
+from workers.api import WorkerConfig
+
 DEFAULT_NEW_TOKENS = (32, 128, 512)
 DEFAULT_PROMPT = (
     "A key-value cache stores the attention keys and values of tokens a transformer has already "
@@ -24,7 +26,7 @@ DEFAULT_PROMPT = (
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", required=True, type=Path, help="where to write the JSON results")
     parser.add_argument("--plot", required=True, type=Path, help="where to write the PNG plot")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=WorkerConfig().model)
     parser.add_argument(
         "--new-tokens",
         default=",".join(map(str, DEFAULT_NEW_TOKENS)),

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from workers.api import WorkerConfig
+
 QUESTIONS = (
     "Summarize the document in one sentence.",
     "What is the main claim of the document?",
@@ -64,8 +66,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", type=Path, default=None, help="a folder of .txt documents")
     group = parser.add_argument_group("the stack started when --target is not given")
     group.add_argument("--workers", type=int, default=2)
-    group.add_argument("--model", default="smollm2-135m")
-    group.add_argument("--codec", default="int8")
+    group.add_argument("--model", default=WorkerConfig().model)
+    group.add_argument("--codec", default=WorkerConfig().codec)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,15 +25,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from workers.api import WorkerConfig
+
 DEFAULT_LENGTHS = (256, 512, 1024, 2048)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", required=True, type=Path, help="where to write the JSON results")
     parser.add_argument("--plot", required=True, type=Path, help="where to write the PNG plot")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--codec", default="int8")
-    parser.add_argument("--block-tokens", type=int, default=64)
+    parser.add_argument("--model", default=WorkerConfig().model)
+    parser.add_argument("--codec", default=WorkerConfig().codec)
+    parser.add_argument("--block-tokens", type=int, default=WorkerConfig().block_tokens)
     parser.add_argument(
         "--lengths",
         default=",".join(map(str, DEFAULT_LENGTHS)),

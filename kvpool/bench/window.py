@@ -26,6 +26,9 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from workers.api import WorkerConfig
+from workers.kv.bounds import DEFAULT_SINK_TOKENS
+
 MODES = ("full", "sinks", "window")
 WITHIN = 1.10  # the target: sinks' perplexity within 10% of the full cache's
 
@@ -33,11 +36,18 @@ WITHIN = 1.10  # the target: sinks' perplexity within 10% of the full cache's
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", required=True, type=Path, help="where to write the JSON results")
     parser.add_argument("--plot", required=True, type=Path, help="where to write the PNG plot")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=WorkerConfig().model)
     parser.add_argument("--tokens", type=int, default=2048, help="length of the scored text")
     parser.add_argument("--max-cache-tokens", type=int, default=256, help="the window's bound")
-    parser.add_argument("--sink-tokens", type=int, default=4, help="sinks kept in mode `sinks`")
-    parser.add_argument("--block-tokens", type=int, default=64, help="evictions happen per block")
+    parser.add_argument(
+        "--sink-tokens", type=int, default=DEFAULT_SINK_TOKENS, help="sinks kept in mode `sinks`"
+    )
+    parser.add_argument(
+        "--block-tokens",
+        type=int,
+        default=WorkerConfig().block_tokens,
+        help="evictions happen per block",
+    )
     parser.add_argument(
         "--bucket-tokens", type=int, default=256, help="positions per point of the curves (256)"
     )

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvpool.config import env_default
+from workers.api import WorkerConfig
 
 DEFAULT_DOCUMENT = "kv_caching_explained.txt"
 SYSTEM = "You are a precise assistant. Answer from the document only, briefly."
@@ -47,8 +48,8 @@ def load_corpus(document: Path | None = None) -> str:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=env_default("--model", "smollm2-135m"))
-    parser.add_argument("--codec", default=env_default("--codec", "int8"))
+    parser.add_argument("--model", default=env_default("--model", WorkerConfig().model))
+    parser.add_argument("--codec", default=env_default("--codec", WorkerConfig().codec))
     parser.add_argument("--document", type=Path, default=None, help="a text file to work on")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="per answer (default 32)")
 

@@ -11,6 +11,10 @@ import sys
 
 from kvpool.config import env_default
 from services.auth_flags import add_client_flags
+from workers.api import SamplingParams, WorkerConfig
+from workers.kv.bounds import DEFAULT_SINK_TOKENS
+
+SAMPLING = SamplingParams()  # the defaults of the sampling flags
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -30,15 +34,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model",
-        default=env_default("--model", "smollm2-135m"),
-        help="smollm2-135m (default), tiny-random, a local folder or a HF id "
+        default=env_default("--model", WorkerConfig().model),
+        help=f"{WorkerConfig().model} (default), tiny-random, a local folder or a HF id "
         "(--local only; a gateway serves its own model)",
     )
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: auto)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=SAMPLING.max_new_tokens)
+    parser.add_argument(
+        "--temperature", type=float, default=SAMPLING.temperature, help="0 is greedy (default)"
+    )
+    parser.add_argument("--top-p", type=float, default=SAMPLING.top_p)
+    parser.add_argument("--top-k", type=int, default=SAMPLING.top_k)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
         "--stop",
@@ -70,7 +76,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--sink-tokens",
         type=int,
         default=None,
-        help="first tokens a bounded cache always keeps (default 4)",
+        help=f"first tokens a bounded cache always keeps (default {DEFAULT_SINK_TOKENS})",
     )
     parser.add_argument(
         "--tenant",
@@ -176,7 +182,7 @@ def _run_local(args: argparse.Namespace) -> int:
     )
     if not args.prompt.strip():
         raise ValueError("prompt is empty; give some text to continue")
-    from workers.kv.bounds import DEFAULT_SINK_TOKENS, requested_window
+    from workers.kv.bounds import requested_window
     from workers.models import load_model
     from workers.prompt import PromptEncoder
 
@@ -189,7 +195,9 @@ def _run_local(args: argparse.Namespace) -> int:
         prompt_ids = prompts.encode(prompt=args.prompt)
 
     sinks = DEFAULT_SINK_TOKENS if args.sink_tokens is None else args.sink_tokens
-    window = requested_window(args.max_cache_tokens or 0, sinks, block_tokens=64)
+    window = requested_window(
+        args.max_cache_tokens or 0, sinks, block_tokens=WorkerConfig().block_tokens
+    )
     if window is not None and args.no_cache:
         raise ValueError("--max-cache-tokens bounds the cache; it cannot go with --no-cache")
     generation = engine.stream(prompt_ids, params, use_cache=not args.no_cache, window=window)

@@ -8,9 +8,11 @@ never need a hub.
 import argparse
 import json
 
+from workers.api import WorkerConfig
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", nargs="?", default="smollm2-135m", help="model to prepare")
+    parser.add_argument("name", nargs="?", default=WorkerConfig().model, help="model to prepare")
 
 
 def run(args: argparse.Namespace) -> int:
