@@ -11,6 +11,9 @@ import os
 
 from kvpool.config import env_default
 from services.store.cli import parse_size
+from workers.api import ActorResources
+
+THREADS = ActorResources().max_concurrency  # a worker actor's threads for requests
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +59,47 @@ def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True
         "--token-timeout",
         300.0,
         type=float,
-        help="seconds without a token before a worker is replaced",
+        help="seconds a worker may stay silent, before it starts a request or between two "
+        "tokens, before it is replaced (300)",
+    )
+    flag(
+        "--prefill-timeout",
+        120.0,
+        type=float,
+        help="seconds from a worker starting a request to its first token; past it the request "
+        "fails with RESOURCE_EXHAUSTED and is not retried elsewhere (120)",
     )
     flag("--max-concurrent-rpcs", 64, type=int, help="gRPC calls served at once")
-    # Limits (docs/gateway.md, "Limits"); 0 means no limit beyond the model's context.
-    flag("--max-prompt-tokens", 0, type=int, help="longest prompt, session history included")
+    # Limits (docs/gateway.md, "Limits").
+    flag(
+        "--max-prompt-tokens",
+        32768,
+        type=int,
+        help="longest prompt, session history included, even with a bounded cache "
+        "(0: the model's context; default 32768)",
+    )
     flag("--max-new-tokens", 0, type=int, help="largest max_new_tokens a request may ask for")
+    flag("--max-stop-strings", 16, type=int, help="stop strings one request may give (16)")
+    flag("--max-stop-chars", 256, type=int, help="longest stop string, in characters (256)")
     flag("--max-request-bytes", "4MiB", type=parse_size, help="largest request message (4MiB)")
     flag(
         "--max-requests-per-worker",
-        0,
+        4,
         type=int,
-        help="requests one worker runs at once; more get RESOURCE_EXHAUSTED (0: no limit)",
+        help=f"requests one worker runs at once, at most its {THREADS} threads; more wait at the "
+        f"gateway (0: {THREADS}; default 4)",
+    )
+    flag(
+        "--max-queued-requests",
+        32,
+        type=int,
+        help="requests that may wait for a worker; more get RESOURCE_EXHAUSTED (32)",
+    )
+    flag(
+        "--queue-timeout",
+        60.0,
+        type=float,
+        help="seconds a request waits for a worker before RESOURCE_EXHAUSTED (60)",
     )
     flag("--max-sessions", 0, type=int, help="live sessions this gateway keeps (0: no limit)")
     # Bounded sessions (docs/gateway.md, "Bounded sessions"): requests may override both.
@@ -135,6 +167,8 @@ def check_args(args: argparse.Namespace) -> None:
         "max_prompt_tokens",
         "max_new_tokens",
         "max_requests_per_worker",
+        "max_queued_requests",
+        "max_stop_strings",
         "max_sessions",
         "max_cache_tokens",
         "sink_tokens",
@@ -142,6 +176,18 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 0:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} must be >= 0 (0: no limit), got {getattr(args, name)}")
+    if args.max_requests_per_worker > THREADS:
+        raise ValueError(
+            f"--max-requests-per-worker must be at most a worker's {THREADS} threads, "
+            f"got {args.max_requests_per_worker}"
+        )
+    for name in ("token_timeout", "prefill_timeout"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.queue_timeout < 0:
+        raise ValueError(f"--queue-timeout must be >= 0, got {args.queue_timeout}")
+    if args.max_stop_chars < 1:
+        raise ValueError(f"--max-stop-chars must be >= 1, got {args.max_stop_chars}")
     if args.max_cache_tokens:
         from workers.kv.bounds import CacheWindow
 
@@ -196,8 +242,11 @@ def gateway_settings(
         gateway=GatewayConfig(
             max_failovers=args.max_failovers,
             token_timeout_s=args.token_timeout,
+            prefill_timeout_s=args.prefill_timeout,
             max_prompt_tokens=args.max_prompt_tokens,
             max_new_tokens=args.max_new_tokens,
+            max_stop_strings=args.max_stop_strings,
+            max_stop_chars=args.max_stop_chars,
             max_sessions=args.max_sessions,
             max_cache_tokens=args.max_cache_tokens,
             sink_tokens=args.sink_tokens,
@@ -213,6 +262,8 @@ def gateway_settings(
         store_tls_ca=read_pem(getattr(args, "tls_ca_file", None), "TLS CA certificate"),
         max_request_bytes=args.max_request_bytes,
         max_requests_per_worker=args.max_requests_per_worker,
+        max_queued_requests=args.max_queued_requests,
+        queue_timeout_s=args.queue_timeout,
     )
 
 

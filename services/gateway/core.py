@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.gateway.api import Delta, Finished, GenerateCall, PrefillCall, Usage
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.pool import WorkerLost, WorkerPool
+from services.gateway.pool import PrefillTimeout, WorkerLost, WorkerPool
 from services.gateway.router import Route
 from services.gateway.sessions import LiveSessions, Session, SessionStore, check_session_id
 from workers.api import PrefillResult, SamplingParams, WorkDone, WorkRequest, WorkUsage
@@ -31,11 +31,22 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     max_failovers: int = 3
-    # A worker silent for this long between two tokens is treated as dead: killed and replaced.
+    # A worker silent for this long between two tokens, or before it takes a request up, is
+    # treated as dead: killed and replaced. The clock starts when the worker starts the request,
+    # never while the request waits (docs/gateway.md, "Timeouts").
     token_timeout_s: float = 300.0
-    # Limits (0: none beyond the model's context). A prompt counts a session's history too.
-    max_prompt_tokens: int = 0
-    max_new_tokens: int = 0
+    # The time a worker may take from starting a request to its first token. Past it the request
+    # fails with RESOURCE_EXHAUSTED and is not tried elsewhere: a slow prefill is the request's
+    # doing, not the worker's, so the worker is neither killed nor replaced.
+    prefill_timeout_s: float = 120.0
+    # The longest prompt, a session's history included (0: the model's context). A request with
+    # a bounded cache (max_cache_tokens) may run past the model's context, up to this; any other
+    # request must also fit the model's context with its max_new_tokens.
+    max_prompt_tokens: int = 32768
+    max_new_tokens: int = 0  # 0: none beyond MAX_NEW_TOKENS_LIMIT
+    # Stop strings: how many one request may give, and how long each may be (characters).
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
     max_sessions: int = 0  # live sessions this gateway has opened and not seen expire
     # The cache bound of requests that name none (and are not in a session that has one).
     max_cache_tokens: int = 0  # 0: unbounded
@@ -44,11 +55,17 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if self.max_failovers < 0:
             raise ValueError(f"max_failovers must be >= 0, got {self.max_failovers}")
-        if self.token_timeout_s <= 0:
-            raise ValueError(f"token_timeout_s must be > 0, got {self.token_timeout_s}")
+        for name in ("token_timeout_s", "prefill_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_prompt_tokens", "max_new_tokens", "max_sessions", "max_cache_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
+        if self.max_stop_strings < 0 or self.max_stop_chars < 1:
+            raise ValueError(
+                f"max_stop_strings must be >= 0 and max_stop_chars >= 1, got "
+                f"{self.max_stop_strings} and {self.max_stop_chars}"
+            )
 
 
 class InferenceCore:
@@ -73,6 +90,7 @@ class InferenceCore:
         received = time.perf_counter()
         self.metrics.requests.labels(req.tenant).inc()
         self._check_new_tokens(req.params)
+        self._check_stop(req.params)
         session = self._open_session(req)
         saved = threading.Event()
         try:
@@ -122,10 +140,15 @@ class InferenceCore:
                 request_id=uuid.uuid4().hex,
                 max_cache_tokens=window[0],
                 sink_tokens=window[1],
+                prefill_timeout_s=self.config.prefill_timeout_s,
             )
             try:
                 for item in self.pool.stream(
-                    route.worker_id, request, cancelled, self.config.token_timeout_s
+                    route.worker_id,
+                    request,
+                    cancelled,
+                    self.config.token_timeout_s,
+                    self.config.prefill_timeout_s,
                 ):
                     if isinstance(item, WorkDone):
                         done = item
@@ -134,6 +157,9 @@ class InferenceCore:
                         first_token_at = time.perf_counter()
                     output.append(item.token_id)
                     yield Delta(item.text, (item.token_id,))
+            except PrefillTimeout:
+                self.metrics.limit_rejections.labels("prefill_timeout").inc()
+                raise  # the request's own doing: another worker would take as long
             except WorkerLost as lost:
                 failovers += 1
                 excluded.add(route.worker_id)
@@ -202,7 +228,12 @@ class InferenceCore:
         for _ in range(self.config.max_failovers + 1):
             route = self._acquire(hashes)
             try:
-                result = self.pool.prefill(route.worker_id, tokens, req.tenant)
+                result = self.pool.prefill(
+                    route.worker_id, tokens, req.tenant, self.config.prefill_timeout_s
+                )
+            except PrefillTimeout:
+                self.metrics.limit_rejections.labels("prefill_timeout").inc()
+                raise
             except WorkerLost:
                 continue
             finally:
@@ -283,17 +314,39 @@ class InferenceCore:
             )
         return max_cache_tokens, sink_tokens
 
+    def _check_stop(self, params: SamplingParams) -> None:
+        """Stop strings are checked on every token, so their number and length are capped."""
+        most, longest = self.config.max_stop_strings, self.config.max_stop_chars
+        if len(params.stop) > most:
+            self.metrics.limit_rejections.labels("max_stop_strings").inc()
+            raise InvalidArgument(
+                f"{len(params.stop)} stop strings exceed the gateway's limit "
+                f"--max-stop-strings={most}"
+            )
+        too_long = max((len(s) for s in params.stop), default=0)
+        if too_long > longest:
+            self.metrics.limit_rejections.labels("max_stop_chars").inc()
+            raise InvalidArgument(
+                f"a stop string of {too_long} characters exceeds the gateway's limit "
+                f"--max-stop-chars={longest}"
+            )
+
     def _check_fits(
         self, prompt_tokens: int, params: SamplingParams, window: tuple[int, int] = (0, 0)
     ) -> None:
-        most = self.config.max_prompt_tokens
-        if most and prompt_tokens > most:
-            self.metrics.limit_rejections.labels("max_prompt_tokens").inc()
-            raise InvalidArgument(
-                f"prompt of {prompt_tokens} tokens (a session's history included) exceeds the "
-                f"gateway's limit --max-prompt-tokens={most}"
-            )
+        """The prompt's length limit holds for every request, a bounded cache or not."""
         limit = self.pool.info.max_context
+        most = self.config.max_prompt_tokens
+        if prompt_tokens > (most or limit):
+            self.metrics.limit_rejections.labels("max_prompt_tokens").inc()
+            bound = (
+                f"the gateway's limit --max-prompt-tokens={most}"
+                if most
+                else f"the model's context of {limit} tokens (--max-prompt-tokens=0)"
+            )
+            raise InvalidArgument(
+                f"prompt of {prompt_tokens} tokens (a session's history included) exceeds {bound}"
+            )
         if window[0]:
             return  # a bounded cache holds at most max_cache_tokens positions, whatever the length
         if prompt_tokens + params.max_new_tokens > limit:

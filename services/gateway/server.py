@@ -46,7 +46,12 @@ class GatewaySettings:
     store_auth_token: str | None = field(default=None, repr=False)  # the store's, for sessions
     store_tls_ca: bytes | None = field(default=None, repr=False)  # PEM CA: store over TLS
     max_request_bytes: int = 4 << 20  # larger requests get RESOURCE_EXHAUSTED from gRPC
-    max_requests_per_worker: int = 0  # 0: no limit
+    # Requests one worker runs at once; more wait at the gateway (router.RouterConfig). At most
+    # the actor's concurrency (0: that), so no request waits in a worker's queue, where the wait
+    # would count against --token-timeout.
+    max_requests_per_worker: int = 4
+    max_queued_requests: int = 32  # requests waiting for a worker; past it RESOURCE_EXHAUSTED
+    queue_timeout_s: float = 60.0  # the longest a request waits for a worker
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
@@ -57,6 +62,17 @@ class GatewaySettings:
             raise ValueError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        threads = self.pool.resources.max_concurrency
+        if not 0 <= self.max_requests_per_worker <= threads:
+            raise ValueError(
+                f"max_requests_per_worker must be between 0 (the actor's concurrency) and the "
+                f"actor's concurrency of {threads}, got {self.max_requests_per_worker}"
+            )
+
+    @property
+    def requests_per_worker(self) -> int:
+        """The per-worker cap in force: never more than the actor runs at once."""
+        return self.max_requests_per_worker or self.pool.resources.max_concurrency
 
 
 class GatewayServer:
@@ -70,7 +86,9 @@ class GatewayServer:
                 # Remember about as many blocks per worker as its L1 can hold (at int8 sizes the
                 # record overestimates a little, which only costs an occasional store fetch).
                 record_blocks=max(1024, worker.l1_bytes // (256 << 10)),
-                max_in_flight=settings.max_requests_per_worker,
+                max_in_flight=settings.requests_per_worker,
+                max_queued=settings.max_queued_requests,
+                queue_timeout_s=settings.queue_timeout_s,
             )
         )
         self.pool = WorkerPool(_with_store_credentials(settings), self.router)
