@@ -5,6 +5,7 @@ tiny-random workers, the gateway) and changes the gateway's settings for its own
 """
 
 import contextlib
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -166,7 +167,10 @@ def test_control_calls_answer_while_every_generation_thread_is_busy(stack):
     try:
         for gen in refs:  # every thread has taken its request up
             ray.get(next(gen), timeout=60)
-        assert ray.get(handle.stats.remote(), timeout=5).in_flight == threads
+        # Every stats call answers within 5 s (GetTimeoutError otherwise), threads all busy.
+        wait_for(
+            lambda: ray.get(handle.stats.remote(), timeout=5).in_flight == threads, 60, "all busy"
+        )
         assert ray.get(handle.ping.remote(), timeout=5) == wid
     finally:
         for r in requests:
@@ -223,8 +227,9 @@ def test_prefill_does_not_wait_for_other_requests_writes(stack):
     worker.writer._encode = lambda block, h: (gate.wait(60), encode(block, h))[1]
     try:
         # Another request's blocks, stuck in the write-behind queue.
+        fresh = random.Random().randrange(10_000, 40_000)  # blocks no earlier test stored
         other = WorkRequest(
-            token_ids=tuple(long_prompt(4 * BLOCK_TOKENS)), params=SamplingParams(2)
+            token_ids=tuple(range(fresh, fresh + 4 * BLOCK_TOKENS)), params=SamplingParams(2)
         )
         list(worker.generate(other))
         assert worker.writer.stats().pending > 0
@@ -232,7 +237,7 @@ def test_prefill_does_not_wait_for_other_requests_writes(stack):
         gate_open.start()
         worker.writer._encode = encode  # this call's own blocks encode at once
         started = time.monotonic()
-        result = worker.prefill(list(range(500, 500 + 3 * BLOCK_TOKENS)))
+        result = worker.prefill(list(range(fresh + 1, fresh + 1 + 3 * BLOCK_TOKENS)))
         elapsed = time.monotonic() - started
         assert result.stored_tokens == 3 * BLOCK_TOKENS
         assert elapsed < 15 and worker.writer.stats().pending > 0
