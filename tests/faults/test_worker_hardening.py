@@ -244,3 +244,22 @@ def test_prefill_does_not_wait_for_other_requests_writes(stack):
     finally:
         gate.set()
         worker.close()
+
+
+# --- item 3: stop strings are capped ------------------------------------------------------------
+
+
+def test_stop_strings_are_capped_with_a_clear_invalid_argument(stack):
+    config = stack.gateway.core.config
+    most, longest = config.max_stop_strings, config.max_stop_chars
+    assert (most, longest) == (16, 256)  # the defaults
+    flood = [f"{i:08d}" + "x" * 32 for i in range(20_000)]  # the review's 0.27 s per token
+    with pytest.raises(
+        InvalidArgument, match=f"20000 stop strings exceed .* --max-stop-strings={most}"
+    ):
+        stack.client.generate(prompt="hello", max_new_tokens=2, stop=flood)
+    with pytest.raises(InvalidArgument, match=f"--max-stop-chars={longest}"):
+        stack.client.generate(prompt="hello", max_new_tokens=2, stop=["y" * (longest + 1)])
+    allowed = [f"{i:02d}" + "\u2603" * (longest - 2) for i in range(most)]
+    done = stack.client.generate(prompt="hello", max_new_tokens=8, stop=allowed)
+    assert done.usage["completion_tokens"] == 8
