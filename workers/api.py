@@ -8,7 +8,7 @@ only its .proto with the model servers). Every record is a frozen dataclass that
 
 from dataclasses import dataclass, field
 
-from kvpool.errors import InvalidArgument
+from kvpool.errors import InvalidArgument, ResourceExhausted
 from workers.kv.bounds import DEFAULT_SINK_TOKENS
 
 MAX_NEW_TOKENS_LIMIT = 4096
@@ -133,6 +133,14 @@ class WorkRequest:
     # Seconds the worker may spend before the first token (0: no limit); past it the request ends
     # with RESOURCE_EXHAUSTED. Checked between prefill chunks, so it stops a long bounded prompt.
     prefill_timeout_s: float = 0.0
+
+
+class PrefillTimeout(ResourceExhausted):
+    """A request's prefill ran past its deadline: the request fails, its worker stays.
+
+    Raised by the worker between prefill chunks, or by the gateway's own clock; either way it is
+    never failed over, since another worker would take as long.
+    """
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from kvpool.errors import InvalidArgument, ResourceExhausted
+from kvpool.errors import InvalidArgument
 from workers.api import (
     PrefillResult,
+    PrefillTimeout,
     SamplingParams,
     TokenEvent,
     WorkDone,
@@ -237,7 +238,7 @@ class KVWorker:
         if self._take_cancel(request.request_id):
             raise _Cancelled
         if deadline is not None and time.perf_counter() > deadline:
-            raise ResourceExhausted(
+            raise PrefillTimeout(
                 f"prefill of {len(request.token_ids)} tokens took longer than the gateway's "
                 f"--prefill-timeout={request.prefill_timeout_s:g} s; send a shorter prompt"
             )

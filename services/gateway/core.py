@@ -18,10 +18,17 @@ from dataclasses import dataclass, replace
 from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.gateway.api import Delta, Finished, GenerateCall, PrefillCall, Usage
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.pool import PrefillTimeout, WorkerLost, WorkerPool
+from services.gateway.pool import WorkerLost, WorkerPool
 from services.gateway.router import Route
 from services.gateway.sessions import LiveSessions, Session, SessionStore, check_session_id
-from workers.api import PrefillResult, SamplingParams, WorkDone, WorkRequest, WorkUsage
+from workers.api import (
+    PrefillResult,
+    PrefillTimeout,
+    SamplingParams,
+    WorkDone,
+    WorkRequest,
+    WorkUsage,
+)
 from workers.kv.bounds import DEFAULT_SINK_TOKENS, requested_window
 from workers.kv.hashing import BlockHash, Namespace, chain_hashes
 

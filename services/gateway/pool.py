@@ -31,12 +31,13 @@ from typing import Any, TypeVar
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from kvpool.errors import KvpoolError, ResourceExhausted, Unavailable
+from kvpool.errors import KvpoolError, Unavailable
 from services.gateway.router import Route, Router
 from workers.actor import start_actor
 from workers.api import (
     ActorResources,
     PrefillResult,
+    PrefillTimeout,
     TokenEvent,
     WorkDone,
     WorkerConfig,
@@ -65,10 +66,6 @@ except ImportError:  # pragma: no cover - older Ray
 
 class WorkerLost(Exception):
     """The worker serving a request died or stalled; the request moves to another one."""
-
-
-class PrefillTimeout(ResourceExhausted):
-    """A request's prefill ran past its deadline: the request fails, the worker stays."""
 
 
 # How often a stream that waits for its worker looks at its client's cancellation.

@@ -86,6 +86,8 @@ def test_a_prefill_past_its_deadline_fails_alone_and_no_worker_is_lost(stack):
     """A bounded request whose prefill outlasts --prefill-timeout: RESOURCE_EXHAUSTED, not
     retried on another worker, no worker killed; the worker stops the prefill early."""
     before = counts(stack)
+    timeouts = stack.gateway.metrics.limit_rejections.labels("prefill_timeout")
+    timeouts_before = timeouts._value.get()
     live = set(stack.gateway.pool.live())
     prompt = long_prompt(6000)  # several seconds of chunked prefill on tiny-random
     with gateway_config(stack, prefill_timeout_s=0.5, max_prompt_tokens=8192):
@@ -96,6 +98,7 @@ def test_a_prefill_past_its_deadline_fails_alone_and_no_worker_is_lost(stack):
             )
         assert time.monotonic() - started < 30
     assert counts(stack) == before  # no failover, no death, no replacement
+    assert timeouts._value.get() == timeouts_before + 1  # the worker's PrefillTimeout, or ours
     assert set(stack.gateway.pool.live()) == live
     # The worker gave the request up between chunks: it is free again, and answers.
     wait_for(lambda: all(s.in_flight == 0 for s in stack.gateway.pool.stats(10)), 60, "idle")
