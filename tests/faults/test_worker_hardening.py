@@ -120,21 +120,25 @@ def test_the_prefill_rpc_has_a_deadline(stack):
 
 
 def test_three_times_a_workers_capacity_of_streams_completes_with_no_worker_lost(stack):
-    """Streams past the per-worker cap wait at the gateway, and the token timeout starts only
-    when a worker takes the request up: a short --token-timeout kills nobody."""
+    """Three times as many streams as the workers have threads: before issue 14 the streams
+    past a worker's 8 threads waited in Ray's queue, that wait counted toward --token-timeout,
+    and busy workers were killed as dead. Now they wait at the gateway (the per-worker cap is
+    below the actor's threads) and the token timeout starts when a worker takes the request up,
+    so a short --token-timeout kills nobody."""
     workers = len(stack.gateway.pool.live())
-    per_worker = 2
+    threads = stack.gateway.settings.pool.resources.max_concurrency
+    assert stack.gateway.router.config.max_in_flight < threads  # the default cap is below
+    n = 3 * threads * workers
     before = counts(stack)
     with (
         gateway_config(stack, token_timeout_s=3.0),
-        router_config(stack, max_in_flight=per_worker, max_queued=64, queue_timeout_s=300),
-        InferenceClient(stack.gateway.target, timeout_s=300) as client,
+        router_config(stack, max_queued=n, queue_timeout_s=600),
+        InferenceClient(stack.gateway.target, timeout_s=600) as client,
     ):
-        n = 3 * per_worker * workers
         prompts = [f"stream {i} of the crowd" for i in range(n)]
         with ThreadPoolExecutor(n) as pool:
-            done = list(pool.map(lambda p: client.generate(prompt=p, max_new_tokens=150), prompts))
-    assert [d.usage["completion_tokens"] for d in done] == [150] * n
+            done = list(pool.map(lambda p: client.generate(prompt=p, max_new_tokens=60), prompts))
+    assert [d.usage["completion_tokens"] for d in done] == [60] * n
     assert all(d.usage["failovers"] == 0 for d in done)
     assert counts(stack) == before
 
