@@ -1,10 +1,13 @@
 """The Ray actor around `KVWorker`: one per GPU, or per CPU slot.
 
-The actor is threaded (`max_concurrency`), so `info`, `stats` and `ping` answer while
-generations run, and several generations can share the model. `generate` is a streaming
-generator method: the caller iterates the returned `ObjectRefGenerator` and `ray.get`s each ref.
-When the actor dies, that raises `ray.exceptions.RayActorError`, which is the gateway's cue to
-fail over.
+The actor is threaded: generations share the model on `max_concurrency` threads, and the control
+calls (`info`, `stats`, `ping`, `cancel`, `flush`, `close`) run in a concurrency group of their
+own, so a worker full of generations still answers them at once instead of queueing them behind
+the streams (which made a busy worker look dead). `generate` is a streaming generator method: the
+caller iterates the returned `ObjectRefGenerator` and `ray.get`s each ref. Its first item is a
+`WorkStarted` marker, sent when a thread takes the request up, so the caller can tell time spent
+in Ray's queue from time spent on the request. When the actor dies, reading raises
+`ray.exceptions.RayActorError`, which is the gateway's cue to fail over.
 """
 
 import ctypes
@@ -25,11 +28,15 @@ from workers.api import (
     WorkerInfo,
     WorkerStats,
     WorkRequest,
+    WorkStarted,
 )
 
 log = logging.getLogger(__name__)
 
 ACTOR_NAME_PREFIX = "kvpool-worker-"
+# Threads of the control group: enough for a stats scrape, a cancel and a health check at once.
+CONTROL_GROUP = "control"
+CONTROL_THREADS = 4
 
 
 class WorkerActor:
@@ -52,9 +59,11 @@ class WorkerActor:
             # constructor would surface as Ray's ActorDiedError wrapping a remote traceback.
             self._startup_error = exc
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def ping(self) -> str:
         return self.info().worker_id
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def info(self) -> WorkerInfo:
         if self._startup_error is not None:
             raise self._startup_error
@@ -63,21 +72,26 @@ class WorkerActor:
     def tokenizer_files(self) -> dict[str, bytes]:
         return self._worker.tokenizer_files()
 
-    def generate(self, request: WorkRequest) -> Iterator[TokenEvent | WorkDone]:
+    def generate(self, request: WorkRequest) -> Iterator[WorkStarted | TokenEvent | WorkDone]:
+        yield WorkStarted(self._worker.worker_id)  # the gateway's prefill deadline starts now
         yield from self._worker.generate(request)
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def cancel(self, request_id: str) -> None:
         self._worker.cancel(request_id)
 
     def prefill(self, token_ids: Sequence[int], tenant: str = "") -> PrefillResult:
         return self._worker.prefill(token_ids, tenant)
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def flush(self, timeout_s: float = 30.0) -> bool:
         return self._worker.flush(timeout_s)
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def stats(self) -> WorkerStats:
         return self._worker.stats()
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def close(self) -> None:
         self._worker.close()
 
@@ -117,7 +131,8 @@ def start_actor(
     config: WorkerConfig, worker_id: str, resources: ActorResources
 ) -> "ray.actor.ActorHandle":
     """Create a worker actor (its model loads in the background; `ping` returns once ready)."""
-    remote_cls = ray.remote(WorkerActor).options(
+    remote_cls = ray.remote(concurrency_groups={CONTROL_GROUP: CONTROL_THREADS})(WorkerActor)
+    remote_cls = remote_cls.options(
         name=ACTOR_NAME_PREFIX + worker_id,
         num_gpus=resources.num_gpus,
         num_cpus=resources.num_cpus,

@@ -9,7 +9,7 @@ only its .proto with the model servers). Every record is a frozen dataclass that
 import secrets
 from dataclasses import dataclass, field, replace
 
-from kvpool.errors import InvalidArgument
+from kvpool.errors import InvalidArgument, ResourceExhausted
 from workers.kv.bounds import DEFAULT_SINK_TOKENS
 
 MAX_NEW_TOKENS_LIMIT = 4096
@@ -141,6 +141,28 @@ class WorkRequest:
     request_id: str = ""  # names the request for `cancel`
     max_cache_tokens: int = 0  # > 0 bounds the cache with sinks + a recent window (workers.window)
     sink_tokens: int = DEFAULT_SINK_TOKENS
+    # Seconds the worker may spend before the first token (0: no limit); past it the request ends
+    # with RESOURCE_EXHAUSTED. Checked between prefill chunks, so it stops a long bounded prompt.
+    prefill_timeout_s: float = 0.0
+
+
+class PrefillTimeout(ResourceExhausted):
+    """A request's prefill ran past its deadline: the request fails, its worker stays.
+
+    Raised by the worker between prefill chunks, or by the gateway's own clock; either way it is
+    never failed over, since another worker would take as long.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class WorkStarted:
+    """The first item of a worker's stream: a worker thread has taken the request up.
+
+    Time before it is spent in Ray's queue, not on the request; the gateway's prefill deadline
+    and token timeout start here.
+    """
+
+    worker: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,10 +251,13 @@ class ActorResources:
 
     num_gpus: float = 0.0
     num_cpus: float = 1.0
-    max_concurrency: int = 8  # generations sharing the model, plus stats and health calls
+    # Threads for generations and prefills sharing the model; control calls (stats, cancel,
+    # health) have a group of their own (workers.actor). The gateway admits at most this many
+    # requests per worker, so none waits in Ray's queue.
+    max_concurrency: int = 8
 
     def __post_init__(self) -> None:
         if self.num_gpus < 0 or self.num_cpus < 0:
             raise ValueError("num_gpus and num_cpus must be >= 0")
-        if self.max_concurrency < 2:
-            raise ValueError("max_concurrency must be >= 2 so health calls answer during work")
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 from kvpool.errors import InvalidArgument
 from workers.api import SamplingParams, TokenEvent
+from workers.detokenizer import StreamText
 from workers.kv.bounds import CacheWindow, check_context, feed_chunks
 from workers.models import LoadedModel
 from workers.window import Rerotator, evict, native_window
@@ -208,8 +209,8 @@ class Engine:
     ) -> Iterator[TokenEvent]:
         output = sequence[prompt_len:]  # starts with prior_output on a resumed generation
         resumed = len(output)
-        text = self._decode_text(output)
-        emitted = len(self._visible(text, params.stop))
+        text = StreamText(self._decode_text, params.stop, output)
+        emitted = len(text.visible())
         # Prefill: everything not already in the cache, in one forward pass.
         logits = self._forward(generation, sequence[len(generation.fed_token_ids) :], sequence)
         finish_reason = "length"
@@ -224,17 +225,17 @@ class Engine:
                 usage.ttft_ms = (now - started) * 1000.0
             if token in self.eos_token_ids:
                 finish_reason = "eos"
-            text = self._decode_text(output)
-            stop_at = self._stop_index(text, params.stop)
+            text.add(token)
+            stop_at = text.stop_index()
             if stop_at is not None:
                 finish_reason = "stop"
             last = finish_reason != "length" or len(output) >= params.max_new_tokens
             if stop_at is not None:
-                visible = text[:stop_at]
+                visible = text.text[:stop_at]
             elif last:  # nothing can complete a stop string or a character any more
-                visible = text
+                visible = text.text
             else:
-                visible = self._visible(text, params.stop)
+                visible = text.visible()
             delta = visible[emitted:] if len(visible) > emitted else ""
             emitted = max(emitted, len(visible))
             yield TokenEvent(token_id=token, text=delta)
@@ -313,23 +314,6 @@ class Engine:
 
     def _decode_text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    @staticmethod
-    def _visible(text: str, stop: tuple[str, ...]) -> str:
-        """The part of `text` safe to stream: no half-decoded character, no possible stop start."""
-        text = text.rstrip("\ufffd")
-        hold = 0
-        for s in stop:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        return text[: len(text) - hold]
-
-    @staticmethod
-    def _stop_index(text: str, stop: tuple[str, ...]) -> int | None:
-        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-        return min(hits) if hits else None
 
 
 def _position_seed(seed: int | None, position: int) -> int:

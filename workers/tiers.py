@@ -149,6 +149,20 @@ class WriteBehind:
         self._queue.put(batch)
         return True
 
+    def write(self, batch: WriteBatch) -> int:
+        """Write `batch` now, in the caller's thread (a caller that waits for its own blocks,
+        and only those); returns the blocks the store accepted."""
+        try:
+            stored, failed = self._write(batch)
+        except Exception:  # as in the thread: a block not written is a later miss
+            log.exception("write of %d blocks failed", len(batch))
+            stored, failed = 0, len(batch)
+        with self._lock:
+            self._submitted += len(batch)
+            self._stored += stored
+            self._failed += failed
+        return stored
+
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until everything submitted so far is written; False on timeout."""
         with self._lock:

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from kvpool.errors import InvalidArgument
 from workers.api import (
     PrefillResult,
+    PrefillTimeout,
     SamplingParams,
     TokenEvent,
     WorkDone,
@@ -30,7 +31,7 @@ from workers.api import (
     WorkUsage,
 )
 from workers.chain import BlockChain, Cutter
-from workers.engine import Engine
+from workers.engine import Engine, Generation
 from workers.kv.block import decode_block, encode_block
 from workers.kv.bounds import CacheWindow, requested_window
 from workers.kv.hashing import BlockHash, Namespace, block_key
@@ -38,7 +39,7 @@ from workers.kv.layout import blocks_to_cache
 from workers.models import load_model
 from workers.prefix import CachedPrefix, find_blocks, find_prefix
 from workers.prompt import PromptEncoder, tokenizer_files
-from workers.tiers import BlockStore, LocalBlocks, WriteBehind
+from workers.tiers import BlockStore, LocalBlocks, WriteBatch, WriteBehind
 from workers.window import rebuild
 
 log = logging.getLogger(__name__)
@@ -137,21 +138,32 @@ class KVWorker:
         start = self._start(hashes, window, len(sequence)) if request.read_cache else _Start()
         chunked = window is not None or self.engine.native_window is not None
         cutter = Cutter(chain, start.tokens // self.config.block_tokens, self.writer.submit)
+        prefilling = True
+        deadline = started + request.prefill_timeout_s if request.prefill_timeout_s else None
+
+        def on_forward(generation: Generation) -> None:
+            cutter(generation)
+            if prefilling:  # a long chunked prefill stops early when it is no longer wanted
+                self._check_prefill(request, started, deadline)
+
         generation = self.engine.stream(
             request.token_ids, request.params, past=start.past,
             past_tokens=start.tokens if window is not None else None,
             prior_output=request.prior_output, started=started, window=window,
             chunk_tokens=self.config.block_tokens if chunked else None,
-            on_forward=cutter if chunked else None,
+            on_forward=on_forward if chunked else None,
         )  # fmt: skip
         self._count(in_flight=1, requests=1)
         try:
             for event in generation:
+                prefilling = False
                 yield event  # first, so that cutting blocks never delays a token
                 cutter(generation)
                 if self._take_cancel(request.request_id):
                     return
             cutter(generation)
+        except _Cancelled:
+            return
         finally:
             self._count(in_flight=-1)
         result = generation.result
@@ -186,7 +198,10 @@ class KVWorker:
         hashes = chain.hashes(token_ids)
         start = self._start(hashes, None, len(token_ids))
         chunked = self.engine.native_window is not None
-        cutter = Cutter(chain, start.tokens // self.config.block_tokens, self.writer.submit)
+        # This call's own blocks, written here once computed: waiting on the shared write-behind
+        # queue would also wait for every other request's blocks.
+        batches: list[WriteBatch] = []
+        cutter = Cutter(chain, start.tokens // self.config.block_tokens, batches.append)
         generation = self.engine.stream(
             token_ids, SamplingParams(max_new_tokens=1), past=start.past,
             chunk_tokens=self.config.block_tokens if chunked else None,
@@ -194,7 +209,8 @@ class KVWorker:
         )  # fmt: skip
         generation.run()  # the one sampled token is discarded; its prompt's KV is what we want
         cutter(generation)
-        self.writer.flush()
+        for batch in batches:
+            self.writer.write(batch)
         block_tokens = self.config.block_tokens
         if self.store is not None:
             # Blocks that were only in L1 (from an earlier request) may be missing in the store.
@@ -216,6 +232,16 @@ class KVWorker:
                 # A cancel can arrive after its request ended; keep only the newest ones.
                 while len(self._cancelled) > 1024:
                     del self._cancelled[next(iter(self._cancelled))]
+
+    def _check_prefill(self, request: WorkRequest, started: float, deadline: float | None) -> None:
+        """Between prefill chunks: stop a request that was cancelled or ran past its deadline."""
+        if self._take_cancel(request.request_id):
+            raise _Cancelled
+        if deadline is not None and time.perf_counter() > deadline:
+            raise PrefillTimeout(
+                f"prefill of {len(request.token_ids)} tokens took longer than the gateway's "
+                f"--prefill-timeout={request.prefill_timeout_s:g} s; send a shorter prompt"
+            )
 
     def _take_cancel(self, request_id: str) -> bool:
         if not request_id:
@@ -350,6 +376,10 @@ class KVWorker:
         with c.lock:
             for name, delta in deltas.items():
                 setattr(c, name, getattr(c, name) + delta)
+
+
+class _Cancelled(Exception):
+    """Raised between prefill chunks of a request whose caller cancelled it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,12 @@ request failed, so a script can require zero errors.
 
 Without `--target` it starts the embedded stack in this process (memory store, local Ray,
 `--workers` workers) and measures that.
+
+`--abuse` adds `--abuse-clients` hostile clients for the same duration (`kvpool.bench.abuse`:
+oversized bounded prompts, stop-string floods, idle streams, and with `--store` duplicate-key
+Gets). Their outcomes are reported apart; the well-behaved clients' errors, and any worker lost
+during the run (read from `--gateway-metrics`, or from the embedded stack), fail the command.
+Compare the TTFT figures with a run without `--abuse`.
 """
 
 import argparse
@@ -27,6 +33,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +71,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="document choice per request")
     parser.add_argument("--corpus", type=Path, default=None, help="a folder of .txt documents")
+    hostile = parser.add_argument_group("hostile clients (issue 14)")
+    hostile.add_argument(
+        "--abuse", action="store_true", help="mix hostile clients in (kvpool.bench.abuse)"
+    )
+    hostile.add_argument("--abuse-clients", type=int, default=4, help="hostile clients (4)")
+    hostile.add_argument(
+        "--store", default=None, metavar="HOST:PORT", help="the KVStore, for duplicate-key Gets"
+    )
+    hostile.add_argument(
+        "--store-auth-token",
+        default=os.environ.get("KVPOOL_STORE_AUTH_TOKEN"),
+        help="the store's token (env KVPOOL_STORE_AUTH_TOKEN)",
+    )
+    hostile.add_argument(
+        "--gateway-metrics",
+        default=None,
+        metavar="URL",
+        help="the gateway's /metrics, to count workers lost during the run",
+    )
     group = parser.add_argument_group("the stack started when --target is not given")
     group.add_argument("--workers", type=int, default=2)
     group.add_argument("--model", default=WorkerConfig().model)
@@ -103,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
     worker = WorkerConfig(model=args.model, codec=args.codec)
     with local_stack(worker, workers=args.workers, grace_s=5.0) as stack:
-        return _measure(args, stack.gateway.target, texts)
+        pool = stack.gateway.pool
+        return _measure(args, stack.gateway.target, texts, lambda: pool.deaths)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -114,16 +141,45 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if args.duration <= 0 or args.timeout <= 0:
         raise ValueError("--duration and --timeout must be > 0 seconds")
+    if args.abuse_clients < 1:
+        raise ValueError(f"--abuse-clients must be >= 1, got {args.abuse_clients}")
 
 
-def _measure(args: argparse.Namespace, target: str, texts: list[str]) -> int:
+def _measure(
+    args: argparse.Namespace,
+    target: str,
+    texts: list[str],
+    deaths: Callable[[], float] | None = None,
+) -> int:
+    from kvpool.bench import abuse
     from kvpool.bench.report import environment, write_json
 
+    if deaths is None and args.gateway_metrics:
+        deaths = lambda: _scrape_deaths(args.gateway_metrics)  # noqa: E731
     chars_per_token = _calibrate(target, texts[0], args.timeout)
     documents = _documents(texts, args.documents, int(args.prompt_tokens * chars_per_token))
     _warm_up(target, documents, args)
     load_before = os.getloadavg()
+    deaths_before = deaths() if deaths else None
+    hostile: list[abuse.Attempt] = []
+    attacker = None
+    if args.abuse:
+        stop_at = time.perf_counter() + args.duration
+        attacker = threading.Thread(
+            target=lambda: hostile.extend(
+                abuse.drive(
+                    target, args.abuse_clients, stop_at, args.timeout, args.store,
+                    args.store_auth_token,
+                )
+            ),
+            name="abuse",
+            daemon=True,
+        )  # fmt: skip
+        attacker.start()
     records = _drive(target, documents, args)
+    if attacker is not None:
+        attacker.join(args.timeout + 60)
+    lost = None if deaths is None or deaths_before is None else deaths() - deaths_before
     result: dict[str, Any] = {
         "benchmark": "load",
         "target": target if args.target else f"embedded stack ({args.workers} workers)",
@@ -145,11 +201,35 @@ def _measure(args: argparse.Namespace, target: str, texts: list[str]) -> int:
     }
     if not args.target:
         result["stack"] = {"workers": args.workers, "model": args.model, "codec": args.codec}
+    result["workers_lost"] = lost
+    if args.abuse:
+        result["abuse"] = {"clients": args.abuse_clients, "by_kind": abuse.summarize(hostile)}
     write_json(args.json, result)
     plot(result, args.plot)
     print(format_summary(result["summary"]))
+    if args.abuse:
+        for kind, figures in result["abuse"]["by_kind"].items():
+            print(f"hostile {kind}: {figures}")
+    if lost is not None:
+        print(f"workers lost during the run: {lost:g}")
     print(f"wrote {args.json} and {args.plot}")
-    return 1 if result["summary"]["errors"] else 0
+    return 1 if result["summary"]["errors"] or lost else 0
+
+
+def _scrape_deaths(url: str) -> float:
+    """`kvpool_gateway_worker_deaths_total` from the gateway's /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("kvpool_gateway_worker_deaths")
+    )
 
 
 # --- workload ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from services.store.cli import parse_size
 from workers.api import ActorResources
 
 FIELD_DEFAULT: Any = object()  # a SettingFlag's default: the setting's own
+THREADS = ActorResources().max_concurrency  # a worker actor's threads for requests
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +101,24 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
     SettingFlag(
         "--token-timeout",
         "gateway.token_timeout_s",
-        "seconds without a token before a worker is replaced",
+        "seconds a worker may stay silent, before it starts a request or between two tokens, "
+        "before it is replaced",
+        float,
+    ),
+    SettingFlag(
+        "--prefill-timeout",
+        "gateway.prefill_timeout_s",
+        "seconds from a worker starting a request to its first token; past it the request "
+        "fails with RESOURCE_EXHAUSTED and is not retried elsewhere",
         float,
     ),
     SettingFlag("--max-concurrent-rpcs", "max_concurrent_rpcs", "gRPC calls served at once", int),
-    # Limits (docs/gateway.md, "Limits"); 0 means no limit beyond the model's context.
+    # Limits (docs/gateway.md, "Limits").
     SettingFlag(
         "--max-prompt-tokens",
         "gateway.max_prompt_tokens",
-        "longest prompt, session history included (0: no limit)",
+        "longest prompt, session history included, even with a bounded cache "
+        "(0: the model's context)",
         int,
     ),
     SettingFlag(
@@ -117,12 +127,31 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
         "largest max_new_tokens a request may ask for (0: no limit)",
         int,
     ),
+    SettingFlag(
+        "--max-stop-strings", "gateway.max_stop_strings", "stop strings one request may give", int
+    ),
+    SettingFlag(
+        "--max-stop-chars", "gateway.max_stop_chars", "longest stop string, in characters", int
+    ),
     SettingFlag("--max-request-bytes", "max_request_bytes", "largest request message", parse_size),
     SettingFlag(
         "--max-requests-per-worker",
         "max_requests_per_worker",
-        "requests one worker runs at once; more get RESOURCE_EXHAUSTED (0: no limit)",
+        f"requests one worker runs at once, at most its {THREADS} threads; more wait at the "
+        f"gateway (0: {THREADS})",
         int,
+    ),
+    SettingFlag(
+        "--max-queued-requests",
+        "max_queued_requests",
+        "requests that may wait for a worker; more get RESOURCE_EXHAUSTED",
+        int,
+    ),
+    SettingFlag(
+        "--queue-timeout",
+        "queue_timeout_s",
+        "seconds a request waits for a worker before RESOURCE_EXHAUSTED",
+        float,
     ),
     SettingFlag(
         "--max-sessions",
@@ -159,6 +188,8 @@ NOT_FLAGS: dict[str, str] = {
     "pool.resources.max_concurrency": "the default: generations sharing one model",
     "pool.start_timeout_s": "the default: a model load in a fresh process",
     "pool.replace_dead": "the default: dead workers are replaced",
+    "pool.replace_attempts": "the default: tries to start one replacement",
+    "pool.replace_backoff_s": "the default: first wait between those tries (doubling)",
     "pool.worker.store_target": "GatewayServer hands the store's address to the workers",
     "pool.worker.store_timeout_s": "GatewayServer hands store_timeout_s to the workers",
     "pool.worker.store_auth_token": "GatewayServer hands the store's token to the workers",
@@ -245,6 +276,8 @@ def check_args(args: argparse.Namespace) -> None:
         "max_prompt_tokens",
         "max_new_tokens",
         "max_requests_per_worker",
+        "max_queued_requests",
+        "max_stop_strings",
         "max_sessions",
         "max_cache_tokens",
         "sink_tokens",
@@ -252,6 +285,18 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 0:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} must be >= 0 (0: no limit), got {getattr(args, name)}")
+    if args.max_requests_per_worker > THREADS:
+        raise ValueError(
+            f"--max-requests-per-worker must be at most a worker's {THREADS} threads, "
+            f"got {args.max_requests_per_worker}"
+        )
+    for name in ("token_timeout", "prefill_timeout"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.queue_timeout < 0:
+        raise ValueError(f"--queue-timeout must be >= 0, got {args.queue_timeout}")
+    if args.max_stop_chars < 1:
+        raise ValueError(f"--max-stop-chars must be >= 1, got {args.max_stop_chars}")
     if args.max_cache_tokens:
         from workers.kv.bounds import CacheWindow
 

@@ -20,12 +20,15 @@ from services.gateway.pool import WorkerLost, WorkerPool
 from services.gateway.router import Route
 from services.gateway.sessions import LiveSessions, Session, SessionStore, check_session_id
 from services.gateway.settings import GatewayConfig
-from workers.api import PrefillResult, SamplingParams, WorkDone, WorkRequest, WorkUsage
-from workers.kv.bounds import (
-    check_context,
-    check_window_fits,
-    requested_window,
+from workers.api import (
+    PrefillResult,
+    PrefillTimeout,
+    SamplingParams,
+    WorkDone,
+    WorkRequest,
+    WorkUsage,
 )
+from workers.kv.bounds import check_context, check_window_fits, requested_window
 from workers.kv.hashing import BlockHash, Namespace, chain_hashes
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class InferenceCore:
         received = time.perf_counter()
         self.metrics.requests.labels(req.tenant).inc()
         self._check_new_tokens(req.params)
+        self._check_stop(req.params)
         session = self._open_session(req)
         saved = threading.Event()
         try:
@@ -99,10 +103,15 @@ class InferenceCore:
                 request_id=uuid.uuid4().hex,
                 max_cache_tokens=window[0],
                 sink_tokens=window[1],
+                prefill_timeout_s=self.config.prefill_timeout_s,
             )
             try:
                 for item in self.pool.stream(
-                    route.worker_id, request, cancelled, self.config.token_timeout_s
+                    route.worker_id,
+                    request,
+                    cancelled,
+                    self.config.token_timeout_s,
+                    self.config.prefill_timeout_s,
                 ):
                     if isinstance(item, WorkDone):
                         done = item
@@ -111,6 +120,9 @@ class InferenceCore:
                         first_token_at = time.perf_counter()
                     output.append(item.token_id)
                     yield Delta(item.text, (item.token_id,))
+            except PrefillTimeout:
+                self.metrics.limit_rejections.labels("prefill_timeout").inc()
+                raise  # the request's own doing: another worker would take as long
             except WorkerLost as lost:
                 failovers += 1
                 excluded.add(route.worker_id)
@@ -179,7 +191,12 @@ class InferenceCore:
         for _ in range(self.config.max_failovers + 1):
             route = self._acquire(hashes)
             try:
-                result = self.pool.prefill(route.worker_id, tokens, req.tenant)
+                result = self.pool.prefill(
+                    route.worker_id, tokens, req.tenant, self.config.prefill_timeout_s
+                )
+            except PrefillTimeout:
+                self.metrics.limit_rejections.labels("prefill_timeout").inc()
+                raise
             except WorkerLost:
                 continue
             finally:
@@ -257,15 +274,38 @@ class InferenceCore:
             check_window_fits(window, self.pool.info.max_context)
         return max_cache_tokens, sink_tokens
 
+    def _check_stop(self, params: SamplingParams) -> None:
+        """Stop strings are checked on every token, so their number and length are capped."""
+        most, longest = self.config.max_stop_strings, self.config.max_stop_chars
+        if len(params.stop) > most:
+            self.metrics.limit_rejections.labels("max_stop_strings").inc()
+            raise InvalidArgument(
+                f"{len(params.stop)} stop strings exceed the gateway's limit "
+                f"--max-stop-strings={most}"
+            )
+        too_long = max((len(s) for s in params.stop), default=0)
+        if too_long > longest:
+            self.metrics.limit_rejections.labels("max_stop_chars").inc()
+            raise InvalidArgument(
+                f"a stop string of {too_long} characters exceeds the gateway's limit "
+                f"--max-stop-chars={longest}"
+            )
+
     def _check_fits(
         self, prompt_tokens: int, params: SamplingParams, window: tuple[int, int] = (0, 0)
     ) -> None:
+        """The prompt's length limit holds for every request, a bounded cache or not."""
+        limit = self.pool.info.max_context
         most = self.config.max_prompt_tokens
-        if most and prompt_tokens > most:
+        if prompt_tokens > (most or limit):
             self.metrics.limit_rejections.labels("max_prompt_tokens").inc()
+            bound = (
+                f"the gateway's limit --max-prompt-tokens={most}"
+                if most
+                else f"the model's context of {limit} tokens (--max-prompt-tokens=0)"
+            )
             raise InvalidArgument(
-                f"prompt of {prompt_tokens} tokens (a session's history included) exceeds the "
-                f"gateway's limit --max-prompt-tokens={most}"
+                f"prompt of {prompt_tokens} tokens (a session's history included) exceeds {bound}"
             )
         if window[0]:
             return  # a bounded cache holds at most max_cache_tokens positions (checked in _window)

@@ -8,13 +8,21 @@ are tokenized here and never sent to a worker and back.
 
 Every worker must serve the same model with the same codec and block size (the same block
 namespace), or blocks computed by one would be useless to another; `start` checks that. A dead
-worker leaves the router at once and a replacement, with a fresh id, is started in the
-background; it joins the router when its model has loaded.
+worker leaves the router at once and is killed (a worker Ray calls unavailable may still be
+running and holding its GPU), and a replacement, with a fresh id, is started in the background;
+it joins the router when its model has loaded. A replacement that fails to start is killed and
+tried again with backoff, `replace_attempts` times.
+
+A stream has three clocks (docs/gateway.md, "Timeouts"): until the worker's `WorkStarted` marker
+and between two tokens, `token_timeout_s` (past it the worker is dead); from the marker to the
+first token, `prefill_timeout_s` (past it the request fails with `PrefillTimeout`, and the worker
+is left alone). Time in the router's queue counts toward none of them.
 """
 
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -28,11 +36,13 @@ from services.gateway.settings import PoolConfig
 from workers.actor import start_actor
 from workers.api import (
     PrefillResult,
+    PrefillTimeout,
     TokenEvent,
     WorkDone,
     WorkerInfo,
     WorkerStats,
     WorkRequest,
+    WorkStarted,
 )
 from workers.kv.hashing import BlockHash
 from workers.prompt import PromptEncoder
@@ -54,6 +64,10 @@ except ImportError:  # pragma: no cover - older Ray
 
 class WorkerLost(Exception):
     """The worker serving a request died or stalled; the request moves to another one."""
+
+
+# How often a stream that waits for its worker looks at its client's cancellation.
+_POLL_S = 0.5
 
 
 def unwrap(exc: RayTaskError) -> BaseException:
@@ -81,6 +95,7 @@ class WorkerPool:
         self._prompts: PromptEncoder | None = None
         self.deaths = 0
         self.replacements = 0
+        self.replace_failures = 0  # replacements given up on after every attempt failed
         self.on_change: Callable[[], None] = lambda: None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -191,28 +206,31 @@ class WorkerPool:
         request: WorkRequest,
         cancelled: threading.Event | None,
         token_timeout_s: float,
+        prefill_timeout_s: float | None = None,
     ) -> Iterator[TokenEvent | WorkDone]:
-        """The worker's items, ending with its WorkDone.
+        """The worker's tokens, ending with its WorkDone.
 
-        Raises WorkerLost when the worker dies or stays silent for `token_timeout_s` (then it is
-        killed and replaced). A stream left early (the client went away, `cancelled`, or the
-        caller stopped iterating) is cancelled on the worker.
+        Raises WorkerLost when the worker dies, or stays silent for `token_timeout_s` before it
+        starts the request or between two tokens (then it is killed and replaced); PrefillTimeout
+        when its first token takes longer than `prefill_timeout_s` after it started. A stream
+        left early (the client went away, `cancelled`, a timeout, or the caller stopped
+        iterating) is cancelled on the worker.
         """
         try:
             handle = self.handle(worker_id)
         except Unavailable as exc:
             raise WorkerLost(str(exc)) from None
         refs = handle.generate.options(num_returns="streaming").remote(request)
+        started = tokens = False
         finished = False
         try:
             while True:
-                if cancelled is not None and cancelled.is_set():
-                    return
+                wait_s = token_timeout_s
+                if started and not tokens and prefill_timeout_s is not None:
+                    wait_s = prefill_timeout_s
                 try:
-                    # `next` would block for good on a hung worker; wait with a deadline first.
-                    ready, _ = ray.wait([refs], timeout=token_timeout_s)
-                    if not ready:
-                        raise GetTimeoutError("no token")
+                    if not self._wait(refs, wait_s, cancelled):
+                        return  # cancelled
                     item = ray.get(next(refs), timeout=token_timeout_s)
                 except StopIteration:
                     finished = True
@@ -221,10 +239,21 @@ class WorkerPool:
                     self.mark_dead(worker_id)
                     raise WorkerLost(type(exc).__name__) from None
                 except GetTimeoutError:
-                    self.mark_dead(worker_id, kill=True)
-                    raise WorkerLost(f"no token for {token_timeout_s:.0f} s") from None
+                    if started and not tokens and prefill_timeout_s is not None:
+                        raise PrefillTimeout(
+                            f"no first token after {prefill_timeout_s:g} s of prefill of "
+                            f"{len(request.token_ids) + len(request.prior_output)} tokens (limit "
+                            f"--prefill-timeout={prefill_timeout_s:g}); send a shorter prompt"
+                        ) from None
+                    self.mark_dead(worker_id)
+                    what = "between two tokens" if started else "before starting the request"
+                    raise WorkerLost(f"silent for {token_timeout_s:g} s {what}") from None
                 except RayTaskError as exc:
                     raise unwrap(exc) from None
+                if isinstance(item, WorkStarted):
+                    started = True
+                    continue
+                tokens = True
                 yield item
                 if isinstance(item, WorkDone):
                     finished = True
@@ -234,13 +263,45 @@ class WorkerPool:
                 with contextlib.suppress(Exception):  # a dead worker is not generating anyway
                     handle.cancel.remote(request.request_id)
 
-    def prefill(self, worker_id: str, token_ids: Sequence[int], tenant: str) -> PrefillResult:
-        """Store the full blocks of `token_ids` on `worker_id`; WorkerLost when it is gone."""
+    @staticmethod
+    def _wait(refs: Any, timeout_s: float, cancelled: threading.Event | None) -> bool:
+        """Wait for the stream's next item: True when it is ready, False when the client left.
+
+        Raises GetTimeoutError after `timeout_s`. Waits in short slices, so a client that goes
+        away frees its worker at once, not at the next token.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if cancelled is not None and cancelled.is_set():
+                return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GetTimeoutError("no item")
+            ready, _ = ray.wait([refs], timeout=min(left, _POLL_S))
+            if ready:
+                return True
+
+    def prefill(
+        self,
+        worker_id: str,
+        token_ids: Sequence[int],
+        tenant: str,
+        timeout_s: float | None = None,
+    ) -> PrefillResult:
+        """Store the full blocks of `token_ids` on `worker_id`.
+
+        WorkerLost when it is gone; PrefillTimeout past `timeout_s` (the worker is left alone).
+        """
         try:
-            return call(self.handle(worker_id).prefill.remote(list(token_ids), tenant))
+            return call(self.handle(worker_id).prefill.remote(list(token_ids), tenant), timeout_s)
         except WORKER_GONE as exc:
             self.mark_dead(worker_id)
             raise WorkerLost(type(exc).__name__) from None
+        except GetTimeoutError:
+            raise PrefillTimeout(
+                f"prefill of {len(token_ids)} tokens took longer than --prefill-timeout="
+                f"{timeout_s:g} s; send a shorter prompt"
+            ) from None
 
     def stats(self, timeout_s: float = 2.0) -> list[WorkerStats]:
         """Each live worker's stats; workers that do not answer in time are left out."""
@@ -259,8 +320,12 @@ class WorkerPool:
 
     # --- failures --------------------------------------------------------------------------
 
-    def mark_dead(self, worker_id: str, kill: bool = False) -> None:
-        """Forget a worker that died or hung, and start a replacement in the background."""
+    def mark_dead(self, worker_id: str) -> None:
+        """Forget a worker that died or hung, kill it, and start a replacement in the background.
+
+        Killed whatever Ray said: an actor reported unavailable (its node unreachable for a
+        while) may still be running, holding its GPU, which the replacement then waits for.
+        """
         with self._lock:
             handle = self._actors.pop(worker_id, None)
         if handle is None:
@@ -268,9 +333,8 @@ class WorkerPool:
         self.deaths += 1
         self.router.remove_worker(worker_id)
         log.warning("worker %s is gone; %s", worker_id, "replacing it" if self._replacing else "")
-        if kill:
-            with contextlib.suppress(Exception):  # it may have died on its own meanwhile
-                ray.kill(handle, no_restart=True)
+        with contextlib.suppress(Exception):  # it may have died on its own meanwhile
+            ray.kill(handle, no_restart=True)
         self.on_change()
         if self._replacing:
             threading.Thread(
@@ -282,24 +346,49 @@ class WorkerPool:
         return self.config.replace_dead and not self._closed.is_set()
 
     def _replace(self) -> None:
+        """Start a replacement, retrying with backoff; gives up after `replace_attempts`."""
+        backoff = self.config.replace_backoff_s
+        for attempt in range(1, self.config.replace_attempts + 1):
+            if self._closed.is_set():
+                return
+            if self._start_replacement():
+                return
+            if attempt < self.config.replace_attempts:
+                log.warning("replacement attempt %d failed; retrying in %.1f s", attempt, backoff)
+                if self._closed.wait(backoff):
+                    return  # shutting down
+                backoff = min(backoff * 2, 60.0)
+        self.replace_failures += 1
+        log.error(
+            "gave up replacing a worker after %d attempts; the pool runs one worker short",
+            self.config.replace_attempts,
+        )
+
+    def _start_replacement(self) -> bool:
+        """One attempt: True once the new worker serves (or when none is wanted any more)."""
         wid = self._new_id()
+        handle = None
         try:
             handle = start_actor(self.config.worker, wid, self.config.resources)
             info = call(handle.info.remote(), self.config.start_timeout_s)
         except Exception as exc:
+            if handle is not None:  # still pending or loading: it would hold its GPU for good
+                with contextlib.suppress(Exception):
+                    ray.kill(handle, no_restart=True)
             if self._closed.is_set():
-                return  # shutting down: the replacement was cancelled, as it should be
+                return True  # shutting down: the replacement was cancelled, as it should be
             log.error("could not start a replacement worker: %s", exc)
-            return
+            return False
         if _namespace_of(info) != _namespace_of(self.info) or self._closed.is_set():
             ray.kill(handle, no_restart=True)
-            return
+            return True  # a different model is not fixed by trying again
         with self._lock:
             self._actors[wid] = handle
         self.replacements += 1
         self.router.add_worker(wid)
         self.on_change()
         log.warning("replacement worker %s is serving", wid)
+        return True
 
     @staticmethod
     def _new_id() -> str:

@@ -18,6 +18,7 @@ only steers, and a wrong guess costs a store fetch, never a wrong answer.
 """
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,14 +37,22 @@ class RouterConfig:
     # Block hashes remembered per worker; 4096 blocks of 64 tokens is 256k tokens, about the L1
     # of a worker with a few GiB for SmolLM2-sized blocks.
     record_blocks: int = 4096
-    # Requests one worker runs at once (0: no limit). A request that finds every worker full is
-    # refused with RESOURCE_EXHAUSTED at once rather than queued: the client (or its load
-    # balancer) knows best whether to retry, wait or go elsewhere.
+    # Requests one worker runs at once (0: no limit). A request that finds every worker full
+    # waits here, in the gateway, not in a worker's queue (where its wait would look like a
+    # stalled worker), at most `queue_timeout_s`, and only while fewer than `max_queued` wait:
+    # past either it is refused with RESOURCE_EXHAUSTED. Waiters are woken in no fixed order.
     max_in_flight: int = 0
+    max_queued: int = 32
+    queue_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 0:
             raise ValueError(f"max_in_flight must be >= 0 (0: no limit), got {self.max_in_flight}")
+        if self.max_queued < 0 or self.queue_timeout_s < 0:
+            raise ValueError(
+                f"max_queued and queue_timeout_s must be >= 0, got {self.max_queued} and "
+                f"{self.queue_timeout_s}"
+            )
         if self.block_tokens < 1:
             raise ValueError(f"block_tokens must be >= 1, got {self.block_tokens}")
         if self.load_penalty_tokens < 0:
@@ -75,16 +84,25 @@ class Router:
     def __init__(self, config: RouterConfig | None = None) -> None:
         self.config = config or RouterConfig()
         self._workers: dict[str, _WorkerRecord] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # notified whenever a worker frees up or joins
+        self._queued = 0  # requests waiting for a worker below max_in_flight
         self._clock = 0  # a counter, not time: "least recently chosen" needs only an order
 
     def add_worker(self, worker_id: str) -> None:
         with self._lock:
             self._workers.setdefault(worker_id, _WorkerRecord())
+            self._lock.notify_all()
 
     def remove_worker(self, worker_id: str) -> None:
         with self._lock:
             self._workers.pop(worker_id, None)
+            self._lock.notify_all()  # waiters re-check: none may be left to wait for
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a worker below its `max_in_flight`."""
+        with self._lock:
+            return self._queued
 
     def workers(self) -> list[str]:
         with self._lock:
@@ -122,20 +140,11 @@ class Router:
         """Pick a worker for a prompt whose full blocks hash to `hashes` (in order).
 
         The choice and its in-flight count are taken under one lock, so concurrent requests see
-        each other's load. Every acquired route must be released once.
+        each other's load. When every worker is full the request waits (see RouterConfig). Every
+        acquired route must be released once.
         """
         with self._lock:
-            candidates = {w: r for w, r in self._workers.items() if w not in exclude}
-            if any(not r.draining for r in candidates.values()):
-                candidates = {w: r for w, r in candidates.items() if not r.draining}
-            most = self.config.max_in_flight
-            if most and candidates:
-                candidates = {w: r for w, r in candidates.items() if r.in_flight < most}
-                if not candidates:
-                    raise ResourceExhausted(
-                        f"every worker is running {most} requests (limit "
-                        f"--max-requests-per-worker={most}); retry later"
-                    )
+            candidates = self._wait_for_room(exclude)
             best: tuple[tuple[int, int, int], str, int, int] | None = None
             for worker_id, record in candidates.items():
                 cached = self._prefix_blocks(record, hashes) * self.config.block_tokens
@@ -153,6 +162,43 @@ class Router:
             chosen.last_chosen = self._clock
             chosen.in_flight += 1
             return Route(worker_id=worker_id, cached_prefix_tokens=cached, in_flight=in_flight)
+
+    def _wait_for_room(self, exclude: frozenset[str]) -> dict[str, _WorkerRecord]:
+        """The workers that may take a request now, waiting for one below max_in_flight."""
+        deadline: float | None = None
+        try:
+            while True:
+                candidates = {w: r for w, r in self._workers.items() if w not in exclude}
+                if any(not r.draining for r in candidates.values()):
+                    candidates = {w: r for w, r in candidates.items() if not r.draining}
+                most = self.config.max_in_flight
+                if not most or not candidates:
+                    return candidates
+                free = {w: r for w, r in candidates.items() if r.in_flight < most}
+                if free:
+                    return free
+                full = (
+                    f"every worker is running {most} requests "
+                    f"(limit --max-requests-per-worker={most})"
+                )
+                if deadline is None:
+                    if self._queued >= self.config.max_queued:
+                        raise ResourceExhausted(
+                            f"{full} and {self._queued} requests already wait (limit "
+                            f"--max-queued-requests={self.config.max_queued}); retry later"
+                        )
+                    self._queued += 1
+                    deadline = time.monotonic() + self.config.queue_timeout_s
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ResourceExhausted(
+                        f"{full}, and none freed up in {self.config.queue_timeout_s:g} s "
+                        f"(--queue-timeout); retry later"
+                    )
+                self._lock.wait(left)
+        finally:
+            if deadline is not None:
+                self._queued -= 1
 
     def record(self, worker_id: str, hashes: Sequence[Hashable]) -> None:
         """Remember that `worker_id` now holds these blocks (it computed or fetched them)."""
@@ -172,6 +218,7 @@ class Router:
             record = self._workers.get(route.worker_id)
             if record is not None:
                 record.in_flight = max(0, record.in_flight - 1)
+                self._lock.notify_all()
 
     @contextmanager
     def route(

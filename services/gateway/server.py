@@ -44,7 +44,9 @@ class GatewayServer:
                 # Remember about as many blocks per worker as its L1 can hold (at int8 sizes the
                 # record overestimates a little, which only costs an occasional store fetch).
                 record_blocks=max(1024, worker.l1_bytes // (256 << 10)),
-                max_in_flight=settings.max_requests_per_worker,
+                max_in_flight=settings.requests_per_worker,
+                max_queued=settings.max_queued_requests,
+                queue_timeout_s=settings.queue_timeout_s,
             )
         )
         self.pool = WorkerPool(_with_store_credentials(settings), self.router)

@@ -24,20 +24,40 @@ class PoolConfig:
     resources: ActorResources = field(default_factory=ActorResources)
     start_timeout_s: float = 600.0  # model load in a fresh process, conversion included
     replace_dead: bool = True
+    # A replacement that does not start (no free GPU yet, a node going away) is killed and tried
+    # again after replace_backoff_s, doubling each time up to 60 s, replace_attempts times in all.
+    replace_attempts: int = 6
+    replace_backoff_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.replace_attempts < 1 or self.replace_backoff_s < 0:
+            raise ValueError(
+                f"replace_attempts must be >= 1 and replace_backoff_s >= 0, got "
+                f"{self.replace_attempts} and {self.replace_backoff_s}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     max_failovers: int = 3
-    # A worker silent for this long between two tokens is treated as dead: killed and replaced.
+    # A worker silent for this long between two tokens, or before it takes a request up, is
+    # treated as dead: killed and replaced. The clock starts when the worker starts the request,
+    # never while the request waits (docs/gateway.md, "Timeouts").
     token_timeout_s: float = 300.0
-    # Limits (0: none beyond the model's context). A prompt counts a session's history too.
-    max_prompt_tokens: int = 0
-    max_new_tokens: int = 0
+    # The time a worker may take from starting a request to its first token. Past it the request
+    # fails with RESOURCE_EXHAUSTED and is not tried elsewhere: a slow prefill is the request's
+    # doing, not the worker's, so the worker is neither killed nor replaced.
+    prefill_timeout_s: float = 120.0
+    # The longest prompt, a session's history included (0: the model's context). A request with
+    # a bounded cache (max_cache_tokens) may run past the model's context, up to this; any other
+    # request must also fit the model's context with its max_new_tokens.
+    max_prompt_tokens: int = 32768
+    max_new_tokens: int = 0  # 0: none beyond MAX_NEW_TOKENS_LIMIT
+    # Stop strings: how many one request may give, and how long each may be (characters).
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
     max_sessions: int = 0  # live sessions this gateway has opened and not seen expire
     # The cache bound of requests that name none (and are not in a session that has one).
     max_cache_tokens: int = 0  # 0: unbounded
@@ -46,11 +66,17 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if self.max_failovers < 0:
             raise ValueError(f"max_failovers must be >= 0, got {self.max_failovers}")
-        if self.token_timeout_s <= 0:
-            raise ValueError(f"token_timeout_s must be > 0, got {self.token_timeout_s}")
+        for name in ("token_timeout_s", "prefill_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_prompt_tokens", "max_new_tokens", "max_sessions", "max_cache_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
+        if self.max_stop_strings < 0 or self.max_stop_chars < 1:
+            raise ValueError(
+                f"max_stop_strings must be >= 0 and max_stop_chars >= 1, got "
+                f"{self.max_stop_strings} and {self.max_stop_chars}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +99,12 @@ class GatewaySettings:
     store_auth_token: str | None = field(default=None, repr=False)  # the store's, for sessions
     store_tls_ca: bytes | None = field(default=None, repr=False)  # PEM CA: store over TLS
     max_request_bytes: int = 4 << 20  # larger requests get RESOURCE_EXHAUSTED from gRPC
-    max_requests_per_worker: int = 0  # 0: no limit
+    # Requests one worker runs at once; more wait at the gateway (router.RouterConfig). At most
+    # the actor's concurrency (0: that), so no request waits in a worker's queue, where the wait
+    # would count against --token-timeout.
+    max_requests_per_worker: int = 4
+    max_queued_requests: int = 32  # requests waiting for a worker; past it RESOURCE_EXHAUSTED
+    queue_timeout_s: float = 60.0  # the longest a request waits for a worker
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
@@ -86,3 +117,14 @@ class GatewaySettings:
             raise ValueError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        threads = self.pool.resources.max_concurrency
+        if not 0 <= self.max_requests_per_worker <= threads:
+            raise ValueError(
+                f"max_requests_per_worker must be between 0 (the actor's concurrency) and the "
+                f"actor's concurrency of {threads}, got {self.max_requests_per_worker}"
+            )
+
+    @property
+    def requests_per_worker(self) -> int:
+        """The per-worker cap in force: never more than the actor runs at once."""
+        return self.max_requests_per_worker or self.pool.resources.max_concurrency

@@ -56,3 +56,17 @@ def test_summary_figures():
     assert s["hit_rate_tokens"] == 3 * 64 / 400 and s["requests_with_hit"] == 0.75
     assert percentile([1.0, 2.0, 3.0, 4.0], 99) == pytest.approx(3.97)
     assert percentile([], 50) is None
+
+
+def test_abuse_mode_keeps_well_behaved_clients_error_free(stack, tmp_path):
+    """Hostile clients beside the load: they get their refusals, the others get no error, and
+    no worker is lost."""
+    status, result = bench(
+        stack, tmp_path, "--abuse", "--abuse-clients", "2", "--store", stack.store.target
+    )
+    summary, hostile = result["summary"], result["abuse"]["by_kind"]
+    assert status == 0 and summary["errors"] == 0 and summary["requests"] > 0
+    assert result["workers_lost"] is None  # --target without --gateway-metrics: not known here
+    assert hostile["oversized_bounded_prompt"]["codes"] == {"INVALID_ARGUMENT": hostile[
+        "oversized_bounded_prompt"]["requests"]}  # fmt: skip
+    assert set(hostile["stop_flood"]["codes"]) == {"INVALID_ARGUMENT"}

@@ -110,3 +110,25 @@ def test_numeric_flags_parse_as_numbers():
     assert (settings.port, settings.pool.worker.l1_bytes) == (5, 2 << 20)
     assert (settings.gateway.token_timeout_s, settings.grace_s) == (1.5, 2.0)
     assert gateway_settings(parse("--block-ttl", "60"), "s:1", 0.0).pool.worker.block_ttl_s == 60
+
+
+def test_hardening_flags_default_to_the_settings_defaults():
+    """One default per setting: the flags of issue 14 read what the dataclasses hold."""
+    import argparse
+
+    from services.gateway.cli import add_gateway_flags
+    from services.gateway.settings import GatewayConfig, GatewaySettings
+
+    parser = argparse.ArgumentParser()
+    add_gateway_flags(parser)
+    args = parser.parse_args([])
+    config, settings = GatewayConfig(), GatewaySettings(store_target="127.0.0.1:1")
+    assert args.max_prompt_tokens == config.max_prompt_tokens > 0
+    assert args.prefill_timeout == config.prefill_timeout_s
+    assert args.token_timeout == config.token_timeout_s
+    assert (args.max_stop_strings, args.max_stop_chars) == (16, 256)
+    assert (config.max_stop_strings, config.max_stop_chars) == (16, 256)
+    assert args.max_requests_per_worker == settings.max_requests_per_worker
+    assert 0 < settings.requests_per_worker < settings.pool.resources.max_concurrency
+    assert args.max_queued_requests == settings.max_queued_requests
+    assert args.queue_timeout == settings.queue_timeout_s

@@ -1,3 +1,5 @@
+import time
+
 import pytest
 
 from kvpool.errors import ResourceExhausted, Unavailable
@@ -112,9 +114,40 @@ def test_a_full_worker_is_skipped_even_when_it_holds_the_prefix():
 
 
 def test_every_worker_full_is_resource_exhausted_naming_the_limit():
-    r = router(max_in_flight=2)
+    r = router(max_in_flight=2, max_queued=0)  # refused at once, not queued
     routes = [r.acquire([]) for _ in range(6)]
     with pytest.raises(ResourceExhausted, match="--max-requests-per-worker=2"):
         r.acquire([])
     r.release(routes[0])
     assert r.acquire([]).worker_id == routes[0].worker_id  # room again once one finishes
+
+
+def test_a_request_past_the_cap_waits_for_a_release():
+    import threading
+
+    router = Router(RouterConfig(max_in_flight=1, max_queued=4, queue_timeout_s=30))
+    router.add_worker("w")
+    first = router.acquire([])
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(router.acquire([])))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while router.queued == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert router.queued == 1 and not got
+    router.release(first)
+    waiter.join(10)
+    assert [r.worker_id for r in got] == ["w"] and router.queued == 0
+
+
+def test_the_queue_is_bounded_in_length_and_in_time():
+    router = Router(RouterConfig(max_in_flight=1, max_queued=0, queue_timeout_s=30))
+    router.add_worker("w")
+    router.acquire([])
+    with pytest.raises(ResourceExhausted, match="--max-queued-requests=0"):
+        router.acquire([])
+    router.config = RouterConfig(max_in_flight=1, max_queued=2, queue_timeout_s=0.2)
+    started = time.monotonic()
+    with pytest.raises(ResourceExhausted, match=r"none freed up in 0\.2 s"):
+        router.acquire([])
+    assert 0.2 <= time.monotonic() - started < 5 and router.queued == 0

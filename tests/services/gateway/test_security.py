@@ -224,7 +224,7 @@ def test_live_sessions_are_limited(front):
 def test_every_worker_full_is_resource_exhausted(stack, front):
     target, metrics = front()
     original = stack.router.config
-    stack.router.config = replace(original, max_in_flight=1)
+    stack.router.config = replace(original, max_in_flight=1, max_queued=0)  # refuse at once
     streams = []
     try:
         with InferenceClient(target, timeout_s=120) as client:
