@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 PLAN_MODES = ("auto", "fetch", "recompute")
+DEFAULT_PLAN_MODE = "auto"
 PLAN_KINDS = ("none", "fetch", "recompute", "split")
 TIERS = ("node", "store")
 EWMA_WEIGHT = 0.3  # of a new observation: a few requests follow a change of link or load

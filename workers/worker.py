@@ -26,7 +26,15 @@ from workers.kv.hashing import BlockHash, Namespace, block_key, chain_hashes
 from workers.kv.layout import blocks_to_cache, cache_to_blocks, recent_blocks
 from workers.models import load_model
 from workers.node_tier import NodeTier, NodeTierStats
-from workers.plan import PLAN_KINDS, PLAN_MODES, CachedRun, Estimates, check_mode, choose
+from workers.plan import (
+    DEFAULT_PLAN_MODE,
+    PLAN_KINDS,
+    PLAN_MODES,
+    CachedRun,
+    Estimates,
+    check_mode,
+    choose,
+)
 from workers.prefix import CachedPrefix, find_blocks, find_prefix
 from workers.tiers import BlockStore, LocalBlocks, LocalStats, WriteBehind, WriteStats
 from workers.window import DEFAULT_SINK_TOKENS, CacheWindow, rebuild, requested_window
@@ -51,7 +59,7 @@ class WorkerConfig:
     node_tier: bool = (
         True  # use this node's tier (L2) when the pool started one (workers.node_tier)
     )
-    fetch_plan: str = "auto"  # auto | fetch | recompute (workers.plan)
+    fetch_plan: str = DEFAULT_PLAN_MODE  # auto | fetch | recompute (workers.plan)
 
     def __post_init__(self) -> None:
         check_mode(self.fetch_plan)

@@ -56,8 +56,14 @@ def run(args: argparse.Namespace) -> int:
 
     text = load_corpus(args.document)
     load_before = os.getloadavg()
+    # No node tier: the "store hit" here is what another node's worker sees (L3 over gRPC), as
+    # before the node tier existed; `kvpool bench hitpath` measures the node tier.
     with EmbeddedStack(
-        workers=2, model=args.model, codec=args.codec, block_tokens=args.block_tokens
+        workers=2,
+        model=args.model,
+        codec=args.codec,
+        block_tokens=args.block_tokens,
+        node_tier_bytes=0,
     ) as stack:
         gateway = stack.gateway
         corpus = gateway.pool.on_any(lambda h: h.encode.remote(PromptInput(prompt=text)))

@@ -11,6 +11,8 @@ import os
 
 from kvpool.config import env_default
 from services.store.cli import parse_size
+from workers.node_tier import DEFAULT_NODE_TIER_BYTES
+from workers.plan import DEFAULT_PLAN_MODE, PLAN_MODES
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,20 @@ def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True
     flag("--codec", "int8", help="block codec: fp16, bf16, int8 (default), fp8, int4, int4-g64")
     flag("--block-tokens", 64, type=int, help="tokens per stored block (default 64)")
     flag("--l1-bytes", "1GiB", type=parse_size, help="per-worker L1 of decoded blocks (1GiB)")
+    flag(
+        "--node-tier-bytes",
+        DEFAULT_NODE_TIER_BYTES,
+        type=parse_size,
+        help="per-node tier (L2) of encoded blocks in Ray's object store, shared by the node's "
+        "workers and outliving them (0: none; docs/hitpath.md)",
+    )
+    flag(
+        "--fetch-plan",
+        DEFAULT_PLAN_MODE,
+        choices=PLAN_MODES,
+        help="how a worker uses a cached prefix: auto picks fetch, recompute or both at once "
+        "from live measurements; fetch or recompute forces one (docs/hitpath.md)",
+    )
     flag(
         "--write-queue-blocks",
         512,
@@ -184,6 +200,8 @@ def gateway_settings(
         l1_bytes=args.l1_bytes,
         write_queue_blocks=args.write_queue_blocks,
         block_ttl_s=args.block_ttl or None,
+        node_tier=args.node_tier_bytes > 0,
+        fetch_plan=args.fetch_plan,
     )
     if worker_gpus > 0:
         resources = ActorResources(num_gpus=worker_gpus, num_cpus=0.0)
@@ -193,7 +211,12 @@ def gateway_settings(
         store_target=store_target,
         host=args.host,
         port=args.port,
-        pool=PoolConfig(workers=args.workers, worker=worker, resources=resources),
+        pool=PoolConfig(
+            workers=args.workers,
+            worker=worker,
+            resources=resources,
+            node_tier_bytes=args.node_tier_bytes,
+        ),
         gateway=GatewayConfig(
             max_failovers=args.max_failovers,
             token_timeout_s=args.token_timeout,

@@ -57,6 +57,7 @@ def usage_dict(usage: pb.Usage) -> dict[str, Any]:
         "cached_tokens_by_tier": {
             "local": usage.cached_tokens_by_tier.local,
             "store": usage.cached_tokens_by_tier.store,
+            "node": usage.cached_tokens_by_tier.node,
         },
         "completion_tokens": usage.completion_tokens,
         "ttft_ms": round(usage.ttft_ms, 3),
@@ -65,6 +66,8 @@ def usage_dict(usage: pb.Usage) -> dict[str, Any]:
         "session_id": usage.session_id,
         "failovers": usage.failovers,
         "evicted_tokens": usage.evicted_tokens,
+        "plan": usage.plan,
+        "recomputed_tokens": usage.recomputed_tokens,
     }
 
 
@@ -256,7 +259,8 @@ def run_generate_command(args: argparse.Namespace) -> int:
     tiers = u["cached_tokens_by_tier"]
     print(
         f"\n[{FINISH_REASON_NAMES.get(last.finish_reason, 'unknown')}] prompt={u['prompt_tokens']} "
-        f"cached={u['cached_tokens']} (local {tiers['local']}, store {tiers['store']}) "
+        f"cached={u['cached_tokens']} (local {tiers['local']}, node {tiers['node']}, "
+        f"store {tiers['store']}) "
         f"completion={u['completion_tokens']} ttft={u['ttft_ms']:.0f}ms "
         f"{u['tokens_per_s']:.1f} tok/s worker={u['worker']}"
         + (f" session={u['session_id']}" if u["session_id"] else ""),

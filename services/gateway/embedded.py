@@ -19,6 +19,7 @@ from services.gateway.pool import PoolConfig, call
 from services.gateway.server import GatewayServer, GatewaySettings
 from services.store.server import StoreConfig, StoreServer
 from workers.actor import ActorResources
+from workers.node_tier import DEFAULT_NODE_TIER_BYTES
 from workers.worker import WorkerConfig
 
 
@@ -31,7 +32,9 @@ class EmbeddedStack:
         codec: str = "int8",
         block_tokens: int = 64,
         store_memory_bytes: int = 2 << 30,
+        node_tier_bytes: int = DEFAULT_NODE_TIER_BYTES,
     ) -> None:
+        self._node_tier_bytes = node_tier_bytes
         self._workers = workers
         self._worker = WorkerConfig(model=model, codec=codec, block_tokens=block_tokens)
         self._store_memory_bytes = store_memory_bytes
@@ -65,7 +68,10 @@ class EmbeddedStack:
                 store_target=self.store.target,
                 port=0,
                 pool=PoolConfig(
-                    workers=self._workers, worker=worker, resources=ActorResources(num_cpus=1)
+                    workers=self._workers,
+                    worker=worker,
+                    resources=ActorResources(num_cpus=1),
+                    node_tier_bytes=self._node_tier_bytes,
                 ),
                 grace_s=5.0,
             )

@@ -20,6 +20,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from kvpool.errors import KvpoolError, Unavailable
 from services.gateway.router import Router
 from workers.actor import ActorResources, start_actor
+from workers.node_tier import DEFAULT_NODE_TIER_BYTES, start_node_tiers, stop_node_tiers
 from workers.worker import WorkerConfig, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,15 @@ class PoolConfig:
     resources: ActorResources = field(default_factory=ActorResources)
     start_timeout_s: float = 600.0  # model load in a fresh process, conversion included
     replace_dead: bool = True
+    # Bytes of each node's tier (L2, workers.node_tier), shared by the node's workers; 0: none.
+    node_tier_bytes: int = DEFAULT_NODE_TIER_BYTES
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.node_tier_bytes < 0:
+            raise ValueError(f"node_tier_bytes must be >= 0 (0: no node tier), got "
+                             f"{self.node_tier_bytes}")  # fmt: skip
 
 
 def unwrap(exc: RayTaskError) -> BaseException:
@@ -72,6 +78,7 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._info: WorkerInfo | None = None
+        self._node_tiers: dict[str, Any] = {}
         self.deaths = 0
         self.replacements = 0
         self.on_change: Callable[[], None] = lambda: None
@@ -79,7 +86,8 @@ class WorkerPool:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> WorkerInfo:
-        """Start the workers and wait until each has loaded its model."""
+        """Start the node tiers, then the workers, and wait until each has loaded its model."""
+        self._start_node_tiers()
         started = {self._new_id(): None for _ in range(self.config.workers)}
         handles = {
             wid: start_actor(self.config.worker, wid, self.config.resources) for wid in started
@@ -126,6 +134,19 @@ class WorkerPool:
         for wid, handle in actors.items():
             self.router.remove_worker(wid)
             ray.kill(handle, no_restart=True)
+        stop_node_tiers(self._node_tiers)
+        self._node_tiers = {}
+
+    def _start_node_tiers(self) -> None:
+        """One node tier per node, owned by this process so that it outlives every worker.
+
+        Called again before each replacement, so a node that joined since gets one too.
+        """
+        if self.config.node_tier_bytes and self.config.worker.node_tier:
+            try:
+                self._node_tiers.update(start_node_tiers(self.config.node_tier_bytes))
+            except Exception as exc:  # workers then run without L2, as on a node without one
+                log.warning("could not start the node tiers: %s", exc)
 
     # --- lookups ---------------------------------------------------------------------------
 
@@ -194,6 +215,7 @@ class WorkerPool:
 
     def _replace(self) -> None:
         wid = self._new_id()
+        self._start_node_tiers()
         try:
             handle = start_actor(self.config.worker, wid, self.config.resources)
             info = call(handle.info.remote(), self.config.start_timeout_s)

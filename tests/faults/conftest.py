@@ -55,6 +55,8 @@ def stack():
         store_target=store.target,
         store_timeout_s=2.0,
         l1_bytes=0,
+        node_tier=False,  # the faults are the store's: every hit must go through it
+        fetch_plan="fetch",
     )
     try:
         with (

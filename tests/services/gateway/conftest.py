@@ -18,8 +18,15 @@ def stack():
     store.start()
     # fp16: tiny-random's random logits have near-ties that int8 noise can flip, and these
     # tests compare greedy outputs exactly (int8 on SmolLM2 is tested in tests/workers).
+    # No node tier and a pinned fetch plan: these tests follow blocks from one worker to another
+    # through the store, as between nodes (tests/workers/test_node_tier.py covers the node tier).
     worker = WorkerConfig(
-        model="tiny-random", codec="fp16", block_tokens=BLOCK_TOKENS, store_target=store.target
+        model="tiny-random",
+        codec="fp16",
+        block_tokens=BLOCK_TOKENS,
+        store_target=store.target,
+        node_tier=False,
+        fetch_plan="fetch",
     )
     try:
         with gateway_over(store.target, worker, workers=2, grace_s=5) as gateway:
