@@ -14,8 +14,9 @@ the predicted time to first token of split point s is
     ttft(s) = max(prefill(l*T, s*T), fetch(s)) + prefill(n*T, P)
 
 s = l is "fetch", s = n is "recompute" (predicted as one prefill(l*T, P)), anything between is
-"split". The plan with the smallest prediction wins, so a cached prefix is only used when the
-estimates say it is faster than computing it. Estimates are exponentially weighted running
+"split". The plan with the smallest prediction wins, and a fetch or split must beat recompute
+by MARGIN (10%), so a cached prefix is only used when the estimates say it is clearly faster
+than computing it. Estimates are exponentially weighted running
 means (`Estimates`), fed by every fetch and every prefill the worker does.
 """
 
@@ -29,6 +30,9 @@ DEFAULT_PLAN_MODE = "auto"
 PLAN_KINDS = ("none", "fetch", "recompute", "split")
 TIERS = ("node", "store")
 EWMA_WEIGHT = 0.3  # of a new observation: a few requests follow a change of link or load
+# A fetch or split must be predicted this much faster than recomputing: estimates are noisy,
+# and a cached prefix must never make a request slower than a miss.
+MARGIN = 0.1
 
 
 def check_mode(mode: str) -> str:
@@ -200,6 +204,6 @@ def choose(run: CachedRun, estimates: Estimates, mode: str = "auto") -> Plan:
             best, best_s = split, ttft
     if best != local:
         predicted["split"] = best_s
-    if recompute <= best_s:
+    if best_s > recompute * (1 - MARGIN):
         return Plan("recompute", cached, predicted)
     return Plan("fetch" if best == local else "split", best, predicted)
