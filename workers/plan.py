@@ -5,8 +5,10 @@ tokens before it, so a prefix of n cached blocks can be rebuilt from any split p
 [l, s) recomputed on the device while blocks [s, n) are fetched, then joined (l blocks are
 already in L1, which costs nothing). With T tokens per block, a prompt of P tokens, and
 
-    prefill(a, b)  = (b - a) * spt(b)      seconds to prefill tokens a..b with a..0 cached,
-                                           spt = seconds per token measured near length b
+    prefill(a, b)  = f + (b - a) * spt(b)  seconds to prefill tokens a..b with 0..a cached:
+                                           f = a forward pass's fixed cost (from prefills of
+                                           a few tokens), spt = seconds per token measured
+                                           near length b (from prefills of many tokens)
     fetch(s)       = sum over tiers t holding blocks of [s, n): lat_t + bytes_t(s) / bw_t
 
 the predicted time to first token of split point s is
@@ -29,10 +31,11 @@ PLAN_MODES = ("auto", "fetch", "recompute")
 DEFAULT_PLAN_MODE = "auto"
 PLAN_KINDS = ("none", "fetch", "recompute", "split")
 TIERS = ("node", "store")
-EWMA_WEIGHT = 0.3  # of a new observation: a few requests follow a change of link or load
+EWMA_WEIGHT = 0.5  # of a new observation: two or three requests follow a change of link or load
 # A fetch or split must be predicted this much faster than recomputing: estimates are noisy,
 # and a cached prefix must never make a request slower than a miss.
 MARGIN = 0.1
+FEW_TOKENS = 32  # a prefill shorter than this measures a forward pass's fixed cost
 
 
 def check_mode(mode: str) -> str:
@@ -97,6 +100,8 @@ class Estimates:
         self._measured: set[str] = set()
         self._prior_spt = 1.0 / PRIOR_PREFILL_TOKENS_PER_S.get(device_type, 300.0)
         self._spt: dict[int, float] = {}  # length bucket -> seconds per prefilled token
+        self._fixed_s = 0.0  # a forward pass's cost whatever its length (launches, LM head)
+        self._fixed_measured = False
         self._lock = threading.Lock()
 
     def _mix(self, old: float, new: float, first: bool) -> float:
@@ -125,13 +130,22 @@ class Estimates:
             self._latency[tier] = self._mix(self._latency[tier], seconds, False)
 
     def observe_prefill(self, tokens: int, end: int, seconds: float) -> None:
-        """Prefilling `tokens` tokens that end at sequence length `end` took `seconds`."""
+        """Prefilling `tokens` tokens that end at sequence length `end` took `seconds`.
+
+        A prefill of a few tokens (after a cache hit) measures the fixed cost of a forward
+        pass; a longer one, net of that, the cost per token at its length.
+        """
         if tokens <= 0 or seconds <= 0:
             return
-        bucket = _bucket(end)
         with self._lock:
+            if tokens < FEW_TOKENS:
+                self._fixed_s = self._mix(self._fixed_s, seconds, not self._fixed_measured)
+                self._fixed_measured = True
+                return
+            bucket = _bucket(end)
+            per_token = max(seconds - self._fixed_s, seconds / 2) / tokens
             old = self._spt.get(bucket)
-            self._spt[bucket] = self._mix(old or 0.0, seconds / tokens, old is None)
+            self._spt[bucket] = self._mix(old or 0.0, per_token, old is None)
 
     def tier_cost(self, tier: str) -> TierCost:
         with self._lock:
@@ -147,7 +161,7 @@ class Estimates:
             else:  # the nearest measured length; a longer one when equally near (pessimistic)
                 nearest = min(self._spt, key=lambda b: (abs(b - bucket), -b))
                 spt = self._spt[nearest]
-        return tokens * spt
+            return self._fixed_s + tokens * spt
 
     def snapshot(self) -> dict[str, float]:
         """The current estimates (for stats and metrics)."""
@@ -155,6 +169,7 @@ class Estimates:
             values = {f"{t}_bytes_per_s": 1.0 / self._spb[t] for t in TIERS}
             values |= {f"{t}_latency_s": self._latency[t] for t in TIERS}
             values |= {f"prefill_tokens_per_s_{1 << b}": 1.0 / s for b, s in self._spt.items()}
+            values["prefill_fixed_s"] = self._fixed_s
         return values
 
 

@@ -43,23 +43,35 @@ def unavailable() -> str | None:
     return None
 
 
+_PARENT_NETNS = "KVPOOL_PARENT_NETNS"  # set by run_isolated for the child to compare against
+
+
+def _netns(path: str = "/proc/self/ns/net") -> int:
+    return os.stat(path).st_ino
+
+
 def in_private_namespace() -> bool:
-    """True when this process's network namespace is not the machine's (pid 1's)."""
+    """True when this process's network namespace is not the one it was started from.
+
+    The parent's namespace comes from run_isolated (pid 1's may not be readable in a container).
+    """
     try:
-        return os.stat("/proc/self/ns/net").st_ino != os.stat("/proc/1/ns/net").st_ino
-    except OSError:
+        parent = os.environ.get(_PARENT_NETNS)
+        return _netns() != (int(parent) if parent else _netns("/proc/1/ns/net"))
+    except (OSError, ValueError):
         return False
 
 
 def run_isolated(argv: Sequence[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
     """Run `argv` in a fresh network namespace (its stdout and stderr captured)."""
+    env = {**os.environ, _PARENT_NETNS: str(_netns())}
     return subprocess.run(
-        ["unshare", "-n", "--", *argv], capture_output=True, text=True, timeout=timeout_s
+        ["unshare", "-n", "--", *argv], capture_output=True, text=True, timeout=timeout_s, env=env
     )
 
 
 def python_isolated(args: Sequence[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
-    """`python -m ...args` in a fresh network namespace, with this interpreter and environment."""
+    """`python ...args` in a fresh network namespace, with this interpreter and environment."""
     return run_isolated([sys.executable, *args], timeout_s)
 
 
