@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--link-mbps needs a private network namespace: {reason}")
         # Re-run this very command in a namespace of its own, where shaping touches nothing else.
         env = {**os.environ, "KVPOOL_PARENT_NETNS": str(os.stat("/proc/self/ns/net").st_ino)}
-        argv = ["unshare", "-n", "--", sys.executable, "-m", "kvpool.cli", *sys.argv[1:]]
+        argv = ["unshare", "-n", "--", sys.executable, "-m", "kvpool.cli", *_argv(args)]
         return subprocess_run(argv, env)
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     result = measure(args, lengths, rates)
@@ -95,6 +95,19 @@ def run(args: argparse.Namespace) -> int:
     _plot(result, args.plot)
     print(f"wrote {args.json} and {args.plot}")
     return 0
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """This command's arguments, rebuilt from `args` (it may not have come from sys.argv)."""
+    argv = ["bench", "hitpath", "--json", str(args.json), "--plot", str(args.plot)]
+    argv += ["--model", args.model, "--codec", args.codec, "--block-tokens", str(args.block_tokens)]
+    argv += ["--lengths", args.lengths, "--link-mbps", args.link_mbps]
+    argv += ["--prefill-tokens-per-s", str(args.prefill_tokens_per_s)]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.document:
+        argv += ["--document", str(args.document)]
+    return argv
 
 
 def subprocess_run(argv: list[str], env: dict[str, str]) -> int:
