@@ -107,6 +107,14 @@ class Estimates:
     def _mix(self, old: float, new: float, first: bool) -> float:
         return new if first else old + self._weight * (new - old)
 
+    def _mix_rate(self, old: float, new: float, first: bool) -> float:
+        """A running mean in log space: rates span orders of magnitude (a link shaped to 25
+        Mbit/s, then not), and an arithmetic mean of seconds per byte would let one slow sample
+        hide a fast link for many requests."""
+        if first or old <= 0:
+            return new
+        return math.exp(math.log(old) + self._weight * (math.log(new) - math.log(old)))
+
     def observe_fetch(self, tier: str, nbytes: int, seconds: float) -> None:
         """A fetch of `nbytes` from `tier` (its call latency included) took `seconds`."""
         if tier not in TIERS:
@@ -117,7 +125,7 @@ class Estimates:
             first = tier not in self._measured
             latency = min(self._latency[tier], seconds)
             per_byte = max(seconds - latency, seconds * 0.5) / nbytes
-            self._spb[tier] = self._mix(self._spb[tier], per_byte, first)
+            self._spb[tier] = self._mix_rate(self._spb[tier], per_byte, first)
             self._measured.add(tier)
 
     def observe_latency(self, tier: str, seconds: float) -> None:
@@ -145,7 +153,7 @@ class Estimates:
             bucket = _bucket(end)
             per_token = max(seconds - self._fixed_s, seconds / 2) / tokens
             old = self._spt.get(bucket)
-            self._spt[bucket] = self._mix(old or 0.0, per_token, old is None)
+            self._spt[bucket] = self._mix_rate(old or 0.0, per_token, old is None)
 
     def tier_cost(self, tier: str) -> TierCost:
         with self._lock:
