@@ -179,10 +179,18 @@ def split_prefix(
     """
     result: list[Fetched] = []
     failure: list[BaseException] = []
+    device = next(model.parameters()).device
+    # On CUDA the fetch's copies and decoding go on a stream of their own, so they overlap the
+    # recompute's kernels instead of queueing behind them on the default stream.
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def run() -> None:
         try:
-            result.append(fetch())
+            if side is None:
+                result.append(fetch())
+            else:
+                with torch.cuda.stream(side):
+                    result.append(fetch())
         except BaseException as exc:  # re-raised below, on the request's thread
             failure.append(exc)
 
@@ -191,11 +199,12 @@ def split_prefix(
     started = time.perf_counter()
     cache = blocks_to_cache(local_blocks, model.config)
     if recompute_ids:
-        device = next(model.parameters()).device
         input_ids = torch.tensor([list(recompute_ids)], device=device)  # [1, recomputed]
         model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     recompute_s = time.perf_counter() - started
     thread.join()
+    if side is not None:
+        torch.cuda.current_stream(device).wait_stream(side)
     if failure:
         raise failure[0]
     fetched = result[0]
