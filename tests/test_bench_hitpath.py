@@ -23,7 +23,8 @@ ROW_KEYS = {
 def bench(tmp_path, rates: str) -> dict:
     out, plot = tmp_path / "hitpath.json", tmp_path / "hitpath.png"
     argv = ["bench", "hitpath", "--model", "tiny-random", "--codec", "fp16", "--block-tokens", "16"]
-    argv += ["--lengths", "96", "--link-mbps", rates, "--json", str(out), "--plot", str(plot)]
+    argv += ["--lengths", "96", "--link-mbps", rates, "--repeats", "1"]
+    argv += ["--json", str(out), "--plot", str(plot)]
     assert main(argv) == 0
     assert plot.stat().st_size > 0
     return json.loads(out.read_text())

@@ -15,13 +15,15 @@ forced fetch) and then with "auto", each with an empty L1. Before them, each wor
 link with small forced fetches and its prefill rate from a miss of its own, as a worker in
 service would from the requests it has served. TTFT is the worker's: receipt to first token,
 the fetch included. Rows: {link_mbps, prompt_tokens, tier, miss_ms, fetch_ms, auto_ms, plan,
-recomputed_tokens}; plus node_tier_gbps, store_gbps and memcpy_gbps measured in the same run,
+recomputed_tokens} (medians of --repeats runs; the miss is the median of the three workers'
+misses); plus node_tier_gbps, store_gbps and memcpy_gbps measured in the same run,
 and the break-even link rate per codec for --prefill-tokens-per-s.
 """
 
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -59,6 +61,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=GPU_PREFILL_TOKENS_PER_S,
         help="prefill rate for the break-even table (default: 29000, Llama-3-8B on an H200)",
     )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="fetch and auto runs per cell, medians (3)"
+    )
     parser.add_argument("--document", type=Path, default=None, help="text to build prompts from")
 
 
@@ -77,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     rates = _parse(args.link_mbps, "--link-mbps", 0)
     if args.prefill_tokens_per_s <= 0:
         raise ValueError("--prefill-tokens-per-s must be > 0")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     from kvpool.bench.link import in_private_namespace, unavailable
 
     if any(rates) and not in_private_namespace():
@@ -103,6 +110,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
     argv += ["--model", args.model, "--codec", args.codec, "--block-tokens", str(args.block_tokens)]
     argv += ["--lengths", args.lengths, "--link-mbps", args.link_mbps]
     argv += ["--prefill-tokens-per-s", str(args.prefill_tokens_per_s)]
+    argv += ["--repeats", str(args.repeats)]
     if args.device:
         argv += ["--device", args.device]
     if args.document:
@@ -182,10 +190,11 @@ def measure(args: argparse.Namespace, lengths: list[int], rates: list[float]) ->
         rows = []
         for length in lengths:
             ids = prompt(length)
-            miss = ttft(a, ids, read_cache=False)
+            misses = [ttft(a, ids, read_cache=False).ttft_ms]
             for w in (b, c):  # each learns its own prefill rate at this length
-                ttft(w, ids, read_cache=False)
+                misses.append(ttft(w, ids, read_cache=False).ttft_ms)
                 w.local.clear()
+            miss_ms = statistics.median(misses)
             a.flush(600)
             for rate in rates:
                 if shaped:
@@ -194,22 +203,34 @@ def measure(args: argparse.Namespace, lengths: list[int], rates: list[float]) ->
                     for _ in range(2):
                         w.local.clear()
                         ttft(w, probe, fetch_plan="fetch")
+                    fetches, autos = [], []
+                    for _ in range(args.repeats):  # alternating, so both see the same load
+                        w.local.clear()
+                        fetches.append(ttft(w, ids, fetch_plan="fetch"))
+                        w.local.clear()
+                        autos.append(ttft(w, ids, fetch_plan="auto"))
                     w.local.clear()
-                    fetch = ttft(w, ids, fetch_plan="fetch")
-                    w.local.clear()
-                    auto = ttft(w, ids, fetch_plan="auto")
-                    w.local.clear()
+                    plans = [u.plan for u in autos]
+                    plan = max(set(plans), key=plans.count)
                     row = {
                         "link_mbps": rate,
                         "prompt_tokens": length,
                         "tier": tier,
-                        "miss_ms": round(miss.ttft_ms, 1),
-                        "fetch_ms": round(fetch.ttft_ms, 1),
-                        "auto_ms": round(auto.ttft_ms, 1),
-                        "plan": auto.plan,
-                        "recomputed_tokens": auto.recomputed_tokens,
-                        "fetch_cached_tokens": fetch.cached_tokens,
-                        "auto_cached_tokens": auto.cached_tokens,
+                        "miss_ms": round(miss_ms, 1),
+                        "fetch_ms": round(statistics.median(u.ttft_ms for u in fetches), 1),
+                        "auto_ms": round(statistics.median(u.ttft_ms for u in autos), 1),
+                        "plan": plan,
+                        "recomputed_tokens": int(
+                            statistics.median(u.recomputed_tokens for u in autos)
+                        ),
+                        "plans": plans,
+                        "fetch_cached_tokens": fetches[0].cached_tokens,
+                        "auto_cached_tokens": [u.cached_tokens for u in autos],
+                        "samples_ms": {
+                            "miss": [round(v, 1) for v in misses],
+                            "fetch": [round(u.ttft_ms, 1) for u in fetches],
+                            "auto": [round(u.ttft_ms, 1) for u in autos],
+                        },
                     }
                     rows.append(row)
                     print(row, flush=True)
@@ -229,6 +250,7 @@ def measure(args: argparse.Namespace, lengths: list[int], rates: list[float]) ->
         "model": args.model,
         "codec": args.codec,
         "block_tokens": args.block_tokens,
+        "repeats": args.repeats,
         "device": str(workers[0].loaded.device),
         "link": "tc htb on the store's port in a private namespace" if shaped else "loopback",
         "store_backend": "memory",
