@@ -56,9 +56,7 @@ class WorkerConfig:
     write_queue_blocks: int = 512
     block_ttl_s: int | None = None  # None: the store's default
     retain_freed_memory: bool = True  # in the actor process; see workers.actor.retain_freed_memory
-    node_tier: bool = (
-        True  # use this node's tier (L2) when the pool started one (workers.node_tier)
-    )
+    node_tier: bool = True  # use this node's tier (L2) when one runs there (workers.node_tier)
     fetch_plan: str = DEFAULT_PLAN_MODE  # auto | fetch | recompute (workers.plan)
 
     def __post_init__(self) -> None:
