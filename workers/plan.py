@@ -97,6 +97,7 @@ class Estimates:
         self._weight = weight
         self._latency = {t: PRIOR_TIER_COSTS[t].latency_s for t in TIERS}
         self._spb = {t: 1.0 / PRIOR_TIER_COSTS[t].bytes_per_s for t in TIERS}  # seconds per byte
+        self._last_spb: dict[str, float] = {}  # each tier's latest fetch, seconds per byte
         self._measured: set[str] = set()
         self._prior_spt = 1.0 / PRIOR_PREFILL_TOKENS_PER_S.get(device_type, 300.0)
         self._spt: dict[int, float] = {}  # length bucket -> seconds per prefilled token
@@ -126,6 +127,7 @@ class Estimates:
             latency = min(self._latency[tier], seconds)
             per_byte = max(seconds - latency, seconds * 0.5) / nbytes
             self._spb[tier] = self._mix_rate(self._spb[tier], per_byte, first)
+            self._last_spb[tier] = per_byte
             self._measured.add(tier)
 
     def observe_latency(self, tier: str, seconds: float) -> None:
@@ -156,8 +158,15 @@ class Estimates:
             self._spt[bucket] = self._mix_rate(old or 0.0, per_token, old is None)
 
     def tier_cost(self, tier: str) -> TierCost:
+        """The tier's cost: the running mean, or its latest fetch when that was slower.
+
+        Cautious on purpose: a link that just got slower is believed at once (a fetch that is
+        slower than predicted makes the request slower than a miss), one that got faster only
+        as the mean follows it (a recompute that was not needed costs no more than a miss).
+        """
         with self._lock:
-            return TierCost(self._latency[tier], 1.0 / self._spb[tier])
+            per_byte = max(self._spb[tier], self._last_spb.get(tier, 0.0))
+            return TierCost(self._latency[tier], 1.0 / per_byte)
 
     def prefill_s(self, start: int, end: int) -> float:
         """Predicted seconds to prefill tokens [start, end) (at least the last token is fed)."""

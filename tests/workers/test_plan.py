@@ -96,3 +96,12 @@ def test_tier_cost_validates():
     with pytest.raises(ValueError):
         TierCost(latency_s=-1, bytes_per_s=1)
     assert TierCost(0.01, 1e6).seconds(0) == 0.0
+
+
+def test_a_link_that_slows_down_is_believed_at_once_one_that_speeds_up_gradually():
+    est = Estimates("cpu", weight=0.5)
+    est.observe_fetch("store", 100_000_000, 0.1)  # 1 GB/s
+    est.observe_fetch("store", 100_000, 0.1)  # then 1 MB/s
+    assert est.tier_cost("store").bytes_per_s == pytest.approx(1e6, rel=0.05)  # net of latency
+    est.observe_fetch("store", 100_000_000, 0.1)  # fast again: the mean, not the last sample
+    assert 1e6 < est.tier_cost("store").bytes_per_s < 1e9
