@@ -32,6 +32,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "store"), "kvpool.bench.store", "KVStore throughput against raw redis-py"),
     (("bench", "ttft"), "kvpool.bench.ttft", "time to first token: miss, store hit, local hit"),
     (("bench", "load"), "kvpool.bench.load", "concurrent clients against a running stack"),
+    (
+        ("bench", "hitpath"),
+        "kvpool.bench.hitpath",
+        "cache hit vs recompute: node tier, store, fetch plan, over shaped links",
+    ),
     (("bench", "window"), "kvpool.bench.window", "bounded cache with and without sinks vs full"),
 ]
 

@@ -24,6 +24,7 @@ GATEWAY_MAY_IMPORT = (
     "workers.api",
     "workers.prompt",
     "workers.actor",
+    "workers.node_tier",  # the node tier's Ray actor, which the pool starts once per node
     "workers.kv.hashing",
     "workers.kv.bounds",
 )

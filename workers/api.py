@@ -104,6 +104,17 @@ class PromptInput:
 
 # --- the worker ---------------------------------------------------------------------------------
 
+# How a worker uses a cached prefix (workers.plan): `auto` picks per request from live estimates.
+PLAN_MODES = ("auto", "fetch", "recompute")
+DEFAULT_PLAN_MODE = "auto"
+PLAN_KINDS = ("none", "fetch", "recompute", "split")  # what a request's usage reports
+
+
+def check_mode(mode: str) -> str:
+    if mode not in PLAN_MODES:
+        raise ValueError(f"fetch plan must be one of {', '.join(PLAN_MODES)}, got {mode!r}")
+    return mode
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
@@ -119,8 +130,11 @@ class WorkerConfig:
     write_queue_blocks: int = 512
     block_ttl_s: int | None = None  # None: the store's default
     retain_freed_memory: bool = True  # in the actor process; see workers.actor.retain_freed_memory
+    node_tier: bool = True  # use this node's tier (L2) when one runs there (workers.node_tier)
+    fetch_plan: str = DEFAULT_PLAN_MODE  # auto | fetch | recompute (workers.plan)
 
     def __post_init__(self) -> None:
+        check_mode(self.fetch_plan)
         if self.block_tokens < 1:
             raise ValueError(f"block_tokens must be >= 1, got {self.block_tokens}")
         if self.l1_bytes < 0:
@@ -144,6 +158,7 @@ class WorkRequest:
     # Seconds the worker may spend before the first token (0: no limit); past it the request ends
     # with RESOURCE_EXHAUSTED. Checked between prefill chunks, so it stops a long bounded prompt.
     prefill_timeout_s: float = 0.0
+    fetch_plan: str = ""  # "" uses the worker's --fetch-plan; else auto | fetch | recompute
 
 
 class PrefillTimeout(ResourceExhausted):
@@ -175,10 +190,13 @@ class WorkUsage:
     tokens_per_s: float
     worker: str
     evicted_tokens: int = 0  # tokens of the sequence evicted from a windowed cache
+    cached_node_tokens: int = 0  # from the node tier (L2)
+    plan: str = ""  # how the cached prefix was used: none | fetch | recompute | split
+    recomputed_tokens: int = 0  # cached tokens the plan chose to recompute rather than fetch
 
     @property
     def cached_tokens(self) -> int:
-        return self.cached_local_tokens + self.cached_store_tokens
+        return self.cached_local_tokens + self.cached_node_tokens + self.cached_store_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +241,18 @@ class LocalStats:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeTierStats:
+    node_id: str
+    blocks: int
+    bytes: int
+    capacity_bytes: int
+    hits: int
+    misses: int
+    evictions: int
+    puts: int
+
+
+@dataclass(frozen=True, slots=True)
 class WriteStats:
     submitted: int  # blocks handed to the queue
     stored: int  # blocks the store accepted
@@ -243,6 +273,11 @@ class WorkerStats:
     store_errors: int
     local: LocalStats
     writes: WriteStats
+    cached_node_tokens: int = 0
+    recomputed_tokens: int = 0
+    plans: dict[str, int] = field(default_factory=dict)  # requests by plan kind
+    node: NodeTierStats | None = None  # this node's tier, when the worker uses one
+    estimates: dict[str, float] = field(default_factory=dict)  # the fetch plan's cost model
 
 
 @dataclass(frozen=True, slots=True)

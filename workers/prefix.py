@@ -1,10 +1,11 @@
-"""The longest cached prefix of a prompt, across L1 (this worker) and L2 (the KVStore).
+"""The longest cached prefix of a prompt, across L1 (this worker), L2 (the node tier) and L3
+(the KVStore).
 
-A prompt's full blocks have chain hashes h_1..h_n. L1 answers for a leading run h_1..h_k; one
-`lookup` over the keys of h_{k+1}..h_n tells how many more the store holds; one `get_many`
-fetches them. A block that fails verification ends the prefix there: it is deleted from the store
-and counted, and it never reaches the model. Any store error is a shorter prefix, never a failed
-request.
+A prompt's full blocks have chain hashes h_1..h_n. L1 answers for a leading run h_1..h_k; the
+node tier for a run after it (one actor call returning object refs); one `lookup` over the keys
+of the rest tells how many more the store holds; one `get_many` fetches them (workers.fetch).
+A block that fails verification ends the prefix there: it is deleted from its tier and counted,
+and it never reaches the model. Any tier error is a shorter prefix, never a failed request.
 """
 
 import logging
@@ -14,7 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from kvpool.errors import DataLoss
+from workers.fetch import fetch_run, locate
 from workers.kv.hashing import BlockHash, block_key
+from workers.node_tier import NodeTier
+from workers.plan import Estimates
 from workers.tiers import BlockStore, LocalBlocks
 
 log = logging.getLogger(__name__)
@@ -24,13 +28,16 @@ log = logging.getLogger(__name__)
 class CachedPrefix:
     blocks: tuple[torch.Tensor, ...]  # each [layers, 2, kv_heads, block_tokens, head_dim]
     local_blocks: int  # leading blocks found in L1
-    store_blocks: int  # blocks after those, fetched from the store
-    corrupt_blocks: int = 0  # store values refused by verification (deleted)
-    store_error: bool = False  # the store could not be reached; the prefix may be short
+    store_blocks: int  # blocks after those (and the node tier's), fetched from the store
+    corrupt_blocks: int = 0  # cached values refused by verification (deleted)
+    store_error: bool = False  # a tier could not be reached; the prefix may be short
+    node_blocks: int = 0  # blocks after L1's, read from the node tier
 
     def __post_init__(self) -> None:
-        if self.local_blocks + self.store_blocks != len(self.blocks):
-            raise ValueError("local_blocks + store_blocks must equal the number of blocks")
+        if self.local_blocks + self.node_blocks + self.store_blocks != len(self.blocks):
+            raise ValueError(
+                "local_blocks + node_blocks + store_blocks must equal the number of blocks"
+            )
 
 
 def find_prefix(
@@ -38,38 +45,23 @@ def find_prefix(
     local: LocalBlocks,
     store: BlockStore | None,
     decode: Callable[[bytes, BlockHash], torch.Tensor],
+    node: NodeTier | None = None,
+    estimates: Estimates | None = None,
 ) -> CachedPrefix:
-    """The cached blocks of the longest prefix of `hashes`, L1 first, then the store.
+    """The cached blocks of the longest prefix of `hashes`: L1, then the node tier, then the store.
 
-    Blocks fetched from the store are added to L1: this worker now holds them.
+    Blocks fetched from the node tier or the store are added to L1: this worker now holds them.
     """
-    blocks = local.prefix(hashes)
-    local_count = len(blocks)
-    rest = list(hashes[local_count:])
-    if not rest or store is None:
-        return CachedPrefix(tuple(blocks), local_count, 0)
-    keys = [block_key(h) for h in rest]
-    corrupt = 0
-    try:
-        present = store.lookup(keys)
-        values = store.get_many(keys[:present]) if present else {}
-    except Exception as exc:  # store down or slow: compute instead
-        log.warning("store lookup/get failed, treating as a miss: %s", exc)
-        return CachedPrefix(tuple(blocks), local_count, 0, store_error=True)
-    for block_hash, key in zip(rest[:present], keys[:present], strict=True):
-        data = values.get(key)
-        if data is None:  # evicted between lookup and get
-            break
-        try:
-            block = decode(data, block_hash)
-        except DataLoss as exc:
-            corrupt += 1
-            log.warning("refusing stored block %s: %s", key, exc)
-            _forget(store, key)
-            break
-        local.put(block_hash, block)
-        blocks.append(block)
-    return CachedPrefix(tuple(blocks), local_count, len(blocks) - local_count, corrupt)
+    found = locate(hashes, local, node, store, estimates)
+    fetched = fetch_run(found, hashes, len(found.local), node, store, decode, local, estimates)
+    return CachedPrefix(
+        tuple(found.local + fetched.blocks),
+        local_blocks=len(found.local),
+        store_blocks=fetched.store_blocks,
+        corrupt_blocks=fetched.corrupt_blocks,
+        store_error=found.store_error or fetched.store_error,
+        node_blocks=fetched.node_blocks,
+    )
 
 
 def find_blocks(
@@ -77,8 +69,10 @@ def find_blocks(
     local: LocalBlocks,
     store: BlockStore | None,
     decode: Callable[[bytes, BlockHash], torch.Tensor],
+    node: NodeTier | None = None,
 ) -> "CachedBlocks":
-    """The blocks of `hashes` (block index -> hash) found in L1 or the store, not only a prefix.
+    """The blocks of `hashes` (block index -> hash) found in L1, the node tier or the store, not
+    only a prefix.
 
     A windowed session needs its sink blocks and its most recent blocks, not the middle. Refused
     store values are deleted and counted, as in `find_prefix`; any store error is a partial find.
@@ -90,15 +84,34 @@ def find_blocks(
             found[index] = block
     local_count = len(found)
     rest = {i: h for i, h in hashes.items() if i not in found}
+    corrupt = 0
+    if rest and node is not None:
+        try:
+            refs = node.refs([block_key(h) for h in rest.values()], leading=False)
+            held = [(i, ref) for i, ref in zip(rest, refs, strict=True) if ref is not None]
+            values = node.read([ref for _, ref in held])
+        except Exception as exc:  # the tier's actor is gone or slow: try the store
+            log.warning("node tier read failed, treating as a miss: %s", exc)
+            held, values = [], []
+        for (index, _), data in zip(held, values, strict=True):
+            try:
+                block = decode(data, rest[index])
+            except DataLoss as exc:
+                corrupt += 1
+                log.warning("refusing node tier block %s: %s", block_key(rest[index]), exc)
+                _forget(node, block_key(rest[index]))
+                continue
+            local.put(rest[index], block)
+            found[index] = block
+        rest = {i: h for i, h in rest.items() if i not in found}
     if not rest or store is None:
-        return CachedBlocks(found, local_count)
+        return CachedBlocks(found, local_count, corrupt_blocks=corrupt)
     keys = {i: block_key(h) for i, h in rest.items()}
     try:
         values = store.get_many(list(keys.values()))
     except Exception as exc:  # store down or slow: compute instead
         log.warning("store get failed, treating as a miss: %s", exc)
-        return CachedBlocks(found, local_count, store_error=True)
-    corrupt = 0
+        return CachedBlocks(found, local_count, corrupt, store_error=True)
     for index, key in keys.items():
         data = values.get(key)
         if data is None:
@@ -123,7 +136,7 @@ class CachedBlocks:
     store_error: bool = False
 
 
-def _forget(store: BlockStore, key: str) -> None:
+def _forget(store: BlockStore | NodeTier, key: str) -> None:
     try:
         store.delete([key])
     except Exception as exc:  # deleting is hygiene; the next reader verifies again anyway

@@ -1,5 +1,6 @@
-"""The worker's two cache tiers: L1, decoded blocks in the worker's memory, and the write-behind
-queue that feeds L1 and L2 (the KVStore) without making decode wait.
+"""The worker's own cache tier, L1 (decoded blocks in the worker's memory), and the write-behind
+queue that feeds L1, the node tier (L2, workers.node_tier) and the KVStore (L3) without making
+decode wait.
 
 L1 holds blocks exactly as a store hit would deliver them (encoded, then decoded), not the exact
 tensors the model produced. A prompt therefore gets the same KV, and so the same output, whether
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class BlockStore(Protocol):
-    """L2 as the worker sees it; `services.store.client.StoreClient` implements it."""
+    """The KVStore as the worker sees it; `services.store.client.StoreClient` implements it."""
 
     def lookup(self, keys: Sequence[str]) -> int: ...
 
@@ -31,6 +32,12 @@ class BlockStore(Protocol):
     def put_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int | None = None) -> int: ...
 
     def delete(self, keys: Sequence[str]) -> int: ...
+
+
+class BlockSink(Protocol):
+    """A tier that write-behind only writes to (the node tier)."""
+
+    def put_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int | None = None) -> int: ...
 
 
 class LocalBlocks:
@@ -94,6 +101,12 @@ class LocalBlocks:
                 self._bytes -= evicted.numel() * evicted.element_size()
                 self._evictions += 1
 
+    def clear(self) -> None:
+        """Forget every block (benchmarks: make the next request find its prefix elsewhere)."""
+        with self._lock:
+            self._blocks.clear()
+            self._bytes = 0
+
     def stats(self) -> LocalStats:
         with self._lock:
             return LocalStats(
@@ -111,7 +124,8 @@ WriteBatch = list[tuple[BlockHash, torch.Tensor]]
 
 
 class WriteBehind:
-    """A background thread that encodes completed blocks, puts them in L2 and adds them to L1.
+    """A background thread that encodes completed blocks, puts them in the node tier and the
+    store, and adds them to L1.
 
     `submit` never blocks: when the queue is full the batch is dropped and counted, because a
     block the store misses costs a later prefill, while a stalled decode costs every token now.
@@ -125,9 +139,11 @@ class WriteBehind:
         store: BlockStore | None,
         max_pending_blocks: int = 256,
         ttl_s: int | None = None,
+        node: BlockSink | None = None,
     ) -> None:
         self._encode, self._decode = encode, decode
         self._local, self._store, self._ttl_s = local, store, ttl_s
+        self._node = node
         self._queue: queue.Queue[WriteBatch | None] = queue.Queue()
         self._max_pending = max_pending_blocks
         self._pending = 0
@@ -203,6 +219,11 @@ class WriteBehind:
             # Decode what was encoded, so L1 serves exactly what the store would.
             self._local.put(block_hash, self._decode(data, block_hash))
             items.append((block_key(block_hash), data))
+        if self._node is not None:
+            try:  # first: a worker of this node may ask for these blocks before the store has them
+                self._node.put_many(items)
+            except Exception as exc:  # a later miss, never a failed request
+                log.warning("write-behind: node tier put of %d blocks failed: %s", len(items), exc)
         if self._store is None:
             return 0, 0
         try:

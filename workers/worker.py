@@ -19,6 +19,9 @@ from transformers import DynamicCache
 
 from kvpool.errors import InvalidArgument
 from workers.api import (
+    PLAN_KINDS,
+    PLAN_MODES,
+    NodeTierStats,
     PrefillResult,
     PrefillTimeout,
     SamplingParams,
@@ -32,11 +35,14 @@ from workers.api import (
 )
 from workers.chain import BlockChain, Cutter
 from workers.engine import Engine, Generation
-from workers.kv.block import decode_block, encode_block
+from workers.fetch import Fetched, fetch_run, locate, split_prefix
+from workers.kv.block import decode_block, encode_block, encoded_bytes_per_token
 from workers.kv.bounds import CacheWindow, requested_window
 from workers.kv.hashing import BlockHash, Namespace, block_key
 from workers.kv.layout import blocks_to_cache
 from workers.models import load_model
+from workers.node_tier import NodeTier
+from workers.plan import CachedRun, Estimates, choose
 from workers.prefix import CachedPrefix, find_blocks, find_prefix
 from workers.prompt import PromptEncoder, tokenizer_files
 from workers.tiers import BlockStore, LocalBlocks, WriteBatch, WriteBehind
@@ -50,7 +56,13 @@ class _Counters:
     requests: int = 0
     in_flight: int = 0
     cached_local_tokens: int = 0
+    cached_node_tokens: int = 0
     cached_store_tokens: int = 0
+    recomputed_tokens: int = 0
+    plan_none: int = 0
+    plan_fetch: int = 0
+    plan_recompute: int = 0
+    plan_split: int = 0
     computed_tokens: int = 0
     corrupt_blocks: int = 0
     store_errors: int = 0
@@ -84,10 +96,18 @@ class KVWorker:
                 auth_token=config.store_auth_token,
                 credentials=channel_credentials(config.store_tls_ca),
             )
+        self.node = NodeTier.for_this_node(config.store_timeout_s) if config.node_tier else None
+        self.estimates = Estimates(self.loaded.device.type)
+        # What one block weighs in a tier: its payload plus about 256 bytes of header.
+        self._block_bytes = 256 + int(
+            encoded_bytes_per_token(config.codec, self.loaded.geometry, config.block_tokens)
+            * config.block_tokens
+        )
         self.local = LocalBlocks(config.l1_bytes)
         self.writer = WriteBehind(
             self._encode, self._decode, self.local, self.store,
             max_pending_blocks=config.write_queue_blocks, ttl_s=config.block_ttl_s,
+            node=self.node,
         )  # fmt: skip
         self._counters = _Counters()
         self._cancelled: dict[str, None] = {}  # insertion-ordered, bounded
@@ -135,7 +155,16 @@ class KVWorker:
         sequence = [*request.token_ids, *request.prior_output]
         chain = BlockChain(self.namespace(request.tenant), window)
         hashes = chain.hashes(sequence)
-        start = self._start(hashes, window, len(sequence)) if request.read_cache else _Start()
+        if request.fetch_plan and request.fetch_plan not in PLAN_MODES:
+            raise InvalidArgument(
+                f"fetch_plan must be one of {', '.join(PLAN_MODES)} (or empty for the worker's "
+                f"own), got {request.fetch_plan!r}"
+            )
+        start = (
+            self._start(hashes, window, len(sequence), sequence, request.fetch_plan)
+            if request.read_cache
+            else _Start()
+        )
         chunked = window is not None or self.engine.native_window is not None
         cutter = Cutter(chain, start.tokens // self.config.block_tokens, self.writer.submit)
         prefilling = True
@@ -154,9 +183,18 @@ class KVWorker:
             on_forward=on_forward if chunked else None,
         )  # fmt: skip
         self._count(in_flight=1, requests=1)
+        prefill_started = time.perf_counter()
+        first = True
         try:
             for event in generation:
                 prefilling = False
+                if first:  # the engine's prefill of what no tier gave, and the first token
+                    first = False
+                    self.estimates.observe_prefill(
+                        len(sequence) - start.tokens,
+                        len(sequence),
+                        time.perf_counter() - prefill_started,
+                    )
                 yield event  # first, so that cutting blocks never delays a token
                 cutter(generation)
                 if self._take_cancel(request.request_id):
@@ -169,12 +207,19 @@ class KVWorker:
         result = generation.result
         if result is None:  # pragma: no cover - the engine sets it before its iterator ends
             raise RuntimeError("generation ended without a result")
-        cached = result.usage.cached_tokens  # the engine may recompute the last cached token
+        # The engine may recompute the last cached token; a split's recomputed blocks are in
+        # its past but came from no tier.
+        in_past = start.recomputed_tokens if start.plan == "split" else 0
+        cached = max(0, result.usage.cached_tokens - in_past)
         local = min(cached, start.local_tokens)
+        node = min(cached - local, start.node_tokens)
         self._count(
             cached_local_tokens=local,
-            cached_store_tokens=cached - local,
+            cached_node_tokens=node,
+            cached_store_tokens=cached - local - node,
             computed_tokens=max(0, len(sequence) - cached),
+            recomputed_tokens=start.recomputed_tokens,
+            **{f"plan_{start.plan}": 1},
         )
         yield WorkDone(
             finish_reason=result.finish_reason,
@@ -183,12 +228,15 @@ class KVWorker:
             usage=WorkUsage(
                 prompt_tokens=result.usage.prompt_tokens,
                 cached_local_tokens=local,
-                cached_store_tokens=cached - local,
+                cached_store_tokens=cached - local - node,
                 completion_tokens=result.usage.completion_tokens,
                 ttft_ms=result.usage.ttft_ms,
                 tokens_per_s=result.usage.tokens_per_s,
                 worker=self.worker_id,
                 evicted_tokens=result.usage.evicted_tokens,
+                cached_node_tokens=node,
+                plan=start.plan,
+                recomputed_tokens=start.recomputed_tokens,
             ),
         )
 
@@ -267,7 +315,21 @@ class KVWorker:
                 store_errors=c.store_errors,
                 local=self.local.stats(),
                 writes=self.writer.stats(),
+                cached_node_tokens=c.cached_node_tokens,
+                recomputed_tokens=c.recomputed_tokens,
+                plans={kind: getattr(c, f"plan_{kind}") for kind in PLAN_KINDS},
+                node=self._node_stats(),
+                estimates=self.estimates.snapshot(),
             )
+
+    def _node_stats(self) -> NodeTierStats | None:
+        if self.node is None:
+            return None
+        try:
+            return self.node.stats()
+        except Exception as exc:  # the tier's actor is gone: stats must still answer
+            log.warning("node tier stats failed: %s", exc)
+            return None
 
     def close(self) -> None:
         self.writer.close()
@@ -292,13 +354,24 @@ class KVWorker:
         )
 
     def _cached_prefix(self, hashes: Sequence[BlockHash]) -> CachedPrefix:
-        prefix = find_prefix(hashes, self.local, self.store, self._decode)
+        prefix = find_prefix(hashes, self.local, self.store, self._decode, self.node,
+                             self.estimates)  # fmt: skip
         if prefix.corrupt_blocks or prefix.store_error:
             self._count(corrupt_blocks=prefix.corrupt_blocks, store_errors=int(prefix.store_error))
         return prefix
 
-    def _start(self, hashes: list[BlockHash], window: CacheWindow | None, length: int) -> "_Start":
+    def _start(
+        self,
+        hashes: list[BlockHash],
+        window: CacheWindow | None,
+        length: int,
+        sequence: Sequence[int] | None = None,
+        plan_mode: str = "",
+    ) -> "_Start":
         """Where to start a sequence of `length` tokens: the cache rebuilt from stored blocks.
+
+        A plain cache (no window, no native sliding window) whose `sequence` is given follows
+        the fetch plan (workers.plan): fetch the cached prefix, recompute it, or both at once.
 
         Plain caches start after the longest cached prefix. A model with a native sliding
         window, or a windowed request, starts on a block boundary before the last token, since
@@ -315,7 +388,7 @@ class KVWorker:
             if boundary:
                 needed = window.blocks_for_state(boundary)
                 found = find_blocks({i: hashes[i] for i in needed}, self.local, self.store,
-                                    self._decode)  # fmt: skip
+                                    self._decode, self.node)  # fmt: skip
                 if found.corrupt_blocks or found.store_error:
                     self._count(corrupt_blocks=found.corrupt_blocks,
                                 store_errors=int(found.store_error))  # fmt: skip
@@ -324,14 +397,75 @@ class KVWorker:
                                    self.loaded.model.config)  # fmt: skip
                     tokens = boundary * block_tokens
                     local = tokens if found.local_blocks == len(needed) else 0
-                    return _Start(past, tokens, local)
+                    return _Start(past, tokens, local, plan="fetch")
             usable = min(usable, window.plain_blocks)  # the blocks before the first eviction
+        if window is None and self.engine.native_window is None and sequence is not None:
+            return self._planned_start(
+                hashes[:usable], sequence, plan_mode or self.config.fetch_plan
+            )
         prefix = self._cached_prefix(hashes[:usable])
         if not prefix.blocks:
             return _Start()
         past = blocks_to_cache(prefix.blocks, self.loaded.model.config)
         tokens = len(prefix.blocks) * block_tokens
-        return _Start(past, tokens, prefix.local_blocks * block_tokens)
+        return _Start(
+            past, tokens, prefix.local_blocks * block_tokens, prefix.node_blocks * block_tokens,
+            plan="fetch" if prefix.node_blocks + prefix.store_blocks else "none",
+        )  # fmt: skip
+
+    def _planned_start(
+        self, hashes: list[BlockHash], sequence: Sequence[int], mode: str
+    ) -> "_Start":
+        """The cache per the fetch plan chosen for this prompt (workers.plan)."""
+        size = self.config.block_tokens
+        found = locate(hashes, self.local, self.node, self.store, self.estimates)
+        run = CachedRun(
+            block_tokens=size,
+            prompt_tokens=len(sequence),
+            local_blocks=len(found.local),
+            node_blocks=len(found.node_refs),
+            store_blocks=found.store_blocks,
+            block_bytes=self._block_bytes,
+        )
+        plan = choose(run, self.estimates, mode)
+        log.debug(
+            "fetch plan %s: %d tokens, cached blocks L1 %d node %d store %d, split at %d, "
+            "predicted %s", plan.kind, len(sequence), run.local_blocks, run.node_blocks,
+            run.store_blocks, plan.split_block,
+            {k: round(v * 1000, 1) for k, v in plan.predicted_s.items()},
+        )  # fmt: skip
+        local = len(found.local)
+
+        def fetch(first: int) -> Fetched:
+            return fetch_run(found, hashes, first, self.node, self.store, self._decode,
+                             self.local, self.estimates)  # fmt: skip
+
+        config = self.loaded.model.config
+        fetched = Fetched([])
+        recomputed = 0
+        if plan.kind == "split":
+            split = plan.split_block
+            past, fetched, _ = split_prefix(
+                self.loaded.model, found.local, sequence[local * size : split * size],
+                lambda: fetch(split),
+            )  # fmt: skip
+            recomputed = (split - local) * size
+            tokens = (split + len(fetched.blocks)) * size
+        else:
+            if plan.kind == "fetch":
+                fetched = fetch(local)
+            elif plan.kind == "recompute":
+                recomputed = (run.cached_blocks - local) * size
+            blocks = found.local + fetched.blocks
+            past = blocks_to_cache(blocks, config) if blocks else None
+            tokens = len(blocks) * size
+        if fetched.corrupt_blocks or fetched.store_error or found.store_error:
+            self._count(corrupt_blocks=fetched.corrupt_blocks,
+                        store_errors=int(fetched.store_error or found.store_error))  # fmt: skip
+        return _Start(
+            past, tokens, local * size, fetched.node_blocks * size, plan=plan.kind,
+            recomputed_tokens=recomputed,
+        )  # fmt: skip
 
     def _window_boundary(self, hashes: list[BlockHash], window: CacheWindow) -> int:
         """The latest block boundary after the first eviction whose window is cached, or 0.
@@ -389,3 +523,6 @@ class _Start:
     past: DynamicCache | None = None
     tokens: int = 0
     local_tokens: int = 0
+    node_tokens: int = 0
+    plan: str = "none"
+    recomputed_tokens: int = 0  # in `past` (a split) or left to the engine (recompute)

@@ -58,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
 
     text = load_corpus(args.document)
     load_before = os.getloadavg()
-    worker = WorkerConfig(model=args.model, codec=args.codec, block_tokens=args.block_tokens)
+    # No node tier: the "store hit" here is what another node's worker sees (L3 over gRPC), as
+    # before the node tier existed; `kvpool bench hitpath` measures the node tier.
+    worker = WorkerConfig(
+        model=args.model, codec=args.codec, block_tokens=args.block_tokens, node_tier=False
+    )
     with local_stack(worker, workers=2, grace_s=5.0) as stack:
         gateway = stack.gateway
         corpus = gateway.pool.prompts.encode_input(PromptInput(prompt=text))

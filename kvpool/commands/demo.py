@@ -60,6 +60,7 @@ class Row:
     worker: str
     prompt_tokens: int
     local: int
+    node: int
     store: int
     ttft_ms: float
     failovers: int
@@ -136,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
                 f"cached{evicted}, first token after {u.ttft_ms:.0f} ms)\n")  # fmt: skip
             rows.append(
                 Row(step, u.worker, u.prompt_tokens, u.cached_tokens_by_tier.local,
-                    u.cached_tokens_by_tier.store, u.ttft_ms, u.failovers)
+                    u.cached_tokens_by_tier.node, u.cached_tokens_by_tier.store, u.ttft_ms,
+                    u.failovers)
             )  # fmt: skip
 
         ask("summarize (cold: nothing cached yet)", "Summarize the document in two sentences.")
@@ -179,18 +181,18 @@ def busy_worker(stack) -> str:
 
 def print_table(rows: list[Row]) -> None:
     cold = rows[0].ttft_ms
-    header = ("step", "worker", "prompt", "cached L1", "cached store", "TTFT ms", "vs cold")
+    header = ("step", "worker", "prompt", "cached L1", "node", "store", "TTFT ms", "vs cold")
     lines = [header]
     for r in rows:
         speedup = "1.0x (miss)" if r is rows[0] else f"{cold / r.ttft_ms:.1f}x faster"
         note = f" (+{r.failovers} failover)" if r.failovers else ""
         lines.append(
             (r.step.split(" (")[0] + note, r.worker, str(r.prompt_tokens), str(r.local),
-             str(r.store), f"{r.ttft_ms:.0f}", speedup)
+             str(r.node), str(r.store), f"{r.ttft_ms:.0f}", speedup)
         )  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     say("\nTime to first token, miss vs hit (cached tokens by tier: L1 = the worker's memory, "
-        "store = fetched from the KVStore):")  # fmt: skip
+        "node = its node's shared tier, store = fetched from the KVStore):")  # fmt: skip
     for i, line in enumerate(lines):
         say("  " + "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
         if i == 0:

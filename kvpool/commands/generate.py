@@ -159,7 +159,8 @@ def _run_remote(args: argparse.Namespace) -> int:
     tiers = u["cached_tokens_by_tier"]
     print(
         f"\n[{FINISH_REASON_NAMES.get(last.finish_reason, 'unknown')}] prompt={u['prompt_tokens']} "
-        f"cached={u['cached_tokens']} (local {tiers['local']}, store {tiers['store']}) "
+        f"cached={u['cached_tokens']} (local {tiers['local']}, node {tiers['node']}, "
+        f"store {tiers['store']}) "
         f"completion={u['completion_tokens']} ttft={u['ttft_ms']:.0f}ms "
         f"{u['tokens_per_s']:.1f} tok/s worker={u['worker']}"
         + (f" session={u['session_id']}" if u["session_id"] else ""),

@@ -75,15 +75,17 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., max_cache_tokens: _Optional[int] = ..., sink_tokens: _Optional[int] = ...) -> None: ...
 
 class CachedTokensByTier(_message.Message):
-    __slots__ = ("local", "store")
+    __slots__ = ("local", "store", "node")
     LOCAL_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     local: int
     store: int
-    def __init__(self, local: _Optional[int] = ..., store: _Optional[int] = ...) -> None: ...
+    node: int
+    def __init__(self, local: _Optional[int] = ..., store: _Optional[int] = ..., node: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "cached_tokens", "cached_tokens_by_tier", "completion_tokens", "ttft_ms", "tokens_per_s", "worker", "session_id", "failovers", "evicted_tokens")
+    __slots__ = ("prompt_tokens", "cached_tokens", "cached_tokens_by_tier", "completion_tokens", "ttft_ms", "tokens_per_s", "worker", "session_id", "failovers", "evicted_tokens", "plan", "recomputed_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_BY_TIER_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +96,8 @@ class Usage(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     EVICTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     cached_tokens: int
     cached_tokens_by_tier: CachedTokensByTier
@@ -104,7 +108,9 @@ class Usage(_message.Message):
     session_id: str
     failovers: int
     evicted_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., cached_tokens_by_tier: _Optional[_Union[CachedTokensByTier, _Mapping]] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., worker: _Optional[str] = ..., session_id: _Optional[str] = ..., failovers: _Optional[int] = ..., evicted_tokens: _Optional[int] = ...) -> None: ...
+    plan: str
+    recomputed_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., cached_tokens_by_tier: _Optional[_Union[CachedTokensByTier, _Mapping]] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., worker: _Optional[str] = ..., session_id: _Optional[str] = ..., failovers: _Optional[int] = ..., evicted_tokens: _Optional[int] = ..., plan: _Optional[str] = ..., recomputed_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "usage")

@@ -38,10 +38,13 @@ class Usage:
     failovers: int
     evicted_tokens: int = 0
     bounded: bool = False  # the request ran with max_cache_tokens
+    cached_node_tokens: int = 0  # from the node tier (L2)
+    plan: str = ""  # the worker's fetch plan: none, fetch, recompute or split
+    recomputed_tokens: int = 0
 
     @property
     def cached_tokens(self) -> int:
-        return self.cached_local_tokens + self.cached_store_tokens
+        return self.cached_local_tokens + self.cached_node_tokens + self.cached_store_tokens
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from kvpool.config import env_default
 from services.auth_flags import add_server_flags, add_store_client_flags
 from services.gateway.settings import GatewaySettings
 from services.store.cli import parse_size
-from workers.api import ActorResources
+from workers.api import PLAN_MODES, ActorResources
 
 FIELD_DEFAULT: Any = object()  # a SettingFlag's default: the setting's own
 THREADS = ActorResources().max_concurrency  # a worker actor's threads for requests
@@ -38,6 +38,7 @@ class SettingFlag:
     type: Callable[[str], Any] | None = None
     default: Any = FIELD_DEFAULT
     to_setting: Callable[[Any], Any] = lambda value: value
+    choices: tuple[str, ...] | None = None
 
 
 def _off_when_zero(value: Any) -> Any:
@@ -68,6 +69,20 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
     SettingFlag("--block-tokens", "pool.worker.block_tokens", "tokens per stored block", int),
     SettingFlag(
         "--l1-bytes", "pool.worker.l1_bytes", "per-worker L1 of decoded blocks", parse_size
+    ),
+    SettingFlag(
+        "--node-tier-bytes",
+        "pool.node_tier_bytes",
+        "per-node tier (L2) of encoded blocks in Ray's object store, shared by the node's "
+        "workers and outliving them (0: none; docs/hitpath.md)",
+        parse_size,
+    ),
+    SettingFlag(
+        "--fetch-plan",
+        "pool.worker.fetch_plan",
+        "how a worker uses a cached prefix: auto picks fetch, recompute or both at once from "
+        "live measurements; fetch or recompute forces one (docs/hitpath.md)",
+        choices=PLAN_MODES,
     ),
     SettingFlag(
         "--write-queue-blocks",
@@ -188,6 +203,7 @@ NOT_FLAGS: dict[str, str] = {
     "pool.resources.max_concurrency": "the default: generations sharing one model",
     "pool.start_timeout_s": "the default: a model load in a fresh process",
     "pool.replace_dead": "the default: dead workers are replaced",
+    "pool.worker.node_tier": "--node-tier-bytes above 0",
     "pool.replace_attempts": "the default: tries to start one replacement",
     "pool.replace_backoff_s": "the default: first wait between those tries (doubling)",
     "pool.worker.store_target": "GatewayServer hands the store's address to the workers",
@@ -233,7 +249,7 @@ def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True
         if row.type is parse_size:
             default = format_size(default)  # shown as a size; argparse parses it like the flag
         shown = "" if default in (None, 0) else f" (default {default})"  # 0 is explained
-        flag(row.name, default, type=row.type, help=row.help + shown)
+        flag(row.name, default, type=row.type, choices=row.choices, help=row.help + shown)
     flag(
         "--worker-gpus",
         None,
@@ -338,6 +354,7 @@ def gateway_settings(
         "store_target": store_target,
         "pool.worker.store_target": store_target,
         "pool.resources": resources,
+        "pool.worker.node_tier": values["pool.node_tier_bytes"] > 0,
         "auth": server_tokens(args.auth_token, args.auth_token_file),
         "tls": ServerTls.from_files(args.tls_cert_file, args.tls_key_file),
         "store_auth_token": store_token(args),

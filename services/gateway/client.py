@@ -54,6 +54,7 @@ def usage_dict(usage: pb.Usage) -> dict[str, Any]:
         "cached_tokens_by_tier": {
             "local": usage.cached_tokens_by_tier.local,
             "store": usage.cached_tokens_by_tier.store,
+            "node": usage.cached_tokens_by_tier.node,
         },
         "completion_tokens": usage.completion_tokens,
         "ttft_ms": round(usage.ttft_ms, 3),
@@ -62,6 +63,8 @@ def usage_dict(usage: pb.Usage) -> dict[str, Any]:
         "session_id": usage.session_id,
         "failovers": usage.failovers,
         "evicted_tokens": usage.evicted_tokens,
+        "plan": usage.plan,
+        "recomputed_tokens": usage.recomputed_tokens,
     }
 
 

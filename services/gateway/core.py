@@ -163,6 +163,9 @@ class InferenceCore:
             failovers=failovers,
             evicted_tokens=done.usage.evicted_tokens,
             bounded=window[0] > 0,
+            cached_node_tokens=done.usage.cached_node_tokens,
+            plan=done.usage.plan,
+            recomputed_tokens=done.usage.recomputed_tokens,
         )
         self.metrics.observe_generate(usage, req.tenant)
         yield Finished(done.finish_reason, usage)

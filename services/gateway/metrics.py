@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from workers.api import PLAN_KINDS
+
 if TYPE_CHECKING:
     from services.gateway.api import Usage
     from workers.api import WorkerStats
@@ -68,6 +70,16 @@ class GatewayMetrics:
             "Tokens no longer in a bounded request's cache when it finished.",
             ["tenant"], registry=r,
         )  # fmt: skip
+        self.plans = Counter(
+            "kvpool_gateway_fetch_plans",
+            "Generate requests by the fetch plan of their cached prefix (workers.plan).",
+            ["plan"], registry=r,
+        )  # fmt: skip
+        self.recomputed_tokens = Counter(
+            "kvpool_gateway_recomputed_tokens",
+            "Cached prompt tokens that the fetch plan recomputed because that was faster.",
+            registry=r,
+        )
         self.failovers = Counter(
             "kvpool_gateway_failovers", "Streams moved to another worker after one died.",
             registry=r,
@@ -85,19 +97,25 @@ class GatewayMetrics:
     def observe_generate(self, usage: "Usage", tenant: str) -> None:
         self.prompt_tokens.labels(tenant).inc(usage.prompt_tokens)
         self.cached_tokens.labels(tenant, "local").inc(usage.cached_local_tokens)
+        self.cached_tokens.labels(tenant, "node").inc(usage.cached_node_tokens)
         self.cached_tokens.labels(tenant, "store").inc(usage.cached_store_tokens)
+        if usage.plan in PLAN_KINDS:  # a bounded label set, whatever a worker reports
+            self.plans.labels(usage.plan).inc()
+        self.recomputed_tokens.inc(usage.recomputed_tokens)
         self.completion_tokens.labels(tenant).inc(usage.completion_tokens)
         if usage.bounded:
             self.bounded_requests.labels(tenant).inc()
             self.evicted_tokens.labels(tenant).inc(usage.evicted_tokens)
-        if usage.cached_local_tokens and usage.cached_store_tokens:
-            cache = "mixed"
-        elif usage.cached_local_tokens:
-            cache = "local"
-        elif usage.cached_store_tokens:
-            cache = "store"
-        else:
-            cache = "miss"
+        tiers = [
+            tier
+            for tier, tokens in (
+                ("local", usage.cached_local_tokens),
+                ("node", usage.cached_node_tokens),
+                ("store", usage.cached_store_tokens),
+            )
+            if tokens
+        ]
+        cache = "mixed" if len(tiers) > 1 else tiers[0] if tiers else "miss"
         self.ttft.labels(cache).observe(usage.ttft_ms / 1000.0)
 
     def watch_workers(
@@ -118,6 +136,12 @@ _WORKER_FAMILIES: dict[str, tuple[type, str, list[str]]] = {
     "l1_blocks": (_G, "Blocks held in L1.", _W),
     "l1_evictions": (_C, "Blocks evicted from L1 for space.", _W),
     "cached_tokens": (_C, "Prompt tokens served from a cache tier.", ["worker", "tier"]),
+    "recomputed_tokens": (_C, "Cached prompt tokens the fetch plan recomputed.", _W),
+    "fetch_plans": (_C, "Requests by fetch plan.", ["worker", "plan"]),
+    "plan_estimate": (_G, "The fetch plan's running cost estimates.", ["worker", "estimate"]),
+    "node_tier_bytes": (_G, "Bytes held by this worker's node tier (L2).", _W),
+    "node_tier_hits": (_C, "Blocks found in this worker's node tier (all its readers).", _W),
+    "node_tier_evictions": (_C, "Blocks evicted from this worker's node tier for space.", _W),
     "computed_tokens": (_C, "Prompt tokens prefilled because no tier held them.", _W),
     "corrupt_blocks": (_C, "Stored blocks refused by verification (deleted).", _W),
     "store_errors": (_C, "Store reads that failed and were served as misses.", _W),
@@ -157,7 +181,17 @@ class _WorkerCollector(Collector):
             families["l1_blocks"].add_metric(w, s.local.blocks)
             families["l1_evictions"].add_metric(w, s.local.evictions)
             families["cached_tokens"].add_metric([s.worker_id, "local"], s.cached_local_tokens)
+            families["cached_tokens"].add_metric([s.worker_id, "node"], s.cached_node_tokens)
             families["cached_tokens"].add_metric([s.worker_id, "store"], s.cached_store_tokens)
+            families["recomputed_tokens"].add_metric(w, s.recomputed_tokens)
+            for plan, count in s.plans.items():
+                families["fetch_plans"].add_metric([s.worker_id, plan], count)
+            for name, value in s.estimates.items():
+                families["plan_estimate"].add_metric([s.worker_id, name], value)
+            if s.node is not None:
+                families["node_tier_bytes"].add_metric(w, s.node.bytes)
+                families["node_tier_hits"].add_metric(w, s.node.hits)
+                families["node_tier_evictions"].add_metric(w, s.node.evictions)
             families["computed_tokens"].add_metric(w, s.computed_tokens)
             families["corrupt_blocks"].add_metric(w, s.corrupt_blocks)
             families["store_errors"].add_metric(w, s.store_errors)

@@ -45,6 +45,7 @@ from workers.api import (
     WorkStarted,
 )
 from workers.kv.hashing import BlockHash
+from workers.node_tier import start_node_tiers, stop_node_tiers
 from workers.prompt import PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class WorkerPool:
         self._closed = threading.Event()
         self._info: WorkerInfo | None = None
         self._prompts: PromptEncoder | None = None
+        self._node_tiers: dict[str, Any] = {}
         self.deaths = 0
         self.replacements = 0
         self.replace_failures = 0  # replacements given up on after every attempt failed
@@ -101,7 +103,8 @@ class WorkerPool:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> WorkerInfo:
-        """Start the workers and wait until each has loaded its model."""
+        """Start the node tiers, then the workers, and wait until each has loaded its model."""
+        self._start_node_tiers()
         started = {self._new_id(): None for _ in range(self.config.workers)}
         handles = {
             wid: start_actor(self.config.worker, wid, self.config.resources) for wid in started
@@ -157,6 +160,19 @@ class WorkerPool:
         for wid, handle in actors.items():
             self.router.remove_worker(wid)
             ray.kill(handle, no_restart=True)
+        stop_node_tiers(self._node_tiers)
+        self._node_tiers = {}
+
+    def _start_node_tiers(self) -> None:
+        """One node tier per node, owned by this process so that it outlives every worker.
+
+        Called again before each replacement, so a node that joined since gets one too.
+        """
+        if self.config.node_tier_bytes and self.config.worker.node_tier:
+            try:
+                self._node_tiers.update(start_node_tiers(self.config.node_tier_bytes))
+            except Exception as exc:  # workers then run without L2, as on a node without one
+                log.warning("could not start the node tiers: %s", exc)
 
     # --- lookups ---------------------------------------------------------------------------
 
@@ -367,6 +383,7 @@ class WorkerPool:
     def _start_replacement(self) -> bool:
         """One attempt: True once the new worker serves (or when none is wanted any more)."""
         wid = self._new_id()
+        self._start_node_tiers()
         handle = None
         try:
             handle = start_actor(self.config.worker, wid, self.config.resources)

@@ -142,7 +142,7 @@ def _usage(item: Finished) -> pb.Usage:
         prompt_tokens=u.prompt_tokens,
         cached_tokens=u.cached_tokens,
         cached_tokens_by_tier=pb.CachedTokensByTier(
-            local=u.cached_local_tokens, store=u.cached_store_tokens
+            local=u.cached_local_tokens, store=u.cached_store_tokens, node=u.cached_node_tokens
         ),
         completion_tokens=u.completion_tokens,
         ttft_ms=u.ttft_ms,
@@ -151,4 +151,6 @@ def _usage(item: Finished) -> pb.Usage:
         session_id=u.session_id,
         failovers=u.failovers,
         evicted_tokens=u.evicted_tokens,
+        plan=u.plan,
+        recomputed_tokens=u.recomputed_tokens,
     )

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from workers.api import ActorResources, WorkerConfig
 from workers.kv.bounds import DEFAULT_SINK_TOKENS
+from workers.node_tier import DEFAULT_NODE_TIER_BYTES
 
 if TYPE_CHECKING:
     from services.auth import ServerTls, TokenTable
@@ -28,10 +29,16 @@ class PoolConfig:
     # again after replace_backoff_s, doubling each time up to 60 s, replace_attempts times in all.
     replace_attempts: int = 6
     replace_backoff_s: float = 2.0
+    # Bytes of each node's tier (L2, workers.node_tier), shared by the node's workers; 0: none.
+    node_tier_bytes: int = DEFAULT_NODE_TIER_BYTES
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.node_tier_bytes < 0:
+            raise ValueError(
+                f"node_tier_bytes must be >= 0 (0: no node tier), got {self.node_tier_bytes}"
+            )
         if self.replace_attempts < 1 or self.replace_backoff_s < 0:
             raise ValueError(
                 f"replace_attempts must be >= 1 and replace_backoff_s >= 0, got "

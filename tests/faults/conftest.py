@@ -52,6 +52,8 @@ def stack():
         block_tokens=BLOCK_TOKENS,
         store_timeout_s=2.0,
         l1_bytes=0,
+        node_tier=False,  # the faults are the store's: every hit must go through it
+        fetch_plan="fetch",
     )
     try:
         with (

@@ -82,7 +82,11 @@ def test_a_corrupt_block_is_refused_counted_deleted_and_recomputed(stack, raw_re
     served = client.generate(token_ids=tokens, max_new_tokens=8)
 
     assert served.token_ids == cold.token_ids and served.text == cold.text
-    assert served.usage["cached_tokens_by_tier"] == {"local": 0, "store": DAMAGED * BLOCK_TOKENS}
+    assert served.usage["cached_tokens_by_tier"] == {
+        "local": 0,
+        "node": 0,
+        "store": DAMAGED * BLOCK_TOKENS,
+    }
     after = gateway_metrics(gateway)
     assert metric(after, "kvpool_worker_corrupt_blocks_total") == corrupt_before + 1
     assert (

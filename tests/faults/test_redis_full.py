@@ -89,7 +89,7 @@ def test_a_worker_keeps_exact_outputs_while_its_blocks_are_evicted(tiny_store):
     worker = KVWorker(
         WorkerConfig(
             model="tiny-random", codec="fp16", block_tokens=16,
-            store_target=small_store.target, l1_bytes=0,
+            store_target=small_store.target, l1_bytes=0, fetch_plan="fetch",
         ),
         "squeezed",
     )  # fmt: skip

@@ -17,8 +17,16 @@ def make_worker(store, worker_id: str, **overrides) -> KVWorker:
     """A tiny-random worker on `store` (a started StoreServer); `overrides` go to WorkerConfig.
 
     fp16 keeps tiny-random's greedy output identical to the exact cache: its random logits have
-    near-ties that int8 can flip (int8 is checked on SmolLM2).
+    near-ties that int8 can flip (int8 is checked on SmolLM2). The fetch plan is pinned to
+    "fetch": these tests check what each tier holds, and "auto" may rightly find that tiny-random
+    recomputes faster than it fetches (the plan is tested in tests/workers/test_plan*.py).
     """
-    config = dict(model="tiny-random", codec="fp16", block_tokens=16, store_target=store.target)
+    config = dict(
+        model="tiny-random",
+        codec="fp16",
+        block_tokens=16,
+        store_target=store.target,
+        fetch_plan="fetch",
+    )
     config.update(overrides)
     return KVWorker(WorkerConfig(**config), worker_id)

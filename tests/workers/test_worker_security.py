@@ -40,7 +40,7 @@ def test_worker_writes_and_reads_through_a_token_and_tls(secure_store):
     server, ca = secure_store
     config = WorkerConfig(
         model="tiny-random", codec="fp16", block_tokens=16, store_target=server.target,
-        store_auth_token=TOKEN, store_tls_ca=ca,
+        store_auth_token=TOKEN, store_tls_ca=ca, fetch_plan="fetch",
     )  # fmt: skip
     assert TOKEN not in repr(config)
     a, b = KVWorker(config, "a"), KVWorker(config, "b")

@@ -18,7 +18,15 @@ def stack():
     store = StoreConfig(backend=redis.url, port=0, grace_s=0)
     # fp16: tiny-random's random logits have near-ties that int8 noise can flip, and these
     # tests compare greedy outputs exactly (int8 on SmolLM2 is tested in tests/workers).
-    worker = WorkerConfig(model="tiny-random", codec="fp16", block_tokens=BLOCK_TOKENS)
+    # No node tier and a pinned fetch plan: these tests follow blocks from one worker to another
+    # through the store, as between nodes (tests/workers/test_node_tier.py covers the node tier).
+    worker = WorkerConfig(
+        model="tiny-random",
+        codec="fp16",
+        block_tokens=BLOCK_TOKENS,
+        node_tier=False,
+        fetch_plan="fetch",
+    )
     try:
         with local_stack(worker, workers=2, store=store, grace_s=5, http_port=0) as stack:
             yield stack.gateway

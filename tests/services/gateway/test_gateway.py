@@ -194,7 +194,8 @@ def test_kvpool_generate_target_prints_the_json_contract(stack, capsys):
     assert len(out["token_ids"]) == 3 and out["finish_reason"] == "length"
     usage = out["usage"]
     assert usage["session_id"] == "cli-1" and usage["worker"]
-    assert set(usage["cached_tokens_by_tier"]) == {"local", "store"}
+    assert set(usage["cached_tokens_by_tier"]) == {"local", "node", "store"}
+    assert usage["plan"] in ("none", "fetch", "recompute", "split")
     assert {"prompt_tokens", "cached_tokens", "completion_tokens", "ttft_ms"} <= set(usage)
 
     assert main([*argv, "--raw"]) == 0  # streams text, then a usage line on stderr
