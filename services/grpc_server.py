@@ -11,6 +11,9 @@ to a `grpc.Server`), plus:
 - optional bearer tokens (`authorization: Bearer <token>` metadata, `services.auth.TokenTable`)
   checked on every call, unary and streaming, except health checks, answered UNAUTHENTICATED;
 - optional TLS (`services.auth.ServerTls`);
+- limits on calls and connections (`services.watchdog.ConnectionLimits`): a server-side cap on
+  call time, idle streams cancelled, keepalive, connection idle time and age, a bounded queue of
+  calls waiting for a handler thread;
 - graceful shutdown: `stop(grace_s)` rejects new calls and lets in-flight ones finish for up to
   `grace_s` seconds. `run_until_signal` does that on SIGTERM or SIGINT.
 """
@@ -31,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvpool.errors import Unavailable
 from services.auth import ServerTls, TokenTable, request_authorization
+from services.watchdog import CallWatchdog, ConnectionLimits
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +109,14 @@ class GrpcServer:
         interceptors: Sequence[grpc.ServerInterceptor] = (),
         auth: TokenTable | None = None,
         tls: ServerTls | None = None,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self._services = list(services)
         self._address = f"{host}:{port}"
         self._health = health.HealthServicer(experimental_non_blocking=True)
-        chain = list(interceptors)
+        limits = limits or ConnectionLimits()
+        self._watchdog = CallWatchdog(limits)
+        chain = [*interceptors, self._watchdog]
         if auth is not None:
             # Last, so the interceptors before it (errors, metrics) see refused calls too.
             chain.append(BearerTokenInterceptor(auth))
@@ -117,7 +124,12 @@ class GrpcServer:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
             interceptors=chain,
-            options=[*message_options(max_message_bytes), ("grpc.so_reuseport", 0)],
+            options=[
+                *message_options(max_message_bytes),
+                ("grpc.so_reuseport", 0),
+                *limits.server_options(),
+            ],
+            maximum_concurrent_rpcs=max_workers + limits.max_queued_rpcs,
         )
         self._port = 0
         self._stopped = threading.Event()
@@ -145,6 +157,7 @@ class GrpcServer:
         if self._port == 0:
             raise Unavailable(f"cannot listen on {self._address}: address in use or not permitted")
         self._server.start()
+        self._watchdog.start()
         for name in ("", *names):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on port %d", ", ".join(names), self._port)
@@ -158,6 +171,7 @@ class GrpcServer:
         self._health.enter_graceful_shutdown()
         self._end_health_watches()
         self._server.stop(grace_s).wait()
+        self._watchdog.stop()
 
     def _end_health_watches(self) -> None:
         """End open health Watch streams once they have been sent NOT_SERVING.

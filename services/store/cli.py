@@ -9,6 +9,9 @@ import logging
 import re
 
 from kvpool.config import env_default
+from services.store.limits import StoreLimits
+
+_LIMITS = StoreLimits()
 
 _SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|K|M|G)?", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
@@ -58,6 +61,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     flag("--max-memory-bytes", "1GiB", type=parse_size, help="memory backend's byte bound")
     flag("--chunk-bytes", "1MiB", type=parse_size, help="piece size of streamed values")
     flag(
+        "--max-inflight-bytes",
+        str(_LIMITS.max_inflight_bytes),
+        type=parse_size,
+        help="value bytes all calls together may hold at once; calls wait for room "
+        f"(default {_LIMITS.max_inflight_bytes >> 20}MiB; docs/store.md, 'Memory bound')",
+    )
+    flag(
+        "--max-call-seconds",
+        _LIMITS.max_call_s,
+        type=float,
+        help="no call runs longer, whatever its client's deadline (default "
+        f"{_LIMITS.max_call_s:g})",
+    )
+    flag(
+        "--idle-seconds",
+        _LIMITS.idle_s,
+        type=float,
+        help="cancel a stream that waits this long on its client (0: never; default "
+        f"{_LIMITS.idle_s:g})",
+    )
+    flag(
         "--redis-password",
         None,
         help="Redis password when not in the URL (prefer env KVPOOL_REDIS_PASSWORD)",
@@ -66,6 +90,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     flag("--metrics-port", 0, type=int, help="Prometheus /metrics port (0: off)")
     flag("--grace", 10.0, type=float, help="seconds in-flight calls get on shutdown")
     flag("--max-workers", 16, type=int, help="concurrent calls served")
+    flag(
+        "--max-queued-rpcs",
+        _LIMITS.max_queued_rpcs,
+        type=int,
+        help="calls waiting for a free worker; more get RESOURCE_EXHAUSTED (default "
+        f"{_LIMITS.max_queued_rpcs})",
+    )
     flag("--log-level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -94,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
             max_block_bytes=args.max_block_bytes,
             max_keys=args.max_keys,
             chunk_bytes=args.chunk_bytes,
+            max_inflight_bytes=args.max_inflight_bytes,
+            max_call_s=args.max_call_seconds,
+            idle_s=args.idle_seconds,
+            max_queued_rpcs=args.max_queued_rpcs,
         ),
         max_memory_bytes=args.max_memory_bytes,
         redis_password=args.redis_password,
