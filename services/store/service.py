@@ -91,10 +91,13 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
     # --- deadlines and the backend -----------------------------------------------------------
 
     def _deadline(self, context: grpc.ServicerContext) -> float:
-        """When this call must be done: the client's deadline, capped by `max_call_s`."""
+        """When this call must be done: a little before the client's deadline (so the client
+        hears why: UNAVAILABLE from the backend, not its own DEADLINE_EXCEEDED), capped by
+        `max_call_s`."""
         remaining = context.time_remaining()
         if remaining is None:
             remaining = self._limits.max_call_s
+        remaining -= min(0.1, remaining / 10)
         return time.monotonic() + min(remaining, self._limits.max_call_s)
 
     def _submit(self, fn: Callable[..., T], *args: object) -> "Future[T]":

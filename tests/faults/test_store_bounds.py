@@ -4,7 +4,8 @@ A real `kvpool store serve` process over a real redis-server; its peak RSS (VmHW
 /proc while clients ask for the worst cases: Gets whose first keys are small (so a read window
 sized from them is huge) followed by many big values, Gets repeating a big key, and many
 concurrent Puts of the largest blocks. The bound is the documented one (docs/store.md, "Memory
-bound"): about the RSS at rest plus 3 x --max-inflight-bytes.
+bound"): about the RSS at rest plus 3 x --max-inflight-bytes, plus what glibc keeps of freed
+memory.
 """
 
 import os
@@ -23,10 +24,14 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 BUDGET = 32 * MiB
 BIG = 4 * MiB
+BLOCK = 16 * MiB  # the largest block a Put may store here (--max-block-bytes)
 N_BIG = 64  # 256 MiB of values in Redis: what one unbounded read window fetched at once
 # RSS at rest plus this much: 3 copies of the budget (the value from Redis, the framed message,
-# gRPC's own buffer) and room for the messages gRPC holds per call outside the budget.
-ALLOWED = 3 * BUDGET + 48 * MiB
+# gRPC's own buffer), room for the messages gRPC holds per call outside the budget, and the freed
+# memory glibc may keep per malloc arena under the store's malloc settings (4 x 64 MiB,
+# services/store/malloc.py). Without the budget these shapes took 640 MiB to 1 GiB over.
+MALLOC_KEPT = 4 * 64 * MiB
+ALLOWED = 3 * BUDGET + 48 * MiB + MALLOC_KEPT
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +43,7 @@ def bounded_store():
             "--max-inflight-bytes",
             str(BUDGET),
             "--max-block-bytes",
-            str(8 * MiB),
+            str(BLOCK),
         ).start()
         try:
             admin = redis.Redis.from_url(redis_process.url)
@@ -62,6 +67,32 @@ def bounded_store():
 def _rest_rss(store: StoreProcess) -> int:
     store.reset_peak()
     return store.memory()[0]
+
+
+def test_concurrent_puts_of_the_largest_blocks_stay_within_the_byte_budget(bounded_store):
+    rest = _rest_rss(bounded_store)
+    block = os.urandom(BLOCK)
+    errors: list[BaseException] = []
+
+    def put(worker: int) -> None:
+        try:
+            with StoreClient(bounded_store.target, timeout_s=60) as client:
+                items = [(f"kvpool:blk:put-{worker}-{i}", block) for i in range(2)]
+                assert client.put_many(items) == 2
+        except KvpoolError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=put, args=(w,)) for w in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    peak = bounded_store.memory()[1]
+    assert peak - rest <= ALLOWED, (
+        f"peak RSS {peak / MiB:.0f} MiB, {(peak - rest) / MiB:.0f} MiB over its "
+        f"{rest / MiB:.0f} MiB at rest; the bound is {ALLOWED / MiB:.0f} MiB over"
+    )
 
 
 def test_worst_case_gets_stay_within_the_byte_budget(bounded_store):
@@ -99,29 +130,3 @@ def test_a_get_that_repeats_a_key_is_refused(bounded_store):
         pytest.raises(InvalidArgument, match="more than once"),
     ):
         client.get_many(keys)
-
-
-def test_concurrent_puts_of_the_largest_blocks_stay_within_the_byte_budget(bounded_store):
-    rest = _rest_rss(bounded_store)
-    block = os.urandom(8 * MiB)
-    errors: list[BaseException] = []
-
-    def put(worker: int) -> None:
-        try:
-            with StoreClient(bounded_store.target, timeout_s=60) as client:
-                items = [(f"kvpool:blk:put-{worker}-{i}", block) for i in range(3)]
-                assert client.put_many(items) == 3
-        except KvpoolError as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=put, args=(w,)) for w in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not errors, errors
-    peak = bounded_store.memory()[1]
-    assert peak - rest <= ALLOWED, (
-        f"peak RSS {peak / MiB:.0f} MiB, {(peak - rest) / MiB:.0f} MiB over its "
-        f"{rest / MiB:.0f} MiB at rest; the bound is {ALLOWED / MiB:.0f} MiB over"
-    )
