@@ -17,6 +17,7 @@ against every accepted token, so timing tells neither a prefix of a token nor wh
 from __future__ import annotations
 
 import hmac
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -110,6 +111,33 @@ def server_tokens(token: str | None, token_file: str | None) -> TokenTable | Non
     if token:
         tenants.setdefault(check_token(token.strip(), "KVPOOL_AUTH_TOKEN"), "")
     return TokenTable(tenants) if tenants else None
+
+
+# What the store used to read. Set for a store (the gateway's own tokens, a tenant's token among
+# them) they would now be ignored, silently turning auth off: refused instead.
+_GATEWAY_TOKEN_ENV = ("KVPOOL_AUTH_TOKEN", "KVPOOL_AUTH_TOKEN_FILE")
+
+
+def store_tokens(
+    token: str | None, token_file: str | None, env: Mapping[str, str] | None = None
+) -> TokenTable | None:
+    """What a store accepts: the internal service token (the first of `token_file`, or `token`).
+
+    Raises ValueError when only the gateway's variables are set: the store no longer accepts
+    them, and starting without auth instead would be a silent downgrade.
+    """
+    internal = client_token(token, token_file)
+    if internal is not None:
+        return TokenTable({internal: ""})
+    env = os.environ if env is None else env
+    if any(env.get(name) for name in _GATEWAY_TOKEN_ENV):
+        raise ValueError(
+            "KVPOOL_AUTH_TOKEN / KVPOOL_AUTH_TOKEN_FILE are the gateway's tokens and the store "
+            "no longer accepts them; give the store its own internal token with "
+            "KVPOOL_STORE_AUTH_TOKEN (or --store-auth-token-file), the same one the gateway "
+            "and workers present (docs/store.md, 'Security')"
+        )
+    return None
 
 
 def client_token(token: str | None, token_file: str | None) -> str | None:

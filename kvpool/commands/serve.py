@@ -9,6 +9,7 @@ open streams finish, the workers flush their pending block writes, then the stor
 import argparse
 import logging
 import os
+import secrets
 
 from kvpool.config import env_default
 from services.gateway.cli import (
@@ -63,9 +64,10 @@ def run(args: argparse.Namespace) -> int:
 
     remote_workers = bool(os.environ.get("RAY_ADDRESS"))
     store_host = args.store_host or ("0.0.0.0" if remote_workers else "127.0.0.1")
-    # The embedded store accepts just the token the gateway and workers present to it. It speaks
+    # The embedded store accepts just the internal token the gateway and workers present to it,
+    # generated here unless given, and never one the gateway accepts from its clients. It speaks
     # plaintext: TLS flags apply to the gateway (docs/gateway.md, "Authentication and tenants").
-    internal_token = store_token(args)
+    internal_token = store_token(args) or secrets.token_urlsafe(32)
     store = StoreServer(
         StoreConfig(
             backend=args.redis or "memory",
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             port=args.store_port,
             max_memory_bytes=args.store_memory_bytes,
             redis_password=args.redis_password,
-            auth=TokenTable({internal_token: ""}) if internal_token else None,
+            auth=TokenTable({internal_token: ""}),
         )
     )
     store_port = store.start()
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         # Workers on other machines reach the store at this node's address, not loopback.
         advertised = ray.util.get_node_ip_address() if remote_workers else "127.0.0.1"
         gpus = args.worker_gpus if args.worker_gpus is not None else (1.0 if cluster_gpus else 0.0)
-        gateway = GatewayServer(gateway_settings(args, f"{advertised}:{store_port}", gpus))
+        settings = gateway_settings(args, f"{advertised}:{store_port}", gpus, internal_token)
+        gateway = GatewayServer(settings)
         # One /metrics for the whole process: without this the embedded store's figures (its
         # backend being up, Redis evictions, calls by status code) were exported nowhere.
         gateway.metrics.registry.register(store.metrics.registry)

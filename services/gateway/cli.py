@@ -93,12 +93,14 @@ def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True
     parser.add_argument(
         "--store-auth-token-file",
         default=env_default("--store-auth-token-file", None),
-        help="token file for reaching the store (default: this gateway's own first token)",
+        help="file holding the store's internal service token (its first token); never one of "
+        "this gateway's own tokens",
     )
     parser.add_argument(
         "--store-auth-token",
         default=env_default("--store-auth-token", None),
-        help="bearer token for the store; prefer env KVPOOL_STORE_AUTH_TOKEN",
+        help="the store's internal service token; prefer env KVPOOL_STORE_AUTH_TOKEN (kvpool "
+        "serve generates one when absent)",
     )
     flag("--tls-cert-file", None, help="serve TLS with this PEM certificate chain")
     flag("--tls-key-file", None, help="the PEM private key of --tls-cert-file")
@@ -154,19 +156,21 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def store_token(args: argparse.Namespace) -> str | None:
-    """The bearer token the gateway and its workers present to the store."""
+    """The internal service token the gateway and its workers present to the store.
+
+    Only --store-auth-token(-file): never one of the gateway's own tokens, which its clients
+    hold (a tenant with the store's token could read and overwrite every tenant's blocks).
+    """
     from services.auth import client_token
 
-    # A shared KVPOOL_AUTH_TOKEN before the token file: the file's first token may be a tenant's.
-    return (
-        client_token(args.store_auth_token, args.store_auth_token_file)
-        or client_token(args.auth_token, None)
-        or client_token(None, args.auth_token_file)
-    )
+    return client_token(args.store_auth_token, args.store_auth_token_file)
 
 
 def gateway_settings(
-    args: argparse.Namespace, store_target: str, worker_gpus: float
+    args: argparse.Namespace,
+    store_target: str,
+    worker_gpus: float,
+    store_auth_token: str | None = None,
 ):  # -> GatewaySettings
     from services.auth import ServerTls, read_pem, server_tokens
     from services.gateway.inference import GatewayConfig
@@ -210,7 +214,7 @@ def gateway_settings(
         grace_s=args.grace,
         auth=server_tokens(args.auth_token, args.auth_token_file),
         tls=ServerTls.from_files(args.tls_cert_file, args.tls_key_file),
-        store_auth_token=store_token(args),
+        store_auth_token=store_auth_token or store_token(args),
         store_tls_ca=read_pem(getattr(args, "tls_ca_file", None), "TLS CA certificate"),
         max_request_bytes=args.max_request_bytes,
         max_requests_per_worker=args.max_requests_per_worker,

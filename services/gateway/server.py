@@ -55,6 +55,16 @@ class GatewaySettings:
             raise ValueError(f"session_ttl_s must be > 0, got {self.session_ttl_s}")
         if self.max_concurrent_rpcs < 1:
             raise ValueError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
+        if (
+            self.auth is not None
+            and self.store_auth_token
+            and self.auth.tenant_for(f"Bearer {self.store_auth_token}") is not None
+        ):
+            raise ValueError(
+                "the store's token must not be a token the gateway accepts: its clients could "
+                "then reach the store and every tenant's blocks; give the store its own "
+                "(KVPOOL_STORE_AUTH_TOKEN)"
+            )
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
 

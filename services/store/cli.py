@@ -29,16 +29,26 @@ def parse_size(text: str) -> int:
 
 
 def add_security_flags(parser: argparse.ArgumentParser) -> None:
-    """The store's auth and TLS flags (docs/store.md, "Security")."""
+    """The store's auth and TLS flags (docs/store.md, "Security").
+
+    The store takes its tokens from --store-auth-token(-file), never from --auth-token(-file):
+    those are the gateway's, and a token a gateway accepts from its clients would let any
+    tenant read, overwrite and delete every tenant's blocks.
+    """
 
     def flag(name: str, help: str) -> None:
         parser.add_argument(name, default=env_default(name, None), help=help)
 
     flag(
-        "--auth-token-file",
-        "require a bearer token from this file: lines of 'TOKEN [TENANT]', # comments",
+        "--store-auth-token-file",
+        "require the internal service token in this file (its first token; the same file the "
+        "gateway and workers read)",
     )
-    flag("--auth-token", "require this bearer token too; prefer env KVPOOL_AUTH_TOKEN")
+    flag(
+        "--store-auth-token",
+        "require this internal service token; prefer env KVPOOL_STORE_AUTH_TOKEN. Never a "
+        "token the gateway accepts",
+    )
     flag("--tls-cert-file", "serve TLS with this PEM certificate chain (with --tls-key-file)")
     flag("--tls-key-file", "the PEM private key of --tls-cert-file")
 
@@ -111,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
-    from services.auth import ServerTls, server_tokens
+    from services.auth import ServerTls, store_tokens
     from services.grpc_server import run_until_signal
     from services.store.server import StoreConfig, StoreServer
     from services.store.service import StoreLimits
@@ -135,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         grace_s=args.grace,
         max_workers=args.max_workers,
-        auth=server_tokens(args.auth_token, args.auth_token_file),
+        auth=store_tokens(args.store_auth_token, args.store_auth_token_file),
         tls=ServerTls.from_files(args.tls_cert_file, args.tls_key_file),
     )
     server = StoreServer(config)

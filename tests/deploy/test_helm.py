@@ -350,17 +350,27 @@ def test_external_redis_uses_its_url_and_existing_secret():
     assert ref == {"name": "redis-creds", "key": "redis-password"}
 
 
-def test_auth_token_reaches_every_kvpool_process_from_a_secret():
+def test_the_store_accepts_only_its_own_token_which_no_gateway_client_holds():
+    """Issue 14, item 5: the gateway's token (a tenant's) never reaches the store; the store's
+    internal token, from its own Secret, reaches only the store and the gateway."""
+    for values in (SECURED, {}):
+        docs = render(values)
+        store_secret = one(docs, "Secret", "store-token")
+        head = head_container(docs)
+        worker = worker_group(docs)["template"]["spec"]["containers"][0]
+
+        def env(container: dict[str, Any]) -> dict[str, Any]:
+            return {e["name"]: e for e in container.get("env", [])}
+
+        for container in (store_container(docs), head):
+            ref = env(container)["KVPOOL_STORE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == store_secret["metadata"]["name"]
+        assert "KVPOOL_AUTH_TOKEN" not in env(store_container(docs))
+        assert not {"KVPOOL_AUTH_TOKEN", "KVPOOL_STORE_AUTH_TOKEN"} & set(env(worker))
     docs = render(SECURED)
     secret = one(docs, "Secret", "auth")
-    ray_pods = [
-        raycluster(docs)["spec"]["headGroupSpec"]["template"]["spec"],
-        worker_group(docs)["template"]["spec"],
-    ]
-    kvpool_containers = [store_container(docs)] + [p["containers"][0] for p in ray_pods]
-    for container in kvpool_containers:
-        [token] = [e for e in container["env"] if e["name"] == "KVPOOL_AUTH_TOKEN"]
-        assert token["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    ref = {e["name"]: e for e in head_container(docs)["env"]}["KVPOOL_AUTH_TOKEN"]
+    assert ref["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
     assert not find(render({}), "Secret", "auth")
 
 

@@ -26,6 +26,9 @@
 {{- define "kvpool.auth.secretName" -}}
 {{- default (printf "%s-auth" (include "kvpool.fullname" .)) .Values.auth.existingSecret -}}
 {{- end -}}
+{{- define "kvpool.storeToken.secretName" -}}
+{{- default (printf "%s-store-token" (include "kvpool.fullname" .)) .Values.store.auth.existingSecret -}}
+{{- end -}}
 
 {{/* Labels ---------------------------------------------------------------------------------- */}}
 
@@ -121,9 +124,9 @@ lazyfree-lazy-expire yes
 {{- if eq .Values.redis.mode "external" -}}{{ ne .Values.redis.external.existingSecret "" }}{{- else -}}true{{- end -}}
 {{- end -}}
 
-{{/* Environment shared by every kvpool process: auth token, TLS files, extra env. ----------- */}}
-
-{{- define "kvpool.commonEnv" -}}
+{{/* The gateway's client token (default tenant): the gateway and its clients (the test pod),
+     never the store or the workers. -------------------------------------------------------- */}}
+{{- define "kvpool.gatewayTokenEnv" -}}
 {{- if .Values.auth.enabled }}
 - name: KVPOOL_AUTH_TOKEN
   valueFrom:
@@ -131,6 +134,21 @@ lazyfree-lazy-expire yes
       name: {{ include "kvpool.auth.secretName" . }}
       key: {{ .Values.auth.secretKey }}
 {{- end }}
+{{- end -}}
+
+{{/* The store's internal service token: the store accepts it, the gateway presents it (and hands
+     it to its workers). Always on, its own Secret, never a token the gateway accepts. ------- */}}
+{{- define "kvpool.storeTokenEnv" -}}
+- name: KVPOOL_STORE_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "kvpool.storeToken.secretName" . }}
+      key: {{ .Values.store.auth.secretKey }}
+{{- end -}}
+
+{{/* Environment shared by every kvpool process: TLS files, extra env. ---------------------- */}}
+
+{{- define "kvpool.commonEnv" -}}
 {{- if .Values.tls.enabled }}
 - name: KVPOOL_TLS_CERT_FILE
   value: /etc/kvpool/tls/tls.crt

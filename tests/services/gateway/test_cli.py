@@ -11,15 +11,19 @@ def parse(*words: str):
     return build_parser().parse_args(["gateway", "serve", "--store", "s:1", *words])
 
 
-def test_the_store_gets_the_shared_token_before_a_tenants_file(tmp_path):
+def test_the_store_gets_its_own_token_never_one_the_gateway_accepts(tmp_path):
+    """Issue 14, item 5: the gateway's tokens (a tenant's among them) never reach the store."""
     tenants = tmp_path / "tokens"
     tenants.write_text("tenant-token-aaaaaaaa acme\n")
-    assert store_token(parse("--auth-token-file", str(tenants))) == "tenant-token-aaaaaaaa"
+    assert store_token(parse("--auth-token-file", str(tenants))) is None
     shared = parse("--auth-token-file", str(tenants), "--auth-token", "shared-token-bbbbbbbb")
-    assert store_token(shared) == "shared-token-bbbbbbbb"
+    assert store_token(shared) is None
     own = parse("--auth-token", "shared-token-bbbbbbbb", "--store-auth-token", "store-cccccccc")
     assert store_token(own) == "store-cccccccc"
     assert store_token(parse()) is None
+    reused = parse("--auth-token-file", str(tenants), "--store-auth-token", "tenant-token-aaaaaaaa")
+    with pytest.raises(ValueError, match="must not be a token the gateway accepts"):
+        gateway_settings(reused, "127.0.0.1:1", 0.0)
 
 
 def test_limits_and_auth_reach_the_settings(tmp_path, monkeypatch):
@@ -34,7 +38,7 @@ def test_limits_and_auth_reach_the_settings(tmp_path, monkeypatch):
     settings = gateway_settings(args, "127.0.0.1:1", 0.0)
     assert settings.auth is not None
     assert settings.auth.tenant_for("Bearer tenant-token-aaaaaaaa") == "acme"
-    assert settings.store_auth_token == "tenant-token-aaaaaaaa"
+    assert settings.store_auth_token is None  # kvpool serve generates the embedded store's
     assert (settings.gateway.max_prompt_tokens, settings.gateway.max_new_tokens) == (100, 10)
     assert settings.gateway.max_sessions == 7
     assert (settings.max_request_bytes, settings.max_requests_per_worker) == (64 << 10, 2)
