@@ -21,7 +21,12 @@ def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True
     def flag(name: str, default: object, **kwargs: object) -> None:
         parser.add_argument(name, default=env_default(name, default), **kwargs)  # type: ignore[arg-type]
 
-    flag("--host", "0.0.0.0", help="address the gateway listens on (default 0.0.0.0)")
+    flag(
+        "--host",
+        "127.0.0.1",
+        help="address the gateway listens on (default 127.0.0.1; 0.0.0.0 serves the network: "
+        "turn auth on first)",
+    )
     flag("--port", 50051, type=int, help="gateway gRPC port (0 picks a free one; default 50051)")
     flag("--workers", 1, type=int, help="worker actors to start (default 1)")
     flag(

@@ -63,3 +63,11 @@ def test_gateway_tls_flags_reach_the_settings(tmp_path):
     assert settings.store_tls_ca == cert.read_bytes()  # the gateway and workers verify the store
     with pytest.raises(ValueError, match="go together"):
         gateway_settings(parse("--tls-cert-file", str(cert)), "s:1", 0.0)
+
+
+def test_the_gateway_listens_on_loopback_unless_told(monkeypatch):
+    """Issue 14: the gateway bound 0.0.0.0 by default, with auth off."""
+    monkeypatch.delenv("KVPOOL_HOST", raising=False)
+    assert parse().host == "127.0.0.1"
+    assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
+    assert parse("--host", "0.0.0.0").host == "0.0.0.0"
