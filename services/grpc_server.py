@@ -74,8 +74,6 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         if self._tokens.tenant_for(sent) is not None:
             return continuation(details)
         handler = continuation(details)
-        if handler is None:
-            return None
         message = (
             "missing bearer token: send metadata 'authorization: Bearer <token>'"
             if sent is None
@@ -85,7 +83,11 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         def deny(request: Any, context: grpc.ServicerContext) -> None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-        # Answer in the shape of the real method, so streaming clients get the status cleanly.
+        # Answer in the shape of the real method, so streaming clients get the status cleanly. An
+        # unknown method gets UNAUTHENTICATED too: UNIMPLEMENTED would tell a caller without a
+        # token which methods exist.
+        if handler is None:
+            return grpc.unary_unary_rpc_method_handler(deny)
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(deny)
         if handler.request_streaming:
