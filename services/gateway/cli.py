@@ -75,6 +75,13 @@ def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True
         help="requests one worker runs at once; more get RESOURCE_EXHAUSTED (0: no limit)",
     )
     flag("--max-sessions", 0, type=int, help="live sessions this gateway keeps (0: no limit)")
+    flag(
+        "--max-sessions-per-tenant",
+        0,
+        type=int,
+        help="live sessions one tenant may hold, so one cannot lock the others out (0: no "
+        "limit but --max-sessions)",
+    )
     # Bounded sessions (docs/gateway.md, "Bounded sessions"): requests may override both.
     flag(
         "--max-cache-tokens",
@@ -143,6 +150,7 @@ def check_args(args: argparse.Namespace) -> None:
         "max_new_tokens",
         "max_requests_per_worker",
         "max_sessions",
+        "max_sessions_per_tenant",
         "max_cache_tokens",
         "sink_tokens",
     ):
@@ -209,6 +217,7 @@ def gateway_settings(
             max_prompt_tokens=args.max_prompt_tokens,
             max_new_tokens=args.max_new_tokens,
             max_sessions=args.max_sessions,
+            max_sessions_per_tenant=args.max_sessions_per_tenant,
             max_cache_tokens=args.max_cache_tokens,
             sink_tokens=args.sink_tokens,
         ),

@@ -41,6 +41,7 @@ class GatewayConfig:
     max_prompt_tokens: int = 0
     max_new_tokens: int = 0
     max_sessions: int = 0  # live sessions this gateway has opened and not seen expire
+    max_sessions_per_tenant: int = 0  # of those, one tenant's (0: only max_sessions)
     # The cache bound of requests that name none (and are not in a session that has one).
     max_cache_tokens: int = 0  # 0: unbounded
     sink_tokens: int = DEFAULT_SINK_TOKENS
@@ -50,7 +51,13 @@ class GatewayConfig:
             raise ValueError(f"max_failovers must be >= 0, got {self.max_failovers}")
         if self.token_timeout_s <= 0:
             raise ValueError(f"token_timeout_s must be > 0, got {self.token_timeout_s}")
-        for name in ("max_prompt_tokens", "max_new_tokens", "max_sessions", "max_cache_tokens"):
+        for name in (
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "max_sessions",
+            "max_sessions_per_tenant",
+            "max_cache_tokens",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
 
@@ -115,7 +122,7 @@ class InferenceCore:
         self.sessions = sessions
         self.metrics = metrics
         self.config = config or GatewayConfig()
-        self.live_sessions = LiveSessions(sessions.ttl_s)
+        self.live_sessions = LiveSessions(sessions.ttl_s, per_tenant=config.max_sessions_per_tenant)
 
     # --- Generate ----------------------------------------------------------------------------
 
@@ -321,17 +328,17 @@ class InferenceCore:
             return None
         check_session_id(req.session_id)
         session = self.sessions.open(req.tenant, req.session_id)
-        limit = self.config.max_sessions
-        if (
-            limit
-            and session.turns == 0
-            and not self.live_sessions.reserve(req.tenant, req.session_id, limit)
-        ):
-            self.metrics.limit_rejections.labels("max_sessions").inc()
-            raise ResourceExhausted(
-                f"{limit} live sessions already (limit --max-sessions={limit}); delete one with "
-                "DeleteSession or wait for one to expire"
-            )
+        limit, per_tenant = self.config.max_sessions, self.config.max_sessions_per_tenant
+        if session.turns == 0 and (limit or per_tenant):
+            refused = self.live_sessions.admit(req.tenant, req.session_id, limit)
+            if refused is not None:
+                n = limit if refused == "--max-sessions" else per_tenant
+                whose = "" if refused == "--max-sessions" else " for this tenant"
+                self.metrics.limit_rejections.labels(refused.lstrip("-").replace("-", "_")).inc()
+                raise ResourceExhausted(
+                    f"{n} live sessions already{whose} (limit {refused}={n}); delete one with "
+                    "DeleteSession or wait for one to expire"
+                )
         return session
 
     def _namespace(self, tenant: str) -> Namespace:
