@@ -28,6 +28,9 @@ SERVICE_NAME = store_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name  # "kv
 MESSAGE_MARGIN_BYTES = 4 << 20
 
 Buffer = bytes | memoryview
+# The longest TTL a Put may ask for (about 68 years); Redis refuses larger ones ("invalid expire
+# time"), which used to come back as UNAVAILABLE and be retried.
+MAX_TTL_S = 2**31 - 1
 
 
 def _cut(
@@ -151,6 +154,11 @@ class BlockAssembler:
         """Feed one message; yields (key, value) for each block it completes."""
         ttl_s, pieces = decode_put_chunk(message)
         if first:
+            if ttl_s > MAX_TTL_S:
+                raise InvalidArgument(
+                    f"ttl_s {ttl_s} is too long: at most {MAX_TTL_S} seconds (0: the store's "
+                    "default)"
+                )
             self.ttl_s = ttl_s
         for p in pieces:
             block = self._add(p)

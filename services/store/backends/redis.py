@@ -22,7 +22,7 @@ from redis import exceptions as rex
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
+from kvpool.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from services.store.backends import redact_url
 from services.store.backends.base import BackendStats
 
@@ -107,6 +107,12 @@ class RedisStore:
             ) from exc
         except (rex.ConnectionError, rex.TimeoutError) as exc:
             raise Unavailable(f"Redis at {self.url} is unreachable ({what}): {exc}") from exc
+        except rex.NoPermissionError as exc:
+            # An ACL that lacks a command or a key pattern: retrying cannot help.
+            raise PermissionDenied(
+                f"Redis at {self.url} refused {what} for lack of a permission (NOPERM): {exc}; "
+                "see the ACL in docs/store.md"
+            ) from exc
         except rex.OutOfMemoryError as exc:
             raise ResourceExhausted(
                 f"Redis at {self.url} is full and does not evict ({what}); configure "

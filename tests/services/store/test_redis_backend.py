@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import redis
 
-from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
+from kvpool.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from services.store.backends import check_backend_spec, open_backend, redact_url
 from services.store.backends.redis import RedisStore
 from tests.support.redis import RedisProcess, require_redis_server
@@ -147,8 +147,8 @@ def test_the_documented_acl_user_is_enough(redis_server):
     assert store.get_many(["kvpool:blk:1"]) == [b"v"]
     assert store.stats().keys == 1
     assert store.delete(["kvpool:blk:1"]) == 1
-    with pytest.raises(Unavailable, match="no permissions"):
-        store.put_many([("other:1", b"v")], None)  # keys outside kvpool:* are refused
+    with pytest.raises(PermissionDenied, match="no permissions"):
+        store.put_many([("other:1", b"v")], None)  # keys outside kvpool:* are refused (NOPERM)
     store.close()
 
 
