@@ -33,7 +33,7 @@ SCHEMAS = REPO / ".." / "shared" / "schemas"
 RELEASE, NAMESPACE = "kvp", "inference"
 # The chart's kubeVersion floor and the newest release kubernetes-validate ships.
 KUBE_VERSIONS = ("1.27.0", "1.37.0")
-CORE_API_GROUPS = ("v1", "apps/v1", "policy/v1")
+CORE_API_GROUPS = ("v1", "apps/v1", "policy/v1", "networking.k8s.io/v1")
 
 VALUES = {
     "default": {},
@@ -527,3 +527,22 @@ def test_gateway_limits_and_tenant_tokens_reach_the_gateway():
         worker_group(docs)["template"]["spec"]["containers"][0],
     ):
         assert "KVPOOL_AUTH_TOKEN_FILE" not in {e["name"] for e in container["env"]}
+
+
+def test_network_policies_keep_the_store_redis_and_ray_private():
+    """Issue 14: no NetworkPolicy guarded the store, Redis or Ray's dashboard and client ports."""
+    docs = render({})
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(docs, "NetworkPolicy")}
+    store = next(s for n, s in policies.items() if n.endswith("-store"))
+    [from_pods, metrics] = store["ingress"]
+    components = from_pods["from"][0]["podSelector"]["matchExpressions"][1]["values"]
+    assert sorted(components) == ["gateway", "ray-worker"]
+    assert [p["port"] for p in from_pods["ports"]] == [50052]
+    assert "from" not in metrics and [p["port"] for p in metrics["ports"]] == [9091]
+    redis_policy = next(s for n, s in policies.items() if n.endswith("-redis"))
+    [only] = redis_policy["ingress"]
+    assert only["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "store"
+    ray = next(s for n, s in policies.items() if n.endswith("-ray"))
+    open_to_all = [rule for rule in ray["ingress"] if "from" not in rule]
+    assert [sorted(p["port"] for p in rule["ports"]) for rule in open_to_all] == [[9090, 50051]]
+    assert not find(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")
