@@ -21,7 +21,7 @@ from kvpool.errors import InvalidArgument
 from workers.engine import Engine, Generation, SamplingParams, TokenEvent
 from workers.inputs import PromptInput, encode_input
 from workers.kv.block import decode_block, encode_block
-from workers.kv.hashing import BlockHash, Namespace, block_key, chain_hashes
+from workers.kv.hashing import BlockHash, Namespace, block_key, chain_hashes, tenant_salt
 from workers.kv.layout import blocks_to_cache, cache_to_blocks, recent_blocks
 from workers.models import load_model
 from workers.prefix import CachedPrefix, find_blocks, find_prefix
@@ -41,6 +41,9 @@ class WorkerConfig:
     store_timeout_s: float = 5.0
     store_auth_token: str | None = field(default=None, repr=False)  # bearer token for the store
     store_tls_ca: bytes | None = field(default=None, repr=False)  # PEM CA: reach the store by TLS
+    # Keys the tenant salt (workers.kv.hashing.tenant_salt); the store never sees it. None: the
+    # tenant's plain name, which anyone can compute keys from.
+    namespace_secret: bytes | None = field(default=None, repr=False)
     l1_bytes: int = 1 << 30
     write_queue_blocks: int = 512
     block_ttl_s: int | None = None  # None: the store's default
@@ -201,7 +204,7 @@ class KVWorker:
             model_fingerprint=self.loaded.fingerprint,
             codec=self.config.codec,
             block_tokens=self.config.block_tokens,
-            tenant=tenant,
+            tenant=tenant_salt(tenant, self.config.namespace_secret),
         )
 
     def window(self, request: WorkRequest) -> CacheWindow | None:

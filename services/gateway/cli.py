@@ -114,6 +114,17 @@ def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True
         help="the store's internal service token; prefer env KVPOOL_STORE_AUTH_TOKEN (kvpool "
         "serve generates one when absent)",
     )
+    parser.add_argument(
+        "--namespace-secret-file",
+        default=env_default("--namespace-secret-file", None),
+        help="file holding the deployment's namespace secret: it keys each tenant's block "
+        "hashes, so no one without it can compute them (docs/block-format.md, 'Tenant salt')",
+    )
+    parser.add_argument(
+        "--namespace-secret",
+        default=env_default("--namespace-secret", None),
+        help="the namespace secret itself; prefer env KVPOOL_NAMESPACE_SECRET or the file",
+    )
     flag("--tls-cert-file", None, help="serve TLS with this PEM certificate chain")
     flag("--tls-key-file", None, help="the PEM private key of --tls-cert-file")
     if store_tls:
@@ -179,6 +190,30 @@ def store_token(args: argparse.Namespace) -> str | None:
     return client_token(args.store_auth_token, args.store_auth_token_file)
 
 
+def namespace_secret(args: argparse.Namespace) -> bytes | None:
+    """The secret that keys tenant salts (the file's content, else the value); None: none."""
+    from pathlib import Path
+
+    text = args.namespace_secret
+    if args.namespace_secret_file:
+        try:
+            text = Path(args.namespace_secret_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read the namespace secret file {args.namespace_secret_file}: "
+                f"{exc.strerror}"
+            ) from None
+    if not text or not text.strip():
+        return None
+    secret = text.strip().encode()
+    if len(secret) < 16:
+        raise ValueError(
+            f"the namespace secret must be at least 16 bytes, got {len(secret)} "
+            "(make one with: openssl rand -hex 32)"
+        )
+    return secret
+
+
 def gateway_settings(
     args: argparse.Namespace,
     store_target: str,
@@ -192,6 +227,7 @@ def gateway_settings(
     from workers.actor import ActorResources
     from workers.worker import WorkerConfig
 
+    secret = namespace_secret(args)
     worker = WorkerConfig(
         model=args.model,
         device=args.device,
@@ -201,6 +237,7 @@ def gateway_settings(
         l1_bytes=args.l1_bytes,
         write_queue_blocks=args.write_queue_blocks,
         block_ttl_s=args.block_ttl or None,
+        namespace_secret=secret,
     )
     if worker_gpus > 0:
         resources = ActorResources(num_gpus=worker_gpus, num_cpus=0.0)
@@ -218,6 +255,7 @@ def gateway_settings(
             max_new_tokens=args.max_new_tokens,
             max_sessions=args.max_sessions,
             max_sessions_per_tenant=args.max_sessions_per_tenant,
+            namespace_secret=secret,
             max_cache_tokens=args.max_cache_tokens,
             sink_tokens=args.sink_tokens,
         ),

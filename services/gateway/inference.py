@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import ray
 from ray.exceptions import GetTimeoutError, RayTaskError
@@ -25,7 +25,7 @@ from services.gateway.router import Route
 from services.gateway.sessions import LiveSessions, Session, SessionStore, check_session_id
 from workers.engine import SamplingParams, TokenEvent
 from workers.inputs import PromptInput
-from workers.kv.hashing import BlockHash, Namespace, chain_hashes
+from workers.kv.hashing import BlockHash, Namespace, chain_hashes, tenant_salt
 from workers.window import DEFAULT_SINK_TOKENS, requested_window
 from workers.worker import PrefillResult, WorkDone, WorkRequest, WorkUsage
 
@@ -42,6 +42,8 @@ class GatewayConfig:
     max_new_tokens: int = 0
     max_sessions: int = 0  # live sessions this gateway has opened and not seen expire
     max_sessions_per_tenant: int = 0  # of those, one tenant's (0: only max_sessions)
+    # Keys the tenant salt of block hashes, as in the workers (WorkerConfig.namespace_secret).
+    namespace_secret: bytes | None = field(default=None, repr=False)
     # The cache bound of requests that name none (and are not in a session that has one).
     max_cache_tokens: int = 0  # 0: unbounded
     sink_tokens: int = DEFAULT_SINK_TOKENS
@@ -343,7 +345,8 @@ class InferenceCore:
 
     def _namespace(self, tenant: str) -> Namespace:
         info = self.pool.info
-        return Namespace(info.fingerprint, info.codec, info.block_tokens, tenant)
+        salt = tenant_salt(tenant, self.config.namespace_secret)
+        return Namespace(info.fingerprint, info.codec, info.block_tokens, salt)
 
     def _acquire(self, hashes: list[BlockHash], excluded: frozenset[str] = frozenset()) -> Route:
         try:

@@ -34,6 +34,7 @@ ENV = {
     "REDIS_PASSWORD": "test-redis-password",
     "RAY_AUTH_TOKEN": "test-ray-token",
     "STORE_AUTH_TOKEN": "test-store-token",
+    "NAMESPACE_SECRET": "test-namespace-secret",
 }
 # KVPOOL_* variables that are read as such, not as a `--flag` (kvpool/config.py).
 NON_FLAG_ENV = {"KVPOOL_CACHE_DIR"}
@@ -141,6 +142,8 @@ def test_the_store_token_is_its_own_and_the_gateway_is_on_loopback_by_default(gp
     for svc in (store, head):
         assert svc["environment"]["KVPOOL_STORE_AUTH_TOKEN"] == ENV["STORE_AUTH_TOKEN"]
     assert "KVPOOL_AUTH_TOKEN" not in store["environment"]
+    assert head["environment"]["KVPOOL_NAMESPACE_SECRET"] == ENV["NAMESPACE_SECRET"]
+    assert "KVPOOL_NAMESPACE_SECRET" not in store["environment"]  # the store never sees it
     for name, svc in services(gpu).items():
         for port in svc.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), (name, port)

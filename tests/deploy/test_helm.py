@@ -366,6 +366,9 @@ def test_the_store_accepts_only_its_own_token_which_no_gateway_client_holds():
             ref = env(container)["KVPOOL_STORE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
             assert ref["name"] == store_secret["metadata"]["name"]
         assert "KVPOOL_AUTH_TOKEN" not in env(store_container(docs))
+        ns = env(head)["KVPOOL_NAMESPACE_SECRET"]["valueFrom"]["secretKeyRef"]
+        assert ns["name"] == store_secret["metadata"]["name"] and ns["key"] in store_secret["data"]
+        assert "KVPOOL_NAMESPACE_SECRET" not in env(store_container(docs))
         assert not {"KVPOOL_AUTH_TOKEN", "KVPOOL_STORE_AUTH_TOKEN"} & set(env(worker))
     docs = render(SECURED)
     secret = one(docs, "Secret", "auth")

@@ -146,6 +146,17 @@ lazyfree-lazy-expire yes
       key: {{ .Values.store.auth.secretKey }}
 {{- end -}}
 
+{{/* The namespace secret that keys tenant salts: the gateway only (it hands it to its workers).
+     Optional, so an existingSecret without the key keeps plain-name salts. ----------------- */}}
+{{- define "kvpool.namespaceSecretEnv" -}}
+- name: KVPOOL_NAMESPACE_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "kvpool.storeToken.secretName" . }}
+      key: namespace-secret
+      optional: true
+{{- end -}}
+
 {{/* Environment shared by every kvpool process: TLS files, extra env. ---------------------- */}}
 
 {{- define "kvpool.commonEnv" -}}

@@ -71,3 +71,16 @@ def test_the_gateway_listens_on_loopback_unless_told(monkeypatch):
     assert parse().host == "127.0.0.1"
     assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
     assert parse("--host", "0.0.0.0").host == "0.0.0.0"
+
+
+def test_the_namespace_secret_reaches_the_gateway_and_its_workers(tmp_path, monkeypatch):
+    """Issue 14, item 6: one secret keys the tenant salt in the gateway and in every worker."""
+    monkeypatch.delenv("KVPOOL_NAMESPACE_SECRET", raising=False)
+    path = tmp_path / "secret"
+    path.write_text("namespace-secret-0123456789abcdef\n")
+    settings = gateway_settings(parse("--namespace-secret-file", str(path)), "127.0.0.1:1", 0.0)
+    assert settings.gateway.namespace_secret == b"namespace-secret-0123456789abcdef"
+    assert settings.pool.worker.namespace_secret == settings.gateway.namespace_secret
+    assert gateway_settings(parse(), "127.0.0.1:1", 0.0).gateway.namespace_secret is None
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        gateway_settings(parse("--namespace-secret", "short"), "127.0.0.1:1", 0.0)
