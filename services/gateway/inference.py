@@ -124,7 +124,9 @@ class InferenceCore:
         self.sessions = sessions
         self.metrics = metrics
         self.config = config or GatewayConfig()
-        self.live_sessions = LiveSessions(sessions.ttl_s, per_tenant=config.max_sessions_per_tenant)
+        self.live_sessions = LiveSessions(
+            sessions.ttl_s, per_tenant=self.config.max_sessions_per_tenant
+        )
 
     # --- Generate ----------------------------------------------------------------------------
 
