@@ -35,3 +35,8 @@ class DataLoss(KvpoolError):
 
 class Unauthenticated(KvpoolError):
     """A bearer token is missing or wrong."""
+
+
+class PermissionDenied(KvpoolError):
+    """A dependency refused an operation for lack of a permission (a Redis ACL): retrying cannot
+    help; the configuration must change."""

@@ -1,7 +1,8 @@
 """Bearer tokens and TLS: the token file format, the server's check, and what clients send.
 
-Token file (`--auth-token-file`), one token per line, `#` starts a comment, blank lines are
-skipped:
+Token file (`--auth-token-file`), one token per line, blank lines are skipped, and a word that
+starts with `#` starts a comment (a `#` inside a token is part of it). Tokens a server accepts are
+at least 16 characters (`openssl rand -hex 32` makes 64):
 
     # token                                  tenant
     3f9c0e5b8f7d4c1aa6e2b0d9c8e7f6a5           acme
@@ -17,6 +18,7 @@ against every accepted token, so timing tells neither a prefix of a token nor wh
 from __future__ import annotations
 
 import hmac
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,9 +34,23 @@ _TOKEN = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what a gRPC metadata valu
 TENANT = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
+MIN_TOKEN_CHARS = 16
+
+
 def check_token(token: str, where: str) -> str:
     if not _TOKEN.fullmatch(token):
         raise ValueError(f"{where}: a token must be visible ASCII characters without spaces")
+    return token
+
+
+def check_accepted_token(token: str, where: str) -> str:
+    """A token a server accepts: well formed and long enough not to be guessed."""
+    check_token(token, where)
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(
+            f"{where}: a token must be at least {MIN_TOKEN_CHARS} characters, got {len(token)} "
+            "(make one with: openssl rand -hex 32)"
+        )
     return token
 
 
@@ -79,14 +95,19 @@ def parse_token_file(text: str, source: str = "token file") -> TokenTable:
     """Parse the format in the module docstring; errors name the file and line."""
     tenants: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
+        # A comment starts at a word that starts with '#', not at any '#': a token may hold one,
+        # and cutting it there accepted its prefix.
+        parts = raw.split()
+        for n, word in enumerate(parts):
+            if word.startswith("#"):
+                parts = parts[:n]
+                break
+        if not parts:
             continue
         where = f"{source} line {number}"
-        parts = line.split()
         if len(parts) > 2:
             raise ValueError(f"{where}: expected 'TOKEN' or 'TOKEN TENANT', got {len(parts)} words")
-        token = check_token(parts[0], where)
+        token = check_accepted_token(parts[0], where)
         tenant = check_tenant(parts[1] if len(parts) == 2 else "", where)
         if token in tenants:
             raise ValueError(f"{where}: this token is listed twice")
@@ -110,8 +131,35 @@ def server_tokens(token: str | None, token_file: str | None) -> TokenTable | Non
     if token_file:
         tenants.update(load_token_file(token_file).tenants)
     if token:
-        tenants.setdefault(check_token(token.strip(), "KVPOOL_AUTH_TOKEN"), "")
+        tenants.setdefault(check_accepted_token(token.strip(), "KVPOOL_AUTH_TOKEN"), "")
     return TokenTable(tenants) if tenants else None
+
+
+# What the store used to read. Set for a store (the gateway's own tokens, a tenant's token among
+# them) they would now be ignored, silently turning auth off: refused instead.
+_GATEWAY_TOKEN_ENV = ("KVPOOL_AUTH_TOKEN", "KVPOOL_AUTH_TOKEN_FILE")
+
+
+def store_tokens(
+    token: str | None, token_file: str | None, env: Mapping[str, str] | None = None
+) -> TokenTable | None:
+    """What a store accepts: the internal service token (the first of `token_file`, or `token`).
+
+    Raises ValueError when only the gateway's variables are set: the store no longer accepts
+    them, and starting without auth instead would be a silent downgrade.
+    """
+    internal = client_token(token, token_file)
+    if internal is not None:
+        return TokenTable({check_accepted_token(internal, "KVPOOL_STORE_AUTH_TOKEN"): ""})
+    env = os.environ if env is None else env
+    if any(env.get(name) for name in _GATEWAY_TOKEN_ENV):
+        raise ValueError(
+            "KVPOOL_AUTH_TOKEN / KVPOOL_AUTH_TOKEN_FILE are the gateway's tokens and the store "
+            "no longer accepts them; give the store its own internal token with "
+            "KVPOOL_STORE_AUTH_TOKEN (or --store-auth-token-file), the same one the gateway "
+            "and workers present (docs/store.md, 'Security')"
+        )
+    return None
 
 
 def client_token(token: str | None, token_file: str | None) -> str | None:

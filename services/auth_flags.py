@@ -5,6 +5,7 @@ The same flag means the same thing everywhere, and each reads its `KVPOOL_` vari
 
 - a server (`kvpool store serve`, `kvpool gateway serve`, `kvpool serve`) requires tokens and
   serves TLS: `add_server_flags`;
+- the store requires its own internal token and serves TLS: `add_store_server_flags`;
 - a gateway reaching its store presents a token and may trust a CA: `add_store_client_flags`;
 - `kvpool generate --target` presents a token to the gateway: `add_client_flags`.
 
@@ -36,20 +37,62 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--tls-key-file", "the PEM private key of --tls-cert-file")
 
 
+def add_store_server_flags(parser: argparse.ArgumentParser) -> None:
+    """The store's own: the internal service token it requires, and its TLS identity.
+
+    The store takes its token from --store-auth-token(-file), never from --auth-token(-file):
+    those are the gateway's, and a token a gateway accepts from its clients would let any
+    tenant read, overwrite and delete every tenant's blocks (docs/store.md, "Security").
+    """
+    _flag(
+        parser,
+        "--store-auth-token-file",
+        "require the internal service token in this file (its first token; the same file the "
+        "gateway and workers read)",
+    )
+    _flag(
+        parser,
+        "--store-auth-token",
+        "require this internal service token; prefer env KVPOOL_STORE_AUTH_TOKEN. Never a "
+        "token the gateway accepts",
+    )
+    _flag(
+        parser, "--tls-cert-file", "serve TLS with this PEM certificate chain (with --tls-key-file)"
+    )
+    _flag(parser, "--tls-key-file", "the PEM private key of --tls-cert-file")
+
+
 def add_store_client_flags(parser: argparse.ArgumentParser, *, tls: bool = True) -> None:
     """How a gateway (and its workers) reach the store: a token, and a CA to trust for TLS."""
     _flag(
         parser,
         "--store-auth-token-file",
-        "token file for reaching the store (default: this gateway's own first token)",
+        "file holding the store's internal service token (its first token); never one of this "
+        "gateway's own tokens",
     )
     _flag(
         parser,
         "--store-auth-token",
-        "bearer token for the store; prefer env KVPOOL_STORE_AUTH_TOKEN",
+        "the store's internal service token; prefer env KVPOOL_STORE_AUTH_TOKEN (kvpool serve "
+        "generates one when absent)",
     )
     if tls:
         _flag(parser, "--tls-ca-file", "reach the store by TLS, trusting this PEM CA")
+
+
+def add_namespace_secret_flags(parser: argparse.ArgumentParser) -> None:
+    """The deployment's namespace secret, which keys each tenant's block hashes (gateway, serve)."""
+    _flag(
+        parser,
+        "--namespace-secret-file",
+        "file holding the deployment's namespace secret: it keys each tenant's block hashes, so "
+        "no one without it can compute them (docs/block-format.md, 'Tenant salt')",
+    )
+    _flag(
+        parser,
+        "--namespace-secret",
+        "the namespace secret itself; prefer env KVPOOL_NAMESPACE_SECRET or the file",
+    )
 
 
 def add_client_flags(parser: argparse.ArgumentParser) -> None:

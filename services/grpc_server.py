@@ -11,6 +11,9 @@ to a `grpc.Server`), plus:
 - optional bearer tokens (`authorization: Bearer <token>` metadata, `services.auth.TokenTable`)
   checked on every call, unary and streaming, except health checks, answered UNAUTHENTICATED;
 - optional TLS (`services.auth.ServerTls`);
+- limits on calls and connections (`services.watchdog.ConnectionLimits`): a server-side cap on
+  call time, idle streams cancelled, keepalive, connection idle time and age, a bounded queue of
+  calls waiting for a handler thread;
 - graceful shutdown: `stop(grace_s)` rejects new calls and lets in-flight ones finish for up to
   `grace_s` seconds. `run_until_signal` does that on SIGTERM or SIGINT.
 """
@@ -31,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvpool.errors import Unavailable
 from services.auth import ServerTls, TokenTable, request_authorization
+from services.watchdog import CallWatchdog, ConnectionLimits
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +74,6 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         if self._tokens.tenant_for(sent) is not None:
             return continuation(details)
         handler = continuation(details)
-        if handler is None:
-            return None
         message = (
             "missing bearer token: send metadata 'authorization: Bearer <token>'"
             if sent is None
@@ -81,7 +83,11 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         def deny(request: Any, context: grpc.ServicerContext) -> None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-        # Answer in the shape of the real method, so streaming clients get the status cleanly.
+        # Answer in the shape of the real method, so streaming clients get the status cleanly. An
+        # unknown method gets UNAUTHENTICATED too: UNIMPLEMENTED would tell a caller without a
+        # token which methods exist.
+        if handler is None:
+            return grpc.unary_unary_rpc_method_handler(deny)
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(deny)
         if handler.request_streaming:
@@ -106,11 +112,14 @@ class GrpcServer:
         auth: TokenTable | None = None,
         tls: ServerTls | None = None,
         reuse_port: bool = False,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self._services = list(services)
         self._address = f"{host}:{port}"
         self._health = health.HealthServicer(experimental_non_blocking=True)
-        chain = list(interceptors)
+        limits = limits or ConnectionLimits()
+        self._watchdog = CallWatchdog(limits)
+        chain = [*interceptors, self._watchdog]
         if auth is not None:
             # Last, so the interceptors before it (errors, metrics) see refused calls too.
             chain.append(BearerTokenInterceptor(auth))
@@ -118,9 +127,14 @@ class GrpcServer:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
             interceptors=chain,
-            # Off by default, so a second server on a port in use fails instead of sharing it;
-            # the store's worker processes share one port on purpose (services/store/processes).
-            options=[*message_options(max_message_bytes), ("grpc.so_reuseport", int(reuse_port))],
+            # so_reuseport is off by default, so a second server on a port in use fails instead
+            # of sharing it; the store's processes share one port on purpose (store/processes).
+            options=[
+                *message_options(max_message_bytes),
+                ("grpc.so_reuseport", int(reuse_port)),
+                *limits.server_options(),
+            ],
+            maximum_concurrent_rpcs=max_workers + limits.max_queued_rpcs,
         )
         self._port = 0
         self._stopped = threading.Event()
@@ -148,6 +162,7 @@ class GrpcServer:
         if self._port == 0:
             raise Unavailable(f"cannot listen on {self._address}: address in use or not permitted")
         self._server.start()
+        self._watchdog.start()
         for name in ("", *names):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on port %d", ", ".join(names), self._port)
@@ -161,6 +176,7 @@ class GrpcServer:
         self._health.enter_graceful_shutdown()
         self._end_health_watches()
         self._server.stop(grace_s).wait()
+        self._watchdog.stop()
 
     def _end_health_watches(self) -> None:
         """End open health Watch streams once they have been sent NOT_SERVING.

@@ -58,15 +58,16 @@ class Stack:
         port = store.start()
         self._undo.callback(store.stop)
         self.store = store
+        self._store_on_loopback = config.host in ("127.0.0.1", "::1", "localhost")
         return port
 
     @property
     def store_target(self) -> str:
         """HOST:PORT at which the workers reach this stack's store: this node's address when Ray
-        put them on other machines, loopback otherwise."""
+        put them on other machines (and the store listens beyond loopback), loopback otherwise."""
         if self.store is None:
             raise RuntimeError("this stack runs no store of its own")
-        if self._remote_ray:
+        if self._remote_ray and not self._store_on_loopback:
             import ray
 
             return f"{ray.util.get_node_ip_address()}:{self.store.port}"

@@ -33,6 +33,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
 )
 
@@ -45,6 +46,7 @@ _ERRORS: dict[grpc.StatusCode, type[errors.KvpoolError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.Unavailable,
     grpc.StatusCode.DATA_LOSS: errors.DataLoss,
     grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
 }
 
 # (full method name, final status code, seconds from call start to the end of the response)

@@ -126,6 +126,9 @@ class WorkerConfig:
     store_timeout_s: float = 5.0
     store_auth_token: str | None = field(default=None, repr=False)  # bearer token for the store
     store_tls_ca: bytes | None = field(default=None, repr=False)  # PEM CA: reach the store by TLS
+    # Keys the tenant salt (workers.kv.hashing.tenant_salt); the store never sees it. None: the
+    # tenant's plain name, which anyone can compute keys from.
+    namespace_secret: bytes | None = field(default=None, repr=False)
     l1_bytes: int = 1 << 30
     write_queue_blocks: int = 512
     block_ttl_s: int | None = None  # None: the store's default

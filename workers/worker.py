@@ -38,7 +38,7 @@ from workers.engine import Engine, Generation
 from workers.fetch import Fetched, fetch_run, locate, split_prefix
 from workers.kv.block import decode_block, encode_block, encoded_bytes_per_token
 from workers.kv.bounds import CacheWindow, requested_window
-from workers.kv.hashing import BlockHash, Namespace, block_key
+from workers.kv.hashing import BlockHash, Namespace, block_key, tenant_salt
 from workers.kv.layout import blocks_to_cache
 from workers.models import load_model
 from workers.node_tier import NodeTier
@@ -137,7 +137,7 @@ class KVWorker:
             model_fingerprint=self.loaded.fingerprint,
             codec=self.config.codec,
             block_tokens=self.config.block_tokens,
-            tenant=tenant,
+            tenant=tenant_salt(tenant, self.config.namespace_secret),
         )
 
     def window(self, request: WorkRequest) -> CacheWindow | None:

@@ -10,6 +10,7 @@ workers flush their pending block writes, then the store stops.
 import argparse
 import logging
 import os
+import secrets
 
 from kvpool.config import env_default
 from services.gateway.cli import (
@@ -42,9 +43,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     flag("--store-port", 50052, type=int, help="the embedded KVStore's port (default 50052)")
     flag(
         "--store-host",
-        None,
-        help="address the embedded KVStore listens on (default 127.0.0.1, or 0.0.0.0 when "
-        "RAY_ADDRESS puts workers on other machines)",
+        "127.0.0.1",
+        help="address the embedded KVStore listens on (default 127.0.0.1; give this node's "
+        "address or 0.0.0.0 when RAY_ADDRESS puts workers on other machines)",
     )
     flag("--store-memory-bytes", "2GiB", type=parse_size, help="memory backend's byte bound")
     flag(
@@ -54,7 +55,33 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="KVStore processes sharing --store-port, as `kvpool store serve --processes` (0: one "
         f"per usable core, at most {AUTO_MAX_PROCESSES}, with --redis; 1 with the memory backend)",
     )
-    add_gateway_flags(parser, store_tls=False)
+    add_gateway_flags(parser)
+
+
+def embedded_store(args: argparse.Namespace, internal_token: str):  # -> (StoreConfig, CA PEM)
+    """The embedded store's config, and the CA its clients trust (None: plaintext).
+
+    It listens on loopback unless --store-host says otherwise, requires the internal token, and
+    serves TLS with the gateway's certificate whenever the gateway has TLS: its clients then
+    trust --tls-ca-file, or that certificate itself (a self-signed one).
+    """
+    from services.auth import ServerTls, TokenTable, read_pem
+    from services.store.server import StoreConfig
+
+    tls = ServerTls.from_files(args.tls_cert_file, args.tls_key_file)
+    ca = None
+    if tls is not None:
+        ca = read_pem(args.tls_ca_file, "TLS CA certificate") or tls.cert_chain
+    config = StoreConfig(
+        backend=args.redis or "memory",
+        host=args.store_host,
+        port=args.store_port,
+        max_memory_bytes=args.store_memory_bytes,
+        redis_password=args.redis_password,
+        auth=TokenTable({internal_token: ""}),
+        tls=tls,
+    )
+    return config, ca
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,32 +90,30 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from services.auth import TokenTable
+    from dataclasses import replace
+
     from services.grpc_server import run_until_signal
     from services.stack import Stack
     from services.store.backends import redact_url
-    from services.store.server import StoreConfig
 
     remote_workers = bool(os.environ.get("RAY_ADDRESS"))
-    store_host = args.store_host or ("0.0.0.0" if remote_workers else "127.0.0.1")
-    # The embedded store accepts just the token the gateway and workers present to it. It speaks
-    # plaintext: TLS flags apply to the gateway (docs/gateway.md, "Authentication and tenants").
-    internal_token = store_token(args)
-    store_config = StoreConfig(
-        backend=args.redis or "memory",
-        host=store_host,
-        port=args.store_port,
-        max_memory_bytes=args.store_memory_bytes,
-        redis_password=args.redis_password,
-        auth=TokenTable({internal_token: ""}) if internal_token else None,
-    )
+    if remote_workers and args.store_host in ("127.0.0.1", "::1", "localhost"):
+        log.warning(
+            "RAY_ADDRESS is set but the embedded store listens on %s only: workers on other "
+            "machines cannot reach it (give --store-host)", args.store_host
+        )  # fmt: skip
+    # The embedded store accepts just the internal token the gateway and workers present to it,
+    # generated here unless given, and never one the gateway accepts from its clients.
+    internal_token = store_token(args) or secrets.token_urlsafe(32)
+    store_config, store_ca = embedded_store(args, internal_token)
     with Stack() as stack:
         store_port = stack.start_store(
             store_config, processes=store_processes, log_level=args.log_level
         )
         cluster_gpus = stack.start_ray(args.workers, args.worker_cpus)
         gpus = args.worker_gpus if args.worker_gpus is not None else (1.0 if cluster_gpus else 0.0)
-        gateway = stack.start_gateway(gateway_settings(args, stack.store_target, gpus))
+        settings = gateway_settings(args, stack.store_target, gpus, internal_token)
+        gateway = stack.start_gateway(replace(settings, store_tls_ca=store_ca))
         log.info(
             "kvpool serving on %s:%d: %d workers, store %s on port %d",
             args.host, gateway.port, args.workers, redact_url(store_config.backend), store_port,

@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvpool.config import env_default
-from services.auth_flags import add_server_flags, add_store_client_flags
+from services.auth_flags import (
+    add_namespace_secret_flags,
+    add_server_flags,
+    add_store_client_flags,
+)
 from services.gateway.settings import GatewaySettings
 from services.store.cli import parse_size
 from workers.api import PLAN_MODES, ActorResources
@@ -47,7 +51,11 @@ def _off_when_zero(value: Any) -> Any:
 
 # One row per settings flag; a new setting gets a row here (or a line in NOT_FLAGS, with why).
 SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
-    SettingFlag("--host", "host", "address the gateway listens on", default="0.0.0.0"),
+    SettingFlag(
+        "--host",
+        "host",
+        "address the gateway listens on (0.0.0.0 serves the network: turn auth on first)",
+    ),
     SettingFlag("--port", "port", "gateway gRPC port (0 picks a free one)", int),
     SettingFlag(
         "--http-port",
@@ -174,6 +182,13 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
         "live sessions this gateway keeps (0: no limit)",
         int,
     ),
+    SettingFlag(
+        "--max-sessions-per-tenant",
+        "gateway.max_sessions_per_tenant",
+        "live sessions one tenant may hold, so one cannot lock the others out (0: no limit but "
+        "--max-sessions)",
+        int,
+    ),
     # Bounded sessions (docs/gateway.md, "Bounded sessions"): requests may override both.
     SettingFlag(
         "--max-cache-tokens",
@@ -204,6 +219,8 @@ NOT_FLAGS: dict[str, str] = {
     "pool.start_timeout_s": "the default: a model load in a fresh process",
     "pool.replace_dead": "the default: dead workers are replaced",
     "pool.worker.node_tier": "--node-tier-bytes above 0",
+    "pool.worker.namespace_secret": "--namespace-secret(-file)",
+    "gateway.namespace_secret": "--namespace-secret(-file)",
     "pool.replace_attempts": "the default: tries to start one replacement",
     "pool.replace_backoff_s": "the default: first wait between those tries (doubling)",
     "pool.worker.store_target": "GatewayServer hands the store's address to the workers",
@@ -261,6 +278,7 @@ def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True
     flag("--worker-cpus", cpus, type=float, help=f"CPU slots per CPU worker (default {cpus})")
     add_server_flags(parser)  # docs/gateway.md, "Authentication and tenants"
     add_store_client_flags(parser, tls=store_tls)
+    add_namespace_secret_flags(parser)  # docs/block-format.md, "Tenant salt"
     flag("--log-level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -295,6 +313,7 @@ def check_args(args: argparse.Namespace) -> None:
         "max_queued_requests",
         "max_stop_strings",
         "max_sessions",
+        "max_sessions_per_tenant",
         "max_cache_tokens",
         "sink_tokens",
     ):
@@ -325,27 +344,57 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def store_token(args: argparse.Namespace) -> str | None:
-    """The bearer token the gateway and its workers present to the store."""
+    """The internal service token the gateway and its workers present to the store.
+
+    Only --store-auth-token(-file): never one of the gateway's own tokens, which its clients
+    hold (a tenant with the store's token could read and overwrite every tenant's blocks).
+    """
     from services.auth import client_token
 
-    # A shared KVPOOL_AUTH_TOKEN before the token file: the file's first token may be a tenant's.
-    return (
-        client_token(args.store_auth_token, args.store_auth_token_file)
-        or client_token(args.auth_token, None)
-        or client_token(None, args.auth_token_file)
-    )
+    return client_token(args.store_auth_token, args.store_auth_token_file)
+
+
+def namespace_secret(args: argparse.Namespace) -> bytes | None:
+    """The secret that keys tenant salts (the file's content, else the value); None: none."""
+    from pathlib import Path
+
+    text = args.namespace_secret
+    if args.namespace_secret_file:
+        try:
+            text = Path(args.namespace_secret_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read the namespace secret file {args.namespace_secret_file}: "
+                f"{exc.strerror}"
+            ) from None
+    if not text or not text.strip():
+        return None
+    secret = text.strip().encode()
+    if len(secret) < 16:
+        raise ValueError(
+            f"the namespace secret must be at least 16 bytes, got {len(secret)} "
+            "(make one with: openssl rand -hex 32)"
+        )
+    return secret
 
 
 def gateway_settings(
-    args: argparse.Namespace, store_target: str, worker_gpus: float
+    args: argparse.Namespace,
+    store_target: str,
+    worker_gpus: float,
+    store_auth_token: str | None = None,
 ) -> GatewaySettings:
-    """The settings the flags ask for: every SettingFlag row, then the fields other flags make."""
+    """The settings the flags ask for: every SettingFlag row, then the fields other flags make.
+
+    `store_auth_token`: the store's token when the caller made the store (kvpool serve).
+    """
     from services.auth import ServerTls, read_pem, server_tokens
 
     values = {
         row.setting: row.to_setting(getattr(args, row.name.lstrip("-").replace("-", "_")))
         for row in SETTINGS_FLAGS
     }
+    secret = namespace_secret(args)
     if worker_gpus > 0:
         resources = ActorResources(num_gpus=worker_gpus, num_cpus=0.0)
     else:
@@ -355,9 +404,11 @@ def gateway_settings(
         "pool.worker.store_target": store_target,
         "pool.resources": resources,
         "pool.worker.node_tier": values["pool.node_tier_bytes"] > 0,
+        "pool.worker.namespace_secret": secret,
+        "gateway.namespace_secret": secret,
         "auth": server_tokens(args.auth_token, args.auth_token_file),
         "tls": ServerTls.from_files(args.tls_cert_file, args.tls_key_file),
-        "store_auth_token": store_token(args),
+        "store_auth_token": store_auth_token or store_token(args),
         "store_tls_ca": read_pem(getattr(args, "tls_ca_file", None), "TLS CA certificate"),
     }
     return _build(GatewaySettings, values)

@@ -29,7 +29,7 @@ from workers.api import (
     WorkUsage,
 )
 from workers.kv.bounds import check_context, check_window_fits, requested_window
-from workers.kv.hashing import BlockHash, Namespace, chain_hashes
+from workers.kv.hashing import BlockHash, Namespace, chain_hashes, tenant_salt
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ class InferenceCore:
         self.sessions = sessions
         self.metrics = metrics
         self.config = config or GatewayConfig()
-        self.live_sessions = LiveSessions(sessions.ttl_s)
+        self.live_sessions = LiveSessions(
+            sessions.ttl_s, per_tenant=self.config.max_sessions_per_tenant
+        )
 
     # --- Generate ----------------------------------------------------------------------------
 
@@ -227,22 +229,23 @@ class InferenceCore:
             return None
         check_session_id(req.session_id)
         session = self.sessions.open(req.tenant, req.session_id)
-        limit = self.config.max_sessions
-        if (
-            limit
-            and session.turns == 0
-            and not self.live_sessions.reserve(req.tenant, req.session_id, limit)
-        ):
-            self.metrics.limit_rejections.labels("max_sessions").inc()
-            raise ResourceExhausted(
-                f"{limit} live sessions already (limit --max-sessions={limit}); delete one with "
-                "DeleteSession or wait for one to expire"
-            )
+        limit, per_tenant = self.config.max_sessions, self.config.max_sessions_per_tenant
+        if session.turns == 0 and (limit or per_tenant):
+            refused = self.live_sessions.admit(req.tenant, req.session_id, limit)
+            if refused is not None:
+                n = limit if refused == "--max-sessions" else per_tenant
+                whose = "" if refused == "--max-sessions" else " for this tenant"
+                self.metrics.limit_rejections.labels(refused.lstrip("-").replace("-", "_")).inc()
+                raise ResourceExhausted(
+                    f"{n} live sessions already{whose} (limit {refused}={n}); delete one with "
+                    "DeleteSession or wait for one to expire"
+                )
         return session
 
     def _namespace(self, tenant: str) -> Namespace:
         info = self.pool.info
-        return Namespace(info.fingerprint, info.codec, info.block_tokens, tenant)
+        salt = tenant_salt(tenant, self.config.namespace_secret)
+        return Namespace(info.fingerprint, info.codec, info.block_tokens, salt)
 
     def _acquire(self, hashes: list[BlockHash], excluded: frozenset[str] = frozenset()) -> Route:
         try:

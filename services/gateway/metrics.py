@@ -6,6 +6,7 @@ Prometheus scrapes, by a collector with a short deadline; a worker that does not
 is simply absent from that scrape.
 """
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,43 @@ if TYPE_CHECKING:
 
 # TTFT spans an L1 hit on a GPU (ms) to a cold multi-thousand-token prefill on a CPU (s).
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0)
+
+MAX_TENANT_LABELS = 100  # tenants with series of their own; later ones share OTHER_TENANT
+OTHER_TENANT = "_other"
+
+
+class TenantLabels:
+    """The `tenant` label value of each tenant, from a bounded set.
+
+    The first `limit` tenants seen keep their own name; every later one is counted under
+    `OTHER_TENANT`. With auth off any caller names any tenant, and each new name was a new set
+    of series, growing the gateway's memory and Prometheus' without bound.
+    """
+
+    def __init__(self, limit: int = MAX_TENANT_LABELS) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, tenant: str) -> str:
+        with self._lock:
+            if tenant in self._seen:
+                return tenant
+            if len(self._seen) < self._limit:
+                self._seen.add(tenant)
+                return tenant
+        return OTHER_TENANT
+
+
+class _ByTenant:
+    """A labelled metric whose first label is a tenant, mapped through `TenantLabels`."""
+
+    def __init__(self, metric: Counter, tenants: TenantLabels) -> None:
+        self._metric = metric
+        self._tenants = tenants
+
+    def labels(self, tenant: str, *rest: str) -> Counter:
+        return self._metric.labels(self._tenants(tenant), *rest)
 
 
 class GatewayMetrics:
@@ -41,35 +79,39 @@ class GatewayMetrics:
             "Gateway receipt to first token, by where the prompt's cached prefix came from.",
             ["cache"], registry=r, buckets=_TTFT_BUCKETS,
         )  # fmt: skip
-        # tenant labels: one series per tenant, so keep tenants to a bounded set (docs/gateway.md).
-        self.requests = Counter(
-            "kvpool_gateway_requests", "Generate requests received.", ["tenant"], registry=r
+        # tenant labels: one series per tenant, from a bounded set (docs/gateway.md, "Metrics").
+        self.tenant_labels = tenants = TenantLabels()
+        self.requests = _ByTenant(
+            Counter(
+                "kvpool_gateway_requests", "Generate requests received.", ["tenant"], registry=r
+            ),
+            tenants,
         )
         self.limit_rejections = Counter(
             "kvpool_gateway_limit_rejections", "Requests refused by a configured limit.",
             ["limit"], registry=r,
         )  # fmt: skip
-        self.prompt_tokens = Counter(
+        self.prompt_tokens = _ByTenant(Counter(
             "kvpool_gateway_prompt_tokens", "Prompt tokens served.", ["tenant"], registry=r
-        )
-        self.cached_tokens = Counter(
+        ), tenants)  # fmt: skip
+        self.cached_tokens = _ByTenant(Counter(
             "kvpool_gateway_cached_tokens",
             "Prompt tokens whose KV came from a cache tier instead of a prefill.",
             ["tenant", "tier"], registry=r,
-        )  # fmt: skip
-        self.completion_tokens = Counter(
+        ), tenants)  # fmt: skip
+        self.completion_tokens = _ByTenant(Counter(
             "kvpool_gateway_completion_tokens", "Tokens generated.", ["tenant"], registry=r
-        )
-        self.bounded_requests = Counter(
+        ), tenants)  # fmt: skip
+        self.bounded_requests = _ByTenant(Counter(
             "kvpool_gateway_bounded_requests",
             "Generate requests whose KV cache was bounded (max_cache_tokens).",
             ["tenant"], registry=r,
-        )  # fmt: skip
-        self.evicted_tokens = Counter(
+        ), tenants)  # fmt: skip
+        self.evicted_tokens = _ByTenant(Counter(
             "kvpool_gateway_evicted_tokens",
             "Tokens no longer in a bounded request's cache when it finished.",
             ["tenant"], registry=r,
-        )  # fmt: skip
+        ), tenants)  # fmt: skip
         self.plans = Counter(
             "kvpool_gateway_fetch_plans",
             "Generate requests by the fetch plan of their cached prefix (workers.plan).",

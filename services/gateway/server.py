@@ -189,5 +189,7 @@ def _with_store_credentials(settings: GatewaySettings) -> PoolConfig:
             worker,
             store_auth_token=worker.store_auth_token or settings.store_auth_token,
             store_tls_ca=worker.store_tls_ca or settings.store_tls_ca,
+            # The gateway routes by the hashes the workers store under: one secret for both.
+            namespace_secret=worker.namespace_secret or settings.gateway.namespace_secret,
         ),
     )

@@ -17,18 +17,37 @@ earlier one's. Clients that need strict ordering send turns one at a time.
 """
 
 import hashlib
+import logging
 import re
 import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 import msgpack
 
-from kvpool.errors import DataLoss, InvalidArgument, NotFound
+from kvpool.errors import DataLoss, InvalidArgument, KvpoolError, NotFound
 from workers.kv.bounds import DEFAULT_SINK_TOKENS
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _store_errors(what: str) -> Iterator[None]:
+    """Store failures reach the gateway's clients without the store's address or Redis URL.
+
+    The full message goes to the gateway's log; the client gets the same error class (so the same
+    status code) with a message that names only what failed.
+    """
+    try:
+        yield
+    except KvpoolError as exc:
+        log.warning("session %s failed: %s", what, exc)
+        raise type(exc)(f"the session store could not {what} the session; try again") from None
+
 
 SESSION_KEY_PREFIX = "kvpool:sess:"
 SESSION_FORMAT_VERSION = 1
@@ -179,7 +198,8 @@ class SessionStore:
     def find(self, tenant: str, session_id: str) -> Session | None:
         check_session_id(session_id)
         key = session_key(tenant, session_id)
-        data = self._store.get_many([key]).get(key)
+        with _store_errors("read"):
+            data = self._store.get_many([key]).get(key)
         if data is None:
             return None
         return decode_session(data, tenant=tenant, session_id=session_id)
@@ -200,11 +220,15 @@ class SessionStore:
 
     def save(self, session: Session) -> None:
         key = session_key(session.tenant, session.session_id)
-        self._store.put_many([(key, encode_session(session))], ttl_s=self._ttl_s)
+        value = encode_session(session)
+        with _store_errors("save"):
+            self._store.put_many([(key, value)], ttl_s=self._ttl_s)
 
     def delete(self, tenant: str, session_id: str) -> None:
         check_session_id(session_id)
-        if self._store.delete([session_key(tenant, session_id)]) == 0:
+        with _store_errors("delete"):
+            deleted = self._store.delete([session_key(tenant, session_id)])
+        if deleted == 0:
             raise NotFound(f"session {session_id!r} does not exist (or has expired)")
 
 
@@ -214,42 +238,71 @@ class LiveSessions:
     The store alone cannot count them cheaply (sessions are hashed keys among blocks), so each
     gateway counts its own: a session is live from its first turn until its TTL passes with no
     turn through this gateway, or until it is deleted here. With several gateway replicas the
-    limit applies to each.
+    limit applies to each. `per_tenant` (`--max-sessions-per-tenant`) caps each tenant's share,
+    so one tenant cannot take every slot. Expired entries are pruned as the table grows, limit
+    or not: every turn touches its session, and without pruning the table grew forever.
     """
 
-    def __init__(self, ttl_s: int | None, clock=time.monotonic) -> None:
+    def __init__(self, ttl_s: int | None, clock=time.monotonic, *, per_tenant: int = 0) -> None:
         self._ttl_s = ttl_s
         self._clock = clock
-        self._expiry: dict[str, float] = {}  # session key -> clock time it expires
+        self._per_tenant = per_tenant
+        self._expiry: dict[str, tuple[float, str]] = {}  # session key -> (expires at, tenant)
+        self._tenants: dict[str, int] = {}  # tenant -> live sessions
+        self._prune_at = 1024  # prune when the table reaches this size
         self._lock = threading.Lock()
 
     def _expires(self) -> float:
         return float("inf") if self._ttl_s is None else self._clock() + self._ttl_s
 
+    def _add(self, key: str, tenant: str) -> None:
+        if key not in self._expiry:
+            self._tenants[tenant] = self._tenants.get(tenant, 0) + 1
+        self._expiry[key] = (self._expires(), tenant)
+        if len(self._expiry) >= self._prune_at:
+            self._prune()
+            self._prune_at = max(1024, 2 * len(self._expiry))
+
+    def _remove(self, key: str) -> None:
+        _, tenant = self._expiry.pop(key)
+        left = self._tenants[tenant] - 1
+        if left:
+            self._tenants[tenant] = left
+        else:
+            del self._tenants[tenant]
+
     def _prune(self) -> None:
         now = self._clock()
-        for key in [k for k, at in self._expiry.items() if at <= now]:
-            del self._expiry[key]
+        for key in [k for k, (at, _) in self._expiry.items() if at <= now]:
+            self._remove(key)
 
     def reserve(self, tenant: str, session_id: str, limit: int) -> bool:
-        """Count a new session unless `limit` are live already; False when refused."""
+        """Count a new session unless a limit is reached; False when refused."""
+        return self.admit(tenant, session_id, limit) is None
+
+    def admit(self, tenant: str, session_id: str, limit: int) -> str | None:
+        """Count a new session; None when counted, else the flag of the limit that refused it."""
         key = session_key(tenant, session_id)
         with self._lock:
             if key in self._expiry:
-                return True
+                return None
             self._prune()
-            if len(self._expiry) >= limit:
-                return False
-            self._expiry[key] = self._expires()
-            return True
+            if limit and len(self._expiry) >= limit:
+                return "--max-sessions"
+            if self._per_tenant and self._tenants.get(tenant, 0) >= self._per_tenant:
+                return "--max-sessions-per-tenant"
+            self._add(key, tenant)
+            return None
 
     def touch(self, tenant: str, session_id: str) -> None:
         with self._lock:
-            self._expiry[session_key(tenant, session_id)] = self._expires()
+            self._add(session_key(tenant, session_id), tenant)
 
     def forget(self, tenant: str, session_id: str) -> None:
         with self._lock:
-            self._expiry.pop(session_key(tenant, session_id), None)
+            key = session_key(tenant, session_id)
+            if key in self._expiry:
+                self._remove(key)
 
     def __len__(self) -> int:
         with self._lock:

@@ -66,6 +66,9 @@ class GatewayConfig:
     max_stop_strings: int = 16
     max_stop_chars: int = 256
     max_sessions: int = 0  # live sessions this gateway has opened and not seen expire
+    max_sessions_per_tenant: int = 0  # of those, one tenant's (0: only max_sessions)
+    # Keys the tenant salt of block hashes, as in the workers (WorkerConfig.namespace_secret).
+    namespace_secret: bytes | None = field(default=None, repr=False)
     # The cache bound of requests that name none (and are not in a session that has one).
     max_cache_tokens: int = 0  # 0: unbounded
     sink_tokens: int = DEFAULT_SINK_TOKENS
@@ -76,7 +79,13 @@ class GatewayConfig:
         for name in ("token_timeout_s", "prefill_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_prompt_tokens", "max_new_tokens", "max_sessions", "max_cache_tokens"):
+        for name in (
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "max_sessions",
+            "max_sessions_per_tenant",
+            "max_cache_tokens",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
         if self.max_stop_strings < 0 or self.max_stop_chars < 1:
@@ -122,6 +131,16 @@ class GatewaySettings:
             raise ValueError(f"session_ttl_s must be > 0, got {self.session_ttl_s}")
         if self.max_concurrent_rpcs < 1:
             raise ValueError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
+        if (
+            self.auth is not None
+            and self.store_auth_token
+            and self.auth.tenant_for(f"Bearer {self.store_auth_token}") is not None
+        ):
+            raise ValueError(
+                "the store's token must not be a token the gateway accepts: its clients could "
+                "then reach the store and every tenant's blocks; give the store its own "
+                "(KVPOOL_STORE_AUTH_TOKEN)"
+            )
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
         threads = self.pool.resources.max_concurrency

@@ -8,7 +8,7 @@ receiver checks limits before buffering and detects a truncated value. Messages 
 `framing` (protobuf-compatible, fewer copies).
 """
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from kvpool.errors import DataLoss, InvalidArgument, ResourceExhausted
 from kvpool.v1 import store_pb2
@@ -20,14 +20,17 @@ from services.store.framing import (
     encode_put_chunk,
 )
 from services.store.keys import check_key
+from services.store.limits import DEFAULT_CHUNK_BYTES  # noqa: F401 (its old home; clients use it)
 
 SERVICE_NAME = store_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name  # "kvpool.v1.KVStore"
-DEFAULT_CHUNK_BYTES = 1 << 20
 # gRPC message limits are chunk_bytes plus this: room for the framing of many small values and
 # for a Lookup of the maximum number of maximum-length keys.
 MESSAGE_MARGIN_BYTES = 4 << 20
 
 Buffer = bytes | memoryview
+# The longest TTL a Put may ask for (about 68 years); Redis refuses larger ones ("invalid expire
+# time"), which used to come back as UNAVAILABLE and be retried.
+MAX_TTL_S = 2**31 - 1
 
 
 def _cut(
@@ -131,14 +134,19 @@ class BlockAssembler:
     """Server side of Put: joins pieces into blocks, enforcing the key rule and the size limit.
 
     A block that came in one piece is returned as a view into its message, which the Redis
-    backend writes without copying.
+    backend writes without copying. A block in several pieces is copied into one buffer of its
+    announced size as the pieces arrive, so each message is freed once copied and the block never
+    costs more than its size plus one message (joining the pieces at the end cost twice its
+    size). `reserve(size)`, when given, is called with each block's announced size before any of
+    it is buffered (the server's byte budget).
     """
 
-    def __init__(self, max_block_bytes: int) -> None:
+    def __init__(self, max_block_bytes: int, reserve: Callable[[int], None] | None = None) -> None:
         self._max = max_block_bytes
+        self._reserve = reserve
         self._key = ""
         self._size = 0
-        self._parts: list[memoryview | bytes] = []
+        self._buffer: bytearray | None = None
         self._received = 0
         self.ttl_s = 0  # from the first message
 
@@ -146,6 +154,11 @@ class BlockAssembler:
         """Feed one message; yields (key, value) for each block it completes."""
         ttl_s, pieces = decode_put_chunk(message)
         if first:
+            if ttl_s > MAX_TTL_S:
+                raise InvalidArgument(
+                    f"ttl_s {ttl_s} is too long: at most {MAX_TTL_S} seconds (0: the store's "
+                    "default)"
+                )
             self.ttl_s = ttl_s
         for p in pieces:
             block = self._add(p)
@@ -162,22 +175,30 @@ class BlockAssembler:
                     f"block {p.key!r} is {p.size} bytes; the limit is {self._max} bytes "
                     "(--max-block-bytes)"
                 )
+            if self._reserve is not None:
+                self._reserve(p.size)
             self._key, self._size = p.key, p.size
         elif not self._key:
             # No block is open, so this piece starts one, with an empty (invalid) key.
             check_key(p.key)
-        self._parts.append(p.data)
+        start = self._received
         self._received += len(p.data)
         if self._received > self._size or (p.last and self._received != self._size):
             raise InvalidArgument(
                 f"block {self._key!r} announced {self._size} bytes and sent "
                 f"{self._received}{'' if p.last else ' so far'}"
             )
-        if not p.last:
-            return None
-        parts = self._parts
-        block = (self._key, parts[0] if len(parts) == 1 else b"".join(parts))
-        self._key, self._parts, self._received = "", [], 0
+        if p.last and self._buffer is None:
+            value: Buffer = p.data  # the whole block in one piece: no copy
+        else:
+            if self._buffer is None:
+                self._buffer = bytearray(self._size)
+            self._buffer[start : self._received] = p.data
+            if not p.last:
+                return None
+            value = memoryview(self._buffer)
+        block = (self._key, value)
+        self._key, self._buffer, self._received = "", None, 0
         return block
 
     def finish(self) -> None:

@@ -9,8 +9,11 @@ import logging
 import re
 
 from kvpool.config import env_default
-from services.auth_flags import add_server_flags
+from services.auth_flags import add_store_server_flags
+from services.store.limits import StoreLimits
 from services.store.processes import AUTO_MAX_PROCESSES, Supervision
+
+_LIMITS = StoreLimits()
 
 _SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|K|M|G)?", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
@@ -47,14 +50,42 @@ def configure(parser: argparse.ArgumentParser) -> None:
     flag("--max-memory-bytes", "1GiB", type=parse_size, help="memory backend's byte bound")
     flag("--chunk-bytes", "1MiB", type=parse_size, help="piece size of streamed values")
     flag(
+        "--max-inflight-bytes",
+        str(_LIMITS.max_inflight_bytes),
+        type=parse_size,
+        help="value bytes all calls together may hold at once; calls wait for room "
+        f"(default {_LIMITS.max_inflight_bytes >> 20}MiB; docs/store.md, 'Memory bound')",
+    )
+    flag(
+        "--max-call-seconds",
+        _LIMITS.max_call_s,
+        type=float,
+        help="no call runs longer, whatever its client's deadline (default "
+        f"{_LIMITS.max_call_s:g})",
+    )
+    flag(
+        "--idle-seconds",
+        _LIMITS.idle_s,
+        type=float,
+        help="cancel a stream that waits this long on its client (0: never; default "
+        f"{_LIMITS.idle_s:g})",
+    )
+    flag(
         "--redis-password",
         None,
         help="Redis password when not in the URL (prefer env KVPOOL_REDIS_PASSWORD)",
     )
-    add_server_flags(parser)  # docs/store.md, "Security"
+    add_store_server_flags(parser)  # docs/store.md, "Security"
     flag("--metrics-port", 0, type=int, help="Prometheus /metrics port (0: off)")
     flag("--grace", 10.0, type=float, help="seconds in-flight calls get on shutdown")
     flag("--max-workers", 16, type=int, help="concurrent calls served (per process)")
+    flag(
+        "--max-queued-rpcs",
+        _LIMITS.max_queued_rpcs,
+        type=int,
+        help="calls waiting for a free worker; more get RESOURCE_EXHAUSTED (default "
+        f"{_LIMITS.max_queued_rpcs})",
+    )
     flag(
         "--processes",
         Supervision().processes,
@@ -83,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
-    from services.auth import ServerTls, server_tokens
+    from services.auth import ServerTls, store_tokens
     from services.grpc_server import run_until_signal
     from services.store.server import StoreConfig, StoreServer
     from services.store.service import StoreLimits
@@ -97,13 +128,17 @@ def run(args: argparse.Namespace) -> int:
             max_block_bytes=args.max_block_bytes,
             max_keys=args.max_keys,
             chunk_bytes=args.chunk_bytes,
+            max_inflight_bytes=args.max_inflight_bytes,
+            max_call_s=args.max_call_seconds,
+            idle_s=args.idle_seconds,
+            max_queued_rpcs=args.max_queued_rpcs,
         ),
         max_memory_bytes=args.max_memory_bytes,
         redis_password=args.redis_password,
         metrics_port=args.metrics_port,
         grace_s=args.grace,
         max_workers=args.max_workers,
-        auth=server_tokens(args.auth_token, args.auth_token_file),
+        auth=store_tokens(args.store_auth_token, args.store_auth_token_file),
         tls=ServerTls.from_files(args.tls_cert_file, args.tls_key_file),
     )
     if processes > 1:

@@ -1,9 +1,10 @@
 """The KVStore client the workers and the gateway use.
 
-Every call has a deadline (`timeout_s`, per attempt). Calls that fail with UNAVAILABLE are retried
-with exponential backoff and jitter (reads are also retried after DEADLINE_EXCEEDED); what still
-fails is raised as a `kvpool.errors` exception. On the generation path, catch `KvpoolError` and
-treat the store as a miss:
+Every call has a deadline (`timeout_s`), retries included: a call that fails with UNAVAILABLE is
+retried with exponential backoff and jitter while time is left, and what still fails is raised
+as a `kvpool.errors` exception. Calls that run out of time trip a circuit breaker: after two in a
+row, calls fail at once for a couple of seconds (then one probes), so a hung store costs misses,
+not waits. On the generation path, catch `KvpoolError` and treat the store as a miss:
 
     with StoreClient("127.0.0.1:50052", timeout_s=0.5) as store:
         try:
@@ -36,6 +37,7 @@ from kvpool.v1 import store_pb2, store_pb2_grpc
 from services.auth import call_metadata
 from services.grpc_server import message_options
 from services.status import error_from_rpc
+from services.store.breaker import Breaker
 from services.store.chunks import (
     DEFAULT_CHUNK_BYTES,
     MESSAGE_MARGIN_BYTES,
@@ -133,21 +135,31 @@ class StoreClient:
             _registered_method=True,
         )
         self._metadata = call_metadata(auth_token)
+        self.breaker = Breaker(f"the store at {target}", threshold=2)
 
-    def _call(self, what: str, attempt: Callable[[], T], *, read: bool) -> T:
-        retryable = {grpc.StatusCode.UNAVAILABLE}
-        if read:
-            retryable.add(grpc.StatusCode.DEADLINE_EXCEEDED)
+    def _call(self, what: str, attempt: Callable[[float], T]) -> T:
+        """Run `attempt(seconds left)` until it succeeds, fails for good or time runs out."""
+        self.breaker.check()
+        deadline = time.monotonic() + self._timeout_s
         for n in range(self._retries + 1):
             try:
-                return attempt()
+                result = attempt(deadline - time.monotonic())
             except grpc.RpcError as err:
-                if err.code() not in retryable or n == self._retries:  # type: ignore[attr-defined]
+                code = err.code()  # type: ignore[attr-defined]
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self.breaker.failure()  # a store that does not answer: stop waiting on it
+                if code != grpc.StatusCode.UNAVAILABLE or n == self._retries:
                     raise error_from_rpc(err, f"store {what} at {self.target}") from err
+            else:
+                self.breaker.success()
+                return result
             # Equal jitter: at least half the exponential step, so retries still spread out.
             step = min(self._max_backoff_s, self._backoff_s * 2**n)
-            time.sleep(step / 2 + random.uniform(0, step / 2))
-        raise Unavailable(f"store {what} at {self.target}: gave up")  # unreachable: loop exits
+            pause = step / 2 + random.uniform(0, step / 2)
+            if time.monotonic() + pause >= deadline:
+                break
+            time.sleep(pause)
+        raise Unavailable(f"store {what} at {self.target}: no answer within {self._timeout_s:g} s")
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Block until the channel connects; Unavailable after `timeout_s` (default timeout_s)."""
@@ -162,11 +174,11 @@ class StoreClient:
             return 0
         request = store_pb2.LookupRequest(keys=keys)
 
-        def attempt() -> int:
-            reply = self._stub.Lookup(request, timeout=self._timeout_s, metadata=self._metadata)
+        def attempt(timeout: float) -> int:
+            reply = self._stub.Lookup(request, timeout=timeout, metadata=self._metadata)
             return reply.present
 
-        return self._call("Lookup", attempt, read=True)
+        return self._call("Lookup", attempt)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         """The values of the present keys, in request order; missing keys are absent.
@@ -209,14 +221,12 @@ class StoreClient:
         found: dict[str, bytes] = {}
         remaining = keys
 
-        def attempt() -> None:
+        def attempt(timeout: float) -> None:
             nonlocal remaining
             asked = remaining
             answered: set[int] = set()
             assembler = ValueAssembler(len(asked))
-            call = get(
-                store_pb2.GetRequest(keys=asked), timeout=self._timeout_s, metadata=self._metadata
-            )
+            call = get(store_pb2.GetRequest(keys=asked), timeout=timeout, metadata=self._metadata)
             try:
                 for chunk in call:
                     for index, value in assembler.add(chunk):
@@ -232,7 +242,7 @@ class StoreClient:
                 raise DataLoss(f"store Get at {self.target} left {len(remaining)} keys unanswered")
 
         if keys:
-            self._call("Get", attempt, read=True)
+            self._call("Get", attempt)
         # A retry answers keys out of order: give them back in request order.
         return {key: found[key] for key in keys if key in found}
 
@@ -246,12 +256,12 @@ class StoreClient:
         if ttl_s is not None and ttl_s < 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
 
-        def attempt() -> int:
+        def attempt(timeout: float) -> int:
             chunks = put_chunks(items, ttl_s, self._chunk_bytes)
-            reply = self._put(chunks, timeout=self._timeout_s, metadata=self._metadata)
+            reply = self._put(chunks, timeout=timeout, metadata=self._metadata)
             return reply.stored
 
-        return self._call("Put", attempt, read=False)
+        return self._call("Put", attempt)
 
     def delete(self, keys: Sequence[str]) -> int:
         """Remove keys; returns how many existed."""
@@ -259,17 +269,15 @@ class StoreClient:
             return 0
         request = store_pb2.DeleteRequest(keys=keys)
 
-        def attempt() -> int:
-            reply = self._stub.Delete(request, timeout=self._timeout_s, metadata=self._metadata)
+        def attempt(timeout: float) -> int:
+            reply = self._stub.Delete(request, timeout=timeout, metadata=self._metadata)
             return reply.deleted
 
-        return self._call("Delete", attempt, read=False)
+        return self._call("Delete", attempt)
 
     def stats(self) -> StoreStats:
-        def attempt() -> StoreStats:
-            r = self._stub.Stats(
-                store_pb2.StatsRequest(), timeout=self._timeout_s, metadata=self._metadata
-            )
+        def attempt(timeout: float) -> StoreStats:
+            r = self._stub.Stats(store_pb2.StatsRequest(), timeout=timeout, metadata=self._metadata)
 
             def opt(name: str) -> int | None:
                 return getattr(r, name) if r.HasField(name) else None
@@ -285,7 +293,7 @@ class StoreClient:
                 evictions=opt("evictions"),
             )
 
-        return self._call("Stats", attempt, read=True)
+        return self._call("Stats", attempt)
 
     def close(self) -> None:
         if self._slices is not None:

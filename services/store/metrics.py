@@ -6,32 +6,64 @@ when Prometheus scrapes, so they cost nothing between scrapes and are never stal
 """
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Protocol
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvpool.errors import KvpoolError
 from services.store.backends import StorageBackend
+from services.store.backends.base import BackendStats
 
 # Loopback calls take well under a millisecond; batches of 4 MiB values take tens of ms.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
-class _BackendCollector:
-    """Reads backend stats at scrape time; a down backend shows as up=0, not a failed scrape."""
+class _Sized(Protocol):
+    @property
+    def used(self) -> int: ...
 
-    def __init__(self, backend: StorageBackend) -> None:
+
+class _Opens(Protocol):
+    @property
+    def is_open(self) -> bool: ...
+
+
+class _BackendCollector:
+    """Reads backend stats at scrape time; a down backend shows as up=0, not a failed scrape.
+
+    A scrape never blocks on the backend: stats are read in a thread of their own and waited for
+    at most `wait_s`. A hung backend (a stopped Redis never refuses, it just never answers) shows
+    as up=0 at once, and while one read is still stuck no other is started.
+    """
+
+    def __init__(self, backend: StorageBackend, wait_s: float = 1.0) -> None:
         self._backend = backend
+        self._wait_s = wait_s
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backend-stats")
+        self._reading: Future[BackendStats] | None = None
 
     def describe(self) -> list[Metric]:
         return []  # without this the registry would call collect (and Redis) at registration
 
+    def _stats(self) -> BackendStats | None:
+        if self._reading is None or self._reading.done():
+            self._reading = self._pool.submit(self._backend.stats)
+        try:
+            return self._reading.result(timeout=self._wait_s)
+        except (FutureTimeout, KvpoolError):
+            return None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("kvpool_store_backend_up", "1 when the backend answered stats")
-        try:
-            stats = self._backend.stats()
-        except KvpoolError:
+        stats = self._stats()
+        if stats is None:
             up.add_metric([], 0)
             yield up
             return
@@ -84,10 +116,25 @@ class StoreMetrics:
         self.hits = Counter("kvpool_store_hits", "keys found", ["method"], registry=r)
         self.misses = Counter("kvpool_store_misses", "keys not found", ["method"], registry=r)
         self.puts = Counter("kvpool_store_puts", "blocks written", registry=r)
+        self._backend: _BackendCollector | None = None
         if backend is not None:
-            r.register(_BackendCollector(backend))
+            self._backend = _BackendCollector(backend)
+            r.register(self._backend)
         self._http: object | None = None
         self.port = 0
+
+    def watch(self, budget: _Sized, breaker: _Opens) -> None:
+        """Export the servicer's bytes in flight and whether its backend circuit is open."""
+        Gauge(
+            "kvpool_store_inflight_bytes",
+            "value bytes held for calls now (bounded by --max-inflight-bytes)",
+            registry=self.registry,
+        ).set_function(lambda: budget.used)
+        Gauge(
+            "kvpool_store_backend_circuit_open",
+            "1 while backend calls fail fast after repeated failures",
+            registry=self.registry,
+        ).set_function(lambda: float(breaker.is_open))
 
     def observe_call(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         """A `services.status.CallObserver`: counts the call and records its latency."""
@@ -103,6 +150,8 @@ class StoreMetrics:
         return self.port
 
     def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
         if self._http is not None:
             self._http.shutdown()  # type: ignore[attr-defined]
             self._http.server_close()  # type: ignore[attr-defined]

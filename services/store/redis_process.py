@@ -60,6 +60,12 @@ class RedisProcess:
         return f"rediss://{auth}127.0.0.1:{self.tls_port}/0"
 
     @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("redis-server is not running")
+        return self._proc.pid
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

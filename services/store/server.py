@@ -17,6 +17,7 @@ from services.store.backends import StorageBackend, check_backend_spec, open_bac
 from services.store.chunks import MESSAGE_MARGIN_BYTES, SERVICE_NAME
 from services.store.metrics import StoreMetrics
 from services.store.service import KVStoreServicer, StoreLimits, add_to_server
+from services.watchdog import ConnectionLimits
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,16 @@ class StoreConfig:
         if self.max_memory_bytes <= 0 or self.grace_s < 0 or self.max_workers <= 0:
             raise ValueError("max_memory_bytes and max_workers must be positive, grace_s >= 0")
 
+    @property
+    def connections(self) -> ConnectionLimits:
+        return ConnectionLimits(
+            # The servicer ends its calls at max_call_s itself; this is the backstop.
+            max_call_s=self.limits.max_call_s + 1.0,
+            idle_s=self.limits.idle_s,
+            max_queued_rpcs=self.limits.max_queued_rpcs,
+            stream_window_bytes=self.limits.stream_window_bytes,
+        )
+
 
 class StoreServer:
     """The KVStore service on a gRPC server, with its backend and metrics."""
@@ -60,7 +71,11 @@ class StoreServer:
         )
         self.metrics = StoreMetrics(self.backend)
         self._servicer = servicer = KVStoreServicer(
-            self.backend, limits=config.limits, metrics=self.metrics, default_ttl_s=config.ttl_s
+            self.backend,
+            limits=config.limits,
+            metrics=self.metrics,
+            default_ttl_s=config.ttl_s,
+            backend_threads=config.max_workers,
         )
         self._grpc = GrpcServer(
             [
@@ -77,6 +92,7 @@ class StoreServer:
             auth=config.auth,
             tls=config.tls,
             reuse_port=config.reuse_port,
+            limits=config.connections,
         )
 
     @property

@@ -6,37 +6,47 @@ into status codes.
 """
 
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
+from kvpool.errors import InvalidArgument, Unavailable
 from kvpool.v1 import store_pb2, store_pb2_grpc
 from services.store.backends import StorageBackend
-from services.store.chunks import DEFAULT_CHUNK_BYTES, SERVICE_NAME, BlockAssembler, get_chunks
+from services.store.breaker import Breaker
+from services.store.budget import ByteBudget
+from services.store.chunks import SERVICE_NAME, BlockAssembler, get_chunks
 from services.store.keys import check_keys
+from services.store.limits import StoreLimits
 from services.store.metrics import StoreMetrics
+
+__all__ = ["KVStoreServicer", "StoreLimits", "add_to_server", "check_unique"]
+
+T = TypeVar("T")
+
+# A backend failure that took this long is a hung backend, not a refused one (see `_wait`).
+SLOW_FAILURE_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
-class StoreLimits:
-    """What one request may carry, and how values are cut on the wire."""
+class _Window:
+    start: int
+    end: int
+    bytes: int
 
-    max_block_bytes: int = 64 << 20
-    max_keys: int = 4096
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    # Writes reach the backend in batches of about this many bytes: big enough to amortize a
-    # round trip, small enough that one call never holds a whole huge request.
-    batch_bytes: int = 8 << 20
-    # Reads go in windows of about this many bytes; the next window is read while this one is
-    # sent, so smaller windows overlap more and larger ones pay fewer round trips.
-    window_bytes: int = 2 << 20
 
-    def __post_init__(self) -> None:
-        for name in ("max_block_bytes", "max_keys", "chunk_bytes", "batch_bytes", "window_bytes"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+def check_unique(keys: Sequence[str]) -> None:
+    """A key asked twice in one Get would be read (and held) twice for nothing."""
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            raise InvalidArgument(f"key {key!r} appears more than once; ask for each key once")
+        seen.add(key)
 
 
 class _Counts:
@@ -54,6 +64,10 @@ class _Counts:
 
 
 class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
+    """Every backend call runs in a pool and is waited for only until the call's deadline, behind
+    a circuit breaker: a hung backend costs each caller at most its own deadline, and once the
+    breaker opens, nothing (calls answer UNAVAILABLE at once, which clients treat as a miss)."""
+
     def __init__(
         self,
         backend: StorageBackend,
@@ -61,21 +75,68 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
         limits: StoreLimits,
         metrics: StoreMetrics,
         default_ttl_s: int | None = None,
-        prefetch_threads: int = 8,
+        backend_threads: int = 16,
+        breaker: Breaker | None = None,
     ) -> None:
         self._backend = backend
         self._limits = limits
         self._metrics = metrics
         self._default_ttl_s = default_ttl_s or None
         self._counts = _Counts()
-        self._prefetch = ThreadPoolExecutor(max_workers=prefetch_threads, thread_name_prefix="get")
+        self.budget = ByteBudget(limits.max_inflight_bytes)
+        self.breaker = breaker or Breaker("the store's backend")
+        metrics.watch(self.budget, self.breaker)
+        self._io = ThreadPoolExecutor(max_workers=backend_threads, thread_name_prefix="backend")
+
+    # --- deadlines and the backend -----------------------------------------------------------
+
+    def _deadline(self, context: grpc.ServicerContext) -> float:
+        """When this call must be done: a little before the client's deadline (so the client
+        hears why: UNAVAILABLE from the backend, not its own DEADLINE_EXCEEDED), capped by
+        `max_call_s`."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            remaining = self._limits.max_call_s
+        remaining -= min(0.1, remaining / 10)
+        return time.monotonic() + min(remaining, self._limits.max_call_s)
+
+    def _submit(self, fn: Callable[..., T], *args: object) -> "Future[T]":
+        self.breaker.check()
+        return self._io.submit(fn, *args)
+
+    def _wait(self, future: "Future[T]", deadline: float) -> T:
+        """The backend's answer, or Unavailable once the call's deadline has passed.
+
+        Only slow failures trip the breaker: a refused connection costs nothing to try again
+        (and must not delay noticing that Redis is back), a backend that does not answer does.
+        """
+        started = time.monotonic()
+        try:
+            result = future.result(timeout=max(0.0, deadline - started))
+        except FutureTimeout:
+            future.cancel()  # still queued: never runs; running: its thread finishes alone
+            self.breaker.failure()
+            raise Unavailable(
+                "the store's backend did not answer before the call's deadline"
+            ) from None
+        except Unavailable:
+            if time.monotonic() - started >= SLOW_FAILURE_S:
+                self.breaker.failure()
+            raise
+        self.breaker.success()
+        return result
+
+    def _call(self, deadline: float, fn: Callable[..., T], *args: object) -> T:
+        return self._wait(self._submit(fn, *args), deadline)
+
+    # --- RPCs ----------------------------------------------------------------------------------
 
     def Lookup(
         self, request: store_pb2.LookupRequest, context: grpc.ServicerContext
     ) -> store_pb2.LookupResponse:
         keys = request.keys
         check_keys(keys, self._limits.max_keys)
-        present = self._backend.lookup(keys)
+        present = self._call(self._deadline(context), self._backend.lookup, list(keys))
         self._metrics.hits.labels("Lookup").inc(present)
         self._metrics.misses.labels("Lookup").inc(len(keys) - present)
         return store_pb2.LookupResponse(present=present)
@@ -83,75 +144,148 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
     def Get(self, request: store_pb2.GetRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         keys = list(request.keys)
         check_keys(keys, self._limits.max_keys)
-        yield from get_chunks(self._values(keys), self._limits.chunk_bytes)
+        check_unique(keys)
+        deadline = self._deadline(context)
+        yield from get_chunks(self._values(keys, deadline), self._limits.chunk_bytes)
 
-    def _values(self, keys: list[str]) -> Iterator[tuple[int, bytes | None]]:
-        """Values in request order, read in windows of about `window_bytes`.
+    def _sizes(self, keys: list[str]) -> list[int]:
+        sizes = getattr(self._backend, "sizes", None)
+        if sizes is None:  # a backend that cannot tell: assume the worst a Put may have stored
+            return [self._limits.max_block_bytes] * len(keys)
+        return [min(n, self.budget.capacity) for n in sizes(keys)]
 
-        The next window is read from the backend (in the prefetch pool) while this one is being
-        sent, so a large Get keeps Redis and the network busy at once. Window sizes follow the
-        mean value size seen so far.
+    def _plan(self, sizes: list[int]) -> list[_Window]:
+        """Windows of about `window_bytes` (at most 256 keys); a larger value goes alone."""
+        windows: list[_Window] = []
+        start = total = 0
+        for i, n in enumerate(sizes):
+            if i > start and (total + n > self._limits.window_bytes or i - start >= 256):
+                windows.append(_Window(start, i, total))
+                start, total = i, 0
+            total += n
+        windows.append(_Window(start, len(sizes), total))
+        return windows
+
+    def _values(self, keys: list[str], deadline: float) -> Iterator[tuple[int, bytes | None]]:
+        """Values in request order, read in windows whose bytes are reserved in the budget.
+
+        Value sizes are asked first (one round trip), so each window's bytes are known before it
+        is read. The next window is read while this one is sent, when its bytes fit the budget
+        at once; otherwise this window's bytes are given back first, then the next one waits.
         """
-        start, window = 0, 2
-        ahead = self._prefetch.submit(self._backend.get_many, keys[:window])
-        while ahead is not None:
-            values = ahead.result()
-            found = [v for v in values if v is not None]
-            if found:
-                mean = sum(len(v) for v in found) // len(found) or 1
-                window = max(1, min(256, self._limits.window_bytes // mean))
-            after = start + len(values)
-            ahead = None
-            if after < len(keys):
-                ahead = self._prefetch.submit(self._backend.get_many, keys[after : after + window])
-            self._counts.add(hits=len(found), misses=len(values) - len(found))
-            self._metrics.hits.labels("Get").inc(len(found))
-            self._metrics.misses.labels("Get").inc(len(values) - len(found))
-            self._metrics.sent_bytes.inc(sum(len(v) for v in found))
-            for offset, value in enumerate(values):
-                yield start + offset, value
-            start = after
+        windows = self._plan(self._call(deadline, self._sizes, keys))
+        budget = self.budget
+        reading: list[tuple[Future[list[bytes | None]], int]] = []  # (read, bytes reserved)
+
+        def read(w: _Window) -> None:
+            future = self._submit(self._backend.get_many, keys[w.start : w.end])
+            reading.append((future, w.bytes))
+
+        try:
+            budget.acquire(windows[0].bytes, deadline)
+            try:
+                read(windows[0])
+            except BaseException:
+                budget.release(windows[0].bytes)
+                raise
+            for n, w in enumerate(windows):
+                future, held = reading[0]
+                values = self._wait(future, deadline)
+                got = sum(len(v) for v in values if v is not None)
+                if got > held:  # a value grew between its size and its read
+                    budget.force(got - held)
+                    reading[0] = (future, got)
+                after = windows[n + 1] if n + 1 < len(windows) else None
+                if after is not None and budget.try_acquire(after.bytes):
+                    read(after)
+                    after = None
+                found = sum(1 for v in values if v is not None)
+                self._counts.add(hits=found, misses=len(values) - found)
+                self._metrics.hits.labels("Get").inc(found)
+                self._metrics.misses.labels("Get").inc(len(values) - found)
+                self._metrics.sent_bytes.inc(got)
+                for offset, value in enumerate(values):
+                    yield w.start + offset, value
+                del values
+                budget.release(reading.pop(0)[1])
+                if after is not None:
+                    budget.acquire(after.bytes, deadline)  # holding nothing while waiting
+                    try:
+                        read(after)
+                    except BaseException:
+                        budget.release(after.bytes)
+                        raise
+        finally:
+            for future, held in reading:  # abandoned reads give their bytes back once done
+                future.cancel()
+                future.add_done_callback(lambda _f, held=held: budget.release(held))
 
     def Put(
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> store_pb2.PutResponse:
-        assembler = BlockAssembler(self._limits.max_block_bytes)
+        deadline = self._deadline(context)
+        budget = self.budget
         pending: list[tuple[str, bytes | memoryview]] = []
-        pending_bytes = stored = 0
-        for n, message in enumerate(request_iterator):
-            for block in assembler.add(message, first=n == 0):
-                pending.append(block)
-                pending_bytes += len(block[1])
-                if pending_bytes >= self._limits.batch_bytes or len(pending) >= 256:
-                    stored += self._write(pending, assembler.ttl_s or self._default_ttl_s)
-                    pending, pending_bytes = [], 0
-        assembler.finish()
-        stored += self._write(pending, assembler.ttl_s or self._default_ttl_s)
+        pending_bytes = open_bytes = stored = 0
+        ttl_s: int | None = None
+
+        def flush() -> None:
+            nonlocal pending, pending_bytes, stored
+            try:
+                stored += self._write(pending, ttl_s, deadline)
+            finally:
+                budget.release(pending_bytes)
+                pending, pending_bytes = [], 0
+
+        def reserve(size: int) -> None:
+            nonlocal open_bytes
+            if not budget.try_acquire(size):
+                flush()  # never wait for room while holding blocks
+                budget.acquire(size, deadline)
+            open_bytes = size
+
+        assembler = BlockAssembler(self._limits.max_block_bytes, reserve)
+        try:
+            for n, message in enumerate(request_iterator):
+                for block in assembler.add(message, first=n == 0):
+                    ttl_s = assembler.ttl_s or self._default_ttl_s
+                    pending.append(block)
+                    pending_bytes += open_bytes
+                    open_bytes = 0
+                    if pending_bytes >= self._limits.batch_bytes or len(pending) >= 256:
+                        flush()
+            assembler.finish()
+            flush()
+        finally:
+            budget.release(pending_bytes + open_bytes)
         return store_pb2.PutResponse(stored=stored)
 
-    def _write(self, blocks: list[tuple[str, bytes | memoryview]], ttl_s: int | None) -> int:
+    def _write(
+        self, blocks: list[tuple[str, bytes | memoryview]], ttl_s: int | None, deadline: float
+    ) -> int:
         if not blocks:
             return 0
-        stored = self._backend.put_many(blocks, ttl_s)
+        stored = self._call(deadline, self._backend.put_many, blocks, ttl_s)
         self._counts.add(puts=stored)
         self._metrics.puts.inc(stored)
         self._metrics.received_bytes.inc(sum(len(value) for _, value in blocks))
         return stored
 
     def close(self) -> None:
-        """Stop the prefetch threads (after the server has finished its calls)."""
-        self._prefetch.shutdown(wait=True, cancel_futures=True)
+        """Stop the backend threads (after the server has finished its calls)."""
+        self._io.shutdown(wait=False, cancel_futures=True)
 
     def Delete(
         self, request: store_pb2.DeleteRequest, context: grpc.ServicerContext
     ) -> store_pb2.DeleteResponse:
         check_keys(request.keys, self._limits.max_keys)
-        return store_pb2.DeleteResponse(deleted=self._backend.delete(request.keys))
+        deleted = self._call(self._deadline(context), self._backend.delete, list(request.keys))
+        return store_pb2.DeleteResponse(deleted=deleted)
 
     def Stats(
         self, request: store_pb2.StatsRequest, context: grpc.ServicerContext
     ) -> store_pb2.StatsResponse:
-        stats = self._backend.stats()
+        stats = self._call(self._deadline(context), self._backend.stats)
         counts = self._counts
         return store_pb2.StatsResponse(
             backend=stats.backend,

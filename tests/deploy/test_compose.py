@@ -29,8 +29,13 @@ SCHEMAS = REPO / ".." / "shared" / "schemas"
 BASE = REPO / "docker-compose.yml"
 CPU = REPO / "docker-compose.cpu.yml"
 
-# What `.env` holds on a real box (docs/deploy.md); both are required, with no default.
-ENV = {"REDIS_PASSWORD": "test-redis-password", "RAY_AUTH_TOKEN": "test-ray-token"}
+# What `.env` holds on a real box (docs/deploy.md); each is required, with no default.
+ENV = {
+    "REDIS_PASSWORD": "test-redis-password",
+    "RAY_AUTH_TOKEN": "test-ray-token",
+    "STORE_AUTH_TOKEN": "test-store-token",
+    "NAMESPACE_SECRET": "test-namespace-secret",
+}
 # What docs/deploy.md tells .env to hold for the cluster profile.
 CLUSTER_URL = "redis+cluster://redis-cluster-0:7000,redis-cluster-1:7000,redis-cluster-2:7000"
 # KVPOOL_* variables that are read as such, not as a `--flag` (kvpool/config.py).
@@ -124,6 +129,26 @@ def test_redis_is_a_cache_with_a_password_from_the_environment():
     # The password is expanded by the container's shell from its environment, never written here.
     assert option(cmd, "--requirepass") == "${REDIS_PASSWORD}"
     assert "ports" not in raw, "Redis must not be published outside the compose network"
+
+
+def test_redis_does_not_run_as_root():
+    """Issue 14: `sh -c "exec redis-server"` skips the image's drop to its redis user."""
+    raw = load(BASE)["services"]["redis"]
+    assert raw.get("user") not in (None, "", "root", "0", "0:0")
+
+
+def test_the_store_token_is_its_own_and_the_gateway_is_on_loopback_by_default(gpu):
+    """Issue 14, item 5 and the insecure defaults: the store and the gateway share the store's
+    internal token, which no gateway client holds; the gateway is published on loopback."""
+    store, head = services(gpu)["store"], services(gpu)["ray-head"]
+    for svc in (store, head):
+        assert svc["environment"]["KVPOOL_STORE_AUTH_TOKEN"] == ENV["STORE_AUTH_TOKEN"]
+    assert "KVPOOL_AUTH_TOKEN" not in store["environment"]
+    assert head["environment"]["KVPOOL_NAMESPACE_SECRET"] == ENV["NAMESPACE_SECRET"]
+    assert "KVPOOL_NAMESPACE_SECRET" not in store["environment"]  # the store never sees it
+    for name, svc in services(gpu).items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
 
 
 def test_store_reaches_redis_with_the_same_password(gpu):

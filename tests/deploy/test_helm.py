@@ -33,7 +33,7 @@ SCHEMAS = REPO / ".." / "shared" / "schemas"
 RELEASE, NAMESPACE = "kvp", "inference"
 # The chart's kubeVersion floor and the newest release kubernetes-validate ships.
 KUBE_VERSIONS = ("1.27.0", "1.37.0")
-CORE_API_GROUPS = ("v1", "apps/v1", "policy/v1")
+CORE_API_GROUPS = ("v1", "apps/v1", "policy/v1", "networking.k8s.io/v1")
 
 VALUES = {
     "default": {},
@@ -399,17 +399,30 @@ def test_external_redis_uses_its_url_and_existing_secret():
     assert ref == {"name": "redis-creds", "key": "redis-password"}
 
 
-def test_auth_token_reaches_every_kvpool_process_from_a_secret():
+def test_the_store_accepts_only_its_own_token_which_no_gateway_client_holds():
+    """Issue 14, item 5: the gateway's token (a tenant's) never reaches the store; the store's
+    internal token, from its own Secret, reaches only the store and the gateway."""
+    for values in (SECURED, {}):
+        docs = render(values)
+        store_secret = one(docs, "Secret", "store-token")
+        head = head_container(docs)
+        worker = worker_group(docs)["template"]["spec"]["containers"][0]
+
+        def env(container: dict[str, Any]) -> dict[str, Any]:
+            return {e["name"]: e for e in container.get("env", [])}
+
+        for container in (store_container(docs), head):
+            ref = env(container)["KVPOOL_STORE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == store_secret["metadata"]["name"]
+        assert "KVPOOL_AUTH_TOKEN" not in env(store_container(docs))
+        ns = env(head)["KVPOOL_NAMESPACE_SECRET"]["valueFrom"]["secretKeyRef"]
+        assert ns["name"] == store_secret["metadata"]["name"] and ns["key"] in store_secret["data"]
+        assert "KVPOOL_NAMESPACE_SECRET" not in env(store_container(docs))
+        assert not {"KVPOOL_AUTH_TOKEN", "KVPOOL_STORE_AUTH_TOKEN"} & set(env(worker))
     docs = render(SECURED)
     secret = one(docs, "Secret", "auth")
-    ray_pods = [
-        raycluster(docs)["spec"]["headGroupSpec"]["template"]["spec"],
-        worker_group(docs)["template"]["spec"],
-    ]
-    kvpool_containers = [store_container(docs)] + [p["containers"][0] for p in ray_pods]
-    for container in kvpool_containers:
-        [token] = [e for e in container["env"] if e["name"] == "KVPOOL_AUTH_TOKEN"]
-        assert token["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    ref = {e["name"]: e for e in head_container(docs)["env"]}["KVPOOL_AUTH_TOKEN"]
+    assert ref["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
     assert not find(render({}), "Secret", "auth")
 
 
@@ -589,3 +602,22 @@ def test_the_openai_http_api_is_off_by_default_and_exposed_when_on():
             raycluster_validator().validate(doc)
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError):
         chart.validate_schema({"gateway": {"http": {"enabled": True, "port": 0}}})
+
+
+def test_network_policies_keep_the_store_redis_and_ray_private():
+    """Issue 14: no NetworkPolicy guarded the store, Redis or Ray's dashboard and client ports."""
+    docs = render({})
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(docs, "NetworkPolicy")}
+    store = next(s for n, s in policies.items() if n.endswith("-store"))
+    [from_pods, metrics] = store["ingress"]
+    components = from_pods["from"][0]["podSelector"]["matchExpressions"][1]["values"]
+    assert sorted(components) == ["gateway", "ray-worker"]
+    assert [p["port"] for p in from_pods["ports"]] == [50052]
+    assert "from" not in metrics and [p["port"] for p in metrics["ports"]] == [9091]
+    redis_policy = next(s for n, s in policies.items() if n.endswith("-redis"))
+    [only] = redis_policy["ingress"]
+    assert only["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "store"
+    ray = next(s for n, s in policies.items() if n.endswith("-ray"))
+    open_to_all = [rule for rule in ray["ingress"] if "from" not in rule]
+    assert [sorted(p["port"] for p in rule["ports"]) for rule in open_to_all] == [[9090, 50051]]
+    assert not find(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")

@@ -19,8 +19,9 @@ from services.store.redis_process import free_port
 class StoreProcess:
     """`kvpool store serve` in a child process, on a fixed gRPC port and /metrics port."""
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, *extra_args: str) -> None:
         self.backend = backend
+        self.extra_args = list(extra_args)  # more `kvpool store serve` flags
         self.port = free_port()
         self.metrics_port = free_port()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -32,7 +33,7 @@ class StoreProcess:
     def start(self, timeout_s: float = 60.0) -> "StoreProcess":
         argv = [sys.executable, "-m", "kvpool.cli", "store", "serve", "--backend", self.backend]
         argv += ["--port", str(self.port), "--metrics-port", str(self.metrics_port)]
-        argv += ["--grace", "1", "--log-level", "ERROR"]
+        argv += ["--grace", "1", "--log-level", "ERROR", *self.extra_args]
         env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
         self._proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
@@ -51,6 +52,27 @@ class StoreProcess:
                     self.kill()
                     raise TimeoutError("kvpool store serve did not become SERVING")
                 time.sleep(0.1)
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("the store is not running")
+        return self._proc.pid
+
+    def memory(self) -> tuple[int, int]:
+        """(resident bytes now, peak resident bytes) of the store process, from /proc."""
+        fields = {}
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "VmHWM"):
+                    fields[name] = int(value.split()[0]) * 1024  # kB
+        return fields["VmRSS"], fields["VmHWM"]
+
+    def reset_peak(self) -> None:
+        """Start the peak resident size (VmHWM) over from the current one (Linux clear_refs)."""
+        with open(f"/proc/{self.pid}/clear_refs", "w") as clear:
+            clear.write("5")
 
     def kill(self) -> None:
         """SIGKILL: a crash, with no graceful shutdown."""

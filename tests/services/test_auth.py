@@ -9,6 +9,7 @@ from services.auth import (
     client_token,
     parse_token_file,
     server_tokens,
+    store_tokens,
 )
 
 FILE = """
@@ -41,9 +42,14 @@ def test_anything_but_an_exact_bearer_token_is_refused(sent):
         ("", "no token"),
         ("# only a comment\n", "no token"),
         ("a b c\n", "line 1: expected 'TOKEN' or 'TOKEN TENANT'"),
-        ("tok\ntok other\n", "line 2: this token is listed twice"),
-        ("tok bad/tenant\n", "line 1: tenant 'bad/tenant'"),
+        (
+            "tok-0123456789abcdef\ntok-0123456789abcdef other\n",
+            "line 2: this token is listed twice",
+        ),
+        ("tok-0123456789abcdef bad/tenant\n", "line 1: tenant 'bad/tenant'"),
         ("tök\n", "line 1: a token must be visible ASCII"),
+        ("short-token acme\n", "line 1: a token must be at least 16 characters, got 11"),
+        ("#commented-token-0123 acme\n", "no token"),
     ],
 )
 def test_bad_token_files_name_the_line(text, message):
@@ -83,3 +89,17 @@ def test_tls_needs_both_cert_and_key(tmp_path):
         ServerTls.from_files(str(tmp_path / "cert.pem"), None)
     with pytest.raises(ValueError, match="cannot read the TLS certificate"):
         ServerTls.from_files(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
+
+
+def test_a_hash_inside_a_token_is_part_of_it():
+    """Issue 14: '#' anywhere cut the token there and accepted its prefix."""
+    table = parse_token_file("abcdefgh#ijklmnopqrstuvwx acme # a comment\n")
+    assert table.tenant_for("Bearer abcdefgh#ijklmnopqrstuvwx") == "acme"
+    assert table.tenant_for("Bearer abcdefgh") is None
+
+
+def test_servers_refuse_short_tokens(tmp_path):
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        server_tokens("short", None)
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        store_tokens("short", None, env={})

@@ -87,3 +87,22 @@ def test_bearer_token_guards_calls_but_not_health():
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop(0)
+
+
+def test_callers_without_a_token_cannot_tell_real_methods_from_unknown_ones():
+    """Issue 14: an unknown method answered UNIMPLEMENTED before the token was checked."""
+    server = GrpcServer([ServiceSpec("t.Slow", _register)], auth=TokenTable({"abc": ""}))
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            for method in ("/t.Slow/Slow", "/t.Slow/Nope", "/no.Such/Service"):
+                with pytest.raises(grpc.RpcError) as err:
+                    channel.unary_unary(method)(b"x", timeout=5)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+            with pytest.raises(grpc.RpcError) as err:
+                channel.unary_unary("/t.Slow/Nope")(
+                    b"x", timeout=5, metadata=(("authorization", "Bearer abc"),)
+                )
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        server.stop(0)

@@ -7,7 +7,7 @@ from services.store.client import StoreClient
 from services.store.server import StoreConfig, StoreServer
 from tests.support.tls import self_signed
 from workers.api import PromptInput, SamplingParams, WorkDone, WorkerConfig, WorkRequest
-from workers.kv.hashing import block_key, chain_hashes
+from workers.kv.hashing import Namespace, block_key, chain_hashes, tenant_salt
 from workers.worker import KVWorker
 
 TOKEN = "worker-store-token-0123456789"
@@ -64,3 +64,32 @@ def test_worker_writes_and_reads_through_a_token_and_tls(secure_store):
     finally:
         a.close()
         b.close()
+
+
+def test_with_a_namespace_secret_no_one_without_it_can_compute_a_tenants_keys(secure_store):
+    """Issue 14, item 6: with the tenant's name as the salt, anyone who could reach the store
+    computed a victim's keys, and Lookup told whether a prompt had been sent."""
+    server, ca = secure_store
+    secret = b"namespace-secret-0123456789abcdef"
+    config = WorkerConfig(
+        model="tiny-random", codec="fp16", block_tokens=16, store_target=server.target,
+        store_auth_token=TOKEN, store_tls_ca=ca, namespace_secret=secret,
+    )  # fmt: skip
+    assert secret.decode() not in repr(config)
+    worker = KVWorker(config, "keyed")
+    try:
+        prompt = tuple(worker.encode(PromptInput(prompt="A private prompt. " * 10)))
+        run(worker, WorkRequest(prompt, SamplingParams(max_new_tokens=2), tenant="victim"))
+        assert worker.flush(10)
+        info = worker.info()
+        guessed = chain_hashes(
+            Namespace(info.fingerprint, "fp16", block_tokens=16, tenant="victim"), prompt
+        )
+        keyed = chain_hashes(worker.namespace("victim"), prompt)
+        assert worker.namespace("victim").tenant == tenant_salt("victim", secret)
+        creds = channel_credentials(ca)
+        with StoreClient(server.target, auth_token=TOKEN, credentials=creds) as client:
+            assert client.lookup([block_key(h) for h in guessed]) == 0  # nothing to learn
+            assert client.lookup([block_key(h) for h in keyed]) == len(keyed)
+    finally:
+        worker.close()

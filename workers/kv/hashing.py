@@ -11,6 +11,7 @@ This module imports no torch, so the gateway can hash prompts without loading a 
 """
 
 import hashlib
+import hmac
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ _NAMESPACE_TAG = b"kvpool.namespace\x00"  # domain separation from the token cha
 _WINDOW_TAG = b"window\x00"
 _UINT32_MAX = 2**32 - 1
 _MAX_TEXT_BYTES = 1024  # a fingerprint or tenant longer than this is a caller mistake
+_TENANT_SALT_TAG = b"kvpool-tenant-salt\x00"  # HMAC input domain: never another message's bytes
 
 
 def _check_uint32(name: str, value: object, minimum: int) -> int:
@@ -103,6 +105,22 @@ class Namespace:
     def root(self) -> BlockHash:
         """h0, the parent of the first block."""
         return BlockHash(hashlib.sha256(self.canonical_bytes()).digest())
+
+
+def tenant_salt(tenant: str, secret: bytes | None) -> str:
+    """The `Namespace.tenant` salt of a tenant: HMAC-SHA-256 of its name under the deployment's
+    namespace secret (docs/block-format.md, "Tenant salt").
+
+    With the tenant's plain name as the salt, anyone who could reach the store computed a
+    victim's keys: `Lookup` told whether a prompt had been sent, and a block could be planted
+    under them (the checksum is not a MAC). Under a secret the store never sees, keys cannot be
+    computed without it. No secret (None or empty): the plain name, the keys of earlier releases.
+    A new secret is a cold cache, never a wrong one: every key changes at once.
+    """
+    if not secret:
+        return tenant
+    mac = hmac.new(secret, _TENANT_SALT_TAG + tenant.encode("utf-8"), hashlib.sha256)
+    return "hmac-sha256:" + mac.hexdigest()
 
 
 def _length_prefixed(text: str) -> bytes:

@@ -26,6 +26,9 @@
 {{- define "kvpool.auth.secretName" -}}
 {{- default (printf "%s-auth" (include "kvpool.fullname" .)) .Values.auth.existingSecret -}}
 {{- end -}}
+{{- define "kvpool.storeToken.secretName" -}}
+{{- default (printf "%s-store-token" (include "kvpool.fullname" .)) .Values.store.auth.existingSecret -}}
+{{- end -}}
 
 {{/* Labels ---------------------------------------------------------------------------------- */}}
 
@@ -130,9 +133,9 @@ lazyfree-lazy-expire yes
 {{- if eq .Values.redis.mode "external" -}}{{ ne .Values.redis.external.existingSecret "" }}{{- else if eq .Values.redis.mode "cluster" -}}{{ ne .Values.redis.cluster.existingSecret "" }}{{- else -}}true{{- end -}}
 {{- end -}}
 
-{{/* Environment shared by every kvpool process: auth token, TLS files, extra env. ----------- */}}
-
-{{- define "kvpool.commonEnv" -}}
+{{/* The gateway's client token (default tenant): the gateway and its clients (the test pod),
+     never the store or the workers. -------------------------------------------------------- */}}
+{{- define "kvpool.gatewayTokenEnv" -}}
 {{- if .Values.auth.enabled }}
 - name: KVPOOL_AUTH_TOKEN
   valueFrom:
@@ -140,6 +143,32 @@ lazyfree-lazy-expire yes
       name: {{ include "kvpool.auth.secretName" . }}
       key: {{ .Values.auth.secretKey }}
 {{- end }}
+{{- end -}}
+
+{{/* The store's internal service token: the store accepts it, the gateway presents it (and hands
+     it to its workers). Always on, its own Secret, never a token the gateway accepts. ------- */}}
+{{- define "kvpool.storeTokenEnv" -}}
+- name: KVPOOL_STORE_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "kvpool.storeToken.secretName" . }}
+      key: {{ .Values.store.auth.secretKey }}
+{{- end -}}
+
+{{/* The namespace secret that keys tenant salts: the gateway only (it hands it to its workers).
+     Optional, so an existingSecret without the key keeps plain-name salts. ----------------- */}}
+{{- define "kvpool.namespaceSecretEnv" -}}
+- name: KVPOOL_NAMESPACE_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "kvpool.storeToken.secretName" . }}
+      key: namespace-secret
+      optional: true
+{{- end -}}
+
+{{/* Environment shared by every kvpool process: TLS files, extra env. ---------------------- */}}
+
+{{- define "kvpool.commonEnv" -}}
 {{- if .Values.tls.enabled }}
 - name: KVPOOL_TLS_CERT_FILE
   value: /etc/kvpool/tls/tls.crt

@@ -29,6 +29,13 @@ class StorageBackend(Protocol):
         """How many of `keys`, from the start, are present (one round trip for the chain)."""
         ...
 
+    def sizes(self, keys: Sequence[str]) -> list[int]:
+        """The byte length of each key's value, in order; 0 for a missing key (one round trip).
+
+        The store reserves a Get window's bytes from these before it reads the window.
+        """
+        ...
+
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """The value of each key, in order; None for a missing key."""
         ...

@@ -55,6 +55,11 @@ class MemoryStore:
                     return n
             return len(keys)
 
+    def sizes(self, keys: Sequence[str]) -> list[int]:
+        now = self._clock()
+        with self._lock:
+            return [len(e.value) if (e := self._live(key, now)) else 0 for key in keys]
+
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         now = self._clock()
         out: list[bytes | None] = []

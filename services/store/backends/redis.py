@@ -5,10 +5,12 @@ whole value or nothing. Each batch is one round trip: a Lua script of `EXISTS` c
 `MGET` for reads, a pipeline with one `SET` per block for writes. Redis is meant to run as a
 cache (maxmemory, allkeys-lru, no persistence; docs/store.md): an evicted block is a miss.
 
-Connections come from a pool. A failed command is retried on a fresh connection a couple of times
-with a short jittered backoff, which is what makes the store recover by itself after a Redis
-restart. When Redis stays unreachable, calls raise `Unavailable` naming the URL (never the
-password), quickly enough for the caller to treat the store as a miss.
+Connections come from a pool. A command that fails on a broken connection is retried on a fresh
+one a couple of times with a short jittered backoff, which is what makes the store recover by
+itself after a Redis restart. A command that times out is not retried: a Redis that does not
+answer (hung, or stopped) would otherwise hold the calling thread for several timeouts. When
+Redis stays unreachable, calls raise `Unavailable` naming the URL (never the password), quickly
+enough for the caller to treat the store as a miss.
 """
 
 from collections.abc import Iterator, Sequence
@@ -20,7 +22,7 @@ from redis import exceptions as rex
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
+from kvpool.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from services.store.backends.base import BackendStats
 from services.store.backends.urls import redact_url
 
@@ -33,6 +35,14 @@ for i, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 0 then return i - 1 end
 end
 return #KEYS
+"""
+
+# The length of each value in KEYS (0 for a missing key), in one command: a Get reserves a
+# window's bytes from these before it reads the window (services/store/budget.py).
+_SIZES = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('STRLEN', key) end
+return out
 """
 
 
@@ -59,7 +69,7 @@ class RedisStore:
         url: str,
         *,
         password: str | None = None,
-        timeout_s: float = 5.0,
+        timeout_s: float = 2.0,
         max_connections: int = 64,
         retries: int = 2,
     ) -> None:
@@ -76,11 +86,16 @@ class RedisStore:
             socket_keepalive=True,
             health_check_interval=30,
             max_connections=max_connections,
-            retry=Retry(ExponentialWithJitterBackoff(cap=0.25, base=0.02), retries),
-            retry_on_error=[rex.ConnectionError, rex.TimeoutError],
+            retry=Retry(
+                ExponentialWithJitterBackoff(cap=0.25, base=0.02),
+                retries,
+                supported_errors=(rex.ConnectionError,),
+            ),
+            retry_on_error=[rex.ConnectionError],
             command_packer=_zero_copy_packer(),
         )
         self._lookup = self._client.register_script(_LOOKUP)
+        self._sizes = self._client.register_script(_SIZES)
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -92,6 +107,12 @@ class RedisStore:
             ) from exc
         except (rex.ConnectionError, rex.TimeoutError) as exc:
             raise Unavailable(f"Redis at {self.url} is unreachable ({what}): {exc}") from exc
+        except rex.NoPermissionError as exc:
+            # An ACL that lacks a command or a key pattern: retrying cannot help.
+            raise PermissionDenied(
+                f"Redis at {self.url} refused {what} for lack of a permission (NOPERM): {exc}; "
+                "see the ACL in docs/store.md"
+            ) from exc
         except rex.OutOfMemoryError as exc:
             raise ResourceExhausted(
                 f"Redis at {self.url} is full and does not evict ({what}); configure "
@@ -109,6 +130,12 @@ class RedisStore:
             return 0
         with self._errors("lookup"):
             return int(self._lookup(keys=keys))
+
+    def sizes(self, keys: Sequence[str]) -> list[int]:
+        if not keys:
+            return []
+        with self._errors("sizes"):
+            return [int(n) for n in self._sizes(keys=keys)]
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:

@@ -310,6 +310,15 @@ class RedisClusterStore:
                 return n
         return len(keys)
 
+    def sizes(self, keys: Sequence[str]) -> list[int]:
+        """Each value's length (0: missing), one STRLEN pipeline per master, in parallel; a
+        failing shard's keys read as missing, as in a Get."""
+        if not keys:
+            return []
+        replies = self._on_shards("sizes", keys, lambda key: ("STRLEN", key))
+        self._count_dropped(replies, "sizes")
+        return [reply if isinstance(reply, int) else 0 for reply in replies]
+
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []

@@ -22,15 +22,19 @@ def parse(*words: str):
     return build_parser().parse_args(["gateway", "serve", "--store", "s:1", *words])
 
 
-def test_the_store_gets_the_shared_token_before_a_tenants_file(tmp_path):
+def test_the_store_gets_its_own_token_never_one_the_gateway_accepts(tmp_path):
+    """Issue 14, item 5: the gateway's tokens (a tenant's among them) never reach the store."""
     tenants = tmp_path / "tokens"
     tenants.write_text("tenant-token-aaaaaaaa acme\n")
-    assert store_token(parse("--auth-token-file", str(tenants))) == "tenant-token-aaaaaaaa"
+    assert store_token(parse("--auth-token-file", str(tenants))) is None
     shared = parse("--auth-token-file", str(tenants), "--auth-token", "shared-token-bbbbbbbb")
-    assert store_token(shared) == "shared-token-bbbbbbbb"
+    assert store_token(shared) is None
     own = parse("--auth-token", "shared-token-bbbbbbbb", "--store-auth-token", "store-cccccccc")
     assert store_token(own) == "store-cccccccc"
     assert store_token(parse()) is None
+    reused = parse("--auth-token-file", str(tenants), "--store-auth-token", "tenant-token-aaaaaaaa")
+    with pytest.raises(ValueError, match="must not be a token the gateway accepts"):
+        gateway_settings(reused, "127.0.0.1:1", 0.0)
 
 
 def test_limits_and_auth_reach_the_settings(tmp_path, monkeypatch):
@@ -45,7 +49,7 @@ def test_limits_and_auth_reach_the_settings(tmp_path, monkeypatch):
     settings = gateway_settings(args, "127.0.0.1:1", 0.0)
     assert settings.auth is not None
     assert settings.auth.tenant_for("Bearer tenant-token-aaaaaaaa") == "acme"
-    assert settings.store_auth_token == "tenant-token-aaaaaaaa"
+    assert settings.store_auth_token is None  # kvpool serve generates the embedded store's
     assert (settings.gateway.max_prompt_tokens, settings.gateway.max_new_tokens) == (100, 10)
     assert settings.gateway.max_sessions == 7
     assert (settings.max_request_bytes, settings.max_requests_per_worker) == (64 << 10, 2)
@@ -96,9 +100,9 @@ def test_flag_defaults_are_the_settings_own(monkeypatch):
         monkeypatch.delenv(name)
     settings = gateway_settings(parse(), "s:1", 0.0)
     library = GatewaySettings(store_target="s:1")
-    # The server binary listens on every address; the library's default is loopback.
-    assert (settings.host, library.host) == ("0.0.0.0", "127.0.0.1")
-    assert replace(settings, host=library.host) == replace(
+    # Both listen on loopback unless told (issue 14: the binary used to bind 0.0.0.0).
+    assert settings.host == library.host == "127.0.0.1"
+    assert settings == replace(
         library,
         pool=replace(library.pool, worker=replace(library.pool.worker, store_target="s:1")),
     )
@@ -132,3 +136,24 @@ def test_hardening_flags_default_to_the_settings_defaults():
     assert 0 < settings.requests_per_worker < settings.pool.resources.max_concurrency
     assert args.max_queued_requests == settings.max_queued_requests
     assert args.queue_timeout == settings.queue_timeout_s
+
+
+def test_the_gateway_listens_on_loopback_unless_told(monkeypatch):
+    """Issue 14: the gateway bound 0.0.0.0 by default, with auth off."""
+    monkeypatch.delenv("KVPOOL_HOST", raising=False)
+    assert parse().host == "127.0.0.1"
+    assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
+    assert parse("--host", "0.0.0.0").host == "0.0.0.0"
+
+
+def test_the_namespace_secret_reaches_the_gateway_and_its_workers(tmp_path, monkeypatch):
+    """Issue 14, item 6: one secret keys the tenant salt in the gateway and in every worker."""
+    monkeypatch.delenv("KVPOOL_NAMESPACE_SECRET", raising=False)
+    path = tmp_path / "secret"
+    path.write_text("namespace-secret-0123456789abcdef\n")
+    settings = gateway_settings(parse("--namespace-secret-file", str(path)), "127.0.0.1:1", 0.0)
+    assert settings.gateway.namespace_secret == b"namespace-secret-0123456789abcdef"
+    assert settings.pool.worker.namespace_secret == settings.gateway.namespace_secret
+    assert gateway_settings(parse(), "127.0.0.1:1", 0.0).gateway.namespace_secret is None
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        gateway_settings(parse("--namespace-secret", "short"), "127.0.0.1:1", 0.0)

@@ -119,3 +119,43 @@ def test_live_sessions_count_until_expiry_or_delete():
     now[0] = 11.0  # s2 expired, s1 lives until 15
     assert len(live) == 1
     assert live.reserve("t", "s3", limit=2)
+
+
+def test_one_tenant_cannot_take_every_live_session():
+    """Issue 14, item 11: --max-sessions was one pool for all tenants."""
+    live = LiveSessions(ttl_s=10, per_tenant=2)
+    assert live.admit("greedy", "s1", limit=10) is None
+    assert live.admit("greedy", "s2", limit=10) is None
+    assert live.admit("greedy", "s3", limit=10) == "--max-sessions-per-tenant"
+    assert live.admit("polite", "s1", limit=10) is None
+    live.forget("greedy", "s1")
+    assert live.admit("greedy", "s3", limit=10) is None
+
+
+def test_turns_do_not_grow_the_table_without_limits():
+    """Issue 14, item 11: every turn touched its session and nothing pruned the table."""
+    now = [0.0]
+    live = LiveSessions(ttl_s=10, clock=lambda: now[0])
+    for n in range(50_000):
+        now[0] = n * 0.01  # 100 new sessions a second, each living 10 s
+        live.touch("t", f"s{n}")
+    assert len(live._expiry) <= 2 * 1024 + 1000  # about 1,000 live, plus one growth step
+
+
+def test_store_failures_do_not_leak_the_store_address(free_port):
+    """Issue 14: store addresses and Redis URLs reached gateway clients in error details."""
+    from kvpool.errors import Unavailable
+    from services.store.client import StoreClient
+
+    port = free_port()  # nothing listens there
+    with StoreClient(f"127.0.0.1:{port}", timeout_s=0.5, retries=0) as client:
+        sessions = SessionStore(client)
+        for call in (
+            lambda: sessions.find("t", "s1"),
+            lambda: sessions.delete("t", "s1"),
+            lambda: sessions.save(Session("s1", "t", (1,), 1, 0.0, 0.0)),
+        ):
+            with pytest.raises(Unavailable) as err:
+                call()
+            assert str(port) not in str(err.value) and "127.0.0.1" not in str(err.value)
+            assert "session store" in str(err.value)

@@ -80,12 +80,12 @@ def test_parse_size_units():
 def test_serve_with_a_token_file_and_tls(free_port, tmp_path):
     cert, key = self_signed(tmp_path)
     tokens = tmp_path / "tokens"
-    tokens.write_text("# the store ignores tenants\nstore-token-0123456789 internal\n")
+    tokens.write_text("# the store's internal token\nstore-token-0123456789\n")
     port = free_port()
     env = {
         "KVPOOL_PORT": str(port),
         "KVPOOL_GRACE": "1",
-        "KVPOOL_AUTH_TOKEN_FILE": str(tokens),
+        "KVPOOL_STORE_AUTH_TOKEN_FILE": str(tokens),
         "KVPOOL_TLS_CERT_FILE": str(cert),
         "KVPOOL_TLS_KEY_FILE": str(key),
     }
@@ -111,3 +111,30 @@ def test_serve_with_a_token_file_and_tls(free_port, tmp_path):
             proc.kill()
     assert proc.returncode == 0, stderr
     assert "store-token-0123456789" not in stderr
+
+
+def test_the_store_never_accepts_the_gateways_tokens(free_port):
+    """Issue 14, item 5: a tenant's token (KVPOOL_AUTH_TOKEN, as compose and Helm gave every
+    process) must not open the store; only the internal service token does."""
+    tenant, internal = "tenant-token-aaaaaaaaaaaa", "internal-token-bbbbbbbbbbbb"
+    port = free_port()
+    env = {"KVPOOL_PORT": str(port), "KVPOOL_GRACE": "1", "KVPOOL_AUTH_TOKEN": tenant}
+    env["KVPOOL_STORE_AUTH_TOKEN"] = internal
+    proc = _kvpool("store", "serve", env=env)
+    try:
+        with StoreClient(f"127.0.0.1:{port}", timeout_s=2, auth_token=tenant) as as_tenant:
+            as_tenant.wait_ready(30)
+            with pytest.raises(Unauthenticated):
+                as_tenant.lookup(["kvpool:sess:a"])
+        with StoreClient(f"127.0.0.1:{port}", timeout_s=2, auth_token=internal) as service:
+            assert service.put_many([("kvpool:sess:a", b"1")]) == 1
+    finally:
+        proc.kill()
+        proc.communicate()
+    # Only the gateway's token set: refused, rather than serving without auth.
+    env = {"KVPOOL_PORT": str(free_port()), "KVPOOL_AUTH_TOKEN": tenant}
+    env["KVPOOL_STORE_AUTH_TOKEN"] = ""
+    proc = _kvpool("store", "serve", env=env)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "KVPOOL_STORE_AUTH_TOKEN" in stderr and tenant not in stderr

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import redis
 
-from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
+from kvpool.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from services.store.backends import check_backend_spec, open_backend, redact_url
 from services.store.backends.redis import RedisStore
 from services.store.backends.redis_cluster import RedisClusterStore
@@ -170,7 +170,7 @@ def test_the_documented_acl_user_is_enough(redis_server):
     """The least-privilege user docs/store.md recommends can do everything the store does."""
     admin = redis.Redis.from_url(redis_server)
     rule = "on >pw ~kvpool:* resetchannels -@all +get +mget +set +exists +del +dbsize +info +ping"
-    rule += " +evalsha +script|load"
+    rule += " +strlen +evalsha +script|load"
     admin.execute_command("ACL", "SETUSER", "kvpool", *rule.split())
     store = RedisStore(redis_server.replace("redis://", "redis://kvpool:pw@"))
     assert store.put_many([("kvpool:blk:1", b"v")], ttl_s=60) == 1
@@ -178,8 +178,8 @@ def test_the_documented_acl_user_is_enough(redis_server):
     assert store.get_many(["kvpool:blk:1"]) == [b"v"]
     assert store.stats().keys == 1
     assert store.delete(["kvpool:blk:1"]) == 1
-    with pytest.raises(Unavailable, match="no permissions"):
-        store.put_many([("other:1", b"v")], None)  # keys outside kvpool:* are refused
+    with pytest.raises(PermissionDenied, match="no permissions"):
+        store.put_many([("other:1", b"v")], None)  # keys outside kvpool:* are refused (NOPERM)
     store.close()
 
 

@@ -13,7 +13,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from kvpool.errors import InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
+from kvpool.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 from kvpool.v1 import store_pb2, store_pb2_grpc
 from services.auth import TokenTable
 from services.store.client import StoreClient
@@ -262,3 +268,32 @@ def test_prometheus_metrics(serve, redis_server, free_port):
     ]
     for line in expected:
         assert line in text, line
+
+
+def test_a_ttl_redis_would_refuse_is_invalid_argument_not_unavailable(serve, redis_server):
+    """Issue 14: Redis' "invalid expire time" came back as UNAVAILABLE and was retried."""
+    server = serve(backend=redis_server)
+    with StoreClient(server.target, timeout_s=5) as client:
+        started = time.monotonic()
+        with pytest.raises(InvalidArgument, match=r"ttl_s \d+ is too long"):
+            client.put_many([(key(1), b"v")], ttl_s=2**62)
+        assert time.monotonic() - started < 1  # answered, not retried
+        assert client.lookup([key(1)]) == 0
+
+
+def test_a_redis_acl_refusal_is_permission_denied_not_retried(serve, redis_process):
+    """Issue 14: NOPERM came back as UNAVAILABLE, so clients retried a call that cannot work."""
+    admin = redis.Redis.from_url(redis_process.url)
+    admin.execute_command("ACL", "SETUSER", "narrow", "on", ">pw", "~other:*", "-@all", "+ping")
+    admin.close()
+    url = redis_process.url.replace("redis://", "redis://narrow:pw@")
+    server = serve(backend=url)
+    client = StoreClient(server.target, timeout_s=5, retries=3)
+    with client, pytest.raises(PermissionDenied, match="NOPERM"):
+        client.lookup([key(1)])
+    assert (
+        server.metrics.registry.get_sample_value(
+            "kvpool_store_requests_total", {"method": "Lookup", "code": "PERMISSION_DENIED"}
+        )
+        == 1  # one call: not retried
+    )

@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import hmac
 import os
 import struct
 import subprocess
@@ -170,3 +171,26 @@ def test_block_key() -> None:
         block_key(BlockHash(b"short"))
     with pytest.raises(InvalidArgument):
         as_block_hash(bytearray(32))  # type: ignore[arg-type]
+
+
+GOLDEN_ACME_SALT = "hmac-sha256:624060d6e599b7630cf46d07ae86a07725d1e60276936a8ffcbad10712f0f7df"
+
+
+def test_tenant_salt_is_a_keyed_hash_pinned_by_a_golden_value():
+    """Issue 14, item 6: the salt was the tenant's name, so anyone computed a tenant's keys."""
+    from workers.kv.hashing import tenant_salt
+
+    secret = b"deployment-secret-0123456789abcdef"
+    salt = tenant_salt("acme", secret)
+    assert (
+        salt
+        == "hmac-sha256:"
+        + hmac.new(secret, b"kvpool-tenant-salt\x00acme", hashlib.sha256).hexdigest()
+    )
+    assert salt == GOLDEN_ACME_SALT
+    assert tenant_salt("acme", b"another-secret-0123456789abcdef") != salt
+    assert tenant_salt("", secret) not in ("", salt)  # the default tenant is keyed too
+    assert tenant_salt("acme", None) == tenant_salt("acme", b"") == "acme"  # no secret: as before
+    plain = chain_hashes(Namespace("fp", "int8", block_tokens=4, tenant="acme"), range(8))
+    keyed = chain_hashes(Namespace("fp", "int8", block_tokens=4, tenant=salt), range(8))
+    assert not set(plain) & set(keyed)
