@@ -7,12 +7,12 @@ BIN := $(VENV)/bin
 # Rebuilt when the dependencies change.
 STAMP := $(VENV)/.kvpool-installed
 
-.PHONY: demo test lint proto redis-server install clean docs
+.PHONY: demo test lint proto redis-server netns-tools install clean docs
 
 demo: $(STAMP)
 	$(BIN)/kvpool demo
 
-test: $(STAMP) redis-server lint
+test: $(STAMP) redis-server netns-tools lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -43,6 +43,19 @@ redis-server:
 	  else \
 	    echo "make test needs redis-server (Redis 7). Install it, e.g. 'sudo apt-get install redis-server' or 'brew install redis', then run make test again." >&2; \
 	    exit 1; \
+	  fi; \
+	fi
+
+# The hit-path tests shape a link in a network namespace of their own (unshare -n, tc); they
+# skip with the reason when these tools are missing and you are not root to install them.
+netns-tools:
+	@if ! command -v tc >/dev/null 2>&1 || ! command -v unshare >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "tc or unshare is missing: installing iproute2 and util-linux with apt-get"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 util-linux >/dev/null; \
+	  else \
+	    echo "note: tc and unshare (iproute2, util-linux) are missing; the shaped-link tests will skip" >&2; \
 	  fi; \
 	fi
 
