@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from kvpool.errors import InvalidArgument
 from workers.api import (
@@ -35,18 +34,15 @@ from workers.api import (
 )
 from workers.chain import BlockChain, Cutter
 from workers.engine import Engine, Generation
-from workers.fetch import Fetched, fetch_run, locate, split_prefix
 from workers.kv.block import decode_block, encode_block, encoded_bytes_per_token
 from workers.kv.bounds import CacheWindow, requested_window
 from workers.kv.hashing import BlockHash, Namespace, block_key, tenant_salt
-from workers.kv.layout import blocks_to_cache
 from workers.models import load_model
 from workers.node_tier import NodeTier
-from workers.plan import CachedRun, Estimates, choose
-from workers.prefix import CachedPrefix, find_blocks, find_prefix
+from workers.plan import Estimates
 from workers.prompt import PromptEncoder, tokenizer_files
+from workers.start import Start, Starts
 from workers.tiers import BlockStore, LocalBlocks, WriteBatch, WriteBehind
-from workers.window import rebuild
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +95,18 @@ class KVWorker:
         self.node = NodeTier.for_this_node(config.store_timeout_s) if config.node_tier else None
         self.estimates = Estimates(self.loaded.device.type)
         # What one block weighs in a tier: its payload plus about 256 bytes of header.
-        self._block_bytes = 256 + int(
+        block_bytes = 256 + int(
             encoded_bytes_per_token(config.codec, self.loaded.geometry, config.block_tokens)
             * config.block_tokens
         )
         self.local = LocalBlocks(config.l1_bytes)
         self.writer = WriteBehind(
-            self._encode, self._decode, self.local, self.store,
+            self._encode, self.decode_stored, self.local, self.store,
             max_pending_blocks=config.write_queue_blocks, ttl_s=config.block_ttl_s,
             node=self.node,
         )  # fmt: skip
         self._counters = _Counters()
+        self.starts = Starts(self, block_bytes)
         self._cancelled: dict[str, None] = {}  # insertion-ordered, bounded
         self._cancel_lock = threading.Lock()
 
@@ -161,9 +158,9 @@ class KVWorker:
                 f"own), got {request.fetch_plan!r}"
             )
         start = (
-            self._start(hashes, window, len(sequence), sequence, request.fetch_plan)
+            self.starts.find(hashes, window, len(sequence), sequence, request.fetch_plan)
             if request.read_cache
-            else _Start()
+            else Start()
         )
         chunked = window is not None or self.engine.native_window is not None
         cutter = Cutter(chain, start.tokens // self.config.block_tokens, self.writer.submit)
@@ -182,7 +179,7 @@ class KVWorker:
             chunk_tokens=self.config.block_tokens if chunked else None,
             on_forward=on_forward if chunked else None,
         )  # fmt: skip
-        self._count(in_flight=1, requests=1)
+        self.count(in_flight=1, requests=1)
         prefill_started = time.perf_counter()
         first = True
         try:
@@ -203,7 +200,7 @@ class KVWorker:
         except _Cancelled:
             return
         finally:
-            self._count(in_flight=-1)
+            self.count(in_flight=-1)
         result = generation.result
         if result is None:  # pragma: no cover - the engine sets it before its iterator ends
             raise RuntimeError("generation ended without a result")
@@ -213,7 +210,7 @@ class KVWorker:
         cached = max(0, result.usage.cached_tokens - in_past)
         local = min(cached, start.local_tokens)
         node = min(cached - local, start.node_tokens)
-        self._count(
+        self.count(
             cached_local_tokens=local,
             cached_node_tokens=node,
             cached_store_tokens=cached - local - node,
@@ -244,7 +241,7 @@ class KVWorker:
         """Compute and store the full blocks of `token_ids`; returns once they are stored."""
         chain = BlockChain(self.namespace(tenant), None)
         hashes = chain.hashes(token_ids)
-        start = self._start(hashes, None, len(token_ids))
+        start = self.starts.find(hashes, None, len(token_ids))
         chunked = self.engine.native_window is not None
         # This call's own blocks, written here once computed: waiting on the shared write-behind
         # queue would also wait for every other request's blocks.
@@ -342,7 +339,7 @@ class KVWorker:
     def _encode(self, block: torch.Tensor, block_hash: BlockHash) -> bytes:
         return encode_block(block, self.config.codec, block_hash)
 
-    def _decode(self, data: bytes, block_hash: BlockHash) -> torch.Tensor:
+    def decode_stored(self, data: bytes, block_hash: BlockHash) -> torch.Tensor:
         # [layers, 2, kv_heads, block_tokens, head_dim] on the model's device: on a GPU the
         # quantized sections cross the bus and are dequantized there, a quarter of the bytes.
         return decode_block(
@@ -353,159 +350,15 @@ class KVWorker:
             device=self.loaded.device,
         )
 
-    def _cached_prefix(self, hashes: Sequence[BlockHash]) -> CachedPrefix:
-        prefix = find_prefix(hashes, self.local, self.store, self._decode, self.node,
-                             self.estimates)  # fmt: skip
-        if prefix.corrupt_blocks or prefix.store_error:
-            self._count(corrupt_blocks=prefix.corrupt_blocks, store_errors=int(prefix.store_error))
-        return prefix
-
-    def _start(
-        self,
-        hashes: list[BlockHash],
-        window: CacheWindow | None,
-        length: int,
-        sequence: Sequence[int] | None = None,
-        plan_mode: str = "",
-    ) -> "_Start":
-        """Where to start a sequence of `length` tokens: the cache rebuilt from stored blocks.
-
-        A plain cache (no window, no native sliding window) whose `sequence` is given follows
-        the fetch plan (workers.plan): fetch the cached prefix, recompute it, or both at once.
-
-        Plain caches start after the longest cached prefix. A model with a native sliding
-        window, or a windowed request, starts on a block boundary before the last token, since
-        its cache cannot be cropped back. A windowed request needs only the sink blocks and the
-        recent window's blocks at the latest such boundary; when one of those is missing, it
-        falls back to the plain prefix before the first eviction and recomputes the rest.
-        """
-        block_tokens = self.config.block_tokens
-        usable = len(hashes)
-        if window is not None or self.engine.native_window is not None:
-            usable = min(usable, (length - 1) // block_tokens)
-        if window is not None:
-            boundary = self._window_boundary(hashes[:usable], window)
-            if boundary:
-                needed = window.blocks_for_state(boundary)
-                found = find_blocks({i: hashes[i] for i in needed}, self.local, self.store,
-                                    self._decode, self.node)  # fmt: skip
-                if found.corrupt_blocks or found.store_error:
-                    self._count(corrupt_blocks=found.corrupt_blocks,
-                                store_errors=int(found.store_error))  # fmt: skip
-                if len(found.blocks) == len(needed):
-                    past = rebuild(found.blocks, boundary, window, self.engine.rerotator(),
-                                   self.loaded.model.config)  # fmt: skip
-                    tokens = boundary * block_tokens
-                    local = tokens if found.local_blocks == len(needed) else 0
-                    return _Start(past, tokens, local, plan="fetch")
-            usable = min(usable, window.plain_blocks)  # the blocks before the first eviction
-        if window is None and self.engine.native_window is None and sequence is not None:
-            return self._planned_start(
-                hashes[:usable], sequence, plan_mode or self.config.fetch_plan
-            )
-        prefix = self._cached_prefix(hashes[:usable])
-        if not prefix.blocks:
-            return _Start()
-        past = blocks_to_cache(prefix.blocks, self.loaded.model.config)
-        tokens = len(prefix.blocks) * block_tokens
-        return _Start(
-            past, tokens, prefix.local_blocks * block_tokens, prefix.node_blocks * block_tokens,
-            plan="fetch" if prefix.node_blocks + prefix.store_blocks else "none",
-        )  # fmt: skip
-
-    def _planned_start(
-        self, hashes: list[BlockHash], sequence: Sequence[int], mode: str
-    ) -> "_Start":
-        """The cache per the fetch plan chosen for this prompt (workers.plan)."""
-        size = self.config.block_tokens
-        found = locate(hashes, self.local, self.node, self.store, self.estimates)
-        run = CachedRun(
-            block_tokens=size,
-            prompt_tokens=len(sequence),
-            local_blocks=len(found.local),
-            node_blocks=len(found.node_refs),
-            store_blocks=found.store_blocks,
-            block_bytes=self._block_bytes,
-        )
-        plan = choose(run, self.estimates, mode)
-        log.debug(
-            "fetch plan %s: %d tokens, cached blocks L1 %d node %d store %d, split at %d, "
-            "predicted %s", plan.kind, len(sequence), run.local_blocks, run.node_blocks,
-            run.store_blocks, plan.split_block,
-            {k: round(v * 1000, 1) for k, v in plan.predicted_s.items()},
-        )  # fmt: skip
-        local = len(found.local)
-
-        def fetch(first: int) -> Fetched:
-            return fetch_run(found, hashes, first, self.node, self.store, self._decode,
-                             self.local, self.estimates)  # fmt: skip
-
-        config = self.loaded.model.config
-        fetched = Fetched([])
-        recomputed = 0
-        if plan.kind == "split":
-            split = plan.split_block
-            past, fetched, _ = split_prefix(
-                self.loaded.model, found.local, sequence[local * size : split * size],
-                lambda: fetch(split),
-            )  # fmt: skip
-            recomputed = (split - local) * size
-            tokens = (split + len(fetched.blocks)) * size
-        else:
-            if plan.kind == "fetch":
-                fetched = fetch(local)
-            elif plan.kind == "recompute":
-                recomputed = (run.cached_blocks - local) * size
-            blocks = found.local + fetched.blocks
-            past = blocks_to_cache(blocks, config) if blocks else None
-            tokens = len(blocks) * size
-        if fetched.corrupt_blocks or fetched.store_error or found.store_error:
-            self._count(corrupt_blocks=fetched.corrupt_blocks,
-                        store_errors=int(fetched.store_error or found.store_error))  # fmt: skip
-        return _Start(
-            past, tokens, local * size, fetched.node_blocks * size, plan=plan.kind,
-            recomputed_tokens=recomputed,
-        )  # fmt: skip
-
-    def _window_boundary(self, hashes: list[BlockHash], window: CacheWindow) -> int:
-        """The latest block boundary after the first eviction whose window is cached, or 0.
-
-        The latest boundary is tried first, then earlier ones, as far back as a window's worth of
-        blocks: a session's next turn usually finds every block of its previous turn, but not the
-        one block that its new input completes. Only hashes are looked up here; blocks are
-        fetched once the boundary is chosen.
-        """
-        latest = len(hashes)
-        span = 2 * (window.max_cache_tokens // window.block_tokens) + 2
-        earliest = max(latest - span, window.plain_blocks)
-        if earliest > latest:
-            return 0
-        # The recent blocks of every candidate boundary start at or after `low`.
-        low = window.first_recent_block(earliest)
-        run = hashes[low:latest]
-        present = 0
-        for block_hash in run:  # the leading run held in L1
-            if block_hash not in self.local:
-                break
-            present += 1
-        if present < len(run) and self.store is not None:
-            try:
-                present = max(present, self.store.lookup([block_key(h) for h in run]))
-            except Exception as exc:
-                log.warning("store lookup failed, treating as a miss: %s", exc)
-                self._count(store_errors=1)
-        boundary = low + present
-        return boundary if boundary >= earliest else 0
-
     def _store_prefix_blocks(self, hashes: Sequence[BlockHash]) -> int:
         try:
             return self.store.lookup([block_key(h) for h in hashes]) if self.store else 0
         except Exception as exc:
             log.warning("store lookup after prefill failed: %s", exc)
-            self._count(store_errors=1)
+            self.count(store_errors=1)
             return 0
 
-    def _count(self, **deltas: int) -> None:
+    def count(self, **deltas: int) -> None:
         c = self._counters
         with c.lock:
             for name, delta in deltas.items():
@@ -514,15 +367,3 @@ class KVWorker:
 
 class _Cancelled(Exception):
     """Raised between prefill chunks of a request whose caller cancelled it."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Start:
-    """A cache to continue from, the tokens it stands for, and how many came from L1."""
-
-    past: DynamicCache | None = None
-    tokens: int = 0
-    local_tokens: int = 0
-    node_tokens: int = 0
-    plan: str = "none"
-    recomputed_tokens: int = 0  # in `past` (a split) or left to the engine (recompute)
