@@ -26,7 +26,15 @@ class ResourceExhausted(KvpoolError):
 
 
 class Unavailable(KvpoolError):
-    """A dependency (Redis, the store, a worker) cannot be reached right now; retrying may help."""
+    """A dependency (Redis, the store, a worker) cannot be reached right now; retrying may help.
+
+    `retry_after_s`, when set, says how long a retry is pointless (an open circuit breaker):
+    servers send it as gRPC's `grpc-retry-pushback-ms`, and clients do not retry sooner.
+    """
+
+    def __init__(self, message: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DataLoss(KvpoolError):

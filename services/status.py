@@ -73,10 +73,28 @@ def error_from_rpc(err: grpc.RpcError, what: str) -> errors.KvpoolError:
     return cls(f"{what}: {code.name}: {details}")
 
 
+def retry_pushback_s(err: grpc.RpcError) -> float | None:
+    """The seconds a server asked its client to wait before retrying (`grpc-retry-pushback-ms`)."""
+    if not isinstance(err, grpc.Call):
+        return None
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-retry-pushback-ms":
+            try:
+                return int(value) / 1000.0
+            except ValueError:
+                return None
+    return None
+
+
 def _finish(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
     """End the call with the status for `exc`; `context.abort` raises, so this never returns."""
     code = code_for(exc)
     if code is not None:
+        retry_after_s = getattr(exc, "retry_after_s", None)
+        if retry_after_s is not None:  # gRPC's name for "do not retry before this"
+            context.set_trailing_metadata(
+                (("grpc-retry-pushback-ms", str(int(retry_after_s * 1000))),)
+            )
         context.abort(code, str(exc))
     existing = context.code()  # the servicer called context.abort itself
     if existing is not None and existing != grpc.StatusCode.OK:

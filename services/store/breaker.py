@@ -43,6 +43,8 @@ class Breaker:
         self._lock = threading.Lock()
         self._failures = 0
         self._open_until = 0.0
+        # Told True when the circuit opens and False when it closes (metrics; outside the lock).
+        self.on_change: Callable[[bool], None] = lambda is_open: None
 
     @property
     def is_open(self) -> bool:
@@ -60,17 +62,25 @@ class Breaker:
                 # probe that never reports back cannot keep the circuit open for good).
                 self._open_until = now + self._cooldown_s
                 return
+            retry_after_s = self._open_until - now
         raise Unavailable(
             f"{self.name} failed {self._threshold} times in a row; "
-            f"not waiting on it for {self._cooldown_s:g} s (circuit open)"
+            f"not waiting on it for {self._cooldown_s:g} s (circuit open)",
+            retry_after_s=retry_after_s,
         )
 
     def success(self) -> None:
         with self._lock:
+            was_open = self._failures >= self._threshold
             self._failures = 0
+        if was_open:
+            self.on_change(False)
 
     def failure(self) -> None:
         with self._lock:
             self._failures += 1
+            opened = self._failures == self._threshold
             if self._failures >= self._threshold:
                 self._open_until = self._clock() + self._cooldown_s
+        if opened:
+            self.on_change(True)

@@ -36,7 +36,7 @@ from kvpool.errors import DataLoss, Unavailable
 from kvpool.v1 import store_pb2, store_pb2_grpc
 from services.auth import call_metadata
 from services.grpc_server import message_options
-from services.status import error_from_rpc
+from services.status import error_from_rpc, retry_pushback_s
 from services.store.breaker import Breaker
 from services.store.chunks import (
     DEFAULT_CHUNK_BYTES,
@@ -148,7 +148,12 @@ class StoreClient:
                 code = err.code()  # type: ignore[attr-defined]
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     self.breaker.failure()  # a store that does not answer: stop waiting on it
-                if code != grpc.StatusCode.UNAVAILABLE or n == self._retries:
+                pushback = retry_pushback_s(err)  # the store's breaker is open: not before then
+                if (
+                    code != grpc.StatusCode.UNAVAILABLE
+                    or n == self._retries
+                    or (pushback is not None and time.monotonic() + pushback >= deadline)
+                ):
                     raise error_from_rpc(err, f"store {what} at {self.target}") from err
             else:
                 self.breaker.success()
@@ -156,6 +161,7 @@ class StoreClient:
             # Equal jitter: at least half the exponential step, so retries still spread out.
             step = min(self._max_backoff_s, self._backoff_s * 2**n)
             pause = step / 2 + random.uniform(0, step / 2)
+            pause = max(pause, pushback or 0.0)
             if time.monotonic() + pause >= deadline:
                 break
             time.sleep(pause)

@@ -5,7 +5,10 @@ Each `StoreMetrics` has its own registry, so several servers in one process (tes
 when Prometheus scrapes, so they cost nothing between scrapes and are never stale.
 """
 
-from collections.abc import Iterator
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Protocol
@@ -28,6 +31,8 @@ class _Sized(Protocol):
 
 
 class _Opens(Protocol):
+    on_change: Callable[[bool], None]
+
     @property
     def is_open(self) -> bool: ...
 
@@ -124,17 +129,36 @@ class StoreMetrics:
         self.port = 0
 
     def watch(self, budget: _Sized, breaker: _Opens) -> None:
-        """Export the servicer's bytes in flight and whether its backend circuit is open."""
-        Gauge(
+        """Export the servicer's bytes in flight and whether its backend circuit is open.
+
+        Under `--processes N` each child's values go through prometheus_client's multiprocess
+        files, which a callback gauge never writes: the circuit's state is set when it changes,
+        and the bytes in flight are sampled every half second by a thread of their own.
+        """
+        inflight = Gauge(
             "kvpool_store_inflight_bytes",
             "value bytes held for calls now (bounded by --max-inflight-bytes)",
             registry=self.registry,
-        ).set_function(lambda: budget.used)
-        Gauge(
+            multiprocess_mode="livesum",
+        )
+        circuit = Gauge(
             "kvpool_store_backend_circuit_open",
             "1 while backend calls fail fast after repeated failures",
             registry=self.registry,
-        ).set_function(lambda: float(breaker.is_open))
+            multiprocess_mode="livemax",
+        )
+        circuit.set(float(breaker.is_open))
+        breaker.on_change = lambda is_open: circuit.set(float(is_open))
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            inflight.set_function(lambda: budget.used)
+            return
+
+        def sample() -> None:
+            while True:
+                inflight.set(budget.used)
+                time.sleep(0.5)
+
+        threading.Thread(target=sample, name="kvpool-store-inflight", daemon=True).start()
 
     def observe_call(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         """A `services.status.CallObserver`: counts the call and records its latency."""

@@ -7,6 +7,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -14,6 +17,35 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.store.redis_process import free_port
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a store with --processes N is a parent and N children)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:  # a thread that ended meanwhile
+                continue
+            todo.extend(int(child) for child in children)
+    return found
+
+
+@contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """SIGSTOP the process and its children for the block (hung, not refused: the kernel still
+    accepts connections); SIGCONT always, even when the block fails."""
+    pids = process_tree(pid)
+    for each in pids:
+        os.kill(each, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for each in pids:
+            os.kill(each, signal.SIGCONT)
 
 
 class StoreProcess:

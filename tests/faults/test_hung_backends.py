@@ -3,34 +3,20 @@ accepted by the kernel and never answered, unlike a refused connection) costs ca
 their deadline, then nothing: calls fail fast as misses, and the store's /metrics still answers.
 """
 
-import os
-import signal
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
 from kvpool.errors import KvpoolError
 from services.store.client import StoreClient
-from tests.faults.support import StoreProcess, metric, wait_for
+from tests.faults.support import StoreProcess, metric, stopped, wait_for
 from tests.support.redis import RedisProcess, require_redis_server
 
 pytestmark = pytest.mark.integration
 
 DEADLINE_S = 1.0
 SLACK_S = 0.5  # scheduling on a busy 2-core machine
-
-
-@contextmanager
-def stopped(pid: int) -> Iterator[None]:
-    """SIGSTOP the process for the block; SIGCONT always, even when the block fails."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 def _timed(call) -> tuple[float, BaseException | None]:

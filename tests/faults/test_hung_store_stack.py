@@ -2,13 +2,11 @@
 requests through the gateway still complete, as misses, with the no-cache output, and each pays
 at most about one store deadline: the workers' breakers then turn store calls into misses."""
 
-import os
-import signal
 import time
 
 import pytest
 
-from tests.faults.support import wait_for
+from tests.faults.support import stopped, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -28,17 +26,14 @@ def test_requests_complete_as_misses_while_the_store_hangs(stack):
     baseline = time.monotonic() - started
     assert warm.usage["cached_tokens_by_tier"]["store"] > 0
 
-    os.kill(stack.store.pid, signal.SIGSTOP)
     took = []
-    try:
+    with stopped(stack.store.pid):  # every store process, under --processes N
         for _ in range(4):
             started = time.monotonic()
             done = client.generate(prompt=DOC, max_new_tokens=6)
             took.append(time.monotonic() - started)
             assert done.token_ids == reference.token_ids
             assert done.usage["cached_tokens_by_tier"]["store"] == 0
-    finally:
-        os.kill(stack.store.pid, signal.SIGCONT)
     # At most one store deadline per request (the lookup), never the retries' several; once a
     # worker's breaker is open, none.
     assert max(took) <= baseline + STORE_TIMEOUT_S + 3.0, (baseline, took)

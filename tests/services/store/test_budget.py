@@ -44,3 +44,20 @@ def test_breaker_opens_after_threshold_failures_and_lets_one_probe_per_cooldown(
     breaker.success()
     assert not breaker.is_open
     breaker.check()
+
+
+def test_an_open_breaker_says_when_to_retry_and_reports_its_state():
+    now = [0.0]
+    changes: list[bool] = []
+    breaker = Breaker("redis", threshold=2, cooldown_s=1.0, clock=lambda: now[0])
+    breaker.on_change = changes.append
+    breaker.failure()
+    assert changes == []
+    breaker.failure()  # opens
+    now[0] = 0.25
+    with pytest.raises(Unavailable) as refused:
+        breaker.check()
+    assert refused.value.retry_after_s == pytest.approx(0.75)  # the rest of the cooldown
+    breaker.failure()  # already open: no second report
+    breaker.success()
+    assert changes == [True, False]
