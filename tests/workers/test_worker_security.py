@@ -78,7 +78,7 @@ def test_with_a_namespace_secret_no_one_without_it_can_compute_a_tenants_keys(se
     assert secret.decode() not in repr(config)
     worker = KVWorker(config, "keyed")
     try:
-        prompt = tuple(worker.encode(PromptInput(prompt="A private prompt. " * 10)))
+        prompt = tuple(worker.prompts.encode_input(PromptInput(prompt="A private prompt. " * 10)))
         run(worker, WorkRequest(prompt, SamplingParams(max_new_tokens=2), tenant="victim"))
         assert worker.flush(10)
         info = worker.info()

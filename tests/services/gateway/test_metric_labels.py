@@ -1,19 +1,18 @@
 """Issue 14, item 11: the `tenant` label takes a bounded set of values, whatever tenants callers
 name (one layer: the gateway's metrics, rendered as Prometheus would scrape them)."""
 
-from types import SimpleNamespace
-
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.gateway.api import Usage
 from services.gateway.metrics import MAX_TENANT_LABELS, OTHER_TENANT, GatewayMetrics
 
 
 def test_tenants_beyond_the_cap_share_one_label():
     metrics = GatewayMetrics()
-    usage = SimpleNamespace(
+    usage = Usage(
         prompt_tokens=10, cached_local_tokens=0, cached_store_tokens=0, completion_tokens=2,
-        bounded=False, evicted_tokens=0, ttft_ms=5.0,
+        ttft_ms=5.0, tokens_per_s=1.0, worker="w", session_id="", failovers=0,
     )  # fmt: skip
     for n in range(10 * MAX_TENANT_LABELS):
         tenant = f"tenant-{n}"
