@@ -9,20 +9,40 @@ worker orchestrates and this module owns the hit path's choices.
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+import torch
 from transformers import DynamicCache
 
+from workers.api import WorkerConfig
+from workers.engine import Engine
 from workers.fetch import Fetched, fetch_run, locate, split_prefix
 from workers.kv.bounds import CacheWindow
 from workers.kv.hashing import BlockHash, block_key
 from workers.kv.layout import blocks_to_cache
-from workers.plan import CachedRun, choose
+from workers.models import LoadedModel
+from workers.node_tier import NodeTier
+from workers.plan import CachedRun, Estimates, choose
 from workers.prefix import CachedPrefix, find_blocks, find_prefix
+from workers.tiers import BlockStore, LocalBlocks
 from workers.window import rebuild
 
-if TYPE_CHECKING:
-    from workers.worker import KVWorker
+
+class _Worker(Protocol):
+    """What a start is found with: the worker's model, tiers, estimates and counters."""
+
+    config: WorkerConfig
+    engine: Engine
+    loaded: LoadedModel
+    local: LocalBlocks
+    node: NodeTier | None
+    store: BlockStore | None
+    estimates: Estimates
+
+    def decode_stored(self, data: bytes, block_hash: BlockHash) -> torch.Tensor: ...
+
+    def count(self, **deltas: int) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +62,7 @@ class Start:
 class Starts:
     """Finds a request's start in the tiers of one worker (its L1, node tier and store)."""
 
-    def __init__(self, worker: "KVWorker", block_bytes: int) -> None:
+    def __init__(self, worker: _Worker, block_bytes: int) -> None:
         self.w = worker
         self.block_bytes = block_bytes  # one encoded block, header included: the plan's weight
 

@@ -6,10 +6,7 @@ also be set as `KVPOOL_SOME_FLAG`; the flag wins. `kvpool serve` shares these fl
 """
 
 import argparse
-import dataclasses
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from kvpool.config import env_default
@@ -18,240 +15,19 @@ from services.auth_flags import (
     add_server_flags,
     add_store_client_flags,
 )
+from services.gateway.flags import (
+    FIELD_DEFAULT,
+    SETTINGS_FLAGS,
+    THREADS,
+    build_settings,
+    format_size,
+    setting_fields,
+)
 from services.gateway.settings import GatewaySettings
 from services.store.cli import parse_size
-from workers.api import PLAN_MODES, ActorResources
-
-FIELD_DEFAULT: Any = object()  # a SettingFlag's default: the setting's own
-THREADS = ActorResources().max_concurrency  # a worker actor's threads for requests
+from workers.api import ActorResources
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class SettingFlag:
-    """A flag that sets one field of `GatewaySettings` (a dotted path, e.g. `pool.worker.codec`).
-
-    Its default is that field's default (`default` only where the command's differs on purpose),
-    and its help ends with it, so neither is written twice. `gateway_settings` copies every row.
-    """
-
-    name: str
-    setting: str
-    help: str
-    type: Callable[[str], Any] | None = None
-    default: Any = FIELD_DEFAULT
-    to_setting: Callable[[Any], Any] = lambda value: value
-    choices: tuple[str, ...] | None = None
-
-
-def _off_when_zero(value: Any) -> Any:
-    return value or None
-
-
-# One row per settings flag; a new setting gets a row here (or a line in NOT_FLAGS, with why).
-SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
-    SettingFlag(
-        "--host",
-        "host",
-        "address the gateway listens on (0.0.0.0 serves the network: turn auth on first)",
-    ),
-    SettingFlag("--port", "port", "gateway gRPC port (0 picks a free one)", int),
-    SettingFlag(
-        "--http-port",
-        "http_port",
-        "serve the OpenAI-compatible HTTP API (/v1/chat/completions, ...) on this port, "
-        "next to gRPC (0: off)",
-        int,
-        default=0,  # the setting's None; 0 is a free port there, off here
-        to_setting=_off_when_zero,
-    ),
-    SettingFlag("--workers", "pool.workers", "worker actors to start", int),
-    SettingFlag("--model", "pool.worker.model", "smollm2-135m, tiny-random, a HF id or a path"),
-    SettingFlag(
-        "--device", "pool.worker.device", "worker device (default: cuda when it sees a GPU)"
-    ),
-    SettingFlag(
-        "--codec", "pool.worker.codec", "block codec: fp16, bf16, int8, fp8, int4, int4-g64"
-    ),
-    SettingFlag("--block-tokens", "pool.worker.block_tokens", "tokens per stored block", int),
-    SettingFlag(
-        "--l1-bytes", "pool.worker.l1_bytes", "per-worker L1 of decoded blocks", parse_size
-    ),
-    SettingFlag(
-        "--node-tier-bytes",
-        "pool.node_tier_bytes",
-        "per-node tier (L2) of encoded blocks in Ray's object store, shared by the node's "
-        "workers and outliving them (0: none; docs/hitpath.md)",
-        parse_size,
-    ),
-    SettingFlag(
-        "--fetch-plan",
-        "pool.worker.fetch_plan",
-        "how a worker uses a cached prefix: auto picks fetch, recompute or both at once from "
-        "live measurements; fetch or recompute forces one (docs/hitpath.md)",
-        choices=PLAN_MODES,
-    ),
-    SettingFlag(
-        "--write-queue-blocks",
-        "pool.worker.write_queue_blocks",
-        "blocks a worker may hold for write-behind before it drops new ones",
-        int,
-    ),
-    SettingFlag(
-        "--block-ttl",
-        "pool.worker.block_ttl_s",
-        "TTL in seconds of stored blocks (0: the store's)",
-        int,
-        default=0,  # the setting's None: the store's default TTL
-        to_setting=_off_when_zero,
-    ),
-    SettingFlag(
-        "--session-ttl", "session_ttl_s", "seconds a session lives after its last turn", int
-    ),
-    SettingFlag(
-        "--route-load-penalty-tokens",
-        "route_load_penalty_tokens",
-        "routing: one request in flight costs this many cached prefix tokens",
-        int,
-    ),
-    SettingFlag(
-        "--max-failovers",
-        "gateway.max_failovers",
-        "times one stream may move to another worker",
-        int,
-    ),
-    SettingFlag(
-        "--token-timeout",
-        "gateway.token_timeout_s",
-        "seconds a worker may stay silent, before it starts a request or between two tokens, "
-        "before it is replaced",
-        float,
-    ),
-    SettingFlag(
-        "--prefill-timeout",
-        "gateway.prefill_timeout_s",
-        "seconds from a worker starting a request to its first token; past it the request "
-        "fails with RESOURCE_EXHAUSTED and is not retried elsewhere",
-        float,
-    ),
-    SettingFlag("--max-concurrent-rpcs", "max_concurrent_rpcs", "gRPC calls served at once", int),
-    # Limits (docs/gateway.md, "Limits").
-    SettingFlag(
-        "--max-prompt-tokens",
-        "gateway.max_prompt_tokens",
-        "longest prompt, session history included, even with a bounded cache "
-        "(0: the model's context)",
-        int,
-    ),
-    SettingFlag(
-        "--max-new-tokens",
-        "gateway.max_new_tokens",
-        "largest max_new_tokens a request may ask for (0: no limit)",
-        int,
-    ),
-    SettingFlag(
-        "--max-stop-strings", "gateway.max_stop_strings", "stop strings one request may give", int
-    ),
-    SettingFlag(
-        "--max-stop-chars", "gateway.max_stop_chars", "longest stop string, in characters", int
-    ),
-    SettingFlag("--max-request-bytes", "max_request_bytes", "largest request message", parse_size),
-    SettingFlag(
-        "--max-requests-per-worker",
-        "max_requests_per_worker",
-        f"requests one worker runs at once, at most its {THREADS} threads; more wait at the "
-        f"gateway (0: {THREADS})",
-        int,
-    ),
-    SettingFlag(
-        "--max-queued-requests",
-        "max_queued_requests",
-        "requests that may wait for a worker; more get RESOURCE_EXHAUSTED",
-        int,
-    ),
-    SettingFlag(
-        "--queue-timeout",
-        "queue_timeout_s",
-        "seconds a request waits for a worker before RESOURCE_EXHAUSTED",
-        float,
-    ),
-    SettingFlag(
-        "--max-sessions",
-        "gateway.max_sessions",
-        "live sessions this gateway keeps (0: no limit)",
-        int,
-    ),
-    SettingFlag(
-        "--max-sessions-per-tenant",
-        "gateway.max_sessions_per_tenant",
-        "live sessions one tenant may hold, so one cannot lock the others out (0: no limit but "
-        "--max-sessions)",
-        int,
-    ),
-    # Bounded sessions (docs/gateway.md, "Bounded sessions"): requests may override both.
-    SettingFlag(
-        "--max-cache-tokens",
-        "gateway.max_cache_tokens",
-        "bound each request's KV cache: keep --sink-tokens plus the most recent tokens "
-        "(0: unbounded)",
-        int,
-    ),
-    SettingFlag(
-        "--sink-tokens", "gateway.sink_tokens", "first tokens a bounded cache always keeps", int
-    ),
-    SettingFlag("--metrics-port", "metrics_port", "Prometheus /metrics port (0: off)", int),
-    SettingFlag("--grace", "grace_s", "seconds in-flight streams get on shutdown", float),
-)
-
-# Fields no SettingFlag sets: filled by `gateway_settings` from other flags, or left at their
-# default on purpose. A test fails when a field of GatewaySettings is in neither place.
-NOT_FLAGS: dict[str, str] = {
-    "store_target": "--store, or the stack's own store (kvpool serve)",
-    "auth": "--auth-token, --auth-token-file",
-    "tls": "--tls-cert-file, --tls-key-file",
-    "store_auth_token": "--store-auth-token(-file), else the gateway's own token",
-    "store_tls_ca": "--tls-ca-file",
-    "store_timeout_s": "the default: a deadline on every store call",
-    "pool.resources.num_gpus": "--worker-gpus (default: 1 when the cluster has GPUs)",
-    "pool.resources.num_cpus": "--worker-cpus (0 for a GPU worker)",
-    "pool.resources.max_concurrency": "the default: generations sharing one model",
-    "pool.start_timeout_s": "the default: a model load in a fresh process",
-    "pool.replace_dead": "the default: dead workers are replaced",
-    "pool.worker.node_tier": "--node-tier-bytes above 0",
-    "pool.worker.namespace_secret": "--namespace-secret(-file)",
-    "gateway.namespace_secret": "--namespace-secret(-file)",
-    "pool.replace_attempts": "the default: tries to start one replacement",
-    "pool.replace_backoff_s": "the default: first wait between those tries (doubling)",
-    "pool.worker.store_target": "GatewayServer hands the store's address to the workers",
-    "pool.worker.store_timeout_s": "GatewayServer hands store_timeout_s to the workers",
-    "pool.worker.store_auth_token": "GatewayServer hands the store's token to the workers",
-    "pool.worker.store_tls_ca": "GatewayServer hands the store's CA to the workers",
-    "pool.worker.retain_freed_memory": "the default (workers.actor.retain_freed_memory)",
-}
-
-
-def setting_fields(cls: type = GatewaySettings, prefix: str = "") -> dict[str, Any]:
-    """Every leaf field of `cls` as a dotted path, with its default (MISSING when it has none)."""
-    found: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        path = prefix + f.name
-        factory = f.default_factory
-        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
-            found |= setting_fields(factory, path + ".")  # type: ignore[arg-type]
-        elif factory is not dataclasses.MISSING:
-            found[path] = factory()
-        else:
-            found[path] = f.default
-    return found
-
-
-def format_size(size: int) -> str:
-    """1073741824 -> '1GiB': the largest unit that divides `size`."""
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size and size % scale == 0:
-            return f"{size // scale}{unit}"
-    return str(size)
 
 
 def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True) -> None:
@@ -411,19 +187,7 @@ def gateway_settings(
         "store_auth_token": store_auth_token or store_token(args),
         "store_tls_ca": read_pem(getattr(args, "tls_ca_file", None), "TLS CA certificate"),
     }
-    return _build(GatewaySettings, values)
-
-
-def _build(cls: Any, values: dict[str, Any], prefix: str = "") -> Any:
-    """`cls` with the fields `values` names (dotted paths), nested records built alike."""
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        path = prefix + f.name
-        if path in values:
-            kwargs[f.name] = values[path]
-        elif dataclasses.is_dataclass(f.default_factory):
-            kwargs[f.name] = _build(f.default_factory, values, path + ".")
-    return cls(**kwargs)
+    return build_settings(GatewaySettings, values)
 
 
 def run(args: argparse.Namespace) -> int:

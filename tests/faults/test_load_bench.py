@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kvpool.bench.load import Record, percentile, summarize
+from kvpool.bench.load_report import Record, percentile, summarize
 from kvpool.cli import main
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ def rigged_for_split(worker) -> Estimates:
     est = Estimates("cpu", weight=1.0)
     est.observe_prefill(1000, 128, 1.0)  # 1 ms per token: 16 ms per block
     est.observe_latency("store", 0.0)
-    est.observe_fetch("store", worker._block_bytes * 100, 1.6)  # 16 ms per block
+    est.observe_fetch("store", worker.starts.block_bytes * 100, 1.6)  # 16 ms per block
     return est
 
 

@@ -6,14 +6,8 @@ from dataclasses import replace
 import pytest
 
 from kvpool.cli import build_parser
-from services.gateway.cli import (
-    NOT_FLAGS,
-    SETTINGS_FLAGS,
-    check_args,
-    gateway_settings,
-    setting_fields,
-    store_token,
-)
+from services.gateway.cli import check_args, gateway_settings, store_token
+from services.gateway.flags import NOT_FLAGS, SETTINGS_FLAGS, setting_fields
 from services.gateway.settings import GatewaySettings
 from tests.support.tls import self_signed
 
