@@ -21,6 +21,7 @@ from services.gateway.cli import (
 )
 from services.store.cli import parse_size
 from services.store.processes import AUTO_MAX_PROCESSES, Supervision, process_count
+from services.store.settings import StoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         None,
         help="Redis password when not in the --redis URL (prefer env KVPOOL_REDIS_PASSWORD)",
     )
-    flag("--store-port", 50052, type=int, help="the embedded KVStore's port (default 50052)")
+    port = StoreConfig().port
+    flag("--store-port", port, type=int, help=f"the embedded KVStore's port (default {port})")
     flag(
         "--store-host",
-        "127.0.0.1",
+        StoreConfig().host,
         help="address the embedded KVStore listens on (default 127.0.0.1; give this node's "
         "address or 0.0.0.0 when RAY_ADDRESS puts workers on other machines)",
     )
+    # Twice the standalone store's: here the store shares its process with the gateway and is
+    # the only tier of blocks shared across restarts of a worker.
     flag("--store-memory-bytes", "2GiB", type=parse_size, help="memory backend's byte bound")
     flag(
         "--store-processes",

@@ -20,11 +20,10 @@ from services.gateway.flags import (
     SETTINGS_FLAGS,
     THREADS,
     build_settings,
-    format_size,
     setting_fields,
 )
 from services.gateway.settings import GatewaySettings
-from services.store.cli import parse_size
+from services.store.cli import format_size, parse_size
 from workers.api import ActorResources
 
 log = logging.getLogger(__name__)

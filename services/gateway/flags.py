@@ -237,14 +237,6 @@ def setting_fields(cls: type = GatewaySettings, prefix: str = "") -> dict[str, A
     return found
 
 
-def format_size(size: int) -> str:
-    """1073741824 -> '1GiB': the largest unit that divides `size`."""
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size and size % scale == 0:
-            return f"{size // scale}{unit}"
-    return str(size)
-
-
 def build_settings(cls: Any, values: dict[str, Any], prefix: str = "") -> Any:
     """`cls` with the fields `values` names (dotted paths), nested records built alike."""
     kwargs = {}

@@ -12,7 +12,9 @@ from kvpool.config import env_default
 from services.auth_flags import add_store_server_flags
 from services.store.limits import StoreLimits
 from services.store.processes import AUTO_MAX_PROCESSES, Supervision
+from services.store.settings import StoreConfig
 
+_CONFIG = StoreConfig()  # every flag's default is its field's
 _LIMITS = StoreLimits()
 
 _SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|K|M|G)?", re.IGNORECASE)
@@ -30,25 +32,53 @@ def parse_size(text: str) -> int:
     return int(match[1]) * _UNITS[(match[2] or "").lower()]
 
 
+def format_size(size: int) -> str:
+    """1073741824 -> '1GiB': the largest unit that divides `size`."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     def flag(name: str, default: object, **kwargs: object) -> None:
         parser.add_argument(name, default=env_default(name, default), **kwargs)  # type: ignore[arg-type]
 
     flag(
         "--backend",
-        "memory",
+        _CONFIG.backend,
         help="'memory' (in-process LRU) or a Redis URL: redis://[user:password@]host:port/db, "
         "rediss://... (TLS), unix:///path/to/socket, or a Redis Cluster: "
         "redis+cluster://[user:password@]host:port[,host:port...] (rediss+cluster:// for TLS) "
-        "(default: memory)",
+        f"(default: {_CONFIG.backend})",
     )
-    flag("--host", "127.0.0.1", help="address to listen on (0.0.0.0 in containers)")
-    flag("--port", 50052, type=int, help="gRPC port (0 picks a free one; default 50052)")
+    flag("--host", _CONFIG.host, help="address to listen on (0.0.0.0 in containers)")
+    flag(
+        "--port",
+        _CONFIG.port,
+        type=int,
+        help=f"gRPC port (0 picks a free one; default {_CONFIG.port})",
+    )
     flag("--ttl", 0, type=int, help="default TTL in seconds of stored blocks (0: none)")
-    flag("--max-block-bytes", "64MiB", type=parse_size, help="largest block a Put may store")
-    flag("--max-keys", 4096, type=int, help="most keys in one Lookup, Get or Delete")
-    flag("--max-memory-bytes", "1GiB", type=parse_size, help="memory backend's byte bound")
-    flag("--chunk-bytes", "1MiB", type=parse_size, help="piece size of streamed values")
+    flag(
+        "--max-block-bytes",
+        format_size(_LIMITS.max_block_bytes),
+        type=parse_size,
+        help="largest block a Put may store",
+    )
+    flag("--max-keys", _LIMITS.max_keys, type=int, help="most keys in one Lookup, Get or Delete")
+    flag(
+        "--max-memory-bytes",
+        format_size(_CONFIG.max_memory_bytes),
+        type=parse_size,
+        help="memory backend's byte bound",
+    )
+    flag(
+        "--chunk-bytes",
+        format_size(_LIMITS.chunk_bytes),
+        type=parse_size,
+        help="piece size of streamed values",
+    )
     flag(
         "--max-inflight-bytes",
         str(_LIMITS.max_inflight_bytes),
@@ -77,8 +107,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     add_store_server_flags(parser)  # docs/store.md, "Security"
     flag("--metrics-port", 0, type=int, help="Prometheus /metrics port (0: off)")
-    flag("--grace", 10.0, type=float, help="seconds in-flight calls get on shutdown")
-    flag("--max-workers", 16, type=int, help="concurrent calls served (per process)")
+    flag("--grace", _CONFIG.grace_s, type=float, help="seconds in-flight calls get on shutdown")
+    flag(
+        "--max-workers",
+        _CONFIG.max_workers,
+        type=int,
+        help="concurrent calls served (per process)",
+    )
     flag(
         "--max-queued-rpcs",
         _LIMITS.max_queued_rpcs,

@@ -7,55 +7,17 @@ server.stop()                  # health NOT_SERVING, in-flight calls finish (gra
 """
 
 import logging
-from dataclasses import dataclass, field
 
 from kvpool.errors import KvpoolError
-from services.auth import ServerTls, TokenTable
 from services.grpc_server import GrpcServer, ServiceSpec
 from services.status import ErrorInterceptor
-from services.store.backends import StorageBackend, check_backend_spec, open_backend, redact_url
+from services.store.backends import StorageBackend, open_backend, redact_url
 from services.store.chunks import MESSAGE_MARGIN_BYTES, SERVICE_NAME
 from services.store.metrics import StoreMetrics
-from services.store.service import KVStoreServicer, StoreLimits, add_to_server
-from services.watchdog import ConnectionLimits
+from services.store.service import KVStoreServicer, add_to_server
+from services.store.settings import StoreConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class StoreConfig:
-    backend: str = "memory"  # "memory" or redis://, rediss://, unix:// URL
-    host: str = "127.0.0.1"
-    port: int = 50052  # 0: let gRPC pick a free port
-    ttl_s: int | None = None  # default TTL of a Put that names none; None: keep until evicted
-    limits: StoreLimits = field(default_factory=StoreLimits)
-    max_memory_bytes: int = 1 << 30  # memory backend only
-    redis_password: str | None = None  # when not in the URL (keeps it out of process listings)
-    metrics_port: int = 0  # 0: no /metrics endpoint
-    grace_s: float = 10.0
-    max_workers: int = 16
-    auth: TokenTable | None = None  # when set, calls need `authorization: Bearer <token>`
-    tls: ServerTls | None = None  # when set, serve TLS only
-    reuse_port: bool = False  # SO_REUSEPORT: set in each process of `--processes N`
-
-    def __post_init__(self) -> None:
-        check_backend_spec(self.backend)
-        if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
-            raise ValueError("ports must be between 0 and 65535")
-        if self.ttl_s is not None and self.ttl_s < 0:
-            raise ValueError(f"ttl_s must be positive (or None for no TTL), got {self.ttl_s}")
-        if self.max_memory_bytes <= 0 or self.grace_s < 0 or self.max_workers <= 0:
-            raise ValueError("max_memory_bytes and max_workers must be positive, grace_s >= 0")
-
-    @property
-    def connections(self) -> ConnectionLimits:
-        return ConnectionLimits(
-            # The servicer ends its calls at max_call_s itself; this is the backstop.
-            max_call_s=self.limits.max_call_s + 1.0,
-            idle_s=self.limits.idle_s,
-            max_queued_rpcs=self.limits.max_queued_rpcs,
-            stream_window_bytes=self.limits.stream_window_bytes,
-        )
 
 
 class StoreServer:
