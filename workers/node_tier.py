@@ -22,7 +22,7 @@ borrowing), so eviction never breaks a read in progress.
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from workers.api import NodeTierStats
@@ -144,11 +144,14 @@ def actor_name(node_id: str) -> str:
     return ACTOR_NAME_PREFIX + node_id
 
 
-def start_node_tiers(capacity_bytes: int = DEFAULT_NODE_TIER_BYTES) -> dict[str, Any]:
-    """One node tier actor on every live node of the Ray cluster (existing ones are reused).
+def start_node_tiers(
+    capacity_bytes: int = DEFAULT_NODE_TIER_BYTES, skip: Collection[str] = ()
+) -> dict[str, Any]:
+    """One node tier actor on every live node of the Ray cluster but those in `skip`.
 
-    The caller owns the actors it creates: they live as long as the caller's process. Returns
-    node id -> actor handle.
+    The caller owns the actors it creates: they live as long as the caller holds the handles
+    returned here, so it must keep them (a second handle got by name does not keep an actor
+    alive). Returns node id -> actor handle, for the nodes not skipped.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -158,6 +161,8 @@ def start_node_tiers(capacity_bytes: int = DEFAULT_NODE_TIER_BYTES) -> dict[str,
         if not node.get("Alive"):
             continue
         node_id = node["NodeID"]
+        if node_id in skip:
+            continue
         handles[node_id] = (
             ray.remote(NodeTierActor)
             .options(

@@ -170,7 +170,10 @@ class WorkerPool:
         """
         if self.config.node_tier_bytes and self.config.worker.node_tier:
             try:
-                self._node_tiers.update(start_node_tiers(self.config.node_tier_bytes))
+                # Only new nodes: replacing a handle we own with one got by name would drop the
+                # tier's last owning handle, and Ray would end it with every block it held.
+                fresh = start_node_tiers(self.config.node_tier_bytes, skip=set(self._node_tiers))
+                self._node_tiers.update(fresh)
             except Exception as exc:  # workers then run without L2, as on a node without one
                 log.warning("could not start the node tiers: %s", exc)
 
