@@ -193,7 +193,7 @@ class OpenAIApp:
             if req.stream:
                 # The first item decides the status: a limit or a bad prompt is still a 4xx.
                 present, first = await unless_disconnected(request.receive, stream.next, cancelled)
-                if not present:
+                if not present or cancelled.is_set():
                     self.metrics.disconnects.labels(route).inc()
                     return Response(status_code=499)  # nobody is left to read it
                 handed_over = True
@@ -203,12 +203,17 @@ class OpenAIApp:
             present, result = await unless_disconnected(
                 request.receive, lambda: self._collect(stream), cancelled
             )
-            if not present or result is None:
+            # `cancelled` is set only by the disconnect watcher here: the stream may have ended
+            # (cut short by that very cancel) just before the watcher's cancel reached us.
+            if not present or result is None or cancelled.is_set():
                 self.metrics.disconnects.labels(route).inc()
                 return Response(status_code=499)
             text, finished = result
             return JSONResponse(shape.whole(text, finished))
         except Exception as exc:
+            if cancelled.is_set():  # the stream ended unfinished because its client had left
+                self.metrics.disconnects.labels(route).inc()
+                return Response(status_code=499)
             return error_response(exc)
         finally:
             if not handed_over:
