@@ -45,6 +45,7 @@ class Stack:
         self.store: StoreServer | StoreSupervisor | None = None
         self._gateway: GatewayServer | None = None
         self._remote_ray = False
+        self._store_on_loopback = True  # set by start_store from the store's listen address
 
     def start_store(
         self, config: StoreConfig, *, processes: int = 1, log_level: str = "INFO"
