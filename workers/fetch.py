@@ -15,12 +15,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
 
 from kvpool.errors import DataLoss
+from workers.kv.assembly import Assembly, Refused
 from workers.kv.hashing import BlockHash, block_key
 from workers.kv.layout import blocks_to_cache
 from workers.node_tier import NodeTier
@@ -48,11 +49,82 @@ class Located:
 
 @dataclass(slots=True)
 class Fetched:
-    blocks: list[torch.Tensor]  # the run fetched, in order, each [L, 2, H, T, D]
     node_blocks: int = 0
     store_blocks: int = 0
     corrupt_blocks: int = 0
     store_error: bool = False
+
+    @property
+    def blocks(self) -> int:
+        return self.node_blocks + self.store_blocks
+
+
+class Sink(Protocol):
+    """Where `fetch_run` puts each block it fetched, in order."""
+
+    def add(self, data: Any, block_hash: BlockHash, tier: str) -> None:
+        """Verify and take one value read from `tier` ("node" or "store"); DataLoss if refused."""
+
+    def finish(self) -> Refused | None:
+        """After the last `add`: the first block (counted from this sink's first) refused late,
+        where verification finishes only once the whole run is in (on a GPU); or None."""
+
+
+class Decoded:
+    """Decodes each value to its own tensor and adds it to L1 (the windowed and plain paths)."""
+
+    def __init__(self, decode: Decode, local: LocalBlocks) -> None:
+        self._decode, self._local = decode, local
+        self.blocks: list[torch.Tensor] = []  # each [L, 2, H, T, D]
+
+    def add(self, data: Any, block_hash: BlockHash, tier: str) -> None:
+        block = self._decode(data, block_hash)
+        self._local.put(block_hash, block)
+        self.blocks.append(block)
+
+    def finish(self) -> Refused | None:
+        return None  # `decode` checked each block as it went
+
+
+class Assembled:
+    """Decodes each value into its slice of an `Assembly`, as the values arrive (a planned hit).
+
+    What L1 and the node tier should keep of the run is only remembered here; `keep` hands it to
+    the write-behind thread, so copying it never delays the first token.
+    """
+
+    def __init__(self, into: Assembly) -> None:
+        self.into = into
+        self._first = into.blocks
+        self._hashes: list[BlockHash] = []
+        self._from_store: list[tuple[str, Any]] = []
+
+    def add(self, data: Any, block_hash: BlockHash, tier: str) -> None:
+        self.into.add_encoded(data, block_hash)
+        self._hashes.append(block_hash)
+        if tier == "store":
+            self._from_store.append((block_key(block_hash), data))
+
+    def finish(self) -> Refused | None:
+        refused = self.into.finish()
+        if refused is None:
+            return None
+        return Refused(refused.index - self._first, refused.error)
+
+    def keep(self, writer: "Keeper") -> None:
+        """Queue the run's blocks for L1 and its store blocks for the node tier."""
+        good = self.into.blocks - self._first
+        blocks = [(h, self.into.block(self._first + i)) for i, h in enumerate(self._hashes[:good])]
+        shared = self._from_store[: max(0, good - (len(self._hashes) - len(self._from_store)))]
+        writer.keep(blocks, shared)
+
+
+class Keeper(Protocol):
+    """Takes a fetched run in the background: blocks for L1, store values for the node tier."""
+
+    def keep(
+        self, blocks: list[tuple[BlockHash, torch.Tensor]], shared: list[tuple[str, Any]]
+    ) -> bool: ...
 
 
 def locate(
@@ -92,76 +164,121 @@ def fetch_run(
     start: int,
     node: NodeTier | None,
     store: BlockStore | None,
-    decode: Decode,
-    local: LocalBlocks,
+    sink: Sink,
     estimates: Estimates | None = None,
 ) -> Fetched:
-    """Fetch and decode blocks [start, found.cached_blocks) (start >= L1's run); add them to L1."""
-    out = Fetched([])
+    """Fetch blocks [start, found.cached_blocks) (start >= L1's run) into `sink`, in order.
+
+    Store values are handed on as they arrive (`get_iter`), so decoding overlaps the transfer.
+    """
+    out = Fetched()
     node_start = len(found.local)
     node_end = node_start + len(found.node_refs)
-    first = max(start, node_start)
-    if first < node_end and node is not None:
-        started = time.perf_counter()
-        nbytes = 0
-        try:
-            values = node.read(found.node_refs[first - node_start :])
-        except Exception as exc:  # owner gone or object lost: a shorter prefix
-            log.warning("node tier read failed, treating as a miss: %s", exc)
-            out.store_error = True
-            return out
-        for index, value in enumerate(values, start=first):
-            block = _verified(value, hashes[index], decode, node, out)
-            if block is None:
-                return out
-            nbytes += len(value)
-            local.put(hashes[index], block)
-            out.blocks.append(block)
-            out.node_blocks += 1
-        if estimates is not None:
-            estimates.observe_fetch("node", nbytes, time.perf_counter() - started)
-    first = max(start, node_end)
-    end = found.cached_blocks
-    if first < end and store is not None:
-        keys = [block_key(h) for h in hashes[first:end]]
-        started = time.perf_counter()
-        try:
-            stored = store.get_many(keys)
-        except Exception as exc:  # store down or slow: compute instead
-            log.warning("store get failed, treating as a miss: %s", exc)
-            out.store_error = True
-            return out
-        nbytes = 0
-        for index, key in enumerate(keys, start=first):
-            data = stored.get(key)
-            if data is None:  # evicted between lookup and get
-                break
-            block = _verified(data, hashes[index], decode, store, out)
-            if block is None:
-                break
-            nbytes += len(data)
-            local.put(hashes[index], block)
-            out.blocks.append(block)
-            out.store_blocks += 1
-        if estimates is not None:
-            estimates.observe_fetch("store", nbytes, time.perf_counter() - started)
+    if start < node_end and node is not None:
+        refs = found.node_refs[start - node_start :]
+        whole = _fetch_node(refs, hashes[start:node_end], node, sink, out, estimates)
+    else:
+        whole = True
+    first, end = max(start, node_end), found.cached_blocks
+    if whole and first < end and store is not None:
+        _fetch_store(hashes[first:end], store, sink, out, estimates)
+    _finished(sink, out, hashes[start:], node, store)
     return out
 
 
-def _verified(
-    data: Any, block_hash: BlockHash, decode: Decode, tier: Any, out: Fetched
-) -> torch.Tensor | None:
+def _fetch_node(
+    refs: Sequence[Any],
+    hashes: Sequence[BlockHash],
+    node: NodeTier,
+    sink: Sink,
+    out: Fetched,
+    estimates: Estimates | None,
+) -> bool:
+    """The node tier's run into `sink`; True when every block of it arrived and verified."""
+    started = time.perf_counter()
     try:
-        return decode(data, block_hash)
+        values = node.read(refs)
+    except Exception as exc:  # owner gone or object lost: a shorter prefix
+        log.warning("node tier read failed, treating as a miss: %s", exc)
+        out.store_error = True
+        return False
+    nbytes = 0
+    for value, block_hash in zip(values, hashes, strict=True):
+        if not _verified(sink, value, block_hash, node, "node", out):
+            return False
+        nbytes += len(value)
+        out.node_blocks += 1
+    if estimates is not None:
+        estimates.observe_fetch("node", nbytes, time.perf_counter() - started)
+    return True
+
+
+def _fetch_store(
+    hashes: Sequence[BlockHash],
+    store: BlockStore,
+    sink: Sink,
+    out: Fetched,
+    estimates: Estimates | None,
+) -> None:
+    """The store's run into `sink`, each value as it arrives; a shorter run on any error."""
+    keys = [block_key(h) for h in hashes]
+    started = time.perf_counter()
+    nbytes = 0
+    try:
+        for (_, data), block_hash in zip(store.get_iter(keys), hashes, strict=False):
+            if data is None:  # evicted between lookup and get
+                break
+            if not _verified(sink, data, block_hash, store, "store", out):
+                break
+            nbytes += len(data)
+            out.store_blocks += 1
+    except Exception as exc:  # store down or slow: compute the rest instead
+        log.warning("store get failed, treating as a miss: %s", exc)
+        out.store_error = True
+        return
+    if estimates is not None:
+        estimates.observe_fetch("store", nbytes, time.perf_counter() - started)
+
+
+def _finished(
+    sink: Sink,
+    out: Fetched,
+    hashes: Sequence[BlockHash],
+    node: NodeTier | None,
+    store: BlockStore | None,
+) -> None:
+    """Let the sink finish; a block it refuses now ends the run there (hashes: the run's)."""
+    refused = sink.finish()
+    if refused is None:
+        return
+    bad = refused.index
+    key = block_key(hashes[bad])
+    log.warning("refusing cached block %s: %s", key, refused.error)
+    out.corrupt_blocks += 1
+    _forget(node if bad < out.node_blocks else store, key)
+    out.store_blocks = max(0, min(out.store_blocks, bad - out.node_blocks))
+    out.node_blocks = min(out.node_blocks, bad)
+
+
+def _verified(
+    sink: Sink, data: Any, block_hash: BlockHash, tier: Any, tier_name: str, out: Fetched
+) -> bool:
+    try:
+        sink.add(data, block_hash, tier_name)
+        return True
     except DataLoss as exc:
         key = block_key(block_hash)
         out.corrupt_blocks += 1
         log.warning("refusing cached block %s: %s", key, exc)
-        try:
-            tier.delete([key])
-        except Exception as delete_exc:  # hygiene; the next reader verifies again anyway
-            log.warning("could not delete refused block %s: %s", key, delete_exc)
-        return None
+        _forget(tier, key)
+        return False
+
+
+def _forget(tier: Any, key: str) -> None:
+    try:
+        tier.delete([key])
+    except Exception as exc:  # hygiene; the next reader verifies again anyway
+        log.warning("could not delete refused block %s: %s", key, exc)
 
 
 @torch.inference_mode()
@@ -169,7 +286,7 @@ def split_prefix(
     model: Any,
     local_blocks: Sequence[torch.Tensor],
     recompute_ids: Sequence[int],
-    fetch: Callable[[], Fetched],
+    fetch: Callable[[], tuple[Fetched, Assembly]],
 ) -> tuple[DynamicCache, Fetched, float]:
     """Recompute `recompute_ids` after L1's blocks while `fetch` runs on a thread; join both.
 
@@ -177,7 +294,7 @@ def split_prefix(
     holds once the recompute is done. Returns the joined cache, what was fetched (a short fetch
     leaves a shorter prefix, still contiguous) and the seconds the recompute took.
     """
-    result: list[Fetched] = []
+    result: list[tuple[Fetched, Assembly]] = []
     failure: list[BaseException] = []
     device = next(model.parameters()).device
     # On CUDA the fetch's copies and decoding go on a stream of their own, so they overlap the
@@ -207,9 +324,8 @@ def split_prefix(
         torch.cuda.current_stream(device).wait_stream(side)
     if failure:
         raise failure[0]
-    fetched = result[0]
-    if fetched.blocks:
-        kv = torch.cat(fetched.blocks, dim=3)  # [L, 2, H, fetched tokens, D]
-        for index in range(kv.shape[0]):
-            cache.update(kv[index, 0].unsqueeze(0), kv[index, 1].unsqueeze(0), index)
+    fetched, assembly = result[0]
+    if assembly.blocks:
+        for index, (keys, values) in enumerate(assembly.layers()):
+            cache.update(keys, values, index)  # appends: one copy, onto the recomputed blocks
     return cache, fetched, recompute_s

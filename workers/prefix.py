@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpool.errors import DataLoss
-from workers.fetch import fetch_run, locate
+from workers.fetch import Decoded, fetch_run, locate
 from workers.kv.hashing import BlockHash, block_key
 from workers.node_tier import NodeTier
 from workers.plan import Estimates
@@ -53,9 +53,10 @@ def find_prefix(
     Blocks fetched from the node tier or the store are added to L1: this worker now holds them.
     """
     found = locate(hashes, local, node, store, estimates)
-    fetched = fetch_run(found, hashes, len(found.local), node, store, decode, local, estimates)
+    decoded = Decoded(decode, local)
+    fetched = fetch_run(found, hashes, len(found.local), node, store, decoded, estimates)
     return CachedPrefix(
-        tuple(found.local + fetched.blocks),
+        tuple(found.local + decoded.blocks),
         local_blocks=len(found.local),
         store_blocks=fetched.store_blocks,
         corrupt_blocks=fetched.corrupt_blocks,

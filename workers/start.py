@@ -16,7 +16,9 @@ from transformers import DynamicCache
 
 from workers.api import WorkerConfig
 from workers.engine import Engine
-from workers.fetch import Fetched, fetch_run, locate, split_prefix
+from workers.fetch import Assembled, Fetched, Keeper, fetch_run, locate, split_prefix
+from workers.kv.assembly import Assembly
+from workers.kv.block import Staging
 from workers.kv.bounds import CacheWindow
 from workers.kv.hashing import BlockHash, block_key
 from workers.kv.layout import blocks_to_cache
@@ -38,6 +40,9 @@ class _Worker(Protocol):
     node: NodeTier | None
     store: BlockStore | None
     estimates: Estimates
+
+    staging: Staging | None  # pinned host memory for block payloads bound for a GPU
+    writer: Keeper  # takes copies of fetched blocks for L1 and the node tier, in the background
 
     def decode_stored(self, data: bytes, block_hash: BlockHash) -> torch.Tensor: ...
 
@@ -145,29 +150,36 @@ class Starts:
         )  # fmt: skip
         local = len(found.local)
 
-        def fetch(first: int) -> Fetched:
-            return fetch_run(found, hashes, first, self.w.node, self.w.store, self.w.decode_stored,
-                             self.w.local, self.w.estimates)  # fmt: skip
+        def fetch(first: int, base: Sequence[torch.Tensor]) -> tuple[Fetched, Assembly]:
+            """Blocks [first, cached) decoded as they arrive into one assembly, after `base`."""
+            fetching = run.cached_blocks - first if plan.kind != "recompute" else 0
+            into = Assembly(self.w.loaded.geometry, size, len(base) + fetching,
+                            self.w.loaded.device, self.w.staging)  # fmt: skip
+            for block in base:
+                into.add(block)
+            if not fetching:
+                return Fetched(), into
+            sink = Assembled(into)
+            fetched = fetch_run(found, hashes, first, self.w.node, self.w.store, sink,
+                                self.w.estimates)  # fmt: skip
+            sink.keep(self.w.writer)  # L1 and the node tier take copies in the background
+            return fetched, into
 
-        config = self.w.loaded.model.config
-        fetched = Fetched([])
         recomputed = 0
         if plan.kind == "split":
             split = plan.split_block
             past, fetched, _ = split_prefix(
                 self.w.loaded.model, found.local, sequence[local * size : split * size],
-                lambda: fetch(split),
+                lambda: fetch(split, ()),
             )  # fmt: skip
             recomputed = (split - local) * size
-            tokens = (split + len(fetched.blocks)) * size
+            tokens = (split + fetched.blocks) * size
         else:
-            if plan.kind == "fetch":
-                fetched = fetch(local)
-            elif plan.kind == "recompute":
+            if plan.kind == "recompute":
                 recomputed = (run.cached_blocks - local) * size
-            blocks = found.local + fetched.blocks
-            past = blocks_to_cache(blocks, config) if blocks else None
-            tokens = len(blocks) * size
+            fetched, into = fetch(local, found.local)
+            past = into.cache(self.w.loaded.model.config) if into.blocks else None
+            tokens = into.blocks * size
         if fetched.corrupt_blocks or fetched.store_error or found.store_error:
             self.w.count(corrupt_blocks=fetched.corrupt_blocks,
                         store_errors=int(fetched.store_error or found.store_error))  # fmt: skip

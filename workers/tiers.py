@@ -11,8 +11,9 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -28,6 +29,10 @@ class BlockStore(Protocol):
     def lookup(self, keys: Sequence[str]) -> int: ...
 
     def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]: ...
+
+    def get_iter(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
+        """(key, value or None if missing) for every key, in order, each as soon as it arrives."""
+        ...
 
     def put_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int | None = None) -> int: ...
 
@@ -123,6 +128,17 @@ class LocalBlocks:
 WriteBatch = list[tuple[BlockHash, torch.Tensor]]
 
 
+@dataclass(frozen=True, slots=True)
+class _Keep:
+    """A fetched run to keep: blocks (views of the run's cache) for L1, store values for L2."""
+
+    blocks: WriteBatch
+    shared: list[tuple[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
 class WriteBehind:
     """A background thread that encodes completed blocks, puts them in the node tier and the
     store, and adds them to L1.
@@ -144,7 +160,7 @@ class WriteBehind:
         self._encode, self._decode = encode, decode
         self._local, self._store, self._ttl_s = local, store, ttl_s
         self._node = node
-        self._queue: queue.Queue[WriteBatch | None] = queue.Queue()
+        self._queue: queue.Queue[WriteBatch | _Keep | None] = queue.Queue()
         self._max_pending = max_pending_blocks
         self._pending = 0
         self._submitted = self._stored = self._dropped = self._failed = 0
@@ -163,6 +179,20 @@ class WriteBehind:
             self._pending += len(batch)
             self._submitted += len(batch)
         self._queue.put(batch)
+        return True
+
+    def keep(self, blocks: WriteBatch, shared: list[tuple[str, Any]]) -> bool:
+        """Queue a fetched run: copies of `blocks` (already decoded, views of a cache being
+        used) go to L1, and `shared` (encoded values read from the store) to the node tier, so
+        the node's other workers find them there. Never blocks; False when it was dropped."""
+        if not blocks:
+            return True
+        with self._lock:
+            if self._pending + len(blocks) > self._max_pending:
+                self._dropped += len(blocks)
+                return False
+            self._pending += len(blocks)
+        self._queue.put(_Keep(blocks, shared))
         return True
 
     def write(self, batch: WriteBatch) -> int:
@@ -202,7 +232,10 @@ class WriteBehind:
                 return
             stored = failed = 0
             try:
-                stored, failed = self._write(batch)
+                if isinstance(batch, _Keep):
+                    self._keep(batch)
+                else:
+                    stored, failed = self._write(batch)
             except Exception:  # the thread must survive anything one batch does
                 log.exception("write-behind batch of %d blocks failed", len(batch))
                 failed = len(batch)
@@ -211,6 +244,16 @@ class WriteBehind:
                 self._stored += stored
                 self._failed += failed
                 self._lock.notify_all()
+
+    def _keep(self, run: _Keep) -> None:
+        for block_hash, block in run.blocks:
+            # A copy: the view would pin the whole run's tensor for as long as L1 holds one block.
+            self._local.put(block_hash, block.clone())
+        if self._node is not None and run.shared:
+            try:
+                self._node.put_many(run.shared)
+            except Exception as exc:  # a later store read, never a failed request
+                log.warning("node tier put of %d fetched blocks failed: %s", len(run.shared), exc)
 
     def _write(self, batch: WriteBatch) -> tuple[int, int]:
         items: list[tuple[str, bytes]] = []

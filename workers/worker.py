@@ -37,6 +37,7 @@ from workers.engine import Engine, Generation
 from workers.kv.block import decode_block, encode_block, encoded_bytes_per_token
 from workers.kv.bounds import CacheWindow, requested_window
 from workers.kv.hashing import BlockHash, Namespace, block_key, tenant_salt
+from workers.kv.staging import PinnedRing
 from workers.models import load_model
 from workers.node_tier import NodeTier
 from workers.plan import Estimates
@@ -94,6 +95,8 @@ class KVWorker:
             )
         self.node = NodeTier.for_this_node(config.store_timeout_s) if config.node_tier else None
         self.estimates = Estimates(self.loaded.device.type)
+        # Block payloads bound for a GPU go through pinned memory allocated once (kv.staging).
+        self.staging = PinnedRing() if self.loaded.device.type == "cuda" else None
         # What one block weighs in a tier: its payload plus about 256 bytes of header.
         block_bytes = 256 + int(
             encoded_bytes_per_token(config.codec, self.loaded.geometry, config.block_tokens)
@@ -298,6 +301,12 @@ class KVWorker:
         """Wait until every block cut so far is written (tests; shutdown)."""
         return self.writer.flush(timeout_s)
 
+    def forget_local(self, timeout_s: float = 30.0) -> None:
+        """Empty L1 once the write-behind queue is done (which may still be filling it with
+        copies of a fetched run): benchmarks and tests start each cold run from here."""
+        self.writer.flush(timeout_s)
+        self.local.clear()
+
     def stats(self) -> WorkerStats:
         c = self._counters
         with c.lock:
@@ -348,6 +357,7 @@ class KVWorker:
             geometry=self.loaded.geometry,
             block_tokens=self.config.block_tokens,
             device=self.loaded.device,
+            staging=self.staging,
         )
 
     def _store_prefix_blocks(self, hashes: Sequence[BlockHash]) -> int:

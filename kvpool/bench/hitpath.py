@@ -192,7 +192,7 @@ def measure(args: argparse.Namespace, lengths: list[int], rates: list[float]) ->
             misses = [ttft(a, ids, read_cache=False).ttft_ms]
             for w in (b, c):  # each learns its own prefill rate at this length
                 misses.append(ttft(w, ids, read_cache=False).ttft_ms)
-                w.local.clear()
+                w.forget_local()
             miss_ms = statistics.median(misses)
             a.flush(600)
             for rate in rates:
@@ -200,15 +200,15 @@ def measure(args: argparse.Namespace, lengths: list[int], rates: list[float]) ->
                     shape_port(store.port, rate or None)
                 for tier, w in (("node", b), ("store", c)):
                     for _ in range(2):
-                        w.local.clear()
+                        w.forget_local()
                         ttft(w, probe, fetch_plan="fetch")
                     fetches, autos = [], []
                     for _ in range(args.repeats):  # alternating, so both see the same load
-                        w.local.clear()
+                        w.forget_local()
                         fetches.append(ttft(w, ids, fetch_plan="fetch"))
-                        w.local.clear()
+                        w.forget_local()
                         autos.append(ttft(w, ids, fetch_plan="auto"))
-                    w.local.clear()
+                    w.forget_local()
                     plans = [u.plan for u in autos]
                     plan = max(set(plans), key=plans.count)
                     row = {

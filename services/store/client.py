@@ -24,7 +24,7 @@ checked like a whole Get, and a slice that fails fails the whole call.
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -47,6 +47,40 @@ from services.store.chunks import (
 )
 
 T = TypeVar("T")
+
+
+def _keep_value(found: dict[str, bytes], key: str, value: bytes | None) -> None:
+    if value is not None:
+        found[key] = value
+
+
+class _Arrivals:
+    """Values of one Get by index, filled by the slices' threads and read in order."""
+
+    def __init__(self, count: int) -> None:
+        self._values: dict[int, bytes | None] = {}
+        self._failures: list[tuple[int, int, BaseException]] = []
+        self._ready = threading.Condition()
+
+    def put(self, index: int, value: bytes | None) -> None:
+        with self._ready:
+            self._values[index] = value
+            self._ready.notify_all()
+
+    def fail(self, lo: int, hi: int, exc: BaseException) -> None:
+        with self._ready:
+            self._failures.append((lo, hi, exc))
+            self._ready.notify_all()
+
+    def wait(self, index: int) -> bytes | None:
+        with self._ready:
+            while True:
+                if index in self._values:
+                    return self._values.pop(index)
+                for lo, hi, exc in self._failures:
+                    if lo <= index < hi:
+                        raise exc
+                self._ready.wait()
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,64 +227,99 @@ class StoreClient:
         After a retryable failure mid-stream, only the keys not answered yet are asked again.
         """
         keys = list(keys)
-        parts = min(len(self._gets), len(keys) // self._min_keys_per_stream)
-        if parts <= 1:
-            return self._get_slice(self._gets[0], keys)
-        with self._slices_lock:
-            if self._slices is None:  # bounded: one thread per extra channel
-                self._slices = ThreadPoolExecutor(
-                    len(self._gets) - 1, thread_name_prefix="store-get"
-                )
-        bounds = [len(keys) * i // parts for i in range(parts + 1)]
-        slices = [keys[bounds[i] : bounds[i + 1]] for i in range(parts)]
-        futures: list[Future[dict[str, bytes]]] = [
-            self._slices.submit(self._get_slice, get, part)
-            for get, part in zip(self._gets[1:], slices[1:], strict=False)
-        ]
-        outcomes: list[dict[str, bytes] | BaseException] = []
+        slices = self._split(keys)
+        if len(slices) <= 1:
+            found: dict[str, bytes] = {}
+            self._get_slice(self._gets[0], keys, lambda i, v: _keep_value(found, keys[i], v))
+            return {key: found[key] for key in keys if key in found}  # request order
+        pool = self._pool()
+        parts: list[dict[str, bytes]] = [{} for _ in slices]
+
+        def fetch(n: int) -> None:
+            lo, hi = slices[n]
+            self._get_slice(
+                self._gets[n], keys[lo:hi], lambda i, v: _keep_value(parts[n], keys[lo + i], v)
+            )
+
+        futures: list[Future[None]] = [pool.submit(fetch, n) for n in range(1, len(slices))]
+        outcomes: list[BaseException | None] = []
         try:
-            outcomes.append(self._get_slice(self._gets[0], slices[0]))
+            fetch(0)
+            outcomes.append(None)
         except Exception as exc:  # wait for the other slices before raising
             outcomes.append(exc)
-        for future in futures:
-            error = future.exception()
-            outcomes.append(error if error is not None else future.result())
-        found: dict[str, bytes] = {}
-        for outcome in outcomes:  # slices in request order, so the dict is too
-            if isinstance(outcome, BaseException):
+        outcomes += [future.exception() for future in futures]
+        for outcome in outcomes:
+            if outcome is not None:
                 raise outcome
-            found.update(outcome)
-        return found
+        merged = {key: value for part in parts for key, value in part.items()}
+        return {key: merged[key] for key in keys if key in merged}  # request order
 
-    def _get_slice(self, get: Any, keys: list[str]) -> dict[str, bytes]:
-        """One Get stream for `keys`, checked and retried as a whole call."""
-        found: dict[str, bytes] = {}
-        remaining = keys
+    def get_iter(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
+        """(key, value, or None when missing) for every key in request order, each as soon as it
+        and the keys before it have arrived, so the caller can decode while the rest is in flight.
+
+        Sliced over several streams as `get_many`, all read on the client's threads. A failed
+        slice raises when the caller reaches its first unanswered key. A caller that stops early
+        leaves its slices to finish (bounded by the deadline) on the client's threads.
+        """
+        keys = list(keys)
+        if not keys:
+            return
+        arrivals = _Arrivals(len(keys))
+        pool = self._pool()
+        for n, (lo, hi) in enumerate(self._split(keys)):
+            pool.submit(self._feed, self._gets[n], keys[lo:hi], lo, arrivals)
+        for index, key in enumerate(keys):
+            yield key, arrivals.wait(index)
+
+    def _split(self, keys: list[str]) -> list[tuple[int, int]]:
+        """[lo, hi) bounds of the slices a Get of `keys` is split into (at least one)."""
+        parts = max(1, min(len(self._gets), len(keys) // self._min_keys_per_stream))
+        bounds = [len(keys) * i // parts for i in range(parts + 1)]
+        return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._slices_lock:
+            if self._slices is None:  # bounded: one thread per channel
+                self._slices = ThreadPoolExecutor(len(self._gets), thread_name_prefix="store-get")
+            return self._slices
+
+    def _feed(self, get: Any, keys: list[str], offset: int, arrivals: "_Arrivals") -> None:
+        try:
+            self._get_slice(get, keys, lambda i, v: arrivals.put(offset + i, v))
+        except BaseException as exc:  # the caller raises it when it reaches the slice's gap
+            arrivals.fail(offset, offset + len(keys), exc)
+
+    def _get_slice(
+        self, get: Any, keys: list[str], on_value: Callable[[int, bytes | None], None]
+    ) -> None:
+        """One Get stream for `keys`, checked and retried as a whole call: `on_value(i, value)`
+        once per key, in order, as each arrives (value None for a missing key)."""
+        remaining = list(range(len(keys)))
 
         def attempt(timeout: float) -> None:
             nonlocal remaining
             asked = remaining
             answered: set[int] = set()
             assembler = ValueAssembler(len(asked))
-            call = get(store_pb2.GetRequest(keys=asked), timeout=timeout, metadata=self._metadata)
+            request = store_pb2.GetRequest(keys=[keys[i] for i in asked])
+            call = get(request, timeout=timeout, metadata=self._metadata)
             try:
                 for chunk in call:
                     for index, value in assembler.add(chunk):
                         answered.add(index)
-                        if value is not None:
-                            found[asked[index]] = value
+                        on_value(asked[index], value)
             except DataLoss:
                 call.cancel()
                 raise
             finally:
-                remaining = [key for i, key in enumerate(asked) if i not in answered]
+                remaining = [key for n, key in enumerate(asked) if n not in answered]
             if remaining:
                 raise DataLoss(f"store Get at {self.target} left {len(remaining)} keys unanswered")
 
         if keys:
             self._call("Get", attempt)
-        # A retry answers keys out of order: give them back in request order.
-        return {key: found[key] for key in keys if key in found}
 
     def put_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int | None = None) -> int:
         """Write blocks (each atomically); returns how many the store kept.

@@ -48,6 +48,11 @@ class DictStore:
         self._check()
         return {k: self.data[k] for k in keys if k in self.data}
 
+    def get_iter(self, keys):
+        self._check()
+        for key in keys:
+            yield key, self.data.get(key)
+
     def put_many(self, items, ttl_s=None):
         self._check()
         self.data.update(items)

@@ -8,6 +8,7 @@ import tempfile
 import pytest
 import ray
 
+from tests.support.work import make_worker, run
 from workers.actor import ActorResources, start_actor
 from workers.api import SamplingParams, WorkDone, WorkerConfig, WorkRequest
 from workers.kv.hashing import block_key, chain_hashes
@@ -103,3 +104,31 @@ def test_without_a_node_tier_a_worker_still_serves(cluster):
     assert done.usage.cached_node_tokens == 0
     assert ray.get(c.stats.remote(), timeout=60).node is None
     ray.kill(c, no_restart=True)
+
+
+def test_a_store_hit_is_shared_with_the_node_through_its_tier(cluster, store):
+    # The producer stands for another node (no tier here): its blocks reach this node only
+    # through the store. The first worker here to read them hands them to the node's tier, so
+    # its neighbour reads them from shared memory, not from the store again.
+    producer = make_worker(store, "far-producer", node_tier=False)
+    reader = make_worker(store, "near-reader")
+    neighbour = make_worker(store, "near-neighbour")
+    try:
+        prompt = tuple(range(7, 7 + 5 * BLOCK + 3))  # 5 full blocks and a tail
+        params = SamplingParams(max_new_tokens=6)
+        cold = run(producer, WorkRequest(prompt, params, read_cache=False))
+        assert producer.flush(30)
+
+        first = run(reader, WorkRequest(prompt, params))
+        assert first.usage.cached_store_tokens == 5 * BLOCK
+        assert first.usage.cached_node_tokens == 0
+        assert reader.flush(30)  # the copies to L1 and to the node tier are written behind
+        assert reader.local.stats().blocks == 5  # L1 kept the fetched run too
+
+        second = run(neighbour, WorkRequest(prompt, params))
+        assert second.usage.cached_node_tokens == 5 * BLOCK
+        assert second.usage.cached_store_tokens == 0
+        assert second.token_ids == first.token_ids == cold.token_ids
+    finally:
+        for worker in (producer, reader, neighbour):
+            worker.close()

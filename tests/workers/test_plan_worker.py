@@ -48,12 +48,12 @@ def test_a_split_matches_a_miss_and_a_full_fetch(workers):
     assert split.usage.cached_store_tokens + split.usage.recomputed_tokens == 8 * BLOCK
     assert split.token_ids == miss.token_ids
 
-    b.local.clear()
+    b.forget_local()
     fetched = run(b, WorkRequest(prompt, params, fetch_plan="fetch"))
     assert fetched.usage.plan == "fetch" and fetched.usage.cached_store_tokens == 8 * BLOCK
     assert fetched.token_ids == split.token_ids
 
-    b.local.clear()
+    b.forget_local()
     recomputed = run(b, WorkRequest(prompt, params, fetch_plan="recompute"))
     assert recomputed.usage.plan == "recompute"
     assert recomputed.usage.cached_tokens == 0 and recomputed.usage.recomputed_tokens == 8 * BLOCK
@@ -70,7 +70,7 @@ def test_a_split_keeps_l1_blocks_and_recomputes_only_after_them(workers):
     params = SamplingParams(max_new_tokens=6)
     miss = run(a, WorkRequest(prompt, params, read_cache=False))
     assert a.flush(10)
-    b.local.clear()
+    b.forget_local()
     run(b, WorkRequest(prompt[: 2 * BLOCK + 1], params, fetch_plan="fetch"))  # L1: 2 blocks
     b.estimates = rigged_for_split(b)
     split = run(b, WorkRequest(prompt, params))
@@ -127,14 +127,14 @@ def scenario() -> dict:
         assert a.flush(60)
         run(b, WorkRequest(probe, params, read_cache=False))  # warm-up: lazy initialisation
         miss = run(b, WorkRequest(prompt, params, read_cache=False))  # b learns its prefill rate
-        b.local.clear()
+        b.forget_local()
         fast = run(b, WorkRequest(prompt, params))
-        b.local.clear()
+        b.forget_local()
 
         shape_port(store.port, SLOW_MBIT)
         for _ in range(2):  # b learns the link: its estimates are running means
             measured = run(b, WorkRequest(probe, params, fetch_plan="fetch"))
-            b.local.clear()
+            b.forget_local()
         slow = run(b, WorkRequest(prompt, params))
         return {
             "miss_ms": miss.usage.ttft_ms,

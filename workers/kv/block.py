@@ -13,13 +13,14 @@ allocation. docs/block-format.md describes the format byte by byte.
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import msgpack
 import torch
 import xxhash
 
 from kvpool.errors import DataLoss, InvalidArgument
-from workers.kv.codec import SECTION_DTYPES, Section, dtype_name, get_codec
+from workers.kv.codec import SECTION_DTYPES, Codec, Section, dtype_name, get_codec
 from workers.kv.geometry import DTYPE_BYTES, KVGeometry
 from workers.kv.hashing import CODEC_NAMES, FORMAT_VERSION, HASH_BYTES, BlockHash, as_block_hash
 
@@ -238,12 +239,109 @@ def decode_block(
     geometry: KVGeometry,
     block_tokens: int,
     device: torch.device | str = "cpu",
+    staging: "Staging | None" = None,
 ) -> torch.Tensor:
     """-> [layers, 2, kv_heads, block_tokens, head_dim] in geometry.dtype on `device`.
 
     Raises BlockFormatError when the value is damaged, from another format version, stored under
     another hash, or shaped for another geometry: it never returns a tensor it cannot vouch for.
+    On CUDA, `staging` (a pinned ring) saves allocating pinned memory for each block.
     """
+    checked = check_block(data, expected_hash, geometry, block_tokens)
+    target = torch.device(device)
+    if target.type == "cuda" and staging is not None:
+        payload = staging.to_device(checked.payload, target)  # [P] on the GPU
+    elif target.type == "cuda":
+        payload = checked.host_copy()
+        # One pinned staging copy and one asynchronous host-to-device transfer for the whole
+        # payload; the sections are then views on the device. Work queued later on the same
+        # stream (the codec's decode) is ordered after the copy.
+        payload = payload.pin_memory().to(target, non_blocking=True)  # [P] on the GPU
+    else:
+        payload = checked.host_copy().to(target)
+    kv = checked.codec.decode(checked.sections(payload), getattr(torch, geometry.dtype))
+    # Checksums vouch for the bytes, not for the writer: NaN/inf (or a scale that overflows the
+    # model dtype) would poison attention, so such a value is refused like a damaged one.
+    # A sum is finite exactly when every element is (or a huge value overflowed it, which is
+    # refused too); it is ~20x faster than torch.isfinite(kv).all() on CPU.
+    if not bool(torch.isfinite(kv.sum(dtype=torch.float32))):
+        raise BlockFormatError("values", "decoded block holds NaN or inf")
+    return kv  # [L, 2, H, T, D]
+
+
+def decode_block_into(
+    data: bytes | bytearray | memoryview,
+    out: torch.Tensor,
+    *,
+    expected_hash: BlockHash,
+    geometry: KVGeometry,
+    block_tokens: int,
+    staging: "Staging | None" = None,
+) -> torch.Tensor:
+    """Decode a value into `out` ([L, 2, H, T, D] in geometry.dtype, any strides, on any device).
+
+    Framing, checksums, hash and geometry are verified before anything is written (else
+    BlockFormatError). The values' finiteness is not: the return value is a 0-dim float32 sum of
+    the block, left on `out`'s device so that checking it does not wait for the GPU; the caller
+    checks a run's sums at once and treats a block whose sum is not finite as damaged. On CUDA,
+    `staging` moves the payload through pinned memory without allocating any per block.
+    """
+    checked = check_block(data, expected_hash, geometry, block_tokens)
+    if out.device.type == "cuda":
+        if staging is None:
+            raise InvalidArgument("decoding into a CUDA tensor needs a pinned Staging ring")
+        payload = staging.to_device(checked.payload, out.device)  # [P] uint8 on the GPU
+    else:
+        payload = checked.host_copy()
+    return checked.decode_into(payload, out)
+
+
+class Staging(Protocol):
+    """Moves host bytes to a device through pinned memory (workers.kv.staging.PinnedRing)."""
+
+    def to_device(self, data: memoryview, device: torch.device) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedBlock:
+    """A verified value: its codec, section layout and the payload's bytes (not yet copied).
+
+    Everything its bytes can say has been checked; only the decoded values' finiteness is left
+    (`decode_into` returns their sum for the caller to check).
+    """
+
+    codec: Codec
+    layout: tuple[Section, ...]
+    offsets: tuple[int, ...]
+    payload: memoryview
+
+    def host_copy(self) -> torch.Tensor:
+        # A private, writable, malloc-aligned copy: the sections are views into it, and
+        # torch.frombuffer over the caller's immutable bytes would alias memory torch may not
+        # write.
+        return torch.frombuffer(bytearray(self.payload), dtype=torch.uint8)  # [P]
+
+    def sections(self, payload: torch.Tensor) -> list[torch.Tensor]:
+        return [
+            payload[start : start + section.nbytes].view(section.dtype).view(section.shape)
+            for start, section in zip(self.offsets, self.layout, strict=True)
+        ]
+
+    def decode_into(self, payload: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Decode `payload` (this block's payload bytes, uint8, on out's device) into `out`;
+        returns the 0-dim float32 sum of the block, not waited for."""
+        self.codec.decode_into(self.sections(payload.to(out.device)), out)
+        return out.sum(dtype=torch.float32)
+
+
+def check_block(
+    data: bytes | bytearray | memoryview,
+    expected_hash: BlockHash,
+    geometry: KVGeometry,
+    block_tokens: int,
+) -> CheckedBlock:
+    """Verify everything about a value that its bytes can say, before any tensor is built;
+    BlockFormatError when it is damaged, foreign or shaped for another geometry."""
     expected_hash = as_block_hash(expected_hash)
     if type(block_tokens) is not int or block_tokens <= 0:
         raise InvalidArgument(f"block_tokens must be a positive int, got {block_tokens!r}")
@@ -274,39 +372,16 @@ def decode_block(
         raise BlockFormatError(
             "payload", f"payload of {header.payload_bytes} bytes does not match the layout"
         )
-
-    # A private, writable, malloc-aligned copy: the sections below are views into it, and
-    # torch.frombuffer over the caller's immutable bytes would alias memory torch may not write.
-    start = PREAMBLE_BYTES + header.header_bytes
-    payload = torch.frombuffer(bytearray(memoryview(data)[start:]), dtype=torch.uint8)  # [P]
+    view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+    payload = view[PREAMBLE_BYTES + header.header_bytes :]
     offsets = []
     offset = 0
     for section in layout:
-        pad = payload[offset + section.nbytes : offset + _padded(section.nbytes)]
-        if bool(pad.any()):
+        if any(payload[offset + section.nbytes : offset + _padded(section.nbytes)]):
             raise BlockFormatError("payload", f"non-zero padding after section {section.name}")
         offsets.append(offset)
         offset += _padded(section.nbytes)
-    target = torch.device(device)
-    if target.type == "cuda":
-        # One pinned staging copy and one asynchronous host-to-device transfer for the whole
-        # payload; the sections are then views on the device. Work queued later on the same
-        # stream (the codec's decode) is ordered after the copy.
-        payload = payload.pin_memory().to(target, non_blocking=True)  # [P] on the GPU
-    elif target != payload.device:
-        payload = payload.to(target)
-    sections = [
-        payload[start : start + section.nbytes].view(section.dtype).view(section.shape)
-        for start, section in zip(offsets, layout, strict=True)
-    ]
-    kv = codec.decode(sections, getattr(torch, geometry.dtype))  # [L, 2, H, T, D]
-    # Checksums vouch for the bytes, not for the writer: NaN/inf (or a scale that overflows the
-    # model dtype) would poison attention, so such a value is refused like a damaged one.
-    # A sum is finite exactly when every element is (or a huge value overflowed it, which is
-    # refused too); it is ~20x faster than torch.isfinite(kv).all() on CPU.
-    if not bool(torch.isfinite(kv.sum(dtype=torch.float32))):
-        raise BlockFormatError("values", "decoded block holds NaN or inf")
-    return kv
+    return CheckedBlock(codec, layout, tuple(offsets), payload)
 
 
 def encoded_bytes_per_token(codec: str, geometry: KVGeometry, block_tokens: int) -> float:

@@ -92,6 +92,10 @@ class Codec(Protocol):
         """Sections as `layout` describes them -> [L, 2, H, T, D] in `dtype`, on their device."""
         ...
 
+    def decode_into(self, sections: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+        """Like `decode`, into `out` ([L, 2, H, T, D], any strides, on the sections' device)."""
+        ...
+
 
 def _reject_nonfinite(finite: torch.Tensor, what: str) -> None:
     if not bool(finite.all()):
@@ -122,6 +126,9 @@ class RawCodec:
 
     def decode(self, sections: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return sections[0].to(dtype)  # [L, 2, H, T, D]
+
+    def decode_into(self, sections: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+        out.copy_(sections[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +168,14 @@ class ScaledCodec:
         else:
             values = torch.mul(q, scale.float().unsqueeze(-1))  # [L, 2, H, T, D] float32
         return values.to(dtype)
+
+    def decode_into(self, sections: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+        q, scale = sections
+        if q.dtype == torch.float8_e4m3fn:
+            out.copy_(self.decode(sections, out.dtype))
+        else:
+            # Computed in float32 and rounded once into out's dtype, exactly as `decode` does.
+            torch.mul(q, scale.float().unsqueeze(-1), out=out)
 
 
 # Every float8 e4m3 bit pattern as float32 ([256]; 0x7F and 0xFF are NaN, refused on decode).
@@ -280,6 +295,9 @@ class KiviInt4Codec:
         keys.mul_(k_scale.float().unsqueeze(3)).add_(k_zero.float().unsqueeze(3))
         values.mul_(v_scale.float().unsqueeze(4)).add_(v_zero.float().unsqueeze(4))
         return x.to(dtype)
+
+    def decode_into(self, sections: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+        out.copy_(self.decode(sections, out.dtype))
 
 
 _CODECS: dict[str, Codec] = {

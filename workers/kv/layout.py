@@ -2,8 +2,9 @@
 
 A block is all layers' K and V for `block_tokens` consecutive tokens,
 [layers, 2, kv_heads, block_tokens, head_dim]. Caches are read through `layers[i].keys/.values`
-and rebuilt only through the public `DynamicCache(config=...)` and `update()`, so the rebuilt cache
-is exactly what a prefill of those tokens would have left, and generation continues after it.
+and rebuilt through the public `DynamicCache(config=...)` and `update()` (or, for plain layers,
+by adopting tensors as they are: `cache_from_layers`), so the rebuilt cache is exactly what a
+prefill of those tokens would have left, and generation continues after it.
 Only batch size 1 is supported. `cache_to_blocks` takes full-attention layers only: a
 sliding-window layer does not keep every token. Such layers are cut with `recent_blocks`, one
 block as it completes, and `blocks_to_cache` fills them through `update()`, which keeps the tail.
@@ -110,6 +111,25 @@ def blocks_to_cache(blocks: Sequence[torch.Tensor], config: Any = None) -> Dynam
     for index in range(kv.shape[0]):
         # update() appends a copy: [1, H, S, D] keys and values for this layer.
         cache.update(kv[index, 0].unsqueeze(0), kv[index, 1].unsqueeze(0), index)
+    return cache
+
+
+def cache_from_layers(layers: Sequence[LayerKV], config: Any = None) -> DynamicCache:
+    """A DynamicCache whose layers ARE the given (keys, values) tensors, each [1, H, S, D].
+
+    Unlike `update()`, which concatenates onto an empty tensor (a copy), the tensors are adopted
+    as they are; the next forward pass appends to them by concatenation, so they are never
+    written in place. Plain layers only: a sliding-window layer keeps its own bookkeeping, so
+    such a cache is filled through `update()` instead.
+    """
+    cache = DynamicCache(config=config)
+    for index, (keys, values) in enumerate(layers):
+        layer = cache.layers[index] if index < len(cache.layers) else None
+        if isinstance(layer, DynamicLayer) and type(layer) is DynamicLayer:
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        else:
+            cache.update(keys, values, index)
     return cache
 
 

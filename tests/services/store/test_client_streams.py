@@ -4,6 +4,8 @@ Real StoreServers on loopback over a real redis-server; the two-process case use
 `StoreSupervisor` (real child processes sharing one port).
 """
 
+import time
+
 import pytest
 
 from kvpool.errors import InvalidArgument
@@ -51,6 +53,39 @@ def test_one_failing_slice_fails_the_whole_get_and_the_client_goes_on(server):
         with pytest.raises(InvalidArgument, match="invalid key"):
             client.get_many([*keys[:30], "not a key!", keys[30]])  # in the last slice only
         assert len(client.get_many(keys)) == 32
+
+
+def test_get_iter_yields_every_key_in_request_order_as_the_slices_arrive(server):
+    keys = [key(i) for i in range(40)]
+    values = {k: f"value of {k}".encode() * (i + 1) for i, k in enumerate(keys)}
+    with StoreClient(server.target, streams=4, min_keys_per_stream=4) as client:
+        client.put_many([(k, v) for k, v in values.items() if k != keys[21]])
+        asked = list(reversed(keys))
+        before = _get_calls(server)
+        got = list(client.get_iter(asked))
+        # Split like get_many. The last value can reach us before its stream's status is
+        # counted on the server: wait (bounded) for the count.
+        deadline = time.monotonic() + 5
+        while _get_calls(server) - before < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _get_calls(server) - before == 4
+        assert [k for k, _ in got] == asked  # every key, in the caller's order
+        assert all(v == (None if k == keys[21] else values[k]) for k, v in got)  # the miss: None
+        assert list(client.get_iter(keys[:3])) == [(k, values[k]) for k in keys[:3]]
+        assert list(client.get_iter([])) == []
+
+
+def test_get_iter_raises_at_the_first_key_of_a_failed_slice(server):
+    keys = [key(i) for i in range(32)]
+    with StoreClient(server.target, streams=4) as client:
+        client.put_many([(k, b"v") for k in keys])
+        stream = client.get_iter([*keys[:30], "not a key!", keys[30]])  # the last slice fails
+        served = []
+        with pytest.raises(InvalidArgument, match="invalid key"):
+            for k, v in stream:
+                served.append((k, v))
+        assert served == [(k, b"v") for k in keys[:24]]  # the three good slices, in order
+        assert len(list(client.get_iter(keys))) == 32  # and the client goes on
 
 
 def test_slices_reach_both_store_processes(redis_server):
