@@ -174,15 +174,18 @@ def fetch_run(
     out = Fetched()
     node_start = len(found.local)
     node_end = node_start + len(found.node_refs)
-    if start < node_end and node is not None:
-        refs = found.node_refs[start - node_start :]
-        whole = _fetch_node(refs, hashes[start:node_end], node, sink, out, estimates)
-    else:
+    try:
         whole = True
-    first, end = max(start, node_end), found.cached_blocks
-    if whole and first < end and store is not None:
-        _fetch_store(hashes[first:end], store, sink, out, estimates)
-    _finished(sink, out, hashes[start:], node, store)
+        if start < node_end and node is not None:
+            refs = found.node_refs[start - node_start :]
+            whole = _fetch_node(refs, hashes[start:node_end], node, sink, out, estimates)
+        first, end = max(start, node_end), found.cached_blocks
+        if whole and first < end and store is not None:
+            _fetch_store(hashes[first:end], store, sink, out, estimates)
+    finally:
+        refused = sink.finish()  # always: an assembly gives back the pinned slots it leased
+    if refused is not None:
+        _refuse(refused, out, hashes[start:], node, store)
     return out
 
 
@@ -240,17 +243,14 @@ def _fetch_store(
         estimates.observe_fetch("store", nbytes, time.perf_counter() - started)
 
 
-def _finished(
-    sink: Sink,
+def _refuse(
+    refused: Refused,
     out: Fetched,
     hashes: Sequence[BlockHash],
     node: NodeTier | None,
     store: BlockStore | None,
 ) -> None:
-    """Let the sink finish; a block it refuses now ends the run there (hashes: the run's)."""
-    refused = sink.finish()
-    if refused is None:
-        return
+    """A block the sink refused at its finish ends the run there (hashes: the run's)."""
     bad = refused.index
     key = block_key(hashes[bad])
     log.warning("refusing cached block %s: %s", key, refused.error)
@@ -321,10 +321,13 @@ def split_prefix(
     recompute_s = time.perf_counter() - started
     thread.join()
     if side is not None:
-        torch.cuda.current_stream(device).wait_stream(side)
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(side)
     if failure:
         raise failure[0]
     fetched, assembly = result[0]
+    if side is not None:
+        assembly.used_on(current)  # allocated on the side stream, read on this one
     if assembly.blocks:
         for index, (keys, values) in enumerate(assembly.layers()):
             cache.update(keys, values, index)  # appends: one copy, onto the recomputed blocks

@@ -138,6 +138,11 @@ class Assembly:
         self.blocks = end
         return self._refused
 
+    def used_on(self, stream: "torch.cuda.Stream") -> None:
+        """Tell the CUDA allocator that `stream` reads the tensor too (it was made on another),
+        so its memory is not handed out again before that stream is done with it."""
+        self._kv.record_stream(stream)
+
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's (keys, values) over the good blocks, [1, H, tokens, D] views."""
         kv = self._kv[..., : self.blocks * self.block_tokens, :]  # [L, 2, 1, H, tokens, D]
