@@ -303,10 +303,11 @@ class ActorResources:
 
     num_gpus: float = 0.0
     num_cpus: float = 1.0
-    # Threads for generations and prefills sharing the model; control calls (stats, cancel,
-    # health) have a group of their own (workers.actor). The gateway admits at most this many
-    # requests per worker, so none waits in Ray's queue.
-    max_concurrency: int = 8
+    # Threads for generations and prefills; control calls (stats, cancel, health) have a group
+    # of their own (workers.actor). The gateway admits at most a worker's max_batch requests, so
+    # none waits in Ray's queue: the default is WorkerConfig's max_batch of 8 plus two spare, and
+    # services.gateway.settings.PoolConfig.actor_resources raises it for a larger batch.
+    max_concurrency: int = 10
 
     def __post_init__(self) -> None:
         if self.num_gpus < 0 or self.num_cpus < 0:
