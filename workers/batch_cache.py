@@ -5,13 +5,15 @@ Row i of every layer holds one sequence's keys and values, right-aligned: its fi
 
     keys, values: [rows, kv_heads, columns, head_dim]    mask: [rows, columns] (1 token, 0 pad)
 
-Each decode step appends one column to every row (transformers' `DynamicLayer.update`), so the
-mask grows by a column of ones and each row's next position is its own token count, passed as
-explicit `position_ids`. A sequence joins with its own prefilled batch-1 cache: the shorter of the
-two sides is left-padded to the other's length and the rows are concatenated (a copy of the batch
-only when the newcomer is longer than every row). A sequence leaves by `index_select` of the
-other rows, and columns that are padding in every remaining row are trimmed, so the batch is never
-longer than its longest sequence. Nothing here copies the whole batch on an ordinary step.
+Each decode step appends one column to every row, so the mask grows by a column of ones and each
+row's next position is its own token count, passed as explicit `position_ids`. The batch's layers
+are `GrowingLayer`s: a `DynamicLayer` whose `update` writes the new column into spare capacity
+instead of concatenating (transformers' `DynamicLayer.update` copies the whole layer every step);
+capacity grows by half when it runs out. A sequence joins with its own prefilled batch-1 cache:
+the shorter side is left-padded to the other's length and the rows are concatenated. A sequence
+leaves by `index_select` of the other rows, and columns that are padding in every remaining row
+are trimmed, so the batch is never longer than its longest sequence. Joins and leaves copy the
+batch once; an ordinary step copies nothing but its new column.
 
 Full-attention `DynamicLayer`s only: a sliding-window layer drops columns from the left, which
 would shift rows against their masks (such models decode alone, workers.batch).
@@ -43,7 +45,7 @@ class PaddedBatch:
     def pad(self, row: int) -> int:
         return self.columns - self.lengths[row]
 
-    def _layers(self) -> list[DynamicLayer]:
+    def _layers(self) -> list["GrowingLayer"]:
         assert self.cache is not None
         return self.cache.layers  # type: ignore[return-value]
 
@@ -56,21 +58,22 @@ class PaddedBatch:
                 )
         length = cache.get_seq_length()
         if self.cache is None or self.mask is None:
+            cache.layers[:] = [GrowingLayer.holding(lay.keys, lay.values) for lay in cache.layers]
             self.cache = cache
             self.mask = torch.ones(1, length, dtype=torch.long, device=cache.layers[0].keys.device)
             self.lengths = [length]
             return 0
         columns = self.columns
-        if length > columns:  # the batch is left-padded up to the newcomer: one copy of it
-            grow = length - columns
-            for layer in self._layers():
-                layer.keys = _left_pad(layer.keys, grow)
-                layer.values = _left_pad(layer.values, grow)
-            self.mask = _left_pad(self.mask, grow)
-            columns = length
+        grow = max(0, length - columns)  # the batch is left-padded up to a longer newcomer
+        columns += grow
         for mine, theirs in zip(self._layers(), cache.layers, strict=True):
-            mine.keys = torch.cat([mine.keys, _left_pad(theirs.keys, columns - length)])
-            mine.values = torch.cat([mine.values, _left_pad(theirs.values, columns - length)])
+            mine.hold(
+                torch.cat([_left_pad(mine.keys, grow), _left_pad(theirs.keys, columns - length)]),
+                torch.cat(
+                    [_left_pad(mine.values, grow), _left_pad(theirs.values, columns - length)]
+                ),
+            )
+        self.mask = _left_pad(self.mask, grow)
         row_mask = torch.zeros(1, columns, dtype=torch.long, device=self.mask.device)
         row_mask[:, columns - length :] = 1
         self.mask = torch.cat([self.mask, row_mask])
@@ -89,8 +92,10 @@ class PaddedBatch:
         lead = self.columns - max(lengths)
         index = torch.tensor(rows, device=self.mask.device)
         for layer in self._layers():
-            layer.keys = layer.keys.index_select(0, index)[:, :, lead:]
-            layer.values = layer.values.index_select(0, index)[:, :, lead:]
+            layer.hold(
+                layer.keys.index_select(0, index)[:, :, lead:],
+                layer.values.index_select(0, index)[:, :, lead:],
+            )
         self.mask = self.mask.index_select(0, index)[:, lead:]
         self.lengths = lengths
 
@@ -118,6 +123,50 @@ class PaddedBatch:
             (layer.keys[row : row + 1, :, pad:], layer.values[row : row + 1, :, pad:])
             for layer in self._layers()
         ]
+
+
+class GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` that appends in place: `keys`/`values` are views of larger buffers."""
+
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> "GrowingLayer":
+        layer = cls()
+        layer.hold(keys, values)
+        return layer
+
+    def hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Take `keys` and `values` [batch, kv_heads, tokens, head_dim], copied into fresh
+        buffers with room to grow."""
+        self.is_initialized, self.device = True, keys.device
+        self._keys = _with_room(keys, keys.shape[2])
+        self._values = _with_room(values, values.shape[2])
+        self._length = keys.shape[2]
+        self.keys = self._keys[:, :, : self._length]
+        self.values = self._values[:, :, : self._length]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        new = key_states.shape[2]
+        end = self._length + new
+        if end > self._keys.shape[2]:  # out of room: one copy into buffers half as big again
+            self._keys = _with_room(self.keys, end)
+            self._values = _with_room(self.values, end)
+        self._keys[:, :, self._length : end] = key_states
+        self._values[:, :, self._length : end] = value_states
+        self._length = end
+        self.keys = self._keys[:, :, :end]
+        self.values = self._values[:, :, :end]
+        return self.keys, self.values
+
+
+def _with_room(tensor: torch.Tensor, needed: int) -> torch.Tensor:
+    """A buffer holding `tensor` [b, h, t, d] in its first t columns, with room for `needed`
+    columns and half as many again (at least 64 more)."""
+    b, h, t, d = tensor.shape
+    buffer = tensor.new_empty(b, h, needed + max(64, needed // 2), d)
+    buffer[:, :, :t] = tensor
+    return buffer
 
 
 def _left_pad(tensor: torch.Tensor, count: int) -> torch.Tensor:

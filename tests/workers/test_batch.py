@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from tests.support.work import make_worker, run
 from workers.api import PromptInput, SamplingParams, TokenEvent, WorkDone, WorkRequest
-from workers.batch_cache import PaddedBatch
+from workers.batch_cache import GrowingLayer, PaddedBatch
 
 TEXT = "Continuous batching lets many streams share one forward pass per step. " * 6
 
@@ -226,3 +226,16 @@ def test_padded_batch_rows_read_back_their_own_tokens():
     assert bool((batch.row(0)[0][0] == 1.0).all())
     batch.keep([])
     assert batch.rows == 0 and batch.cache is None
+
+
+def test_a_growing_layer_appends_in_place_and_keeps_every_column():
+    layer = GrowingLayer.holding(torch.zeros(2, 1, 3, 2), torch.zeros(2, 1, 3, 2))
+    buffer = layer._keys
+    for step in range(1, 200):  # past the first buffer's room: it grows, contents kept
+        column = torch.full((2, 1, 1, 2), float(step))
+        keys, values = layer.update(column, -column)
+        assert keys.shape == (2, 1, 3 + step, 2) and layer.get_seq_length() == 3 + step
+        if step == 10:
+            assert layer._keys is buffer  # no copy while there is room
+    assert keys[:, :, 3:, 0].flatten().tolist() == [float(s) for s in range(1, 200)] * 2
+    assert bool((values[:, :, :3] == 0).all())
