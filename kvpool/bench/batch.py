@@ -53,7 +53,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--requests", type=int, default=16, help="requests at each concurrency (default 16)"
     )
     parser.add_argument(
-        "--max-new-tokens", type=int, default=32, help="tokens per request (default 32)"
+        "--max-new-tokens", type=int, default=64, help="tokens per request (default 64)"
     )
     parser.add_argument(
         "--prompt-tokens", type=int, default=128, help="about how long each prompt is (128)"
