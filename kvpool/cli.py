@@ -38,6 +38,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
         "cache hit vs recompute: node tier, store, fetch plan, over shaped links",
     ),
     (("bench", "window"), "kvpool.bench.window", "bounded cache with and without sinks vs full"),
+    (
+        ("bench", "batch"),
+        "kvpool.bench.batch",
+        "continuous batching: tokens/s, TTFT and time per token by concurrency",
+    ),
 ]
 
 

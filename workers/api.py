@@ -135,9 +135,23 @@ class WorkerConfig:
     retain_freed_memory: bool = True  # in the actor process; see workers.actor.retain_freed_memory
     node_tier: bool = True  # use this node's tier (L2) when one runs there (workers.node_tier)
     fetch_plan: str = DEFAULT_PLAN_MODE  # auto | fetch | recompute (workers.plan)
+    # Continuous batching (workers.batch): sequences decoded together in one forward pass, and
+    # tokens one scheduler step may feed (the decoders' one each, the rest for newcomers'
+    # prefill chunks). More sequences raise throughput and each one's time per token; a larger
+    # token budget shortens a newcomer's prefill and stalls the running streams longer.
+    max_batch: int = 8
+    max_batch_tokens: int = 256
 
     def __post_init__(self) -> None:
         check_mode(self.fetch_plan)
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_batch_tokens <= self.max_batch:
+            raise ValueError(
+                f"max_batch_tokens must be above max_batch ({self.max_batch}): each decoding "
+                f"sequence takes one token of a step and prefill needs at least one more, got "
+                f"{self.max_batch_tokens}"
+            )
         if self.block_tokens < 1:
             raise ValueError(f"block_tokens must be >= 1, got {self.block_tokens}")
         if self.l1_bytes < 0:
@@ -289,10 +303,11 @@ class ActorResources:
 
     num_gpus: float = 0.0
     num_cpus: float = 1.0
-    # Threads for generations and prefills sharing the model; control calls (stats, cancel,
-    # health) have a group of their own (workers.actor). The gateway admits at most this many
-    # requests per worker, so none waits in Ray's queue.
-    max_concurrency: int = 8
+    # Threads for generations and prefills; control calls (stats, cancel, health) have a group
+    # of their own (workers.actor). The gateway admits at most a worker's max_batch requests, so
+    # none waits in Ray's queue: the default is WorkerConfig's max_batch of 8 plus two spare, and
+    # services.gateway.settings.PoolConfig.actor_resources raises it for a larger batch.
+    max_concurrency: int = 10
 
     def __post_init__(self) -> None:
         if self.num_gpus < 0 or self.num_cpus < 0:

@@ -10,11 +10,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
+from transformers import DynamicCache
 
 from workers.engine import Generation
 from workers.kv.bounds import CacheWindow
 from workers.kv.hashing import BlockHash, Namespace, chain_hashes
-from workers.kv.layout import cache_to_blocks, recent_blocks
+from workers.kv.layout import LayerKV, cache_to_blocks, recent_blocks
 
 # (hash, block [layers, 2, kv_heads, block_tokens, head_dim]) pairs, in chain order
 Submit = Callable[[list[tuple[BlockHash, torch.Tensor]]], object]
@@ -52,18 +53,32 @@ def cut_blocks(generation: Generation, chain: BlockChain, written: int, submit: 
     """Hand blocks completed since block `written` to `submit`; returns the new count."""
     if generation.cache is None:
         return written
+    return _cut(
+        generation.cache, generation.fed_token_ids, generation.chunk_tokens is not None, chain,
+        written, submit,
+    )  # fmt: skip
+
+
+def _cut(
+    cache: DynamicCache | Sequence[LayerKV],
+    fed: Sequence[int],
+    tail: bool,
+    chain: BlockChain,
+    written: int,
+    submit: Submit,
+) -> int:
     block_tokens = chain.block_tokens
-    fed = generation.fed_token_ids
     full = len(fed) // block_tokens
     if full <= written:
         return written
     hashes = chain.hashes(fed)
     # Fresh tensors (both functions copy), so the growing cache cannot change them.
-    if generation.chunk_tokens is None:
-        blocks = cache_to_blocks(generation.cache, block_tokens, first_block=written)
+    if not tail:
+        blocks = cache_to_blocks(cache, block_tokens, first_block=written)
     else:  # a windowed or sliding cache: the new blocks are at its tail
+        assert isinstance(cache, DynamicCache)
         blocks = recent_blocks(
-            generation.cache, full - written, block_tokens, after=len(fed) - full * block_tokens
+            cache, full - written, block_tokens, after=len(fed) - full * block_tokens
         )
     submit(list(zip(hashes[written:full], blocks[: full - written], strict=True)))
     return full
@@ -77,3 +92,15 @@ class Cutter:
 
     def __call__(self, generation: Generation) -> None:
         self.written = cut_blocks(generation, self._chain, self.written, self._submit)
+
+    def due(self, fed_tokens: int) -> bool:
+        """Whether a block completed since the last cut (cheap: no tensor is touched)."""
+        return fed_tokens // self._chain.block_tokens > self.written
+
+    def cut_row(self, layers: Sequence[LayerKV], fed: Sequence[int]) -> None:
+        """Cut from one sequence's row of a batched cache (workers.batch_cache).
+
+        `layers` are that row's (keys, values), each [1, kv_heads, tokens, head_dim] without its
+        padding, holding exactly the tokens `fed`.
+        """
+        self.written = _cut(layers, fed, False, self._chain, self.written, self._submit)

@@ -142,6 +142,28 @@ class Engine:
         end on block boundaries. `chunk_tokens` asks for chunked feeding without a window (for a
         model's native sliding window); `on_forward` runs after every chunk.
         """
+        generation, decoding = self._prepare(
+            prompt_ids, params, past=past, past_tokens=past_tokens, prior_output=prior_output,
+            use_cache=use_cache, started=started, window=window, chunk_tokens=chunk_tokens,
+            on_forward=on_forward,
+        )  # fmt: skip
+        generation._events = self._decode_loop(generation, decoding)
+        return generation
+
+    def _prepare(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        past: DynamicCache | None = None,
+        past_tokens: int | None = None,
+        prior_output: Sequence[int] = (),
+        use_cache: bool = True,
+        started: float | None = None,
+        window: CacheWindow | None = None,
+        chunk_tokens: int | None = None,
+        on_forward: Callable[[Generation], None] | None = None,
+    ) -> tuple[Generation, "Decoding"]:
         prompt_ids, prior_output = list(prompt_ids), list(prior_output)
         if not prompt_ids:
             raise InvalidArgument("prompt is empty; give at least one token")
@@ -172,6 +194,44 @@ class Engine:
                 cache.crop(cached - cache.get_seq_length())
         else:
             cache = None
+        return self._begin(
+            prompt_ids, prior_output, params, cache, cached, window, chunk_tokens, on_forward,
+            started,
+        )  # fmt: skip
+
+    def begin(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        past: DynamicCache | None = None,
+        prior_output: Sequence[int] = (),
+        started: float | None = None,
+    ) -> tuple[Generation, "Decoding"]:
+        """Set up a generation that someone else steps (workers.batch): no window, with a cache.
+
+        Returns the generation (its cache holds `past`, cropped to leave the last token to
+        compute) and its `Decoding`, which turns each next-token logits into a `TokenEvent`.
+        The caller feeds `generation.cache` the tokens after `fed_token_ids`, then one token per
+        step, and calls `decoding.step` with the logits after each.
+        """
+        return self._prepare(
+            prompt_ids, params, past=past, prior_output=prior_output, started=started
+        )
+
+    def _begin(
+        self,
+        prompt_ids: list[int],
+        prior_output: list[int],
+        params: SamplingParams,
+        cache: DynamicCache | None,
+        cached: int,
+        window: CacheWindow | None,
+        chunk_tokens: int | None,
+        on_forward: Callable[[Generation], None] | None,
+        started: float | None,
+    ) -> tuple[Generation, "Decoding"]:
+        sequence = prompt_ids + prior_output
         params = params.seeded()  # recorded on the generation, for a failover to hand on
         generation = Generation(
             cache=cache,
@@ -186,10 +246,8 @@ class Engine:
             if cached:  # a past of plain blocks may still owe the eviction at its boundary
                 generation.evicted += evict(cache, window, self.rerotator())
         usage = GenerationUsage(prompt_tokens=len(prompt_ids), cached_tokens=cached)
-        generation._events = self._decode_loop(
-            generation, sequence, len(prompt_ids), params, usage, started or time.perf_counter()
-        )
-        return generation
+        decoding = Decoding(self, generation, sequence, len(prompt_ids), params, usage, started)
+        return generation, decoding
 
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, **kwargs
@@ -198,58 +256,17 @@ class Engine:
         return self.stream(prompt_ids, params, **kwargs).run()
 
     @torch.inference_mode()
-    def _decode_loop(
-        self,
-        generation: Generation,
-        sequence: list[int],
-        prompt_len: int,
-        params: SamplingParams,
-        usage: GenerationUsage,
-        started: float,
-    ) -> Iterator[TokenEvent]:
-        output = sequence[prompt_len:]  # starts with prior_output on a resumed generation
-        resumed = len(output)
-        text = StreamText(self._decode_text, params.stop, output)
-        emitted = len(text.visible())
+    def _decode_loop(self, generation: Generation, decoding: "Decoding") -> Iterator[TokenEvent]:
         # Prefill: everything not already in the cache, in one forward pass.
+        sequence = decoding.sequence
         logits = self._forward(generation, sequence[len(generation.fed_token_ids) :], sequence)
-        finish_reason = "length"
-        first_token_at: float | None = None
         while True:
-            position = len(output)
-            token = self._sample(logits, params, position)
-            output.append(token)
-            now = time.perf_counter()
-            if first_token_at is None:
-                first_token_at = now
-                usage.ttft_ms = (now - started) * 1000.0
-            if token in self.eos_token_ids:
-                finish_reason = "eos"
-            text.add(token)
-            stop_at = text.stop_index()
-            if stop_at is not None:
-                finish_reason = "stop"
-            last = finish_reason != "length" or len(output) >= params.max_new_tokens
-            if stop_at is not None:
-                visible = text.text[:stop_at]
-            elif last:  # nothing can complete a stop string or a character any more
-                visible = text.text
-            else:
-                visible = text.visible()
-            delta = visible[emitted:] if len(visible) > emitted else ""
-            emitted = max(emitted, len(visible))
-            yield TokenEvent(token_id=token, text=delta)
-            if last:
+            event = decoding.step(logits)
+            yield event
+            if decoding.done:
                 break
-            logits = self._forward(generation, [token], sequence + output[resumed:])
-        generated = len(output) - resumed
-        elapsed = time.perf_counter() - (first_token_at or started)
-        usage.completion_tokens = len(output)
-        usage.evicted_tokens = generation.evicted
-        usage.tokens_per_s = (generated - 1) / elapsed if generated > 1 and elapsed > 0 else 0.0
-        generation.result = GenerationResult(
-            text=visible, token_ids=output, finish_reason=finish_reason, usage=usage
-        )
+            logits = self._forward(generation, [event.token_id], decoding.full())
+        decoding.finish()
 
     def _forward(self, generation: Generation, new_ids: list[int], full: list[int]) -> torch.Tensor:
         """Logits for the next token after feeding `new_ids` (cached) or `full` (no cache)."""
@@ -314,6 +331,90 @@ class Engine:
 
     def _decode_text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+class Decoding:
+    """One sequence's token picking past its prefill: sampling, stop strings, text and usage.
+
+    `step` takes the logits for the next token and returns its `TokenEvent`; once `done`,
+    `finish` sets `generation.result`. The engine's own loop and the batch scheduler
+    (workers.batch) both drive it, so a sequence decodes the same either way.
+    """
+
+    __slots__ = (
+        "_emitted", "_engine", "_first_token_at", "_resumed", "_started", "_text", "_visible",
+        "done", "finish_reason", "generation", "output", "params", "prompt_len", "sequence",
+        "usage",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        engine: Engine,
+        generation: Generation,
+        sequence: list[int],
+        prompt_len: int,
+        params: SamplingParams,
+        usage: GenerationUsage,
+        started: float | None,
+    ) -> None:
+        self._engine, self.generation, self.sequence = engine, generation, sequence
+        self.prompt_len, self.params, self.usage = prompt_len, params, usage
+        self._started = started or time.perf_counter()
+        self.output = sequence[prompt_len:]  # starts with prior_output on a resumed generation
+        self._resumed = len(self.output)
+        self._text = StreamText(engine._decode_text, params.stop, self.output)
+        self._visible = self._text.visible()
+        self._emitted = len(self._visible)
+        self._first_token_at: float | None = None
+        self.finish_reason = "length"
+        self.done = False
+
+    def full(self) -> list[int]:
+        """The whole sequence so far: prompt, prior output and what this generation made."""
+        return self.sequence + self.output[self._resumed :]
+
+    def step(self, logits: torch.Tensor) -> TokenEvent:
+        """Pick the next token from `logits` [vocab] and return its event."""
+        token = self._engine._sample(logits, self.params, len(self.output))
+        self.output.append(token)
+        now = time.perf_counter()
+        if self._first_token_at is None:
+            self._first_token_at = now
+            self.usage.ttft_ms = (now - self._started) * 1000.0
+        if token in self._engine.eos_token_ids:
+            self.finish_reason = "eos"
+        text = self._text
+        text.add(token)
+        stop_at = text.stop_index()
+        if stop_at is not None:
+            self.finish_reason = "stop"
+        last = self.finish_reason != "length" or len(self.output) >= self.params.max_new_tokens
+        if stop_at is not None:
+            visible = text.text[:stop_at]
+        elif last:  # nothing can complete a stop string or a character any more
+            visible = text.text
+        else:
+            visible = text.visible()
+        delta = visible[self._emitted :] if len(visible) > self._emitted else ""
+        self._emitted = max(self._emitted, len(visible))
+        self._visible = visible
+        self.done = last
+        return TokenEvent(token_id=token, text=delta)
+
+    def finish(self) -> GenerationResult:
+        """Set and return the generation's result (after the last `step`)."""
+        generated = len(self.output) - self._resumed
+        elapsed = time.perf_counter() - (self._first_token_at or self._started)
+        usage = self.usage
+        usage.completion_tokens = len(self.output)
+        usage.evicted_tokens = self.generation.evicted
+        usage.tokens_per_s = (generated - 1) / elapsed if generated > 1 and elapsed > 0 else 0.0
+        result = GenerationResult(
+            text=self._visible, token_ids=self.output, finish_reason=self.finish_reason,
+            usage=usage,
+        )  # fmt: skip
+        self.generation.result = result
+        return result
 
 
 def _position_seed(seed: int | None, position: int) -> int:

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +32,7 @@ from workers.api import (
     WorkRequest,
     WorkUsage,
 )
+from workers.batch import BatchScheduler, BatchSequence
 from workers.chain import BlockChain, Cutter
 from workers.engine import Engine, Generation
 from workers.kv.block import decode_block, encode_block, encoded_bytes_per_token
@@ -110,6 +111,8 @@ class KVWorker:
         )  # fmt: skip
         self._counters = _Counters()
         self.starts = Starts(self, block_bytes)
+        # One thread runs every batched sequence's forward passes (workers.batch).
+        self.scheduler = BatchScheduler(self.engine, config.max_batch, config.max_batch_tokens)
         self._cancelled: dict[str, None] = {}  # insertion-ordered, bounded
         self._cancel_lock = threading.Lock()
 
@@ -170,39 +173,60 @@ class KVWorker:
         prefilling = True
         deadline = started + request.prefill_timeout_s if request.prefill_timeout_s else None
 
+        def check() -> None:
+            self._check_prefill(request, started, deadline)
+
         def on_forward(generation: Generation) -> None:
             cutter(generation)
             if prefilling:  # a long chunked prefill stops early when it is no longer wanted
-                self._check_prefill(request, started, deadline)
+                check()
 
-        generation = self.engine.stream(
-            request.token_ids, request.params, past=start.past,
-            past_tokens=start.tokens if window is not None else None,
-            prior_output=request.prior_output, started=started, window=window,
-            chunk_tokens=self.config.block_tokens if chunked else None,
-            on_forward=on_forward if chunked else None,
-        )  # fmt: skip
+        batched: BatchSequence | None = None
+        events: Iterable[TokenEvent]
+        if chunked:  # a bounded cache or a native sliding window: decoded alone (workers.batch)
+            generation = self.engine.stream(
+                request.token_ids, request.params, past=start.past,
+                past_tokens=start.tokens if window is not None else None,
+                prior_output=request.prior_output, started=started, window=window,
+                chunk_tokens=self.config.block_tokens, on_forward=on_forward,
+            )  # fmt: skip
+            events = generation
+        else:
+            generation, decoding = self.engine.begin(
+                request.token_ids, request.params, past=start.past,
+                prior_output=request.prior_output, started=started,
+            )  # fmt: skip
+            batched = BatchSequence(generation, decoding, cutter, check)
+            events = batched
         self.count(in_flight=1, requests=1)
         prefill_started = time.perf_counter()
         first = True
         try:
-            for event in generation:
+            if batched is not None:
+                self.scheduler.submit(batched)
+            for event in events:
                 prefilling = False
                 if first:  # the engine's prefill of what no tier gave, and the first token
                     first = False
                     self.estimates.observe_prefill(
                         len(sequence) - start.tokens,
                         len(sequence),
-                        time.perf_counter() - prefill_started,
+                        batched.prefill_s
+                        if batched is not None
+                        else time.perf_counter() - prefill_started,
                     )
                 yield event  # first, so that cutting blocks never delays a token
-                cutter(generation)
+                if batched is None:
+                    cutter(generation)
                 if self._take_cancel(request.request_id):
                     return
-            cutter(generation)
+            if batched is None:
+                cutter(generation)
         except _Cancelled:
             return
         finally:
+            if batched is not None:
+                batched.cancel()  # a no-op once it ended; else it leaves at the next step
             self.count(in_flight=-1)
         result = generation.result
         if result is None:  # pragma: no cover - the engine sets it before its iterator ends
@@ -338,6 +362,7 @@ class KVWorker:
             return None
 
     def close(self) -> None:
+        self.scheduler.close()
         self.writer.close()
         close = getattr(self.store, "close", None)
         if close is not None:

@@ -18,7 +18,6 @@ from services.auth_flags import (
 from services.gateway.flags import (
     FIELD_DEFAULT,
     SETTINGS_FLAGS,
-    THREADS,
     build_settings,
     setting_fields,
 )
@@ -95,9 +94,16 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 0:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} must be >= 0 (0: no limit), got {getattr(args, name)}")
-    if args.max_requests_per_worker > THREADS:
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.max_batch_tokens <= args.max_batch:
         raise ValueError(
-            f"--max-requests-per-worker must be at most a worker's {THREADS} threads, "
+            f"--max-batch-tokens must exceed --max-batch={args.max_batch} (each decoding "
+            f"sequence takes one token of a step, prefill the rest), got {args.max_batch_tokens}"
+        )
+    if args.max_requests_per_worker > args.max_batch:
+        raise ValueError(
+            f"--max-requests-per-worker must be at most --max-batch={args.max_batch} (0: that), "
             f"got {args.max_requests_per_worker}"
         )
     for name in ("token_timeout", "prefill_timeout"):

@@ -13,10 +13,10 @@ from typing import Any
 
 from services.gateway.settings import GatewaySettings
 from services.store.cli import parse_size
-from workers.api import PLAN_MODES, ActorResources
+from workers.api import PLAN_MODES, WorkerConfig
 
 FIELD_DEFAULT: Any = object()  # a SettingFlag's default: the setting's own
-THREADS = ActorResources().max_concurrency  # a worker actor's threads for requests
+MAX_BATCH = WorkerConfig().max_batch  # a worker's batch bound, by default
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +84,21 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
         choices=PLAN_MODES,
     ),
     SettingFlag(
+        "--max-batch",
+        "pool.worker.max_batch",
+        "sequences a worker decodes together, one forward pass per step: more raise its "
+        "throughput and each stream's time per token",
+        int,
+    ),
+    SettingFlag(
+        "--max-batch-tokens",
+        "pool.worker.max_batch_tokens",
+        "tokens one batch step may feed: one per decoding sequence, the rest for newcomers' "
+        "prefill chunks; more shorten a newcomer's time to first token and stall the running "
+        "streams longer (must exceed --max-batch)",
+        int,
+    ),
+    SettingFlag(
         "--write-queue-blocks",
         "pool.worker.write_queue_blocks",
         "blocks a worker may hold for write-behind before it drops new ones",
@@ -103,7 +118,8 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
     SettingFlag(
         "--route-load-penalty-tokens",
         "route_load_penalty_tokens",
-        "routing: one request in flight costs this many cached prefix tokens",
+        "routing: a worker with a full batch (--max-requests-per-worker in flight) costs this "
+        "many cached prefix tokens, each request in it a share",
         int,
     ),
     SettingFlag(
@@ -151,8 +167,8 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
     SettingFlag(
         "--max-requests-per-worker",
         "max_requests_per_worker",
-        f"requests one worker runs at once, at most its {THREADS} threads; more wait at the "
-        f"gateway (0: {THREADS})",
+        "requests one worker runs at once: its batch's admission bound, at most --max-batch; "
+        "more wait at the gateway's queue (0: --max-batch)",
         int,
     ),
     SettingFlag(

@@ -107,7 +107,8 @@ class WorkerPool:
         self._start_node_tiers()
         started = {self._new_id(): None for _ in range(self.config.workers)}
         handles = {
-            wid: start_actor(self.config.worker, wid, self.config.resources) for wid in started
+            wid: start_actor(self.config.worker, wid, self.config.actor_resources)
+            for wid in started
         }
         infos = []
         for wid, handle in handles.items():
@@ -389,7 +390,7 @@ class WorkerPool:
         self._start_node_tiers()
         handle = None
         try:
-            handle = start_actor(self.config.worker, wid, self.config.resources)
+            handle = start_actor(self.config.worker, wid, self.config.actor_resources)
             info = call(handle.info.remote(), self.config.start_timeout_s)
         except Exception as exc:
             if handle is not None:  # still pending or loading: it would hold its GPU for good

@@ -2,10 +2,13 @@
 
 Cost rule (docs/gateway.md): for each live worker
 
-    score = cached_prefix_tokens - load_penalty_tokens * in_flight
+    score = cached_prefix_tokens - load_penalty_tokens * occupancy
 
 where `cached_prefix_tokens` is block_tokens times the number of leading blocks of the prompt's
-hash chain that the gateway has sent to that worker, and `in_flight` counts its open requests.
+hash chain that the gateway has sent to that worker, and `occupancy` is how full its batch is:
+its open requests over `max_in_flight`, the batch's admission bound (workers.batch decodes them
+in one forward pass per step, so a request in a batch costs a fraction of one running alone).
+With no bound (`max_in_flight=0`) occupancy is the raw count of open requests.
 The highest score wins; ties go to the worker with fewer requests in flight, then to the one
 chosen least recently, so an idle cluster spreads requests round-robin. With nothing cached
 anywhere this is simply the least-loaded worker. A draining worker (`set_draining`, for
@@ -30,9 +33,9 @@ from kvpool.errors import ResourceExhausted, Unavailable
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
     block_tokens: int = 64
-    # One request in flight costs as much as this many cached prefix tokens. Prefilling 512 tokens
-    # of SmolLM2 on one CPU core takes about as long as a typical short generation in flight, so a
-    # worker that holds 512 more prompt tokens than another is worth waiting behind one request.
+    # A full batch (max_in_flight requests; one request when there is no bound) costs as much as
+    # this many cached prefix tokens. GatewaySettings.route_load_penalty_tokens sets it for the
+    # gateway; see there for why its default is what it is.
     load_penalty_tokens: int = 512
     # Block hashes remembered per worker; 4096 blocks of 64 tokens is 256k tokens, about the L1
     # of a worker with a few GiB for SmolLM2-sized blocks.
@@ -145,10 +148,10 @@ class Router:
         """
         with self._lock:
             candidates = self._wait_for_room(exclude)
-            best: tuple[tuple[int, int, int], str, int, int] | None = None
+            best: tuple[tuple[float, int, int], str, int, int] | None = None
             for worker_id, record in candidates.items():
                 cached = self._prefix_blocks(record, hashes) * self.config.block_tokens
-                score = cached - self.config.load_penalty_tokens * record.in_flight
+                score = cached - self.config.load_penalty_tokens * self._occupancy(record)
                 # max() on (score, -in_flight, -last_chosen): higher score, then fewer in flight,
                 # then least recently chosen.
                 key = (score, -record.in_flight, -record.last_chosen)
@@ -162,6 +165,11 @@ class Router:
             chosen.last_chosen = self._clock
             chosen.in_flight += 1
             return Route(worker_id=worker_id, cached_prefix_tokens=cached, in_flight=in_flight)
+
+    def _occupancy(self, record: _WorkerRecord) -> float:
+        """How full the worker's batch is: 1.0 at max_in_flight (raw requests with no bound)."""
+        most = self.config.max_in_flight
+        return record.in_flight / most if most else float(record.in_flight)
 
     def _wait_for_room(self, exclude: frozenset[str]) -> dict[str, _WorkerRecord]:
         """The workers that may take a request now, waiting for one below max_in_flight."""

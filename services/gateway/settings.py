@@ -7,12 +7,16 @@ the command line reads each flag's default from its field here (services/gateway
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from workers.api import ActorResources, WorkerConfig
 from workers.kv.bounds import DEFAULT_SINK_TOKENS
 from workers.node_tier import DEFAULT_NODE_TIER_BYTES
+
+# Actor threads beyond a full batch: Prefill calls and tokenizer fetches, which the gateway's
+# per-worker cap does not count, so they never wait behind a full batch of streams.
+SPARE_THREADS = 2
 
 if TYPE_CHECKING:
     from services.auth import ServerTls, TokenTable
@@ -31,6 +35,14 @@ class PoolConfig:
     replace_backoff_s: float = 2.0
     # Bytes of each node's tier (L2, workers.node_tier), shared by the node's workers; 0: none.
     node_tier_bytes: int = DEFAULT_NODE_TIER_BYTES
+
+    @property
+    def actor_resources(self) -> ActorResources:
+        """`resources`, with threads enough for a full batch plus SPARE_THREADS beside it."""
+        threads = self.worker.max_batch + SPARE_THREADS
+        if self.resources.max_concurrency >= threads:
+            return self.resources
+        return replace(self.resources, max_concurrency=threads)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -102,7 +114,11 @@ class GatewaySettings:
     port: int = 50051  # 0: pick a free port
     pool: PoolConfig = field(default_factory=PoolConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
-    route_load_penalty_tokens: int = 512
+    # Routing: a worker with a full batch (--max-requests-per-worker in flight) costs as much as
+    # this many cached prefix tokens, each request in it a share (router.Router). A request in a
+    # batch of 8 on SmolLM2 and these CPUs decodes about 3x slower than alone; 2048 tokens of
+    # prefix is about 6 s of prefill, so a full worker still wins with a long enough prefix.
+    route_load_penalty_tokens: int = 2048
     session_ttl_s: int = 24 * 3600
     store_timeout_s: float = 5.0
     metrics_port: int = 0  # 0: no /metrics endpoint
@@ -115,10 +131,11 @@ class GatewaySettings:
     store_auth_token: str | None = field(default=None, repr=False)  # the store's, for sessions
     store_tls_ca: bytes | None = field(default=None, repr=False)  # PEM CA: store over TLS
     max_request_bytes: int = 4 << 20  # larger requests get RESOURCE_EXHAUSTED from gRPC
-    # Requests one worker runs at once; more wait at the gateway (router.RouterConfig). At most
-    # the actor's concurrency (0: that), so no request waits in a worker's queue, where the wait
-    # would count against --token-timeout.
-    max_requests_per_worker: int = 4
+    # Requests one worker runs at once: its batch's admission bound; more wait at the gateway
+    # (router.RouterConfig). At most the worker's max_batch (0: that), so no request waits inside
+    # a worker, where the wait would count against --token-timeout; the actor's threads leave
+    # room for it (PoolConfig.actor_resources).
+    max_requests_per_worker: int = 0
     max_queued_requests: int = 32  # requests waiting for a worker; past it RESOURCE_EXHAUSTED
     queue_timeout_s: float = 60.0  # the longest a request waits for a worker
 
@@ -143,14 +160,14 @@ class GatewaySettings:
             )
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
-        threads = self.pool.resources.max_concurrency
-        if not 0 <= self.max_requests_per_worker <= threads:
+        batch = self.pool.worker.max_batch
+        if not 0 <= self.max_requests_per_worker <= batch:
             raise ValueError(
-                f"max_requests_per_worker must be between 0 (the actor's concurrency) and the "
-                f"actor's concurrency of {threads}, got {self.max_requests_per_worker}"
+                f"max_requests_per_worker must be between 0 (the worker's max_batch) and the "
+                f"worker's max_batch of {batch}, got {self.max_requests_per_worker}"
             )
 
     @property
     def requests_per_worker(self) -> int:
-        """The per-worker cap in force: never more than the actor runs at once."""
-        return self.max_requests_per_worker or self.pool.resources.max_concurrency
+        """The per-worker cap in force: never more than the worker's batch admits at once."""
+        return self.max_requests_per_worker or self.pool.worker.max_batch

@@ -56,6 +56,23 @@ def test_load_outweighs_a_short_cached_prefix_but_not_a_long_one():
     assert r.acquire(long_prefix).worker_id == "a"  # 1280 - 512 beats 0
 
 
+def test_with_a_batch_bound_load_counts_as_batch_occupancy():
+    # max_in_flight=8: a request costs 512 / 8 = 64 tokens, so a worker one request into its
+    # batch still wins with two cached blocks (128 - 64 > 0); without a bound it lost (above).
+    r = router(load_penalty_tokens=512, max_in_flight=8)
+    r.record("a", ["h1", "h2"])
+    assert r.acquire(["h1", "h2"]).worker_id == "a"
+    assert r.acquire(["h1", "h2"]).worker_id == "a"  # 128 - 64 still beats an idle worker
+    assert r.acquire(["h1", "h2"]).worker_id != "a"  # 128 - 128 ties: fewer in flight wins
+    # A half-full batch (4 of 8) costs 256 tokens: five cached blocks (320) beat it.
+    for _ in range(2):
+        r.acquire([], exclude=frozenset({"b", "c"}))
+    assert r.in_flight("a") == 4
+    r.record("a", [f"h{i}" for i in range(1, 6)])
+    assert r.acquire([f"h{i}" for i in range(1, 6)]).worker_id == "a"
+    assert r.acquire(["h1", "h2"]).worker_id != "a"  # 5 in flight: 128 - 320 < 0
+
+
 def test_excluded_and_removed_workers_are_never_chosen():
     r = router()
     r.record("a", ["h1"])
