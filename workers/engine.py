@@ -373,9 +373,16 @@ class Decoding:
         """The whole sequence so far: prompt, prior output and what this generation made."""
         return self.sequence + self.output[self._resumed :]
 
-    def step(self, logits: torch.Tensor) -> TokenEvent:
-        """Pick the next token from `logits` [vocab] and return its event."""
-        token = self._engine._sample(logits, self.params, len(self.output))
+    def step(self, logits: torch.Tensor, greedy_token: int | None = None) -> TokenEvent:
+        """Pick the next token from `logits` [vocab] and return its event.
+
+        `greedy_token`, for greedy params only, is argmax(logits) already taken (a batch takes
+        every row's at once: one wait for the device instead of one per row).
+        """
+        if greedy_token is not None and self.params.greedy:
+            token = greedy_token
+        else:
+            token = self._engine._sample(logits, self.params, len(self.output))
         self.output.append(token)
         now = time.perf_counter()
         if self._first_token_at is None:

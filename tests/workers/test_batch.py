@@ -13,6 +13,7 @@ from transformers import DynamicCache
 from tests.support.work import make_worker, run
 from workers.api import PromptInput, SamplingParams, TokenEvent, WorkDone, WorkRequest
 from workers.batch_cache import GrowingLayer, PaddedBatch
+from workers.engine import Decoding
 
 TEXT = "Continuous batching lets many streams share one forward pass per step. " * 6
 
@@ -100,14 +101,14 @@ def test_a_failing_sequence_does_not_take_the_batch_down(worker, monkeypatch):
         for i, n in enumerate((60, 37, 80))
     ]
     expected = [alone(worker, r) for r in requests]
-    sample = worker.engine._sample
+    step = Decoding.step
 
-    def failing(logits, params, position):
-        if params.max_new_tokens == 37 and position == 5:
+    def failing(self, logits, greedy_token=None):
+        if self.params.max_new_tokens == 37 and len(self.output) == 5:
             raise RuntimeError("injected sampling failure")
-        return sample(logits, params, position)
+        return step(self, logits, greedy_token)
 
-    monkeypatch.setattr(worker.engine, "_sample", failing)
+    monkeypatch.setattr(Decoding, "step", failing)
     started = [start(worker, r) for r in requests]
     _, stream = started[1]
     with pytest.raises(RuntimeError, match="injected"):
