@@ -20,6 +20,14 @@ s = l is "fetch", s = n is "recompute" (predicted as one prefill(l*T, P)), anyth
 by MARGIN (10%), so a cached prefix is only used when the estimates say it is clearly faster
 than computing it. Estimates are exponentially weighted running
 means (`Estimates`), fed by every fetch and every prefill the worker does.
+
+The max() assumes the recompute and the fetch overlap perfectly. They need not: the fetch's
+host work (checksums, copies, gRPC) holds Python's GIL, which the recompute's kernel launches
+need too (on a GPU), or shares the cores (on a CPU). So each split's overlap phase is timed
+against its prediction, and the running ratio (`split_factor`, at least 1) scales the overlap
+of every later split's prediction: a worker where splits overlap badly stops choosing them.
+The ratio decays back towards 1 with each plan that is not a split, so a split is tried again
+once conditions may have changed.
 """
 
 import math
@@ -35,6 +43,8 @@ EWMA_WEIGHT = 0.5  # of a new observation: two or three requests follow a change
 # and a cached prefix must never make a request slower than a miss.
 MARGIN = 0.1
 FEW_TOKENS = 32  # a prefill shorter than this measures a forward pass's fixed cost
+MAX_SPLIT_FACTOR = 8.0  # a split's overlap is believed at most this much slower than predicted
+SPLIT_FACTOR_DECAY = 0.9  # of the factor's excess over 1, kept by each plan that is not a split
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +77,7 @@ class Plan:
     kind: str  # "none" (nothing cached beyond L1), "fetch", "recompute" or "split"
     split_block: int  # blocks [local, split_block) are recomputed, [split_block, cached) fetched
     predicted_s: Mapping[str, float] = field(default_factory=dict)  # by kind, for logs/metrics
+    overlap_s: float = 0.0  # a split's predicted overlap phase, max(recompute, fetch), unscaled
 
     def __post_init__(self) -> None:
         if self.kind not in PLAN_KINDS:
@@ -96,6 +107,7 @@ class Estimates:
         self._spt: dict[int, float] = {}  # length bucket -> seconds per prefilled token
         self._fixed_s = 0.0  # a forward pass's cost whatever its length (launches, LM head)
         self._fixed_measured = False
+        self._split_factor = 1.0  # measured / predicted time of a split's overlap phase
         self._lock = threading.Lock()
 
     def _mix(self, old: float, new: float, first: bool) -> float:
@@ -150,6 +162,25 @@ class Estimates:
             old = self._spt.get(bucket)
             self._spt[bucket] = self._mix_rate(old or 0.0, per_token, old is None)
 
+    def observe_split(self, predicted_s: float, seconds: float) -> None:
+        """A split's overlap phase, predicted (unscaled) at `predicted_s`, took `seconds`."""
+        if predicted_s <= 0 or seconds <= 0:
+            return
+        ratio = min(max(seconds / predicted_s, 1.0), MAX_SPLIT_FACTOR)
+        with self._lock:
+            self._split_factor = self._mix(self._split_factor, ratio, False)
+
+    def observe_plan(self, kind: str) -> None:
+        """A plan other than a split was chosen: the split factor decays towards 1."""
+        if kind == "split":
+            return
+        with self._lock:
+            self._split_factor = 1.0 + (self._split_factor - 1.0) * SPLIT_FACTOR_DECAY
+
+    def split_factor(self) -> float:
+        with self._lock:
+            return self._split_factor
+
     def tier_cost(self, tier: str) -> TierCost:
         """The tier's cost: the running mean, or its latest fetch when that was slower.
 
@@ -180,6 +211,7 @@ class Estimates:
             values |= {f"{t}_latency_s": self._latency[t] for t in TIERS}
             values |= {f"prefill_tokens_per_s_{1 << b}": 1.0 / s for b, s in self._spt.items()}
             values["prefill_fixed_s"] = self._fixed_s
+            values["split_factor"] = self._split_factor
         return values
 
 
@@ -222,13 +254,17 @@ def choose(run: CachedRun, estimates: Estimates, mode: str = "auto") -> Plan:
         return Plan("recompute", cached, predicted)
     if mode == "fetch":
         return Plan("fetch", local, predicted)
-    best, best_s = local, predicted["fetch"]
+    factor = estimates.split_factor()
+    best, best_s, overlap = local, predicted["fetch"], 0.0
     for split in range(local + 1, cached):
-        ttft = max(estimates.prefill_s(local * size, split * size), fetch_s(split)) + rest
+        phase = max(estimates.prefill_s(local * size, split * size), fetch_s(split))
+        ttft = phase * factor + rest
         if ttft < best_s:
-            best, best_s = split, ttft
+            best, best_s, overlap = split, ttft, phase
     if best != local:
         predicted["split"] = best_s
     if best_s > recompute * (1 - MARGIN):
         return Plan("recompute", cached, predicted)
-    return Plan("fetch" if best == local else "split", best, predicted)
+    if best == local:
+        return Plan("fetch", local, predicted)
+    return Plan("split", best, predicted, overlap_s=overlap)

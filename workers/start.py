@@ -7,6 +7,7 @@ worker orchestrates and this module owns the hit path's choices.
 """
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -166,12 +167,17 @@ class Starts:
             return fetched, into
 
         recomputed = 0
+        if mode == "auto":
+            self.w.estimates.observe_plan(plan.kind)
         if plan.kind == "split":
             split = plan.split_block
+            began = time.perf_counter()
             past, fetched, _ = split_prefix(
                 self.w.loaded.model, found.local, sequence[local * size : split * size],
                 lambda: fetch(split, ()),
             )  # fmt: skip
+            # How well the recompute and the fetch overlapped, for the next splits' predictions.
+            self.w.estimates.observe_split(plan.overlap_s, time.perf_counter() - began)
             recomputed = (split - local) * size
             tokens = (split + fetched.blocks) * size
         else:

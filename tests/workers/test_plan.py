@@ -105,3 +105,30 @@ def test_a_link_that_slows_down_is_believed_at_once_one_that_speeds_up_gradually
     assert est.tier_cost("store").bytes_per_s == pytest.approx(1e6, rel=0.05)  # net of latency
     est.observe_fetch("store", 100_000_000, 0.1)  # fast again: the mean, not the last sample
     assert 1e6 < est.tier_cost("store").bytes_per_s < 1e9
+
+
+def test_splits_that_overlap_badly_stop_being_chosen_then_are_tried_again():
+    est = estimates(10_000, BLOCK_BYTES / (T / 10_000))  # a block fetched as fast as computed
+    plan = choose(run(), est)
+    assert plan.kind == "split" and plan.overlap_s > 0
+    # The recompute and the fetch did not overlap at all: the phase took their sum.
+    for _ in range(3):
+        est.observe_split(plan.overlap_s, 2 * plan.overlap_s)
+    assert est.split_factor() > 1.7
+    worse = choose(run(), est)
+    assert worse.kind in ("fetch", "recompute")
+    assert est.snapshot()["split_factor"] == est.split_factor()
+    kinds = []
+    for _ in range(30):  # every plan that is not a split lets the factor decay towards 1...
+        kinds.append(choose(run(), est).kind)
+        est.observe_plan(kinds[-1])
+    assert kinds[0] != "split" and "split" in kinds  # ...until a split is tried again
+    assert est.split_factor() < 2.0
+
+
+def test_a_split_faster_than_predicted_does_not_lower_the_factor_below_one():
+    est = estimates(10_000, BLOCK_BYTES / (T / 10_000))
+    est.observe_split(1.0, 0.2)
+    assert est.split_factor() == 1.0
+    est.observe_split(1.0, 1e6)  # a stall: believed, but bounded
+    assert est.split_factor() <= 8.0
