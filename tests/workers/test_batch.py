@@ -11,7 +11,14 @@ import torch
 from transformers import DynamicCache
 
 from tests.support.work import make_worker, run
-from workers.api import PromptInput, SamplingParams, TokenEvent, WorkDone, WorkRequest
+from workers.api import (
+    PrefillTimeout,
+    PromptInput,
+    SamplingParams,
+    TokenEvent,
+    WorkDone,
+    WorkRequest,
+)
 from workers.batch_cache import GrowingLayer, PaddedBatch
 
 TEXT = "Continuous batching lets many streams share one forward pass per step. " * 6
@@ -239,3 +246,29 @@ def test_a_growing_layer_appends_in_place_and_keeps_every_column():
             assert layer._keys is buffer  # no copy while there is room
     assert keys[:, :, 3:, 0].flatten().tolist() == [float(s) for s in range(1, 200)] * 2
     assert bool((values[:, :, :3] == 0).all())
+
+
+def test_a_prefill_deadline_and_a_cancel_stop_a_chunked_prefill_between_chunks(store):
+    w = make_worker(store, "deadline", max_batch=4, max_batch_tokens=20)
+    try:
+        long_prompt = prompt(w, "Deadline. " + TEXT * 3)
+        assert len(long_prompt) > 100  # at least five chunks of at most 20 tokens
+        other = WorkRequest(prompt(w, "Unhurried."), SamplingParams(max_new_tokens=60))
+        want = alone(w, other)
+        running = start(w, other)
+        late = WorkRequest(long_prompt, SamplingParams(max_new_tokens=4), prefill_timeout_s=1e-6)
+        with pytest.raises(PrefillTimeout, match="--prefill-timeout"):
+            list(w.generate(late))
+        # A cancel that lands while the prefill is under way ends the stream with no tokens.
+        w.cancel("gone")
+        gone = WorkRequest(long_prompt, SamplingParams(max_new_tokens=4), request_id="gone")
+        assert list(w.generate(gone)) == []
+        assert list(finish(*running).token_ids) == want
+        chunks_before = w.scheduler.stats.prefill_chunks
+        ok = run(w, WorkRequest(long_prompt, SamplingParams(max_new_tokens=4)))
+        assert w.scheduler.stats.prefill_chunks - chunks_before >= len(long_prompt) // 20
+        assert list(ok.token_ids) == alone(
+            w, WorkRequest(long_prompt, SamplingParams(max_new_tokens=4))
+        )
+    finally:
+        w.close()
