@@ -238,11 +238,13 @@ class BatchScheduler:
             if sequence in self._prefilling:
                 self._prefilling.remove(sequence)
 
-    def _emit(self, sequence: BatchSequence, logits: torch.Tensor) -> bool:
+    def _emit(
+        self, sequence: BatchSequence, logits: torch.Tensor, greedy: int | None = None
+    ) -> bool:
         """Sample and queue the sequence's next token; False once it is done (or failed)."""
         decoding = sequence.decoding
         try:
-            event = decoding.step(logits)
+            event = decoding.step(logits, greedy)
             if decoding.done:
                 decoding.finish()
             sequence._put(event)
@@ -274,6 +276,8 @@ class BatchScheduler:
         self.stats.steps += 1
         self.stats.decoded_tokens += len(tokens)
         logits = out.logits[:, -1].float()  # [rows, vocab]
+        # Every row's greedy pick in one go: one device sync per step, not one per row.
+        greedy = logits.argmax(dim=-1).tolist()
         leaving = []
         for row, (sequence, token) in enumerate(zip(self._rows, tokens, strict=True)):
             generation = sequence.generation
@@ -288,7 +292,7 @@ class BatchScheduler:
             if sequence.cancelled:
                 sequence._put(_END)
                 leaving.append(row)
-            elif not self._emit(sequence, logits[row]):
+            elif not self._emit(sequence, logits[row], greedy[row]):
                 leaving.append(row)
         self._leave(leaving)
 

@@ -102,10 +102,12 @@ def test_a_cancelled_sequence_leaves_the_others_unchanged(worker):
 
 
 def test_a_failing_sequence_does_not_take_the_batch_down(worker, monkeypatch):
+    # The middle one samples (greedy rows skip `_sample`: the batch takes their argmax at once).
     requests = [
-        WorkRequest(prompt(worker, f"Fail {i}. " + TEXT), SamplingParams(max_new_tokens=n))
-        for i, n in enumerate((60, 37, 80))
-    ]
+        WorkRequest(prompt(worker, f"Fail {i}. " + TEXT),
+                    SamplingParams(max_new_tokens=n, temperature=t, seed=3))
+        for i, (n, t) in enumerate(((60, 0.0), (37, 0.8), (80, 0.0)))
+    ]  # fmt: skip
     expected = [alone(worker, r) for r in requests]
     sample = worker.engine._sample
 
