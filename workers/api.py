@@ -295,6 +295,12 @@ class WorkerStats:
     plans: dict[str, int] = field(default_factory=dict)  # requests by plan kind
     node: NodeTierStats | None = None  # this node's tier, when the worker uses one
     estimates: dict[str, float] = field(default_factory=dict)  # the fetch plan's cost model
+    # Continuous batching (workers.batch): sequences prefilling or decoding in the batch now,
+    # sequences waiting to be admitted, batched decode steps so far, and the largest batch.
+    batch_running: int = 0
+    batch_waiting: int = 0
+    batch_steps: int = 0
+    batch_largest: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -254,12 +254,12 @@ class BatchScheduler:
                 self._prefilling.remove(sequence)
 
     def _emit(
-        self, sequence: BatchSequence, logits: torch.Tensor, greedy_token: int | None = None
+        self, sequence: BatchSequence, logits: torch.Tensor, greedy: int | None = None
     ) -> bool:
         """Sample and queue the sequence's next token; False once it is done (or failed)."""
         decoding = sequence.decoding
         try:
-            event = decoding.step(logits, greedy_token)
+            event = decoding.step(logits, greedy)
             if decoding.done:
                 decoding.finish()
             sequence._put(event)
@@ -291,7 +291,8 @@ class BatchScheduler:
         self.stats.steps += 1
         self.stats.decoded_tokens += len(tokens)
         logits = out.logits[:, -1].float()  # [rows, vocab]
-        greedy = logits.argmax(dim=-1).tolist()  # every row's, with one wait for the device
+        # Every row's greedy pick in one go: one device sync per step, not one per row.
+        greedy = logits.argmax(dim=-1).tolist()
         leaving = []
         for row, (sequence, token) in enumerate(zip(self._rows, tokens, strict=True)):
             generation = sequence.generation

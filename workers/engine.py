@@ -373,15 +373,14 @@ class Decoding:
         """The whole sequence so far: prompt, prior output and what this generation made."""
         return self.sequence + self.output[self._resumed :]
 
-    def step(self, logits: torch.Tensor, greedy_token: int | None = None) -> TokenEvent:
+    def step(self, logits: torch.Tensor | None, token: int | None = None) -> TokenEvent:
         """Pick the next token from `logits` [vocab] and return its event.
 
-        `greedy_token`, for greedy params only, is argmax(logits) already taken (a batch takes
-        every row's at once: one wait for the device instead of one per row).
+        `token` is the greedy pick when the caller already made it (workers.batch takes every
+        greedy row's argmax at once: one device sync per step rather than one per row).
         """
-        if greedy_token is not None and self.params.greedy:
-            token = greedy_token
-        else:
+        if token is None or not self.params.greedy:
+            assert logits is not None, "logits are needed to sample"
             token = self._engine._sample(logits, self.params, len(self.output))
         self.output.append(token)
         now = time.perf_counter()

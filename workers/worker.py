@@ -333,6 +333,8 @@ class KVWorker:
 
     def stats(self) -> WorkerStats:
         c = self._counters
+        running, waiting = self.scheduler.occupancy()
+        batch = self.scheduler.stats
         with c.lock:
             return WorkerStats(
                 worker_id=self.worker_id,
@@ -350,6 +352,10 @@ class KVWorker:
                 plans={kind: getattr(c, f"plan_{kind}") for kind in PLAN_KINDS},
                 node=self._node_stats(),
                 estimates=self.estimates.snapshot(),
+                batch_running=running,
+                batch_waiting=waiting,
+                batch_steps=batch.steps,
+                batch_largest=batch.largest_batch,
             )
 
     def _node_stats(self) -> NodeTierStats | None:

@@ -260,6 +260,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     for r in rows:
         left.annotate(f"{r['speedup']}x", (r["concurrency"], r["tokens_per_s"]), fontsize=8)
     left.set_xscale("log", base=2)
+    left.set_xticks(x, [str(c) for c in x])
     left.set_xlabel("concurrent requests")
     left.set_ylabel("aggregate output tokens/s")
     left.legend()
@@ -267,6 +268,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     right.plot(x, [r["ttft_p99_ms"] for r in rows], marker="o", label="TTFT p99")
     right.plot(x, [r["tpot_ms"] for r in rows], marker="s", label="time per output token")
     right.set_xscale("log", base=2)
+    right.set_xticks(x, [str(c) for c in x])
     right.set_yscale("log")
     right.set_xlabel("concurrent requests")
     right.set_ylabel("ms (log)")

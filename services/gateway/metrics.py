@@ -192,6 +192,9 @@ _WORKER_FAMILIES: dict[str, tuple[type, str, list[str]]] = {
     "write_failed_blocks": (_C, "Blocks not written because the store failed.", _W),
     "write_pending_blocks": (_G, "Blocks waiting in the write-behind queue.", _W),
     "in_flight": (_G, "Generations running on the worker.", _W),
+    "batch_sequences": (_G, "Sequences prefilling or decoding in the worker's batch.", _W),
+    "batch_waiting": (_G, "Sequences waiting for room in the worker's batch.", _W),
+    "batch_steps": (_C, "Batched decode steps (one forward pass each).", _W),
 }
 
 
@@ -242,4 +245,7 @@ class _WorkerCollector(Collector):
             families["write_failed_blocks"].add_metric(w, s.writes.failed)
             families["write_pending_blocks"].add_metric(w, s.writes.pending)
             families["in_flight"].add_metric(w, s.in_flight)
+            families["batch_sequences"].add_metric(w, s.batch_running)
+            families["batch_waiting"].add_metric(w, s.batch_waiting)
+            families["batch_steps"].add_metric(w, s.batch_steps)
         yield from families.values()

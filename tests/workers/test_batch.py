@@ -11,7 +11,14 @@ import torch
 from transformers import DynamicCache
 
 from tests.support.work import make_worker, run
-from workers.api import PromptInput, SamplingParams, TokenEvent, WorkDone, WorkRequest
+from workers.api import (
+    PrefillTimeout,
+    PromptInput,
+    SamplingParams,
+    TokenEvent,
+    WorkDone,
+    WorkRequest,
+)
 from workers.batch_cache import GrowingLayer, PaddedBatch
 from workers.engine import Decoding
 
@@ -96,10 +103,12 @@ def test_a_cancelled_sequence_leaves_the_others_unchanged(worker):
 
 
 def test_a_failing_sequence_does_not_take_the_batch_down(worker, monkeypatch):
+    # The middle one fails in its own sampling step, its sixth token.
     requests = [
-        WorkRequest(prompt(worker, f"Fail {i}. " + TEXT), SamplingParams(max_new_tokens=n))
-        for i, n in enumerate((60, 37, 80))
-    ]
+        WorkRequest(prompt(worker, f"Fail {i}. " + TEXT),
+                    SamplingParams(max_new_tokens=n, temperature=t, seed=3))
+        for i, (n, t) in enumerate(((60, 0.0), (37, 0.8), (80, 0.0)))
+    ]  # fmt: skip
     expected = [alone(worker, r) for r in requests]
     step = Decoding.step
 
@@ -245,3 +254,33 @@ def test_a_growing_layer_appends_in_place_and_keeps_every_column():
             assert layer._keys is buffer  # no copy while there is room
     assert keys[:, :, 3:, 0].flatten().tolist() == [float(s) for s in range(1, 200)] * 2
     assert bool((values[:, :, :3] == 0).all())
+
+
+def test_a_prefill_deadline_and_a_cancel_stop_a_chunked_prefill_between_chunks(store):
+    w = make_worker(store, "deadline", max_batch=4, max_batch_tokens=20)
+    try:
+        long_prompt = prompt(w, "Deadline. " + TEXT * 3)
+        assert len(long_prompt) > 100  # at least five chunks of at most 20 tokens
+        other = WorkRequest(prompt(w, "Unhurried."), SamplingParams(max_new_tokens=60))
+        want = alone(w, other)
+        running = start(w, other)
+        late = WorkRequest(long_prompt, SamplingParams(max_new_tokens=4), prefill_timeout_s=1e-6)
+        with pytest.raises(PrefillTimeout, match="--prefill-timeout"):
+            list(w.generate(late))
+        # A cancel that lands while the prefill is under way ends the stream with no tokens.
+        w.cancel("gone")
+        gone = WorkRequest(long_prompt, SamplingParams(max_new_tokens=4), request_id="gone")
+        assert list(w.generate(gone)) == []
+        assert list(finish(*running).token_ids) == want
+        # With a stream running beside it, the same prompt goes in chunks of at most 20 tokens
+        # (alone, it would take one pass: nothing to keep flowing).
+        running = start(w, other)
+        chunks_before = w.scheduler.stats.prefill_chunks
+        ok = run(w, WorkRequest(long_prompt, SamplingParams(max_new_tokens=4)))
+        assert w.scheduler.stats.prefill_chunks - chunks_before >= len(long_prompt) // 20
+        assert list(finish(*running).token_ids) == want
+        assert list(ok.token_ids) == alone(
+            w, WorkRequest(long_prompt, SamplingParams(max_new_tokens=4))
+        )
+    finally:
+        w.close()

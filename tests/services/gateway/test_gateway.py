@@ -210,3 +210,27 @@ def test_kvpool_gateway_serve_needs_a_store(capsys):
 
     assert main(["gateway", "serve", "--workers", "1"]) == 2
     assert "--store HOST:PORT is required" in capsys.readouterr().err
+
+
+def test_streams_batched_on_the_workers_equal_each_alone(stack, client):
+    """Continuous batching through the real actors: concurrent streams share each worker's
+    decode steps (the worker's stats say so) and each gives exactly its output alone."""
+    prompts = [f"Batched {i}: " + DOC[: 50 * (i + 1)] for i in range(6)]
+    alone = [client.generate(prompt=p, max_new_tokens=120, tenant="alone") for p in prompts]
+    steps_before = sum(s.batch_steps for s in stack.worker_stats())
+    results: dict[int, object] = {}
+
+    def one(i: int) -> None:
+        results[i] = client.generate(prompt=prompts[i], max_new_tokens=120, tenant="batched")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [results[i].token_ids for i in range(len(prompts))] == [a.token_ids for a in alone]
+    stats = stack.worker_stats()
+    assert max(s.batch_largest for s in stats) >= 2
+    assert sum(s.batch_steps for s in stats) > steps_before
+    text = generate_latest(stack.metrics.registry).decode()
+    assert text.count("kvpool_worker_batch_steps_total{") == 2
