@@ -40,8 +40,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 KVPOOL = [sys.executable, "-m", "kvpool.cli"]
 BLOCK_TOKENS = 16
-# About 300 tokens: well past a dozen blocks, and under the gateway's default load penalty (512
-# tokens per request in flight), so concurrent requests spread over both workers.
+# About 300 tokens: well past a dozen blocks, and under the load penalty the gateway below is
+# given (1024 tokens per request in flight), so concurrent requests spread over both workers.
 SHARED_PREFIX = (
     "You are the support assistant of a company that sells solar panels, inverters and home "
     "batteries. Answer in two sentences at most, quote the warranty terms when they apply, and "
@@ -296,6 +296,10 @@ def topology(tmp_path: Path) -> Iterator[dict[str, Any]]:
                 "int8",
                 "--block-tokens",
                 str(BLOCK_TOKENS),
+                # A full batch (8) costs 8192 prefix tokens, so each request in flight costs
+                # 1024: more than the shared prefix, so overlapping requests spread.
+                "--route-load-penalty-tokens",
+                "8192",
                 "--metrics-port",
                 str(free_port()),
                 "--grace",
