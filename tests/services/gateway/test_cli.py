@@ -151,3 +151,27 @@ def test_the_namespace_secret_reaches_the_gateway_and_its_workers(tmp_path, monk
     assert gateway_settings(parse(), "127.0.0.1:1", 0.0).gateway.namespace_secret is None
     with pytest.raises(ValueError, match="at least 16 bytes"):
         gateway_settings(parse("--namespace-secret", "short"), "127.0.0.1:1", 0.0)
+
+
+def test_the_batch_bounds_the_per_worker_cap_and_sizes_the_actor(monkeypatch):
+    """Issue 16: --max-requests-per-worker is the batch's admission bound (0: --max-batch), and a
+    worker actor has threads for a full batch plus SPARE_THREADS."""
+    from services.gateway.settings import SPARE_THREADS
+
+    monkeypatch.setenv("KVPOOL_MAX_BATCH_TOKENS", "512")
+    args = parse("--max-batch", "16")
+    check_args(args)
+    settings = gateway_settings(args, "127.0.0.1:1", 0.0)
+    worker = settings.pool.worker
+    assert (worker.max_batch, worker.max_batch_tokens) == (16, 512)
+    assert settings.requests_per_worker == 16  # the default cap: the whole batch
+    assert settings.pool.actor_resources.max_concurrency == 16 + SPARE_THREADS
+    default = gateway_settings(parse(), "127.0.0.1:1", 0.0)
+    assert default.requests_per_worker == default.pool.worker.max_batch == 8
+    assert default.pool.actor_resources.max_concurrency > default.requests_per_worker
+    with pytest.raises(ValueError, match="--max-requests-per-worker must be at most --max-batch=8"):
+        check_args(parse("--max-requests-per-worker", "9"))
+    with pytest.raises(ValueError, match="--max-batch-tokens must exceed --max-batch=8"):
+        check_args(parse("--max-batch-tokens", "8"))
+    with pytest.raises(ValueError, match="max_requests_per_worker must be between 0"):
+        replace(default, max_requests_per_worker=9)
