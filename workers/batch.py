@@ -232,11 +232,12 @@ class BatchScheduler:
             if len(generation.fed_token_ids) < len(decoding.sequence):
                 return len(chunk)
             self._remove_prefilling(sequence)
-            going_on = self._emit(sequence, out.logits[0, -1].float())
-            # The prompt's blocks are cut once its first token is out: cutting (and the
-            # write-behind encoding it wakes) never delays that token.
-            sequence.cutter(generation)
-            if not going_on:
+            # The prompt's blocks are cut once its first token is out, so cutting (and the
+            # write-behind encoding it wakes) never delays that token, and before the sequence
+            # can end, so a request that returns has its blocks queued (a flush then sees them).
+            if not self._emit(
+                sequence, out.logits[0, -1].float(), then=lambda: sequence.cutter(generation)
+            ):
                 return len(chunk)
             with self._cond:
                 self._joining.append(sequence)
@@ -254,15 +255,25 @@ class BatchScheduler:
                 self._prefilling.remove(sequence)
 
     def _emit(
-        self, sequence: BatchSequence, logits: torch.Tensor, greedy: int | None = None
+        self,
+        sequence: BatchSequence,
+        logits: torch.Tensor,
+        greedy: int | None = None,
+        then: Callable[[], None] | None = None,
     ) -> bool:
-        """Sample and queue the sequence's next token; False once it is done (or failed)."""
+        """Sample and queue the sequence's next token; False once it is done (or failed).
+
+        `then` runs after the token is queued and before the sequence's end is: work that must
+        not delay the token, but must be done before its request can finish.
+        """
         decoding = sequence.decoding
         try:
             event = decoding.step(logits, greedy)
             if decoding.done:
                 decoding.finish()
             sequence._put(event)
+            if then is not None:
+                then()
         except BaseException as exc:
             sequence._put(exc)
             return False

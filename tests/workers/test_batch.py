@@ -5,6 +5,7 @@ sequence decoded in a batch, joining and leaving while others run, must give exa
 """
 
 import threading
+import time
 
 import pytest
 import torch
@@ -284,3 +285,22 @@ def test_a_prefill_deadline_and_a_cancel_stop_a_chunked_prefill_between_chunks(s
         )
     finally:
         w.close()
+
+
+def test_a_request_returns_only_once_its_prompt_blocks_are_queued(worker, monkeypatch):
+    # The prompt's blocks are cut after its first token; with one token that is also its last,
+    # and a caller that flushes once the request returned must find them queued (bench ttft
+    # flushes, then asks another worker for them). A slow queue makes the order visible.
+    submit = worker.writer.submit
+    queued: list[int] = []
+
+    def slow(batch):
+        time.sleep(0.3)
+        queued.append(len(batch))
+        return submit(batch)
+
+    monkeypatch.setattr(worker.writer, "submit", slow)
+    ids = prompt(worker, "One token. " + TEXT)
+    done = run(worker, WorkRequest(ids, SamplingParams(max_new_tokens=1), read_cache=False))
+    assert len(done.token_ids) == 1
+    assert sum(queued) == len(ids) // 16  # every full block, before the request ended
