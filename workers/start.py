@@ -63,6 +63,10 @@ class Start:
     node_tokens: int = 0
     plan: str = "none"
     recomputed_tokens: int = 0  # in `past` (a split) or left to the engine (recompute)
+    # The prefix's first tokens that the node tier or the store already holds, fetched or not:
+    # their blocks, once computed again, go to L1 only (writing them back would only load the
+    # link the plan chose to avoid).
+    stored_tokens: int = 0
 
 
 class Starts:
@@ -192,6 +196,9 @@ class Starts:
         return Start(
             past, tokens, local * size, fetched.node_blocks * size, plan=plan.kind,
             recomputed_tokens=recomputed,
+            # A recompute leaves the located blocks where they are; a short fetch's missing or
+            # refused blocks are written again.
+            stored_tokens=run.cached_blocks * size if plan.kind == "recompute" else tokens,
         )  # fmt: skip
 
     def _window_boundary(self, hashes: list[BlockHash], window: CacheWindow) -> int:

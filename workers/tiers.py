@@ -129,6 +129,16 @@ WriteBatch = list[tuple[BlockHash, torch.Tensor]]
 
 
 @dataclass(frozen=True, slots=True)
+class _LocalOnly:
+    """Computed blocks the tiers already hold: encoded and decoded for L1, written nowhere."""
+
+    blocks: WriteBatch
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+@dataclass(frozen=True, slots=True)
 class _Keep:
     """A fetched run to keep: blocks (views of the run's cache) for L1, store values for L2."""
 
@@ -160,7 +170,7 @@ class WriteBehind:
         self._encode, self._decode = encode, decode
         self._local, self._store, self._ttl_s = local, store, ttl_s
         self._node = node
-        self._queue: queue.Queue[WriteBatch | _Keep | None] = queue.Queue()
+        self._queue: queue.Queue[WriteBatch | _Keep | _LocalOnly | None] = queue.Queue()
         self._max_pending = max_pending_blocks
         self._pending = 0
         self._submitted = self._stored = self._dropped = self._failed = 0
@@ -168,8 +178,12 @@ class WriteBehind:
         self._thread = threading.Thread(target=self._run, name="kvpool-write-behind", daemon=True)
         self._thread.start()
 
-    def submit(self, batch: WriteBatch) -> bool:
-        """Queue `batch` (tensors the caller will not modify). False when it was dropped."""
+    def submit(self, batch: WriteBatch, shared: bool = True) -> bool:
+        """Queue `batch` (tensors the caller will not modify). False when it was dropped.
+
+        `shared=False`: blocks the node tier and the store already hold (a prefix the fetch plan
+        recomputed): they go to L1 only.
+        """
         if not batch:
             return True
         with self._lock:
@@ -178,7 +192,7 @@ class WriteBehind:
                 return False
             self._pending += len(batch)
             self._submitted += len(batch)
-        self._queue.put(batch)
+        self._queue.put(batch if shared else _LocalOnly(batch))
         return True
 
     def keep(self, blocks: WriteBatch, shared: list[tuple[str, Any]]) -> bool:
@@ -234,6 +248,8 @@ class WriteBehind:
             try:
                 if isinstance(batch, _Keep):
                     self._keep(batch)
+                elif isinstance(batch, _LocalOnly):
+                    self._write(batch.blocks, shared=False)
                 else:
                     stored, failed = self._write(batch)
             except Exception:  # the thread must survive anything one batch does
@@ -255,13 +271,15 @@ class WriteBehind:
             except Exception as exc:  # a later store read, never a failed request
                 log.warning("node tier put of %d fetched blocks failed: %s", len(run.shared), exc)
 
-    def _write(self, batch: WriteBatch) -> tuple[int, int]:
+    def _write(self, batch: WriteBatch, shared: bool = True) -> tuple[int, int]:
         items: list[tuple[str, bytes]] = []
         for block_hash, block in batch:
             data = self._encode(block, block_hash)
             # Decode what was encoded, so L1 serves exactly what the store would.
             self._local.put(block_hash, self._decode(data, block_hash))
             items.append((block_key(block_hash), data))
+        if not shared:
+            return 0, 0
         if self._node is not None:
             try:  # first: a worker of this node may ask for these blocks before the store has them
                 self._node.put_many(items)

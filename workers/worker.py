@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -169,7 +169,9 @@ class KVWorker:
             else Start()
         )
         chunked = window is not None or self.engine.native_window is not None
-        cutter = Cutter(chain, start.tokens // self.config.block_tokens, self.writer.submit)
+        size = self.config.block_tokens
+        submit = self._submitter(hashes[: start.stored_tokens // size])
+        cutter = Cutter(chain, start.tokens // size, submit)
         prefilling = True
         deadline = started + request.prefill_timeout_s if request.prefill_timeout_s else None
 
@@ -295,6 +297,21 @@ class KVWorker:
             cached_tokens=start.tokens,
             worker=self.worker_id,
         )
+
+    def _submitter(self, stored: Sequence[BlockHash]) -> Callable[[WriteBatch], object]:
+        """Where cut blocks go: behind to every tier, but blocks of `stored` (held by the node
+        tier or the store already: a prefix the plan recomputed) to L1 only."""
+        if not stored:
+            return self.writer.submit
+        held = set(stored)
+
+        def submit(batch: WriteBatch) -> None:
+            again = [item for item in batch if item[0] in held]
+            new = [item for item in batch if item[0] not in held]
+            self.writer.submit(again, shared=False)
+            self.writer.submit(new)
+
+        return submit
 
     def cancel(self, request_id: str) -> None:
         """Stop the generation `request_id` after its current token (its client went away)."""

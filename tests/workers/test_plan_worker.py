@@ -85,6 +85,28 @@ def test_a_split_keeps_l1_blocks_and_recomputes_only_after_them(workers):
     assert split.token_ids == miss.token_ids
 
 
+def test_a_recomputed_prefix_is_kept_in_l1_and_not_written_back(workers):
+    # The plan chose not to move these blocks over the link: writing them back over it would
+    # load it for nothing (on a slow link, for minutes). L1 still keeps them.
+    a, b = workers
+    prompt = tuple(range(3000, 3000 + 4 * BLOCK + 2))  # 4 full blocks and a tail
+    params = SamplingParams(max_new_tokens=2)
+    run(a, WorkRequest(prompt, params, read_cache=False))
+    assert a.flush(10)
+    b.forget_local()
+    before = b.writer.stats()
+    done = run(b, WorkRequest(prompt, params, fetch_plan="recompute"))
+    assert done.usage.plan == "recompute" and done.usage.recomputed_tokens == 4 * BLOCK
+    assert b.flush(10)
+    after = b.writer.stats()
+    assert after.submitted - before.submitted == 4  # cut, as always
+    assert after.stored == before.stored  # but not written to the store again
+    assert b.local.stats().blocks == 4
+    again = run(b, WorkRequest(prompt, params, fetch_plan="fetch"))
+    assert again.usage.cached_local_tokens == 4 * BLOCK
+    assert again.token_ids == done.token_ids
+
+
 def test_a_bad_fetch_plan_is_refused(workers):
     _, b = workers
     with pytest.raises(InvalidArgument, match="auto, fetch, recompute"):
