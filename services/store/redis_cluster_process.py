@@ -128,7 +128,7 @@ class RedisClusterProcess:
     def start(self, timeout_s: float = 30.0) -> "RedisClusterProcess":
         try:
             for node in self.nodes:
-                node.start()
+                self._start_node(node)
             addresses = [f"127.0.0.1:{self._client_port(node)}" for node in self.nodes]
             replicas = ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
             tls = ["--tls", "--cacert", str(self.tls_cert_key[0])] if self.tls_cert_key else []
@@ -143,6 +143,20 @@ class RedisClusterProcess:
             self.close()
             raise
         return self
+
+    def _start_node(self, node: RedisProcess, attempts: int = 3) -> None:
+        """Start one node; if it exits at once (a port, or its bus port, taken since it was
+        picked: other processes pick free ports too), try again on fresh ports."""
+        for attempt in range(attempts):
+            try:
+                node.start()
+                return
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                node.port = cluster_port()
+                if self.tls_cert_key:
+                    node.tls_port = cluster_port()
 
     def _running(self) -> list[RedisProcess]:
         return [node for node in self.nodes if node.running]

@@ -74,8 +74,10 @@ class RedisProcess:
             return self
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="kvpool-redis-"))
+        log = self._dir / "redis.log"  # redis-server reports why it stopped here, not on stderr
         args = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1"]
         args += ["--save", "", "--appendonly", "no", "--dir", str(self._dir)]
+        args += ["--logfile", str(log)]
         if self.password:
             args += ["--requirepass", self.password]
         if self.tls_cert_key:
@@ -90,6 +92,8 @@ class RedisProcess:
         while not self._answers():
             if self._proc.poll() is not None:
                 err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                if log.exists():
+                    err += "\n".join(log.read_text(errors="replace").splitlines()[-5:])
                 raise RuntimeError(f"redis-server on port {self.port} exited: {err.strip()}")
             if time.monotonic() > deadline:
                 self.stop()
