@@ -93,16 +93,19 @@ class Assembled:
     the write-behind thread, so copying it never delays the first token.
     """
 
-    def __init__(self, into: Assembly) -> None:
+    def __init__(self, into: Assembly, share: bool = True) -> None:
         self.into = into
+        self._share = share  # keep store values for a node tier (there is one to take them)
         self._first = into.blocks
         self._hashes: list[BlockHash] = []
         self._from_store: list[tuple[str, Any]] = []
+        self._node_blocks = 0  # the run's first blocks came from the node tier, the rest not
 
     def add(self, data: Any, block_hash: BlockHash, tier: str) -> None:
         self.into.add_encoded(data, block_hash)
         self._hashes.append(block_hash)
-        if tier == "store":
+        self._node_blocks += tier == "node"
+        if tier == "store" and self._share:
             self._from_store.append((block_key(block_hash), data))
 
     def finish(self) -> Refused | None:
@@ -115,7 +118,7 @@ class Assembled:
         """Queue the run's blocks for L1 and its store blocks for the node tier."""
         good = self.into.blocks - self._first
         blocks = [(h, self.into.block(self._first + i)) for i, h in enumerate(self._hashes[:good])]
-        shared = self._from_store[: max(0, good - (len(self._hashes) - len(self._from_store)))]
+        shared = self._from_store[: max(0, good - self._node_blocks)]
         writer.keep(blocks, shared)
 
 

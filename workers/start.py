@@ -164,7 +164,7 @@ class Starts:
                 into.add(block)
             if not fetching:
                 return Fetched(), into
-            sink = Assembled(into)
+            sink = Assembled(into, share=self.w.node is not None)
             fetched = fetch_run(found, hashes, first, self.w.node, self.w.store, sink,
                                 self.w.estimates)  # fmt: skip
             sink.keep(self.w.writer)  # L1 and the node tier take copies in the background

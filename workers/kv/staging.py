@@ -41,10 +41,6 @@ class PinnedRing:
         self._pool: ThreadPoolExecutor | None = None
 
     @property
-    def slots(self) -> int:
-        return len(self._buffers)
-
-    @property
     def free(self) -> int:
         """Slots no lease holds now."""
         with self._ready:
