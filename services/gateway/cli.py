@@ -84,6 +84,7 @@ def check_args(args: argparse.Namespace) -> None:
         "max_prompt_tokens",
         "max_new_tokens",
         "max_requests_per_worker",
+        "max_requests_per_tenant",
         "max_queued_requests",
         "max_stop_strings",
         "max_sessions",

@@ -20,6 +20,7 @@ from services.gateway.pool import WorkerLost, WorkerPool
 from services.gateway.router import Route
 from services.gateway.sessions import LiveSessions, Session, SessionStore, check_session_id
 from services.gateway.settings import GatewayConfig
+from services.gateway.shares import TenantShares
 from workers.api import (
     PrefillResult,
     PrefillTimeout,
@@ -48,6 +49,12 @@ class InferenceCore:
         self.config = config or GatewayConfig()
         self.live_sessions = LiveSessions(
             sessions.ttl_s, per_tenant=self.config.max_sessions_per_tenant
+        )
+        router = pool.router
+        self.shares = TenantShares(
+            lambda: len(router.workers()) * router.config.max_in_flight,
+            self.config.max_requests_per_tenant,
+            router.config.queue_timeout_s,
         )
 
     # --- Generate ----------------------------------------------------------------------------
@@ -94,7 +101,7 @@ class InferenceCore:
             done = self._finished_without_worker(prompt, output, params, last_worker)
             if done is not None:
                 break
-            route = self._acquire(hashes, frozenset(excluded))
+            route = self._acquire(hashes, frozenset(excluded), req.tenant, cancelled)
             last_worker = route.worker_id
             self.pool.record(route.worker_id, hashes)
             request = WorkRequest(
@@ -140,7 +147,7 @@ class InferenceCore:
                 if not self.pool.has_live(excluded):
                     excluded.clear()  # replacements may be up; better any worker than none
             finally:
-                self.pool.release(route)
+                self._release(route, req.tenant)
             if done is None and cancelled is not None and cancelled.is_set():
                 return  # the client went away: nothing to resume, nothing to save
 
@@ -194,7 +201,7 @@ class InferenceCore:
         self._check_fits(len(tokens), SamplingParams(max_new_tokens=1))
         hashes = chain_hashes(self._namespace(req.tenant), tokens)
         for _ in range(self.config.max_failovers + 1):
-            route = self._acquire(hashes)
+            route = self._acquire(hashes, tenant=req.tenant)
             try:
                 result = self.pool.prefill(
                     route.worker_id, tokens, req.tenant, self.config.prefill_timeout_s
@@ -205,7 +212,7 @@ class InferenceCore:
             except WorkerLost:
                 continue
             finally:
-                self.pool.release(route)
+                self._release(route, req.tenant)
             self.pool.record(route.worker_id, hashes)
             return result
         raise Unavailable("no worker could prefill the prompt")
@@ -247,12 +254,32 @@ class InferenceCore:
         salt = tenant_salt(tenant, self.config.namespace_secret)
         return Namespace(info.fingerprint, info.codec, info.block_tokens, salt)
 
-    def _acquire(self, hashes: list[BlockHash], excluded: frozenset[str] = frozenset()) -> Route:
+    def _acquire(
+        self,
+        hashes: list[BlockHash],
+        excluded: frozenset[str] = frozenset(),
+        tenant: str = "",
+        cancelled: threading.Event | None = None,
+    ) -> Route:
+        """A worker, within the tenant's share of the pool (`shares`); `_release` it after."""
+        try:
+            self.shares.acquire(tenant, cancelled)
+        except ResourceExhausted:
+            self.metrics.limit_rejections.labels("max_requests_per_tenant").inc()
+            raise
         try:
             return self.pool.acquire(hashes, excluded)
         except ResourceExhausted:
+            self.shares.release(tenant)
             self.metrics.limit_rejections.labels("max_requests_per_worker").inc()
             raise
+        except BaseException:
+            self.shares.release(tenant)
+            raise
+
+    def _release(self, route: Route, tenant: str) -> None:
+        self.pool.release(route)
+        self.shares.release(tenant)
 
     def _check_new_tokens(self, params: SamplingParams) -> None:
         limit = self.config.max_new_tokens

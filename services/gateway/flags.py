@@ -142,7 +142,35 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
         "fails with RESOURCE_EXHAUSTED and is not retried elsewhere",
         float,
     ),
-    SettingFlag("--max-concurrent-rpcs", "max_concurrent_rpcs", "gRPC calls served at once", int),
+    SettingFlag(
+        "--max-concurrent-rpcs",
+        "max_concurrent_rpcs",
+        "threads each front (gRPC, HTTP) steps generations in: a generation holds one while it "
+        "waits for its next token, a call waiting on its client none",
+        int,
+    ),
+    # Per-tenant limits on calls (docs/operations.md, "Limits").
+    SettingFlag(
+        "--max-calls-per-tenant",
+        "max_calls_per_tenant",
+        "calls one tenant (its peer address with auth off) may have open, gRPC and HTTP "
+        "together; more get RESOURCE_EXHAUSTED (0: no limit)",
+        int,
+    ),
+    SettingFlag(
+        "--request-timeout",
+        "request_timeout_s",
+        "seconds a gRPC call may take to send its request message before DEADLINE_EXCEEDED "
+        "(0: no limit)",
+        float,
+    ),
+    SettingFlag(
+        "--idle-timeout",
+        "idle_timeout_s",
+        "seconds a stream may wait on its client (a response not read) before it is cancelled, "
+        "its generation stopped on its worker (0: never)",
+        float,
+    ),
     # Limits (docs/gateway.md, "Limits").
     SettingFlag(
         "--max-prompt-tokens",
@@ -169,6 +197,14 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
         "max_requests_per_worker",
         "requests one worker runs at once: its batch's admission bound, at most --max-batch; "
         "more wait at the gateway's queue (0: --max-batch)",
+        int,
+    ),
+    SettingFlag(
+        "--max-requests-per-tenant",
+        "gateway.max_requests_per_tenant",
+        "requests one tenant may run on workers or queue for one at once; more wait behind "
+        "its own, then get RESOURCE_EXHAUSTED (0: the pool's slots less a quarter, so another "
+        "tenant always finds one)",
         int,
     ),
     SettingFlag(

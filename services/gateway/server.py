@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from kvpool.v1 import inference_pb2_grpc
+from services.aio_server import AioGrpcServer, CallerLimits, CallerQuota
 from services.auth import channel_credentials
 from services.gateway.core import InferenceCore
 from services.gateway.http.app import OpenAIApp
@@ -25,9 +26,9 @@ from services.gateway.router import Router, RouterConfig
 from services.gateway.servicer import SERVICE_NAME, InferenceServicer
 from services.gateway.sessions import SessionStore
 from services.gateway.settings import GatewaySettings, PoolConfig
-from services.grpc_server import GrpcServer, ServiceSpec
-from services.status import ErrorInterceptor
+from services.grpc_server import ServiceSpec
 from services.store.client import StoreClient
+from services.watchdog import ConnectionLimits
 from workers.api import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,10 @@ class GatewayServer:
             self.metrics,
             settings.gateway,
         )
-        self._grpc = inference_server(settings, self.core, self.metrics)
+        # One count of open calls per tenant for both fronts: a tenant's gRPC and HTTP calls
+        # share its quota (--max-calls-per-tenant).
+        self.quota = caller_quota(settings)
+        self._grpc = inference_server(settings, self.core, self.metrics, self.quota)
         self._metrics_server = None
         self._http: HttpServer | None = None
         self._stopped = False
@@ -134,26 +138,45 @@ class GatewayServer:
         return not self._stopped
 
 
+def caller_quota(settings: GatewaySettings) -> CallerQuota:
+    limits = caller_limits(settings)
+    return CallerQuota(limits.max_calls_per_caller, limits.max_calls)
+
+
+def caller_limits(settings: GatewaySettings) -> CallerLimits:
+    return CallerLimits(
+        request_timeout_s=settings.request_timeout_s,
+        max_calls_per_caller=settings.max_calls_per_tenant,
+    )
+
+
 def inference_server(
-    settings: GatewaySettings, core: InferenceCore, metrics: GatewayMetrics
-) -> GrpcServer:
-    """The gRPC front of a gateway: auth, TLS, the request size limit, errors, metrics."""
-    return GrpcServer(
+    settings: GatewaySettings,
+    core: InferenceCore,
+    metrics: GatewayMetrics,
+    quota: CallerQuota | None = None,
+) -> AioGrpcServer:
+    """The gRPC front of a gateway: auth, TLS, the request size limit, per-tenant limits, errors,
+    metrics."""
+    return AioGrpcServer(
         [
             ServiceSpec(
                 SERVICE_NAME,
                 lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(
-                    InferenceServicer(core, settings.auth), server
+                    InferenceServicer(core, settings.auth, settings.max_concurrent_rpcs),
+                    server,  # type: ignore[arg-type]
                 ),
             )
         ],
         host=settings.host,
         port=settings.port,
-        max_workers=settings.max_concurrent_rpcs,
         max_message_bytes=settings.max_request_bytes,
-        interceptors=[ErrorInterceptor(metrics.observe_call)],
         auth=settings.auth,
         tls=settings.tls,
+        limits=ConnectionLimits(idle_s=settings.idle_timeout_s),
+        callers=caller_limits(settings),
+        quota=quota,
+        observer=metrics.observe_call,
     )
 
 

@@ -1,14 +1,20 @@
 """The Inference servicer: convert from proto, call `InferenceCore`, convert back.
 
 No logic lives here beyond the conversion. Errors are raised as `kvpool.errors` exceptions and
-mapped to status codes by `services.status.ErrorInterceptor`.
+mapped to status codes by the server (`services.aio_server`). It runs on `grpc.aio`: the core
+blocks (on Ray, on the tokenizer), so each of its steps runs in a thread of the servicer's own
+limiter (`max_threads`, shared by every call), and a call waiting on its client (for its request
+message, or for room to write the next token) holds no thread at all.
 """
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
+import anyio
 import grpc
+from anyio import CapacityLimiter
 
 from kvpool.errors import InvalidArgument
 from kvpool.v1 import inference_pb2 as pb
@@ -16,7 +22,10 @@ from kvpool.v1 import inference_pb2_grpc
 from services.auth import TokenTable, caller_tenant, request_authorization
 from services.gateway.api import Delta, Finished, GenerateCall, PrefillCall
 from services.gateway.core import InferenceCore
+from services.gateway.http.bridge import CoreStream
 from workers.api import ChatMessage, PromptInput, SamplingParams
+
+T = TypeVar("T")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
@@ -27,7 +36,9 @@ FINISH_REASONS = {
 }
 
 
-def tenant_of(request_tenant: str, context: grpc.ServicerContext, auth: TokenTable | None) -> str:
+def tenant_of(
+    request_tenant: str, context: grpc.aio.ServicerContext, auth: TokenTable | None
+) -> str:
     """The tenant a call acts for (`services.auth.caller_tenant`, the rule both APIs share)."""
     sent = None if auth is None else request_authorization(context.invocation_metadata())
     return caller_tenant(request_tenant, sent, auth)
@@ -64,13 +75,19 @@ def sampling_params(sampling: pb.SamplingParams) -> SamplingParams:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, core: InferenceCore, auth: TokenTable | None = None) -> None:
+    def __init__(
+        self, core: InferenceCore, auth: TokenTable | None = None, max_threads: int = 64
+    ) -> None:
         self.core = core
         self.auth = auth
+        self.limiter = CapacityLimiter(max_threads)
 
-    def Generate(
-        self, request: pb.GenerateRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.GenerateResponse]:
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await anyio.to_thread.run_sync(fn, limiter=self.limiter)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
         call = GenerateCall(
             input=prompt_input(request),
             params=sampling_params(request.sampling),
@@ -82,10 +99,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             sink_tokens=request.sink_tokens if request.HasField("sink_tokens") else None,
         )
         cancelled = threading.Event()
-        context.add_callback(cancelled.set)  # runs when the call ends, a client cancel included
+        # Set when the call ends, a client's cancel included, even while a step is in its thread:
+        # the core then stops waiting for the worker and tells it to stop.
+        context.add_done_callback(lambda _: cancelled.set())
+        stream = CoreStream(self.core.generate(call, cancelled), cancelled, self.limiter)
         self.core.metrics.in_flight.inc()
         try:
-            for item in self.core.generate(call, cancelled):
+            while (item := await stream.next()) is not None:
                 if isinstance(item, Delta):
                     yield pb.GenerateResponse(text=item.text, token_ids=item.token_ids)
                 elif isinstance(item, Finished):
@@ -93,17 +113,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         finish_reason=FINISH_REASONS[item.finish_reason], usage=_usage(item)
                     )
         finally:
+            await stream.close()  # the route released, the worker told to stop if unfinished
             self.core.metrics.in_flight.dec()
 
-    def Prefill(
-        self, request: pb.PrefillRequest, context: grpc.ServicerContext
+    async def Prefill(
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> pb.PrefillResponse:
         started = time.perf_counter()
-        result = self.core.prefill(
-            PrefillCall(
-                input=prompt_input(request), tenant=tenant_of(request.tenant, context, self.auth)
-            )
+        call = PrefillCall(
+            input=prompt_input(request), tenant=tenant_of(request.tenant, context, self.auth)
         )
+        result = await self._run(lambda: self.core.prefill(call))
         return pb.PrefillResponse(
             prompt_tokens=result.prompt_tokens,
             stored_tokens=result.stored_tokens,
@@ -112,12 +132,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             elapsed_ms=(time.perf_counter() - started) * 1000.0,
         )
 
-    def GetSession(
-        self, request: pb.GetSessionRequest, context: grpc.ServicerContext
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.Session:
-        session, text = self.core.get_session(
-            tenant_of(request.tenant, context, self.auth), request.session_id
-        )
+        tenant = tenant_of(request.tenant, context, self.auth)
+        session, text = await self._run(lambda: self.core.get_session(tenant, request.session_id))
         return pb.Session(
             session_id=session.session_id,
             token_ids=session.token_ids,
@@ -129,10 +148,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             sink_tokens=session.sink_tokens,
         )
 
-    def DeleteSession(
-        self, request: pb.DeleteSessionRequest, context: grpc.ServicerContext
+    async def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteSessionResponse:
-        self.core.delete_session(tenant_of(request.tenant, context, self.auth), request.session_id)
+        tenant = tenant_of(request.tenant, context, self.auth)
+        await self._run(lambda: self.core.delete_session(tenant, request.session_id))
         return pb.DeleteSessionResponse()
 
 

@@ -77,6 +77,10 @@ class GatewayConfig:
     # Stop strings: how many one request may give, and how long each may be (characters).
     max_stop_strings: int = 16
     max_stop_chars: int = 256
+    # Requests one tenant may run on workers (or wait for one in the router's queue) at once;
+    # 0: the pool's slots less a quarter (services.gateway.shares), so another tenant always
+    # finds one.
+    max_requests_per_tenant: int = 0
     max_sessions: int = 0  # live sessions this gateway has opened and not seen expire
     max_sessions_per_tenant: int = 0  # of those, one tenant's (0: only max_sessions)
     # Keys the tenant salt of block hashes, as in the workers (WorkerConfig.namespace_secret).
@@ -94,6 +98,7 @@ class GatewayConfig:
         for name in (
             "max_prompt_tokens",
             "max_new_tokens",
+            "max_requests_per_tenant",
             "max_sessions",
             "max_sessions_per_tenant",
             "max_cache_tokens",
@@ -124,7 +129,16 @@ class GatewaySettings:
     metrics_port: int = 0  # 0: no /metrics endpoint
     # The OpenAI-compatible HTTP API (services/gateway/http): None: off; 0: a free port.
     http_port: int | None = None
-    max_concurrent_rpcs: int = 64  # gRPC handler threads; each open stream holds one
+    # Threads stepping the core (each front has its own): a generation holds one while it
+    # waits for its next token; a call waiting on its client holds none.
+    max_concurrent_rpcs: int = 64
+    # Calls one tenant (its token's; its peer address with auth off) may have open at once,
+    # gRPC and HTTP together, waiting for their request or not; more get RESOURCE_EXHAUSTED.
+    max_calls_per_tenant: int = 32
+    request_timeout_s: float = 10.0  # for a gRPC call to send its request message (0: none)
+    # A stream its client does not read (or a request stream that sends nothing) for this long
+    # is cancelled, and its generation with it (0: never).
+    idle_timeout_s: float = 30.0
     grace_s: float = 30.0
     auth: TokenTable | None = None  # tokens callers must present, each with its tenant
     tls: ServerTls | None = None
@@ -148,6 +162,9 @@ class GatewaySettings:
             raise ValueError(f"session_ttl_s must be > 0, got {self.session_ttl_s}")
         if self.max_concurrent_rpcs < 1:
             raise ValueError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
+        for name in ("max_calls_per_tenant", "request_timeout_s", "idle_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
         if (
             self.auth is not None
             and self.store_auth_token

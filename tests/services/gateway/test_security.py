@@ -222,7 +222,8 @@ def test_live_sessions_are_limited(front):
 
 
 def test_every_worker_full_is_resource_exhausted(stack, front):
-    target, metrics = front()
+    # One tenant fills every worker here: its share (--max-requests-per-tenant) must allow it.
+    target, metrics = front(GatewayConfig(max_requests_per_tenant=len(stack.pool.live())))
     original = stack.router.config
     stack.router.config = replace(original, max_in_flight=1, max_queued=0)  # refuse at once
     streams = []
