@@ -55,6 +55,7 @@ from kvpool import errors
 from kvpool.errors import Unavailable
 from services.auth import ServerTls, TokenTable, request_authorization
 from services.grpc_server import HEALTH_SERVICE, ServiceSpec, message_options
+from services.quota import CallerQuota, caller_key
 from services.status import CallObserver, code_for
 from services.watchdog import ConnectionLimits
 
@@ -77,65 +78,6 @@ class CallerLimits:
         for name in ("request_timeout_s", "max_calls_per_caller", "max_calls"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
-
-
-class CallerQuota:
-    """Open calls per caller, with a cap per caller and one for all; thread-safe.
-
-    Callers are keys such as `tenant:acme` or `peer:10.0.0.7`; a key leaves the table when its
-    last call ends, so the table is as large as the callers with calls open, never larger.
-    """
-
-    def __init__(self, per_caller: int, total: int = 0, flag: str = "--max-calls-per-tenant"):
-        self.per_caller = per_caller
-        self.total = total
-        self.flag = flag
-        self._open: dict[str, int] = {}
-        self._count = 0
-        self._lock = threading.Lock()
-
-    def enter(self, caller: str) -> None:
-        """Count one more call of `caller`; ResourceExhausted, naming the limit, when full."""
-        with self._lock:
-            held = self._open.get(caller, 0)
-            if self.per_caller and held >= self.per_caller:
-                raise errors.ResourceExhausted(
-                    f"{_shown(caller)} already has {held} calls open (limit "
-                    f"{self.flag}={self.per_caller}); finish or cancel one first"
-                )
-            if self.total and self._count >= self.total:
-                raise errors.ResourceExhausted(
-                    f"the server has {self._count} calls open (limit {self.total}); retry later"
-                )
-            self._open[caller] = held + 1
-            self._count += 1
-
-    def leave(self, caller: str) -> None:
-        with self._lock:
-            held = self._open.get(caller, 0) - 1
-            if held > 0:
-                self._open[caller] = held
-            else:
-                self._open.pop(caller, None)
-            self._count = max(0, self._count - 1)
-
-    def open_calls(self, caller: str) -> int:
-        with self._lock:
-            return self._open.get(caller, 0)
-
-
-def _shown(caller: str) -> str:
-    kind, _, name = caller.partition(":")
-    if kind == "tenant":
-        return f"tenant {name!r}" if name else "the default tenant"
-    return f"peer {name}"
-
-
-def caller_key(tenant: str | None, peer: str) -> str:
-    """The quota key of a call: its token's tenant when auth is on, else its peer's address."""
-    if tenant is not None:
-        return f"tenant:{tenant}"
-    return f"peer:{peer_host(peer)}"
 
 
 def peer_host(peer: str) -> str:
@@ -291,7 +233,7 @@ class _Call:
         guard = self.guard
         started = time.perf_counter()
         code = grpc.StatusCode.OK
-        caller = caller_key(self.tenant, context.peer())
+        caller = caller_key(self.tenant, peer_host(context.peer()))
         try:
             guard._quota.enter(caller)
         except errors.ResourceExhausted as exc:

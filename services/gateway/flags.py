@@ -171,6 +171,32 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
         "its generation stopped on its worker (0: never)",
         float,
     ),
+    SettingFlag(
+        "--http-header-timeout",
+        "http_header_timeout_s",
+        "HTTP API: seconds a connection has to send a request's complete headers, from its "
+        "start or the end of the last response; then 408 and closed (0: no limit)",
+        float,
+    ),
+    SettingFlag(
+        "--http-keepalive-timeout",
+        "http_keepalive_s",
+        "HTTP API: seconds an idle connection is kept open between requests",
+        float,
+    ),
+    SettingFlag(
+        "--max-connections-per-peer",
+        "max_connections_per_peer",
+        "HTTP API: connections one peer address may hold; more get 503 and are closed "
+        "(behind a proxy every client is the proxy: 0 turns it off)",
+        int,
+    ),
+    SettingFlag(
+        "--max-http-connections",
+        "max_http_connections",
+        "HTTP API: connections every peer together may hold (0: no limit)",
+        int,
+    ),
     # Limits (docs/gateway.md, "Limits").
     SettingFlag(
         "--max-prompt-tokens",

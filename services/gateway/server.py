@@ -15,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from kvpool.v1 import inference_pb2_grpc
-from services.aio_server import AioGrpcServer, CallerLimits, CallerQuota
+from services.aio_server import AioGrpcServer, CallerLimits
 from services.auth import channel_credentials
 from services.gateway.core import InferenceCore
 from services.gateway.http.app import OpenAIApp
+from services.gateway.http.connections import PeerConnections
 from services.gateway.http.server import HttpServer
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pool import WorkerPool
@@ -27,6 +28,7 @@ from services.gateway.servicer import SERVICE_NAME, InferenceServicer
 from services.gateway.sessions import SessionStore
 from services.gateway.settings import GatewaySettings, PoolConfig
 from services.grpc_server import ServiceSpec
+from services.quota import CallerQuota
 from services.store.client import StoreClient
 from services.watchdog import ConnectionLimits
 from workers.api import WorkerStats
@@ -101,7 +103,9 @@ class GatewayServer:
         )
         port = self._grpc.start()
         if self.settings.http_port is not None:
-            self._http = http_server(self.settings, self.core, info.model, self._serving)
+            self._http = http_server(
+                self.settings, self.core, info.model, self._serving, self.quota
+            )
             self._http.start()
         if self.settings.metrics_port:
             from prometheus_client import start_http_server
@@ -181,7 +185,11 @@ def inference_server(
 
 
 def http_server(
-    settings: GatewaySettings, core: InferenceCore, model: str, serving: Callable[[], bool]
+    settings: GatewaySettings,
+    core: InferenceCore,
+    model: str,
+    serving: Callable[[], bool],
+    quota: CallerQuota | None = None,
 ) -> HttpServer:
     """The OpenAI-compatible HTTP front: the gRPC front's host, auth, TLS and limits."""
     app = OpenAIApp(
@@ -191,6 +199,8 @@ def http_server(
         max_request_bytes=settings.max_request_bytes,
         max_concurrent=settings.max_concurrent_rpcs,
         serving=serving,
+        quota=quota,
+        body_timeout_s=settings.request_timeout_s,
     )
     return HttpServer(
         app,
@@ -198,8 +208,11 @@ def http_server(
         port=settings.http_port or 0,
         grace_s=settings.grace_s,
         tls=settings.tls,
-        # Connections waiting for a generation thread are bounded too; beyond this, 503.
-        max_connections=4 * settings.max_concurrent_rpcs,
+        connections=PeerConnections(
+            settings.max_connections_per_peer, settings.max_http_connections
+        ),
+        header_timeout_s=settings.http_header_timeout_s,
+        keepalive_s=settings.http_keepalive_s,
     )
 
 

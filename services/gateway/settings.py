@@ -139,6 +139,15 @@ class GatewaySettings:
     # A stream its client does not read (or a request stream that sends nothing) for this long
     # is cancelled, and its generation with it (0: never).
     idle_timeout_s: float = 30.0
+    # The HTTP API's connections (services/gateway/http/connections.py): a request's headers
+    # must be complete this long after the connection opens or the last response ends; an idle
+    # connection between requests is closed after http_keepalive_s; one peer address holds at
+    # most max_connections_per_peer (behind a proxy, that is the proxy: 0 turns it off), every
+    # peer together max_http_connections.
+    http_header_timeout_s: float = 10.0
+    http_keepalive_s: float = 5.0
+    max_connections_per_peer: int = 32
+    max_http_connections: int = 4096
     grace_s: float = 30.0
     auth: TokenTable | None = None  # tokens callers must present, each with its tenant
     tls: ServerTls | None = None
@@ -162,7 +171,14 @@ class GatewaySettings:
             raise ValueError(f"session_ttl_s must be > 0, got {self.session_ttl_s}")
         if self.max_concurrent_rpcs < 1:
             raise ValueError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
-        for name in ("max_calls_per_tenant", "request_timeout_s", "idle_timeout_s"):
+        for name in (
+            "max_calls_per_tenant",
+            "request_timeout_s",
+            "idle_timeout_s",
+            "http_header_timeout_s",
+            "max_connections_per_peer",
+            "max_http_connections",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
         if (
@@ -175,6 +191,8 @@ class GatewaySettings:
                 "then reach the store and every tenant's blocks; give the store its own "
                 "(KVPOOL_STORE_AUTH_TOKEN)"
             )
+        if self.http_keepalive_s < 1:
+            raise ValueError(f"http_keepalive_s must be >= 1, got {self.http_keepalive_s}")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
         batch = self.pool.worker.max_batch

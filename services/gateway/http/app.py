@@ -6,9 +6,11 @@
 Like the gRPC servicer, this layer only converts: from OpenAI's JSON to a `GenerateCall`, from
 the core's `Delta`/`Finished` items back to OpenAI's objects. Auth (bearer tokens and their
 tenants), the limits and the error taxonomy are the gRPC API's; errors map to HTTP statuses in
-`errors`. A request body is bounded (413 beyond `max_request_bytes`). Each generation holds one
-thread of a limiter shared by every HTTP stream (`max_concurrent` of them; more wait, as gRPC
-calls wait for a handler thread).
+`errors`. A request body is bounded (413 beyond `max_request_bytes`) and must arrive within
+`body_timeout_s` (408). Each completion counts against its tenant's calls (`quota`, shared with
+the gRPC front; 429 past `--max-calls-per-tenant`), from before its body is read to the end of
+its response. Each generation holds one thread of a limiter shared by every HTTP stream
+(`max_concurrent` of them; more wait).
 """
 
 import json
@@ -31,7 +33,14 @@ from services.auth import TokenTable, caller_tenant
 from services.gateway.api import Delta, Finished
 from services.gateway.core import InferenceCore
 from services.gateway.http.bridge import CoreStream, unless_disconnected, wait_for_disconnect
-from services.gateway.http.errors import BAD_REQUEST, TOO_LARGE, ErrorKind, HttpError, error_body
+from services.gateway.http.errors import (
+    BAD_REQUEST,
+    REQUEST_TIMEOUT,
+    TOO_LARGE,
+    ErrorKind,
+    HttpError,
+    error_body,
+)
 from services.gateway.http.metrics import UNMATCHED, HttpMetrics
 from services.gateway.http.schemas import (
     ChatCompletionRequest,
@@ -39,6 +48,7 @@ from services.gateway.http.schemas import (
     ResponseShape,
     parse,
 )
+from services.quota import CallerQuota, caller_key
 
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -76,8 +86,12 @@ class OpenAIApp:
         max_request_bytes: int = 4 << 20,
         max_concurrent: int = 64,
         serving: Callable[[], bool] = lambda: True,
+        quota: CallerQuota | None = None,
+        body_timeout_s: float = 10.0,
     ) -> None:
         self.core = core
+        self.quota = quota
+        self.body_timeout_s = body_timeout_s
         self.model = model
         self.auth = auth
         self.max_request_bytes = max_request_bytes
@@ -168,20 +182,24 @@ class OpenAIApp:
 
     async def _complete(self, request: Request, *, chat: bool) -> Response:
         route = "/v1/chat/completions" if chat else "/v1/completions"
+        caller: str | None = None
         try:
             authorization = request.headers.get("authorization")
             authenticate(authorization, self.auth)  # before reading a stranger's body
             if not self.serving():
                 raise Unavailable("the gateway is shutting down; retry on another replica")
+            caller = self._enter(authorization, request)
             body = await self._body(request)
             req = parse(ChatCompletionRequest if chat else CompletionRequest, body)
             self._check_model(req.model)
             tenant = caller_tenant(req.kvpool.tenant, authorization, self.auth, "kvpool.tenant")
             call = req.generate_call(tenant)
         except ClientDisconnect:  # gone before its body was read (uvicorn reports that first)
+            self._leave(caller)
             self.metrics.disconnects.labels(route).inc()
             return Response(status_code=499)
         except Exception as exc:
+            self._leave(caller)
             return error_response(exc)
         shape = ResponseShape(chat, self.model, req.include_usage)
         cancelled = threading.Event()
@@ -198,7 +216,7 @@ class OpenAIApp:
                     return Response(status_code=499)  # nobody is left to read it
                 handed_over = True
                 return _EventStream(
-                    self._events(stream, first, shape), stream, self._on_stream_end(route)
+                    self._events(stream, first, shape), stream, self._on_stream_end(route, caller)
                 )
             present, result = await unless_disconnected(
                 request.receive, lambda: self._collect(stream), cancelled
@@ -219,9 +237,24 @@ class OpenAIApp:
             if not handed_over:
                 await stream.close()
                 metrics.in_flight.dec()
+                self._leave(caller)
 
-    def _on_stream_end(self, route: str) -> Callable[[bool], None]:
+    def _enter(self, authorization: str | None, request: Request) -> str | None:
+        """Count the call against its tenant (its peer with auth off); the key, to `_leave`."""
+        if self.quota is None:
+            return None
+        tenant = None if self.auth is None else self.auth.tenant_for(authorization)
+        key = caller_key(tenant, request.client.host if request.client else "unknown")
+        self.quota.enter(key)  # ResourceExhausted (429) past --max-calls-per-tenant
+        return key
+
+    def _leave(self, caller: str | None) -> None:
+        if caller is not None and self.quota is not None:
+            self.quota.leave(caller)
+
+    def _on_stream_end(self, route: str, caller: str | None) -> Callable[[bool], None]:
         def ended(disconnected: bool) -> None:
+            self._leave(caller)
             self.core.metrics.in_flight.dec()
             if disconnected:
                 self.metrics.disconnects.labels(route).inc()
@@ -265,6 +298,18 @@ class OpenAIApp:
     # --- helpers -------------------------------------------------------------------------
 
     async def _body(self, request: Request) -> bytes:
+        """The whole body, within `max_request_bytes` and `body_timeout_s`."""
+        try:
+            with anyio.fail_after(self.body_timeout_s or None):
+                return await self._read_body(request)
+        except TimeoutError:
+            raise HttpError(
+                REQUEST_TIMEOUT,
+                f"the request body did not arrive within {self.body_timeout_s:g} s "
+                "(limit --request-timeout)",
+            ) from None
+
+    async def _read_body(self, request: Request) -> bytes:
         limit = self.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None:

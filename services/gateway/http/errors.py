@@ -29,6 +29,7 @@ class ErrorKind:
 BAD_REQUEST = ErrorKind(400, "invalid_request_error")
 UNAUTHENTICATED = ErrorKind(401, "authentication_error", "invalid_api_key")
 NOT_FOUND = ErrorKind(404, "not_found_error")
+REQUEST_TIMEOUT = ErrorKind(408, "invalid_request_error", "request_timeout")
 TOO_LARGE = ErrorKind(413, "invalid_request_error", "request_too_large")
 RATE_LIMITED = ErrorKind(429, "rate_limit_error", "rate_limit_exceeded")
 DATA_LOSS = ErrorKind(500, "server_error", "data_loss")

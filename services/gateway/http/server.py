@@ -1,6 +1,7 @@
 """uvicorn serving the HTTP API on a thread of the gateway process, next to the gRPC server.
 
-    server = HttpServer(app, host="0.0.0.0", port=8000, grace_s=30)
+    server = HttpServer(app, host="0.0.0.0", port=8000, grace_s=30,
+                        connections=PeerConnections(max_per_peer=32, max_total=4096))
     port = server.start()      # bound and accepting when it returns
     server.begin_stop()        # stop accepting; open responses go on
     server.stop(grace_s=30)    # open streams get `grace_s` to finish, then are cancelled
@@ -28,6 +29,7 @@ from starlette.types import ASGIApp
 
 from kvpool.errors import Unavailable
 from services.auth import ServerTls
+from services.gateway.http.connections import PeerConnections, guarded_protocol
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +43,23 @@ class HttpServer:
         port: int,
         grace_s: float,
         tls: ServerTls | None = None,
-        max_connections: int | None = None,
+        connections: PeerConnections | None = None,
+        header_timeout_s: float = 10.0,
+        keepalive_s: float = 5.0,
     ) -> None:
         self._host, self._port = host.strip("[]"), port  # "[::]" as gRPC spells it
         self._tls = tls
+        self.connections = connections or PeerConnections(max_per_peer=0, max_total=0)
         self._config = uvicorn.Config(
             app,
+            # Connections are bounded per peer and headers have a deadline (http.connections);
+            # no cap on requests in flight, which idle connections could fill for everyone.
+            http=guarded_protocol(self.connections, header_timeout_s),
             lifespan="off",
             log_config=None,  # the process's logging, not uvicorn's own
             access_log=False,
             timeout_graceful_shutdown=max(1, math.ceil(grace_s)),
-            # Connections beyond this get 503 at once: what clients open cannot grow without bound.
-            limit_concurrency=max_connections,
+            timeout_keep_alive=max(1, math.ceil(keepalive_s)),
             ssl_context_factory=self._ssl_context if tls is not None else None,
         )
         self._server = uvicorn.Server(self._config)

@@ -5,12 +5,14 @@ from pathlib import Path
 
 import services.gateway.http as package
 
-# What the layer may import from kvpool's own code: the error tree, auth, the core's public API
-# and the domain dataclasses (SamplingParams, PromptInput, ChatMessage).
+# What the layer may import from kvpool's own code: the error tree, auth, the per-tenant call
+# quota it shares with the gRPC front, the core's public API and the domain dataclasses
+# (SamplingParams, PromptInput, ChatMessage).
 ALLOWED_OWN = {
     "kvpool.errors",
     "kvpool",
     "services.auth",
+    "services.quota",
     "services.gateway.api",
     "services.gateway.core",
     "workers.api",
