@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.gateway.api import Delta, Finished, GenerateCall, PrefillCall, Usage
@@ -24,6 +24,7 @@ from services.gateway.shares import TenantShares
 from workers.api import (
     PrefillResult,
     PrefillTimeout,
+    PromptInput,
     SamplingParams,
     WorkDone,
     WorkRequest,
@@ -31,6 +32,7 @@ from workers.api import (
 )
 from workers.kv.bounds import check_context, check_window_fits, requested_window
 from workers.kv.hashing import BlockHash, Namespace, chain_hashes, tenant_salt
+from workers.prompt import PromptTooLong
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class InferenceCore:
         """The stream of `generate`; sets `saved` once a session's turn is stored."""
         history = session.token_ids if session else ()
         window = self._window(req, session)
-        prompt = self.pool.prompts.encode_input(req.input, history)
+        prompt = self._encode(req.input, history)
         self._check_fits(len(prompt), req.params, window)
         params = req.params.seeded()  # fixed here, so a failover continues the very same sample
         hashes = chain_hashes(self._namespace(req.tenant), prompt)
@@ -197,7 +199,7 @@ class InferenceCore:
     # --- Prefill -----------------------------------------------------------------------------
 
     def prefill(self, req: PrefillCall) -> PrefillResult:
-        tokens = self.pool.prompts.encode_input(req.input)
+        tokens = self._encode(req.input)
         self._check_fits(len(tokens), SamplingParams(max_new_tokens=1))
         hashes = chain_hashes(self._namespace(req.tenant), tokens)
         for _ in range(self.config.max_failovers + 1):
@@ -324,8 +326,23 @@ class InferenceCore:
                 f"--max-stop-chars={longest}"
             )
 
+    def _encode(self, given: PromptInput, history: Sequence[int] = ()) -> list[int]:
+        """The prompt's ids, tokenized within the prompt limit: refused by its size before any
+        tokenizing when that alone proves it too long, and counting stops at the limit."""
+        most = self.config.max_prompt_tokens or self.pool.info.max_context
+        try:
+            return self.pool.prompts.encode_input(given, history, max_tokens=most)
+        except PromptTooLong as exc:
+            self._check_fits(exc.tokens, SamplingParams(max_new_tokens=1), at_least=True)
+            raise  # not reached: _check_fits refuses it
+
     def _check_fits(
-        self, prompt_tokens: int, params: SamplingParams, window: tuple[int, int] = (0, 0)
+        self,
+        prompt_tokens: int,
+        params: SamplingParams,
+        window: tuple[int, int] = (0, 0),
+        *,
+        at_least: bool = False,
     ) -> None:
         """The prompt's length limit holds for every request, a bounded cache or not."""
         limit = self.pool.info.max_context
@@ -338,7 +355,8 @@ class InferenceCore:
                 else f"the model's context of {limit} tokens (--max-prompt-tokens=0)"
             )
             raise InvalidArgument(
-                f"prompt of {prompt_tokens} tokens (a session's history included) exceeds {bound}"
+                f"prompt of {'at least ' if at_least else ''}{prompt_tokens} tokens (a session's "
+                f"history included) exceeds {bound}"
             )
         if window[0]:
             return  # a bounded cache holds at most max_cache_tokens positions (checked in _window)
