@@ -76,13 +76,21 @@ class TokenTable:
             check_tenant(tenant, "auth token")
 
     def tenant_for(self, authorization: str | bytes | None) -> str | None:
-        """The tenant of a `Bearer <token>` header value, or None when no token matches."""
+        """The tenant of a `Bearer <token>` header value, or None when no token matches.
+
+        The scheme is case-insensitive (RFC 9110: `bearer` and `BEARER` are `Bearer`), and
+        spaces between it and the token are skipped.
+        """
         if authorization is None:
             return None
         sent = authorization.encode() if isinstance(authorization, str) else authorization
+        scheme, _, credentials = sent.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return None
+        credentials = credentials.lstrip(b" ")
         found: str | None = None
         for token, tenant in self.tenants.items():  # no early exit: every token costs the same
-            if hmac.compare_digest(sent, b"Bearer " + token.encode()):
+            if hmac.compare_digest(credentials, token.encode()):
                 found = tenant
         return found
 

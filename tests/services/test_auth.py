@@ -30,10 +30,25 @@ def test_token_file_maps_tokens_to_tenants():
 
 @pytest.mark.parametrize(
     "sent",
-    [None, "", "tok-acme-0123456789abcdef", "Bearer tok-acme-0123456789abcde", "Basic x"],
+    [
+        None,
+        "",
+        "tok-acme-0123456789abcdef",
+        "Bearer tok-acme-0123456789abcde",
+        "Bearer tok-acme-0123456789abcdef ",
+        "Bearertok-acme-0123456789abcdef",
+        "Basic tok-acme-0123456789abcdef",
+        "Basic x",
+    ],
 )
 def test_anything_but_an_exact_bearer_token_is_refused(sent):
     assert parse_token_file(FILE).tenant_for(sent) is None
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR", "Bearer  "])
+def test_the_bearer_scheme_is_case_insensitive(scheme):
+    """Issue 23: `bearer` in lower case was refused, though the scheme is case-insensitive."""
+    assert parse_token_file(FILE).tenant_for(f"{scheme} tok-acme-0123456789abcdef") == "acme"
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 
 from kvpool.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
+from kvpool.v1 import inference_pb2_grpc
 from services.auth import ServerTls, parse_token_file
-from services.gateway.client import InferenceClient
+from services.gateway.client import InferenceClient, build_request
 from services.gateway.core import GatewayConfig, InferenceCore
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.server import GatewaySettings, inference_server
@@ -222,8 +223,10 @@ def test_live_sessions_are_limited(front):
 
 
 def test_every_worker_full_is_resource_exhausted(stack, front):
-    # One tenant fills every worker here: its share (--max-requests-per-tenant) must allow it.
-    target, metrics = front(GatewayConfig(max_requests_per_tenant=len(stack.pool.live())))
+    # One tenant fills every worker here: its share (--max-requests-per-tenant) must let it
+    # reach the router with one request more than the workers run.
+    share = len(stack.pool.live()) + 1
+    target, metrics = front(GatewayConfig(max_requests_per_tenant=share))
     original = stack.router.config
     stack.router.config = replace(original, max_in_flight=1, max_queued=0)  # refuse at once
     streams = []
@@ -271,3 +274,18 @@ def test_kvpool_generate_over_tls_with_a_token_file(front, tmp_path):
     named = [*args, "--tls-server-name", "localhost"]
     done = subprocess.run([*command, *named], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_lower_case_bearer_scheme_is_accepted(front):
+    """Issue 23: `bearer` in lower case was refused, though the scheme is case-insensitive."""
+    target, _ = front(auth=parse_token_file(TOKENS))
+    with grpc.insecure_channel(target) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        replies = list(
+            stub.Generate(
+                build_request(prompt="hi", max_new_tokens=1),
+                metadata=(("authorization", f"bearer {ACME}"),),
+                timeout=60,
+            )
+        )
+    assert replies[-1].usage.completion_tokens == 1

@@ -198,3 +198,13 @@ def test_a_body_that_never_arrives_is_408_and_frees_the_tenants_call(stack, fron
     with honest(port, "token-mallory-0000000000000000000000") as client:  # her one call is free
         body = {"model": stack.pool.info.model, "prompt": "again", "max_tokens": 1}
         assert client.post("/v1/completions", json=body).status_code == 200
+
+
+def test_a_lower_case_bearer_scheme_is_accepted(stack, front):
+    """Issue 23: `bearer` in lower case was refused, though the scheme is case-insensitive."""
+    port = front(auth=parse_token_file(TOKENS))
+    with honest(port) as client:
+        body = {"model": stack.pool.info.model, "prompt": "hi", "max_tokens": 1}
+        headers = {"authorization": "bearer token-alice-000000000000000000000000"}
+        reply = client.post("/v1/completions", json=body, headers=headers)
+    assert reply.status_code == 200, reply.text
