@@ -25,3 +25,13 @@ def env_default(flag: str, default: str | int | float | None) -> str | int | flo
 def cache_dir() -> Path:
     """Where converted models and other derived files live (`KVPOOL_CACHE_DIR`)."""
     return Path(os.environ.get("KVPOOL_CACHE_DIR", Path.home() / ".cache" / "kvpool")).expanduser()
+
+
+def state_dir() -> Path:
+    """Where `kvpool serve` keeps what must outlive a restart, such as its namespace secret
+    (`KVPOOL_STATE_DIR`, else `$XDG_STATE_HOME/kvpool`, else `~/.local/state/kvpool`)."""
+    explicit = os.environ.get("KVPOOL_STATE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base).expanduser() / "kvpool"

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from kvpool.errors import InvalidArgument, ResourceExhausted
 from workers.kv.bounds import DEFAULT_SINK_TOKENS
+from workers.kv.hashing import check_namespace_secret, new_namespace_secret
 
 MAX_NEW_TOKENS_LIMIT = 4096
 ROLES = ("system", "user", "assistant")
@@ -126,9 +127,11 @@ class WorkerConfig:
     store_timeout_s: float = 5.0
     store_auth_token: str | None = field(default=None, repr=False)  # bearer token for the store
     store_tls_ca: bytes | None = field(default=None, repr=False)  # PEM CA: reach the store by TLS
-    # Keys the tenant salt (workers.kv.hashing.tenant_salt); the store never sees it. None: the
-    # tenant's plain name, which anyone can compute keys from.
-    namespace_secret: bytes | None = field(default=None, repr=False)
+    # Keys the tenant salt (workers.kv.hashing.tenant_salt); the store never sees it. Random
+    # unless given: workers share blocks through the store only under one secret, so every worker
+    # of a deployment gets the same one (the gateway hands its own to each). Not compared: two
+    # configs that differ only by their random default are the same configuration.
+    namespace_secret: bytes = field(default_factory=new_namespace_secret, repr=False, compare=False)
     l1_bytes: int = 1 << 30
     write_queue_blocks: int = 512
     block_ttl_s: int | None = None  # None: the store's default
@@ -144,6 +147,7 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         check_mode(self.fetch_plan)
+        check_namespace_secret(self.namespace_secret)
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_batch_tokens <= self.max_batch:

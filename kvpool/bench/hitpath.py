@@ -125,6 +125,8 @@ def subprocess_run(argv: list[str], env: dict[str, str]) -> int:
 
 
 def measure(args: argparse.Namespace, lengths: list[int], rates: list[float]) -> dict[str, Any]:
+    from dataclasses import replace
+
     import ray
 
     from kvpool.bench.link import bring_up_loopback, in_private_namespace, shape_port
@@ -154,14 +156,16 @@ def measure(args: argparse.Namespace, lengths: list[int], rates: list[float]) ->
     tiers = start_node_tiers(4 << 30)
     workers: list[KVWorker] = []
     try:
+        base = WorkerConfig(
+            model=args.model, device=args.device, codec=args.codec,
+            block_tokens=args.block_tokens, store_target=store.target,
+            store_timeout_s=600.0, fetch_plan="fetch",
+        )  # fmt: skip
 
         def worker(wid: str, node_tier: bool) -> KVWorker:
-            config = WorkerConfig(
-                model=args.model, device=args.device, codec=args.codec,
-                block_tokens=args.block_tokens, store_target=store.target,
-                store_timeout_s=600.0, node_tier=node_tier, fetch_plan="fetch",
-            )  # fmt: skip
-            workers.append(KVWorker(config, wid))
+            # One base config, so one namespace secret: the workers share blocks as one
+            # deployment's do.
+            workers.append(KVWorker(replace(base, node_tier=node_tier), wid))
             return workers[-1]
 
         a, b, c = worker("producer", True), worker("same-node", True), worker("other-node", False)

@@ -85,7 +85,7 @@ class CachedTokensByTier(_message.Message):
     def __init__(self, local: _Optional[int] = ..., store: _Optional[int] = ..., node: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "cached_tokens", "cached_tokens_by_tier", "completion_tokens", "ttft_ms", "tokens_per_s", "worker", "session_id", "failovers", "evicted_tokens", "plan", "recomputed_tokens")
+    __slots__ = ("prompt_tokens", "cached_tokens", "cached_tokens_by_tier", "completion_tokens", "ttft_ms", "tokens_per_s", "worker", "session_id", "failovers", "evicted_tokens", "plan", "recomputed_tokens", "session_saved")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_BY_TIER_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class Usage(_message.Message):
     EVICTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SAVED_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     cached_tokens: int
     cached_tokens_by_tier: CachedTokensByTier
@@ -110,7 +111,8 @@ class Usage(_message.Message):
     evicted_tokens: int
     plan: str
     recomputed_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., cached_tokens_by_tier: _Optional[_Union[CachedTokensByTier, _Mapping]] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., worker: _Optional[str] = ..., session_id: _Optional[str] = ..., failovers: _Optional[int] = ..., evicted_tokens: _Optional[int] = ..., plan: _Optional[str] = ..., recomputed_tokens: _Optional[int] = ...) -> None: ...
+    session_saved: bool
+    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., cached_tokens_by_tier: _Optional[_Union[CachedTokensByTier, _Mapping]] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., worker: _Optional[str] = ..., session_id: _Optional[str] = ..., failovers: _Optional[int] = ..., evicted_tokens: _Optional[int] = ..., plan: _Optional[str] = ..., recomputed_tokens: _Optional[int] = ..., session_saved: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "usage")

@@ -41,6 +41,9 @@ class Usage:
     cached_node_tokens: int = 0  # from the node tier (L2)
     plan: str = ""  # the worker's fetch plan: none, fetch, recompute or split
     recomputed_tokens: int = 0
+    # The request named a session and its turn is stored. False with a session: the store could
+    # not save it (the client has the output; the session keeps its earlier turns).
+    session_saved: bool = False
 
     @property
     def cached_tokens(self) -> int:

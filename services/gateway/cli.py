@@ -151,13 +151,41 @@ def namespace_secret(args: argparse.Namespace) -> bytes | None:
             ) from None
     if not text or not text.strip():
         return None
-    secret = text.strip().encode()
-    if len(secret) < 16:
+    from workers.kv.hashing import check_namespace_secret
+
+    return check_namespace_secret(text.strip().encode())
+
+
+def check_namespace_secret_given(args: argparse.Namespace) -> None:
+    """A stand-alone gateway that serves tenants refuses to start without a namespace secret.
+
+    Its workers' keys are salted by it; a random one for this process alone would share nothing
+    with the deployment's other gateways, or with this one after a restart, and a tenant's keys
+    must never be computable from its name. With only default-tenant tokens, a random secret for
+    this process is enough (`WorkerConfig`'s default), and a warning says what it costs.
+    """
+    from services.auth import server_tokens
+
+    if namespace_secret(args) is not None:
+        return
+    auth = server_tokens(args.auth_token, args.auth_token_file)
+    named = sorted({t for t in auth.tenants.values() if t}) if auth is not None else None
+    if named is None or named:
+        if named is None:
+            who = "with auth off, every request names its own tenant"
+        else:
+            who = f"its token file names tenants: {', '.join(named[:3])}"
+            who += ", ..." if named[3:] else ""
         raise ValueError(
-            f"the namespace secret must be at least 16 bytes, got {len(secret)} "
-            "(make one with: openssl rand -hex 32)"
+            f"this gateway serves tenants ({who}) but has no namespace secret, which keys each "
+            "tenant's block hashes so that no one can compute them from its name; give every "
+            "gateway of the deployment the same one: --namespace-secret-file FILE or env "
+            "KVPOOL_NAMESPACE_SECRET (make one with: openssl rand -hex 32)"
         )
-    return secret
+    log.warning(
+        "no namespace secret given (--namespace-secret-file): using a random one for this "
+        "process, so its blocks are shared with no other gateway and not across a restart"
+    )
 
 
 def gateway_settings(
@@ -165,10 +193,13 @@ def gateway_settings(
     store_target: str,
     worker_gpus: float,
     store_auth_token: str | None = None,
+    secret: bytes | None = None,
 ) -> GatewaySettings:
     """The settings the flags ask for: every SettingFlag row, then the fields other flags make.
 
     `store_auth_token`: the store's token when the caller made the store (kvpool serve).
+    `secret`: the namespace secret when the caller keeps one (kvpool serve's state folder);
+    --namespace-secret(-file) wins. Neither: a random one (`WorkerConfig`'s default).
     """
     from services.auth import ServerTls, read_pem, server_tokens
 
@@ -176,7 +207,7 @@ def gateway_settings(
         row.setting: row.to_setting(getattr(args, row.name.lstrip("-").replace("-", "_")))
         for row in SETTINGS_FLAGS
     }
-    secret = namespace_secret(args)
+    secret = namespace_secret(args) or secret
     if worker_gpus > 0:
         resources = ActorResources(num_gpus=worker_gpus, num_cpus=0.0)
     else:
@@ -186,13 +217,13 @@ def gateway_settings(
         "pool.worker.store_target": store_target,
         "pool.resources": resources,
         "pool.worker.node_tier": values["pool.node_tier_bytes"] > 0,
-        "pool.worker.namespace_secret": secret,
-        "gateway.namespace_secret": secret,
         "auth": server_tokens(args.auth_token, args.auth_token_file),
         "tls": ServerTls.from_files(args.tls_cert_file, args.tls_key_file),
         "store_auth_token": store_auth_token or store_token(args),
         "store_tls_ca": read_pem(getattr(args, "tls_ca_file", None), "TLS CA certificate"),
     }
+    if secret is not None:
+        values["pool.worker.namespace_secret"] = secret
     return build_settings(GatewaySettings, values)
 
 
@@ -200,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.store:
         raise ValueError("--store HOST:PORT is required (or set KVPOOL_STORE)")
     check_args(args)
+    check_namespace_secret_given(args)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -65,6 +65,7 @@ def usage_dict(usage: pb.Usage) -> dict[str, Any]:
         "evicted_tokens": usage.evicted_tokens,
         "plan": usage.plan,
         "recomputed_tokens": usage.recomputed_tokens,
+        "session_saved": usage.session_saved,
     }
 
 

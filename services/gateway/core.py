@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 
-from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
+from kvpool.errors import InvalidArgument, KvpoolError, NotFound, ResourceExhausted, Unavailable
 from services.gateway.api import Delta, Finished, GenerateCall, PrefillCall, Usage
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pool import WorkerLost, WorkerPool
@@ -157,9 +157,10 @@ class InferenceCore:
         # should find its way back there.
         fed = [*prompt, *done.token_ids][:-1]
         self.pool.record(done.usage.worker, chain_hashes(self._namespace(req.tenant), fed))
-        if session is not None:
-            self.sessions.save(session.with_turn([*prompt, *done.token_ids], window=window))
-            self.live_sessions.touch(req.tenant, req.session_id)
+        session_saved = session is not None and self._save_turn(
+            session.with_turn([*prompt, *done.token_ids], window=window)
+        )
+        if session_saved:
             saved.set()
         ttft_ms = ((first_token_at or time.perf_counter()) - received) * 1000.0
         usage = Usage(
@@ -177,6 +178,7 @@ class InferenceCore:
             cached_node_tokens=done.usage.cached_node_tokens,
             plan=done.usage.plan,
             recomputed_tokens=done.usage.recomputed_tokens,
+            session_saved=session_saved,
         )
         self.metrics.observe_generate(usage, req.tenant)
         yield Finished(done.finish_reason, usage)
@@ -228,8 +230,30 @@ class InferenceCore:
         return session, text
 
     def delete_session(self, tenant: str, session_id: str) -> None:
-        self.sessions.delete(tenant, session_id)
+        """Forget a session; a lost one (see `_open_session`) too, so its id may start anew."""
+        lost = self.live_sessions.saved(tenant, session_id)
         self.live_sessions.forget(tenant, session_id)
+        try:
+            self.sessions.delete(tenant, session_id)
+        except NotFound:
+            if not lost:
+                raise
+
+    def _save_turn(self, session: Session) -> bool:
+        """Store a session's turn; False, logged and counted, when the store cannot.
+
+        The generation ran and its client has every token: it is not thrown away because the
+        history could not be stored. The client sees `session_saved` false in the usage and may
+        send the turn again; the session keeps its earlier turns.
+        """
+        try:
+            self.sessions.save(session)
+        except KvpoolError as exc:
+            log.warning("session %r: its turn was not saved: %s", session.session_id, exc)
+            self.metrics.session_save_failures.inc()
+            return False
+        self.live_sessions.touch(session.tenant, session.session_id)
+        return True
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -238,6 +262,15 @@ class InferenceCore:
             return None
         check_session_id(req.session_id)
         session = self.sessions.open(req.tenant, req.session_id)
+        if session.turns == 0 and self.live_sessions.saved(req.tenant, req.session_id):
+            # Saved here within its TTL, and gone from the store: lost, not new. Carrying on as
+            # if new would answer with the history silently dropped.
+            self.metrics.lost_sessions.inc()
+            raise NotFound(
+                f"session {req.session_id!r} was lost: the store no longer holds its history, "
+                "though it has not expired; start a new session_id, or DeleteSession it to "
+                "start this one anew"
+            )
         limit, per_tenant = self.config.max_sessions, self.config.max_sessions_per_tenant
         if session.turns == 0 and (limit or per_tenant):
             refused = self.live_sessions.admit(req.tenant, req.session_id, limit)
@@ -253,7 +286,8 @@ class InferenceCore:
 
     def _namespace(self, tenant: str) -> Namespace:
         info = self.pool.info
-        salt = tenant_salt(tenant, self.config.namespace_secret)
+        # The workers' own secret: the gateway routes by the very keys they store under.
+        salt = tenant_salt(tenant, self.pool.config.worker.namespace_secret)
         return Namespace(info.fingerprint, info.codec, info.block_tokens, salt)
 
     def _acquire(

@@ -288,8 +288,8 @@ NOT_FLAGS: dict[str, str] = {
     "pool.start_timeout_s": "the default: a model load in a fresh process",
     "pool.replace_dead": "the default: dead workers are replaced",
     "pool.worker.node_tier": "--node-tier-bytes above 0",
-    "pool.worker.namespace_secret": "--namespace-secret(-file)",
-    "gateway.namespace_secret": "--namespace-secret(-file)",
+    "pool.worker.namespace_secret": "--namespace-secret(-file); kvpool serve keeps one in its "
+    "state folder",
     "pool.replace_attempts": "the default: tries to start one replacement",
     "pool.replace_backoff_s": "the default: first wait between those tries (doubling)",
     "pool.worker.store_target": "GatewayServer hands the store's address to the workers",

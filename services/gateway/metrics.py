@@ -126,6 +126,17 @@ class GatewayMetrics:
             "kvpool_gateway_failovers", "Streams moved to another worker after one died.",
             registry=r,
         )  # fmt: skip
+        self.session_save_failures = Counter(
+            "kvpool_gateway_session_save_failures",
+            "Session turns generated and streamed whose history the store could not save.",
+            registry=r,
+        )  # fmt: skip
+        self.lost_sessions = Counter(
+            "kvpool_gateway_lost_sessions",
+            "Turns of sessions saved here and gone from the store before their TTL, refused "
+            "NOT_FOUND.",
+            registry=r,
+        )  # fmt: skip
         self.in_flight = Gauge(
             "kvpool_gateway_in_flight", "Generate streams open right now.", registry=r
         )

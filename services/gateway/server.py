@@ -62,7 +62,11 @@ class GatewayServer:
         self.metrics = GatewayMetrics()
         self.core = InferenceCore(
             self.pool,
-            SessionStore(self.store, ttl_s=settings.session_ttl_s),
+            SessionStore(
+                self.store,
+                ttl_s=settings.session_ttl_s,
+                secret=settings.pool.worker.namespace_secret,  # the deployment's, as for blocks
+            ),
             self.metrics,
             settings.gateway,
         )
@@ -225,7 +229,5 @@ def _with_store_credentials(settings: GatewaySettings) -> PoolConfig:
             worker,
             store_auth_token=worker.store_auth_token or settings.store_auth_token,
             store_tls_ca=worker.store_tls_ca or settings.store_tls_ca,
-            # The gateway routes by the hashes the workers store under: one secret for both.
-            namespace_secret=worker.namespace_secret or settings.gateway.namespace_secret,
         ),
     )

@@ -173,4 +173,5 @@ def _usage(item: Finished) -> pb.Usage:
         evicted_tokens=u.evicted_tokens,
         plan=u.plan,
         recomputed_tokens=u.recomputed_tokens,
+        session_saved=u.session_saved,
     )

@@ -6,17 +6,21 @@ their blocks come from the cache on whichever worker serves the turn. The gatewa
 state of its own: any gateway replica can serve any turn.
 
 Value layout (docs/gateway.md, "Sessions"): a msgpack map
-`{"v": 1, "tenant": str, "id": str, "tokens": bytes (uint32 little-endian), "turns": int,
-"created": float, "updated": float, "window": [max_cache_tokens, sink_tokens]}` under the key
-from `session_key` ("window" is absent in values written before bounded sessions; they read as
-unbounded). Values are untrusted like any store data: a value that does not parse, or names
-another tenant or id, is refused as DataLoss and never used as a prompt.
+`{"v": 2, "owner": str, "tokens": bytes (uint32 little-endian), "turns": int, "created": float,
+"updated": float, "window": [max_cache_tokens, sink_tokens]}` under the key from `session_key`.
+Both the key and `owner` are HMAC-SHA-256 of the tenant and the session id under the
+deployment's namespace secret, so neither a tenant's name nor a session id shows in the store,
+and no one without the secret can compute a session's key from them. Values are untrusted like
+any store data: a value that does not parse, or belongs to another tenant or id, is refused as
+DataLoss and never used as a prompt. (Version 1 values, keyed by a plain SHA-256 and naming their
+tenant, are under other keys and are never read: their sessions start anew.)
 
 Concurrent turns on one session are last-writer-wins: the later turn's history replaces the
 earlier one's. Clients that need strict ordering send turns one at a time.
 """
 
 import hashlib
+import hmac
 import logging
 import re
 import struct
@@ -30,7 +34,9 @@ from typing import Protocol
 import msgpack
 
 from kvpool.errors import DataLoss, InvalidArgument, KvpoolError, NotFound
+from services.store.keys import SESSION_KEY_PREFIX  # the store keeps this class apart
 from workers.kv.bounds import DEFAULT_SINK_TOKENS
+from workers.kv.hashing import check_namespace_secret, new_namespace_secret
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +55,7 @@ def _store_errors(what: str) -> Iterator[None]:
         raise type(exc)(f"the session store could not {what} the session; try again") from None
 
 
-SESSION_KEY_PREFIX = "kvpool:sess:"
-SESSION_FORMAT_VERSION = 1
+SESSION_FORMAT_VERSION = 2
 _SESSION_ID = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 _UINT32_MAX = 2**32 - 1
 
@@ -74,16 +79,24 @@ def check_session_id(session_id: str) -> str:
     return session_id
 
 
-def session_key(tenant: str, session_id: str) -> str:
+def session_key(tenant: str, session_id: str, secret: bytes) -> str:
     """The store key of a session: the one place it is built.
 
-    The tenant and id are hashed together rather than spliced in, so no tenant name can be
-    crafted to collide with another's key, and tenant names do not show in the store's keyspace.
+    The tenant and id are MACed together rather than spliced in, so no tenant name can be crafted
+    to collide with another's key, tenant names do not show in the store's keyspace, and without
+    the namespace secret no one can compute a session's key from its tenant and id.
     """
-    digest = hashlib.sha256(
-        b"kvpool.session\x00" + _length_prefixed(tenant) + _length_prefixed(session_id)
-    )
-    return SESSION_KEY_PREFIX + digest.hexdigest()
+    return SESSION_KEY_PREFIX + _mac(secret, b"kvpool.session\x00", tenant, session_id)
+
+
+def _owner(tenant: str, session_id: str, secret: bytes) -> str:
+    """What a value records of whose it is (checked on read), in a domain apart from the key."""
+    return _mac(secret, b"kvpool.session-owner\x00", tenant, session_id)
+
+
+def _mac(secret: bytes, domain: bytes, tenant: str, session_id: str) -> str:
+    message = domain + _length_prefixed(tenant) + _length_prefixed(session_id)
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
 def _length_prefixed(text: str) -> bytes:
@@ -132,15 +145,14 @@ class Session:
         )
 
 
-def encode_session(session: Session) -> bytes:
+def encode_session(session: Session, secret: bytes) -> bytes:
     tokens = session.token_ids
     if any(not 0 <= t <= _UINT32_MAX for t in tokens):
         raise InvalidArgument("session token ids must be in [0, 2**32)")
     return msgpack.packb(
         {
             "v": SESSION_FORMAT_VERSION,
-            "tenant": session.tenant,
-            "id": session.session_id,
+            "owner": _owner(session.tenant, session.session_id, secret),
             "tokens": struct.pack(f"<{len(tokens)}I", *tokens),
             "turns": session.turns,
             "created": session.created_unix_s,
@@ -151,7 +163,7 @@ def encode_session(session: Session) -> bytes:
     )
 
 
-def decode_session(data: bytes, *, tenant: str, session_id: str) -> Session:
+def decode_session(data: bytes, *, tenant: str, session_id: str, secret: bytes) -> Session:
     """Parse a stored value, refusing anything malformed or stored for another tenant or id."""
     try:
         record = msgpack.unpackb(data, raw=False, max_bin_len=1 << 26, max_str_len=1 << 16)
@@ -162,7 +174,10 @@ def decode_session(data: bytes, *, tenant: str, session_id: str) -> Session:
         packed = record["tokens"]
         if not isinstance(packed, bytes) or len(packed) % 4:
             raise ValueError("token bytes are not a uint32 array")
-        if record["tenant"] != tenant or record["id"] != session_id:
+        owner = record["owner"]
+        if not isinstance(owner, str) or not hmac.compare_digest(
+            owner, _owner(tenant, session_id, secret)
+        ):
             raise ValueError("value belongs to another session")
         max_cache_tokens, sink_tokens = record.get("window", (0, DEFAULT_SINK_TOKENS))
         window = (max_cache_tokens, sink_tokens)
@@ -183,13 +198,26 @@ def decode_session(data: bytes, *, tenant: str, session_id: str) -> Session:
 
 
 class SessionStore:
-    """Reads and writes sessions through the KVStore client."""
+    """Reads and writes sessions through the KVStore client.
 
-    def __init__(self, store: MetadataStore, ttl_s: int | None = 24 * 3600) -> None:
+    `secret` keys session keys and owners: the deployment's namespace secret (a random one for
+    this store alone when none is given).
+    """
+
+    def __init__(
+        self,
+        store: MetadataStore,
+        ttl_s: int | None = 24 * 3600,
+        secret: bytes | None = None,
+    ) -> None:
         if ttl_s is not None and ttl_s <= 0:
             raise ValueError(f"session ttl must be > 0 seconds or None, got {ttl_s}")
         self._store = store
         self._ttl_s = ttl_s
+        self._secret = check_namespace_secret(secret or new_namespace_secret())
+
+    def key(self, tenant: str, session_id: str) -> str:
+        return session_key(tenant, session_id, self._secret)
 
     @property
     def ttl_s(self) -> int | None:
@@ -197,12 +225,12 @@ class SessionStore:
 
     def find(self, tenant: str, session_id: str) -> Session | None:
         check_session_id(session_id)
-        key = session_key(tenant, session_id)
+        key = self.key(tenant, session_id)
         with _store_errors("read"):
             data = self._store.get_many([key]).get(key)
         if data is None:
             return None
-        return decode_session(data, tenant=tenant, session_id=session_id)
+        return decode_session(data, tenant=tenant, session_id=session_id, secret=self._secret)
 
     def get(self, tenant: str, session_id: str) -> Session:
         session = self.find(tenant, session_id)
@@ -219,21 +247,22 @@ class SessionStore:
         return Session(session_id, tenant, (), turns=0, created_unix_s=now, updated_unix_s=now)
 
     def save(self, session: Session) -> None:
-        key = session_key(session.tenant, session.session_id)
-        value = encode_session(session)
+        key = self.key(session.tenant, session.session_id)
+        value = encode_session(session, self._secret)
         with _store_errors("save"):
             self._store.put_many([(key, value)], ttl_s=self._ttl_s)
 
     def delete(self, tenant: str, session_id: str) -> None:
         check_session_id(session_id)
         with _store_errors("delete"):
-            deleted = self._store.delete([session_key(tenant, session_id)])
+            deleted = self._store.delete([self.key(tenant, session_id)])
         if deleted == 0:
             raise NotFound(f"session {session_id!r} does not exist (or has expired)")
 
 
 class LiveSessions:
-    """Sessions this gateway opened that have not expired: what `--max-sessions` counts.
+    """Sessions this gateway opened that have not expired: what `--max-sessions` counts, and
+    the witness that tells a lost session from a new one.
 
     The store alone cannot count them cheaply (sessions are hashed keys among blocks), so each
     gateway counts its own: a session is live from its first turn until its TTL passes with no
@@ -241,13 +270,18 @@ class LiveSessions:
     limit applies to each. `per_tenant` (`--max-sessions-per-tenant`) caps each tenant's share,
     so one tenant cannot take every slot. Expired entries are pruned as the table grows, limit
     or not: every turn touches its session, and without pruning the table grew forever.
+
+    A session this gateway saved a turn of (`touch`), still within its TTL, that the store no
+    longer holds was lost (a store that evicted or forgot it), not expired: `saved` says so, and
+    the core answers NOT_FOUND instead of starting it anew.
     """
 
     def __init__(self, ttl_s: int | None, clock=time.monotonic, *, per_tenant: int = 0) -> None:
         self._ttl_s = ttl_s
         self._clock = clock
         self._per_tenant = per_tenant
-        self._expiry: dict[str, tuple[float, str]] = {}  # session key -> (expires at, tenant)
+        # (tenant, session id) -> (expires at, whether a turn of it was saved)
+        self._expiry: dict[tuple[str, str], tuple[float, bool]] = {}
         self._tenants: dict[str, int] = {}  # tenant -> live sessions
         self._prune_at = 1024  # prune when the table reaches this size
         self._lock = threading.Lock()
@@ -255,16 +289,20 @@ class LiveSessions:
     def _expires(self) -> float:
         return float("inf") if self._ttl_s is None else self._clock() + self._ttl_s
 
-    def _add(self, key: str, tenant: str) -> None:
+    def _add(self, key: tuple[str, str], saved: bool) -> None:
+        tenant = key[0]
         if key not in self._expiry:
             self._tenants[tenant] = self._tenants.get(tenant, 0) + 1
-        self._expiry[key] = (self._expires(), tenant)
+        else:
+            saved = saved or self._expiry[key][1]
+        self._expiry[key] = (self._expires(), saved)
         if len(self._expiry) >= self._prune_at:
             self._prune()
             self._prune_at = max(1024, 2 * len(self._expiry))
 
-    def _remove(self, key: str) -> None:
-        _, tenant = self._expiry.pop(key)
+    def _remove(self, key: tuple[str, str]) -> None:
+        self._expiry.pop(key)
+        tenant = key[0]
         left = self._tenants[tenant] - 1
         if left:
             self._tenants[tenant] = left
@@ -282,7 +320,7 @@ class LiveSessions:
 
     def admit(self, tenant: str, session_id: str, limit: int) -> str | None:
         """Count a new session; None when counted, else the flag of the limit that refused it."""
-        key = session_key(tenant, session_id)
+        key = (tenant, session_id)
         with self._lock:
             if key in self._expiry:
                 return None
@@ -291,16 +329,23 @@ class LiveSessions:
                 return "--max-sessions"
             if self._per_tenant and self._tenants.get(tenant, 0) >= self._per_tenant:
                 return "--max-sessions-per-tenant"
-            self._add(key, tenant)
+            self._add(key, saved=False)
             return None
 
     def touch(self, tenant: str, session_id: str) -> None:
+        """A turn of the session was saved."""
         with self._lock:
-            self._add(session_key(tenant, session_id), tenant)
+            self._add((tenant, session_id), saved=True)
+
+    def saved(self, tenant: str, session_id: str) -> bool:
+        """Whether this gateway saved a turn of the session within its TTL."""
+        with self._lock:
+            entry = self._expiry.get((tenant, session_id))
+            return entry is not None and entry[1] and entry[0] > self._clock()
 
     def forget(self, tenant: str, session_id: str) -> None:
         with self._lock:
-            key = session_key(tenant, session_id)
+            key = (tenant, session_id)
             if key in self._expiry:
                 self._remove(key)
 

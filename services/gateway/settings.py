@@ -83,8 +83,6 @@ class GatewayConfig:
     max_requests_per_tenant: int = 0
     max_sessions: int = 0  # live sessions this gateway has opened and not seen expire
     max_sessions_per_tenant: int = 0  # of those, one tenant's (0: only max_sessions)
-    # Keys the tenant salt of block hashes, as in the workers (WorkerConfig.namespace_secret).
-    namespace_secret: bytes | None = field(default=None, repr=False)
     # The cache bound of requests that name none (and are not in a session that has one).
     max_cache_tokens: int = 0  # 0: unbounded
     sink_tokens: int = DEFAULT_SINK_TOKENS

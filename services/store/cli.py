@@ -74,6 +74,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="memory backend's byte bound",
     )
     flag(
+        "--session-backend",
+        None,
+        help="where session records live, apart from blocks so that no block eviction reaches "
+        "them: 'memory' or a Redis URL (run that Redis with noeviction). Default: an in-process "
+        "space with the memory backend, the blocks' Redis otherwise (docs/store.md, 'Sessions')",
+    )
+    flag(
+        "--session-memory-bytes",
+        format_size(_CONFIG.session_memory_bytes),
+        type=parse_size,
+        help="bound of the in-process session space, which never evicts: a session that does "
+        "not fit is refused RESOURCE_EXHAUSTED",
+    )
+    flag(
         "--chunk-bytes",
         format_size(_LIMITS.chunk_bytes),
         type=parse_size,
@@ -132,12 +146,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     flag("--log-level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
+def check_session_space(backend: str, sessions: str | None, processes: int) -> None:
+    """Sessions in this process's memory cannot be shared by several store processes."""
+    in_memory = sessions == "memory" or (not sessions and backend == "memory")
+    if in_memory and processes > 1:
+        raise ValueError(
+            f"--session-backend memory keeps sessions in one process, but --processes is "
+            f"{processes}: give --session-backend a Redis URL, or run one process"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from services.store.backends import CLUSTER_SCHEMES, check_backend_spec
     from services.store.processes import process_count
 
     check_backend_spec(args.backend)  # a clear error before any heavy import
+    if args.session_backend:
+        check_backend_spec(args.session_backend)
     processes = process_count(args.processes, args.backend)
+    check_session_space(args.backend, args.session_backend, processes)
     if args.backend.startswith(CLUSTER_SCHEMES):  # here, not in each store process
         from services.store.backends.redis_cluster import ClusterUrl
 
@@ -169,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
             max_queued_rpcs=args.max_queued_rpcs,
         ),
         max_memory_bytes=args.max_memory_bytes,
+        session_backend=args.session_backend or None,
+        session_memory_bytes=args.session_memory_bytes,
         redis_password=args.redis_password,
         metrics_port=args.metrics_port,
         grace_s=args.grace,

@@ -3,7 +3,8 @@
 The store is content-agnostic: a key is an opaque string. It is restricted to a small printable
 ASCII set so that keys are safe in logs, Redis commands and URLs, and bounded so that a request of
 many keys stays small. Callers build their own keys (`kvpool:blk:<64 hex>` for blocks,
-`kvpool:sess:<id>` for sessions); the store only checks the syntax.
+`kvpool:sess:<64 hex>` for sessions); the store only checks the syntax, and keeps keys of the
+session class apart from blocks, where no block eviction reaches them (backends/split.py).
 """
 
 import re
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from kvpool.errors import InvalidArgument, ResourceExhausted
 
 MAX_KEY_CHARS = 200
+SESSION_KEY_PREFIX = "kvpool:sess:"  # the key class kept out of the blocks' eviction
 KEY_RULE = f"keys are 1 to {MAX_KEY_CHARS} characters from A-Z a-z 0-9 and : . _ -"
 _KEY = re.compile(r"[A-Za-z0-9:._-]{1,%d}" % MAX_KEY_CHARS)  # noqa: UP031 (regex braces)
 

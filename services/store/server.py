@@ -30,6 +30,8 @@ class StoreServer:
             config.backend,
             max_memory_bytes=config.max_memory_bytes,
             redis_password=config.redis_password,
+            sessions=config.session_backend,
+            session_memory_bytes=config.session_memory_bytes,
         )
         self.metrics = StoreMetrics(self.backend)
         self._servicer = servicer = KVStoreServicer(

@@ -22,6 +22,11 @@ class StoreConfig:
     ttl_s: int | None = None  # default TTL of a Put that names none; None: keep until evicted
     limits: StoreLimits = field(default_factory=StoreLimits)
     max_memory_bytes: int = 1 << 30  # memory backend only
+    # Session records, kept apart from blocks so no block eviction reaches them (backends/
+    # split.py): "memory", a Redis URL (run it with noeviction), or None: an in-process space
+    # with the memory backend, the blocks' Redis otherwise.
+    session_backend: str | None = None
+    session_memory_bytes: int = 64 << 20  # the in-process session space, which never evicts
     redis_password: str | None = None  # when not in the URL (keeps it out of process listings)
     metrics_port: int = 0  # 0: no /metrics endpoint
     grace_s: float = 10.0
@@ -32,6 +37,12 @@ class StoreConfig:
 
     def __post_init__(self) -> None:
         check_backend_spec(self.backend)
+        if self.session_backend is not None:
+            check_backend_spec(self.session_backend)
+        if self.session_memory_bytes <= 0:
+            raise ValueError(
+                f"session_memory_bytes must be positive, got {self.session_memory_bytes}"
+            )
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
             raise ValueError("ports must be between 0 and 65535")
         if self.ttl_s is not None and self.ttl_s < 0:

@@ -18,7 +18,7 @@ from services.store.redis_process import RedisProcess
 from tests.faults.support import StoreProcess
 from tests.support.redis import require_redis_server
 from workers.api import WorkerConfig
-from workers.kv.hashing import Namespace
+from workers.kv.hashing import Namespace, tenant_salt
 
 BLOCK_TOKENS = 16
 
@@ -36,7 +36,8 @@ class Stack:
 
     def namespace(self, tenant: str = "") -> Namespace:
         info = self.gateway.pool.info
-        return Namespace(info.fingerprint, info.codec, info.block_tokens, tenant)
+        salt = tenant_salt(tenant, self.gateway.pool.config.worker.namespace_secret)
+        return Namespace(info.fingerprint, info.codec, info.block_tokens, salt)
 
 
 @pytest.fixture(scope="package")

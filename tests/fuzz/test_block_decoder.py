@@ -236,7 +236,8 @@ def test_valid_framing_around_junk_is_refused(junk: bytes, header: object) -> No
 # --- session records: the gateway reads these back from the same shared store ---------------
 
 SESSION = Session("s-1", "acme", (1, 2, 3, 70000), turns=2, created_unix_s=1.0, updated_unix_s=2.0)
-SESSION_VALUE = encode_session(SESSION)
+SECRET = b"fuzz-namespace-secret-0123456789"
+SESSION_VALUE = encode_session(SESSION, SECRET)
 
 
 @FUZZ
@@ -248,13 +249,13 @@ def test_damaged_session_records_raise_data_loss_only(data) -> None:
             st.binary(max_size=120),
             msgpack_values.map(msgpack.packb),
             st.dictionaries(
-                st.sampled_from(["v", "tenant", "id", "tokens", "turns", "created", "updated"]),
+                st.sampled_from(["v", "owner", "tokens", "turns", "created", "updated"]),
                 msgpack_values,
             ).map(lambda d: msgpack.packb({**msgpack.unpackb(SESSION_VALUE), **d})),
         )
     )
     try:
-        session = decode_session(value, tenant="acme", session_id="s-1")
+        session = decode_session(value, tenant="acme", session_id="s-1", secret=SECRET)
     except DataLoss:
         return
     # A record that parses belongs to this tenant and id and has sane fields.

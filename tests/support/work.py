@@ -13,6 +13,11 @@ def run(worker: KVWorker, request: WorkRequest) -> WorkDone:
     return done
 
 
+# The namespace secret of the tests' workers, like one deployment's: workers share blocks
+# through the store only under one secret.
+NAMESPACE_SECRET = b"tests-namespace-secret-0123456789abcdef"
+
+
 def make_worker(store, worker_id: str, **overrides) -> KVWorker:
     """A tiny-random worker on `store` (a started StoreServer); `overrides` go to WorkerConfig.
 
@@ -27,6 +32,7 @@ def make_worker(store, worker_id: str, **overrides) -> KVWorker:
         block_tokens=16,
         store_target=store.target,
         fetch_plan="fetch",
+        namespace_secret=NAMESPACE_SECRET,
     )
     config.update(overrides)
     return KVWorker(WorkerConfig(**config), worker_id)

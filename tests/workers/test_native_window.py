@@ -190,11 +190,12 @@ def test_sliding_layers_hold_only_the_window_while_generating(worker, kind, monk
 
 
 def test_a_second_worker_reuses_stored_blocks_and_resumes(model_dirs, kind, store):
+    base = WorkerConfig(
+        model=model_dirs[kind], codec="fp16", block_tokens=BLOCK, store_target=store.target
+    )
+
     def make(name: str) -> KVWorker:
-        config = WorkerConfig(
-            model=model_dirs[kind], codec="fp16", block_tokens=BLOCK, store_target=store.target
-        )
-        return KVWorker(config, f"{kind}-{name}")
+        return KVWorker(base, f"{kind}-{name}")  # one config: one deployment's secret
 
     a, b = make("a"), make("b")
     try:

@@ -83,9 +83,10 @@ def test_a_block_outlives_its_worker_in_the_node_tier(cluster):
     assert stats.plans["fetch"] == 1
 
     # The tier holds exactly the keys of the prompt's (and output's) full blocks.
-    from workers.kv.hashing import Namespace
+    from workers.kv.hashing import Namespace, tenant_salt
 
-    ns = Namespace(namespace.fingerprint, namespace.codec, namespace.block_tokens, "")
+    salt = tenant_salt("", config.namespace_secret)
+    ns = Namespace(namespace.fingerprint, namespace.codec, namespace.block_tokens, salt)
     keys = [block_key(h) for h in chain_hashes(ns, prompt)]
     tier = NodeTier.for_this_node()
     assert tier is not None

@@ -12,6 +12,7 @@ This module imports no torch, so the gateway can hash prompts without loading a 
 
 import hashlib
 import hmac
+import secrets
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,19 +108,38 @@ class Namespace:
         return BlockHash(hashlib.sha256(self.canonical_bytes()).digest())
 
 
-def tenant_salt(tenant: str, secret: bytes | None) -> str:
+MIN_SECRET_BYTES = 16
+
+
+def check_namespace_secret(secret: object) -> bytes:
+    """A namespace secret: bytes, at least MIN_SECRET_BYTES long."""
+    if not isinstance(secret, bytes) or len(secret) < MIN_SECRET_BYTES:
+        shown = len(secret) if isinstance(secret, bytes) else type(secret).__name__
+        raise ValueError(
+            f"the namespace secret must be at least {MIN_SECRET_BYTES} bytes, got {shown} "
+            "(make one with: openssl rand -hex 32)"
+        )
+    return secret
+
+
+def new_namespace_secret() -> bytes:
+    """A fresh random namespace secret (64 hex characters, as `openssl rand -hex 32` makes)."""
+    return secrets.token_hex(32).encode()
+
+
+def tenant_salt(tenant: str, secret: bytes) -> str:
     """The `Namespace.tenant` salt of a tenant: HMAC-SHA-256 of its name under the deployment's
     namespace secret (docs/block-format.md, "Tenant salt").
 
     With the tenant's plain name as the salt, anyone who could reach the store computed a
     victim's keys: `Lookup` told whether a prompt had been sent, and a block could be planted
     under them (the checksum is not a MAC). Under a secret the store never sees, keys cannot be
-    computed without it. No secret (None or empty): the plain name, the keys of earlier releases.
-    A new secret is a cold cache, never a wrong one: every key changes at once.
+    computed without it. There is no salt without a secret: no salt equals or contains a
+    tenant's name. A new secret is a cold cache, never a wrong one: every key changes at once.
     """
-    if not secret:
-        return tenant
-    mac = hmac.new(secret, _TENANT_SALT_TAG + tenant.encode("utf-8"), hashlib.sha256)
+    mac = hmac.new(
+        check_namespace_secret(secret), _TENANT_SALT_TAG + tenant.encode("utf-8"), hashlib.sha256
+    )
     return "hmac-sha256:" + mac.hexdigest()
 
 

@@ -240,6 +240,7 @@ def kvpool_body(usage: Usage) -> dict[str, Any]:
         "tokens_per_s": round(usage.tokens_per_s, 3),
         "failovers": usage.failovers,
         "evicted_tokens": usage.evicted_tokens,
+        "session_saved": usage.session_saved,
     }
 
 

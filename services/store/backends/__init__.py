@@ -38,9 +38,37 @@ def check_backend_spec(spec: str) -> None:
 
 
 def open_backend(
-    spec: str, *, max_memory_bytes: int, redis_password: str | None = None
+    spec: str,
+    *,
+    max_memory_bytes: int,
+    redis_password: str | None = None,
+    sessions: str | None = None,
+    session_memory_bytes: int = 64 << 20,
 ) -> StorageBackend:
-    """The backend for `spec`; `max_memory_bytes` bounds the memory backend only."""
+    """The backend for `spec`; `max_memory_bytes` bounds the memory backend only.
+
+    Session records (backends/split.py) go to `sessions`: "memory" (a space of
+    `session_memory_bytes` that never evicts) or a Redis URL. None: that space with the memory
+    backend, the same Redis otherwise.
+    """
+    blocks = _open(spec, max_memory_bytes, redis_password)
+    if sessions is None and spec != "memory":
+        return blocks
+    from services.store.backends.split import SplitBackend
+
+    if sessions is None or sessions == "memory":
+        from services.store.backends.memory import MemoryStore
+
+        space = MemoryStore(
+            session_memory_bytes,
+            evict=False,
+            full="the session space is full (limit --session-memory-bytes)",
+        )
+        return SplitBackend(blocks, space)
+    return SplitBackend(blocks, _open(sessions, max_memory_bytes, redis_password))
+
+
+def _open(spec: str, max_memory_bytes: int, redis_password: str | None) -> StorageBackend:
     check_backend_spec(spec)
     if spec == "memory":
         from services.store.backends.memory import MemoryStore

@@ -5,6 +5,10 @@ in, not the process's RSS exactly. A value larger than the whole bound is not st
 reports it as not stored) rather than evicting everything else for it. Expired keys are dropped
 when they are next touched; until then they count towards the bound and are evicted like any
 other key.
+
+With `evict=False` (the session space, `services.store.backends.split`) nothing is ever evicted
+for room: a put that does not fit, once expired keys are dropped, is refused with
+RESOURCE_EXHAUSTED, and what is stored stays until it expires or is deleted.
 """
 
 import threading
@@ -13,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from kvpool.errors import ResourceExhausted
 from services.store.backends.base import BackendStats
 
 
@@ -25,10 +30,19 @@ class _Entry:
 class MemoryStore:
     """A `StorageBackend` in a dict, oldest-used first; thread-safe."""
 
-    def __init__(self, max_bytes: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        evict: bool = True,
+        full: str = "the memory backend is full",
+    ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self._max_bytes = max_bytes
+        self._evict = evict
+        self._full = full  # the refusal's words when nothing may be evicted
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._bytes = 0
@@ -85,6 +99,12 @@ class MemoryStore:
                     continue
                 if key in self._entries:
                     self._remove(key)
+                if not self._evict and self._bytes + size > self._max_bytes:
+                    self._drop_expired(now)
+                    if self._bytes + size > self._max_bytes:
+                        raise ResourceExhausted(
+                            f"{self._full}: {self._bytes} of {self._max_bytes} bytes in use"
+                        )
                 self._entries[key] = _Entry(value, expires_at)
                 self._bytes += size
                 stored += 1
@@ -93,6 +113,10 @@ class MemoryStore:
                     self._remove(oldest)
                     self._evictions += 1
         return stored
+
+    def _drop_expired(self, now: float) -> None:
+        for key in [k for k, e in self._entries.items() if e.expires_at and e.expires_at <= now]:
+            self._remove(key)
 
     def delete(self, keys: Sequence[str]) -> int:
         now = self._clock()

@@ -146,9 +146,11 @@ def test_the_namespace_secret_reaches_the_gateway_and_its_workers(tmp_path, monk
     path = tmp_path / "secret"
     path.write_text("namespace-secret-0123456789abcdef\n")
     settings = gateway_settings(parse("--namespace-secret-file", str(path)), "127.0.0.1:1", 0.0)
-    assert settings.gateway.namespace_secret == b"namespace-secret-0123456789abcdef"
-    assert settings.pool.worker.namespace_secret == settings.gateway.namespace_secret
-    assert gateway_settings(parse(), "127.0.0.1:1", 0.0).gateway.namespace_secret is None
+    assert settings.pool.worker.namespace_secret == b"namespace-secret-0123456789abcdef"
+    # None given: a random one, never the tenant's name (issue 23).
+    first = gateway_settings(parse(), "127.0.0.1:1", 0.0).pool.worker.namespace_secret
+    second = gateway_settings(parse(), "127.0.0.1:1", 0.0).pool.worker.namespace_secret
+    assert len(first) >= 32 and first != second
     with pytest.raises(ValueError, match="at least 16 bytes"):
         gateway_settings(parse("--namespace-secret", "short"), "127.0.0.1:1", 0.0)
 

@@ -28,7 +28,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.server import GatewaySettings, inference_server
 from tests.services.gateway.support import drained
 from tests.support.tls import self_signed
-from workers.kv.hashing import Namespace, chain_hashes
+from workers.kv.hashing import Namespace, chain_hashes, tenant_salt
 
 pytestmark = pytest.mark.integration
 
@@ -149,8 +149,14 @@ def test_router_records_are_per_tenant(stack, client):
     assert ids.cached_tokens > 0
     worker = done.usage["worker"]
     tokens = stack.pool.prompts.encode_input(_prompt_input(prompt))
-    one = chain_hashes(Namespace(info.fingerprint, info.codec, info.block_tokens, "t-one"), tokens)
-    two = chain_hashes(Namespace(info.fingerprint, info.codec, info.block_tokens, "t-two"), tokens)
+    secret = stack.pool.config.worker.namespace_secret
+    one, two = (
+        chain_hashes(
+            Namespace(info.fingerprint, info.codec, info.block_tokens, tenant_salt(t, secret)),
+            tokens,
+        )
+        for t in ("t-one", "t-two")
+    )
     assert stack.router.cached_prefix_blocks(worker, one) == len(one) > 0
     assert stack.router.cached_prefix_blocks(worker, two) == 0
     # Without auth the request names the tenant: another tenant starts cold.

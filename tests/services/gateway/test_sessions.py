@@ -1,3 +1,6 @@
+import hashlib
+import hmac
+
 import msgpack
 import pytest
 
@@ -31,21 +34,41 @@ class DictStore:
         return sum(self.data.pop(k, None) is not None for k in keys)
 
 
+SECRET = b"sessions-namespace-secret-0123456789"
+
+
 def test_session_key_is_a_valid_store_key_and_separates_tenants():
-    key = session_key("acme", "chat-1")
+    key = session_key("acme", "chat-1", SECRET)
     check_key(key)
     assert key.startswith(SESSION_KEY_PREFIX)
-    assert key == session_key("acme", "chat-1")
-    assert key != session_key("other", "chat-1")
+    assert key == session_key("acme", "chat-1", SECRET)
+    assert key != session_key("other", "chat-1", SECRET)
     # Length-prefixing: ("a", "b:c") and ("a:b", "c") cannot collide.
-    assert session_key("a", "bc") != session_key("ab", "c")
+    assert session_key("a", "bc", SECRET) != session_key("ab", "c", SECRET)
 
 
 def test_session_key_is_pinned():
     # A change here orphans every stored session: bump SESSION_FORMAT_VERSION and migrate instead.
-    assert session_key("", "s1") == (
-        "kvpool:sess:55b55fb2ec81ee73c3350fef373cf884a9c66518cbc219100ea8a55f268b421e"
+    assert session_key("", "s1", SECRET) == (
+        "kvpool:sess:e448ace21038af2b4fc2621303419db19503a1a08f512816182df680c598143b"
     )
+    tag = b"kvpool.session\x00" + b"\0\0\0\0" + b"\x02\0\0\0s1"  # length-prefixed "", "s1"
+    assert (
+        session_key("", "s1", SECRET)
+        == "kvpool:sess:" + hmac.new(SECRET, tag, "sha256").hexdigest()
+    )
+
+
+def test_no_session_key_or_value_is_derivable_from_a_tenants_name():
+    """Issue 23: a session's key was SHA-256 of its tenant and id, and its value named both:
+    anyone who knew a tenant's name (and a likely session id) found its conversations."""
+    backend = DictStore()
+    SessionStore(backend, secret=SECRET).save(Session("chat-1", "acme", (1, 2), 1, 0.0, 0.0))
+    ((key, value),) = backend.data.items()
+    unkeyed = hashlib.sha256(b"kvpool.session\x00\x04\0\0\0acme\x06\0\0\0chat-1").hexdigest()
+    assert key != SESSION_KEY_PREFIX + unkeyed
+    assert key != session_key("acme", "chat-1", b"another-secret-0123456789abcdef")
+    assert b"acme" not in value and b"chat-1" not in value
 
 
 @pytest.mark.parametrize("bad", ["", "a b", "x" * 129, "semi;colon", "slash/"])
@@ -87,9 +110,13 @@ def test_another_tenant_cannot_read_a_session():
 
 
 def test_a_value_for_another_session_under_the_key_is_data_loss():
-    data = encode_session(Session("s1", "a", (1, 2), 1, 0.0, 0.0))
+    data = encode_session(Session("s1", "a", (1, 2), 1, 0.0, 0.0), SECRET)
     with pytest.raises(DataLoss, match="another session"):
-        decode_session(data, tenant="a", session_id="s2")
+        decode_session(data, tenant="a", session_id="s2", secret=SECRET)
+    with pytest.raises(DataLoss, match="another session"):
+        decode_session(data, tenant="b", session_id="s1", secret=SECRET)
+    with pytest.raises(DataLoss, match="another session"):
+        decode_session(data, tenant="a", session_id="s1", secret=b"other-secret-0123456789abc")
 
 
 @pytest.mark.parametrize(
@@ -99,11 +126,12 @@ def test_a_value_for_another_session_under_the_key_is_data_loss():
         msgpack.packb([1, 2, 3]),
         msgpack.packb({"v": 99}),
         msgpack.packb({"v": 1, "tenant": "", "id": "s1", "tokens": b"\x01\x02\x03"}),
+        msgpack.packb({"v": 2, "owner": "x", "tokens": b"\x01\x02\x03"}),
     ],
 )
 def test_unreadable_values_are_data_loss(value):
     with pytest.raises(DataLoss, match="unreadable"):
-        decode_session(value, tenant="", session_id="s1")
+        decode_session(value, tenant="", session_id="s1", secret=SECRET)
 
 
 def test_live_sessions_count_until_expiry_or_delete():

@@ -62,7 +62,8 @@ def test_a_bad_bound_is_invalid_argument_with_what_is_allowed(client, bound, mes
 
 def test_sessions_stored_before_bounds_read_as_unbounded():
     session = Session("old", "", (1, 2, 3), turns=1, created_unix_s=1.0, updated_unix_s=2.0)
-    record = msgpack.unpackb(encode_session(session))
+    secret = b"window-namespace-secret-0123456789"
+    record = msgpack.unpackb(encode_session(session, secret))
     del record["window"]
-    old = decode_session(msgpack.packb(record), tenant="", session_id="old")
+    old = decode_session(msgpack.packb(record), tenant="", session_id="old", secret=secret)
     assert (old.max_cache_tokens, old.token_ids) == (0, (1, 2, 3))

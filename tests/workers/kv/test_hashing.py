@@ -190,7 +190,9 @@ def test_tenant_salt_is_a_keyed_hash_pinned_by_a_golden_value():
     assert salt == GOLDEN_ACME_SALT
     assert tenant_salt("acme", b"another-secret-0123456789abcdef") != salt
     assert tenant_salt("", secret) not in ("", salt)  # the default tenant is keyed too
-    assert tenant_salt("acme", None) == tenant_salt("acme", b"") == "acme"  # no secret: as before
+    for missing in (None, b"", b"too-short"):  # issue 23: no salt without a secret
+        with pytest.raises(ValueError, match="at least 16 bytes"):
+            tenant_salt("acme", missing)  # type: ignore[arg-type]
     plain = chain_hashes(Namespace("fp", "int8", block_tokens=4, tenant="acme"), range(8))
     keyed = chain_hashes(Namespace("fp", "int8", block_tokens=4, tenant=salt), range(8))
     assert not set(plain) & set(keyed)
