@@ -177,3 +177,59 @@ def test_the_batch_bounds_the_per_worker_cap_and_sizes_the_actor(monkeypatch):
         check_args(parse("--max-batch-tokens", "8"))
     with pytest.raises(ValueError, match="max_requests_per_worker must be between 0"):
         replace(default, max_requests_per_worker=9)
+
+
+# --- issue 23, section 2: the namespace secret is never missing --------------------------------
+
+
+@pytest.fixture
+def no_secret_env(monkeypatch):
+    for name in ("KVPOOL_NAMESPACE_SECRET", "KVPOOL_NAMESPACE_SECRET_FILE", "KVPOOL_AUTH_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("KVPOOL_AUTH_TOKEN_FILE", raising=False)
+
+
+def test_a_standalone_gateway_with_tenants_and_no_secret_refuses_to_start(
+    tmp_path, capsys, no_secret_env
+):
+    from kvpool.cli import main
+
+    tenants = tmp_path / "tokens"
+    tenants.write_text("tenant-token-aaaaaaaa acme\ntenant-token-bbbbbbbb globex\n")
+    for extra in ([], ["--auth-token-file", str(tenants)]):  # auth off: requests name tenants
+        assert main(["gateway", "serve", "--store", "127.0.0.1:1", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "no namespace secret" in err and "--namespace-secret-file" in err
+        assert "openssl rand -hex 32" in err and "Traceback" not in err
+    assert "acme, globex" in err
+
+
+def test_a_gateway_of_the_default_tenant_alone_runs_with_a_random_secret(
+    tmp_path, caplog, no_secret_env
+):
+    from services.gateway.cli import check_namespace_secret_given
+
+    default_only = tmp_path / "tokens"
+    default_only.write_text("default-token-aaaaaaaa\n")
+    check_namespace_secret_given(parse("--auth-token-file", str(default_only)))  # no raise
+    assert "random one for this process" in caplog.text
+    secret = tmp_path / "secret"
+    secret.write_text("namespace-secret-0123456789abcdef\n")
+    check_namespace_secret_given(parse("--namespace-secret-file", str(secret)))
+
+
+def test_kvpool_serve_keeps_its_secret_in_a_private_file(tmp_path):
+    from kvpool.commands.serve import kept_secret
+
+    first, path, made = kept_secret(tmp_path / "state")
+    assert made and len(first) == 64 and (path.stat().st_mode & 0o777) == 0o600
+    assert (path.parent.stat().st_mode & 0o777) == 0o700
+    again, _, made_again = kept_secret(tmp_path / "state")
+    assert again == first and not made_again
+    path.chmod(0o644)
+    with pytest.raises(ValueError, match=r"may be read by others.*chmod 600"):
+        kept_secret(tmp_path / "state")
+    path.chmod(0o600)
+    path.write_bytes(b"short\n")
+    with pytest.raises(ValueError, match=r"at least 16 bytes.*delete it"):
+        kept_secret(tmp_path / "state")
