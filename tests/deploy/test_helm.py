@@ -423,7 +423,7 @@ def test_the_store_accepts_only_its_own_token_which_no_gateway_client_holds():
     secret = one(docs, "Secret", "auth")
     ref = {e["name"]: e for e in head_container(docs)["env"]}["KVPOOL_AUTH_TOKEN"]
     assert ref["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
-    assert not find(render({}), "Secret", "auth")
+    assert not find(render({"auth": {"enabled": False}}), "Secret", "auth")
 
 
 # --- wiring -------------------------------------------------------------------------------------
@@ -619,5 +619,56 @@ def test_network_policies_keep_the_store_redis_and_ray_private():
     assert only["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "store"
     ray = next(s for n, s in policies.items() if n.endswith("-ray"))
     open_to_all = [rule for rule in ray["ingress"] if "from" not in rule]
-    assert [sorted(p["port"] for p in rule["ports"]) for rule in open_to_all] == [[9090, 50051]]
+    assert [sorted(p["port"] for p in rule["ports"]) for rule in open_to_all] == [[50051]]
+    # The metrics port names tenants: this namespace's pods only (issue 23).
+    [metrics_rule] = [
+        r for r in ray["ingress"] if [p["port"] for p in r.get("ports", [])] == [9090]
+    ]
+    assert metrics_rule["from"] == [{"podSelector": {}}]
     assert not find(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")
+
+
+def test_the_network_policy_admits_the_http_api_when_it_is_on():
+    """Issue 23: with gateway.http enabled, the chart's own policy blocked the HTTP port."""
+    docs = render({"gateway": {"http": {"enabled": True, "port": 8080}}})
+    ray = next(
+        p["spec"] for p in find(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-ray")
+    )
+    open_to_all = [rule for rule in ray["ingress"] if "from" not in rule]
+    assert [sorted(p["port"] for p in rule["ports"]) for rule in open_to_all] == [[8080, 50051]]
+    prometheus = [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
+    docs = render({"networkPolicy": {"metricsFrom": prometheus}})
+    ray = next(
+        p["spec"] for p in find(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-ray")
+    )
+    [metrics_rule] = [
+        r for r in ray["ingress"] if [p["port"] for p in r.get("ports", [])] == [9090]
+    ]
+    assert metrics_rule["from"] == prometheus
+
+
+def test_auth_is_on_by_default():
+    """Issue 23: the chart's default served the gateway without auth."""
+    docs = render({})
+    env = {e["name"]: e for e in head_container(docs)["env"]}
+    assert (
+        env["KVPOOL_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
+        == (one(docs, "Secret", "auth")["metadata"]["name"])
+    )
+
+
+def test_an_existing_secret_without_the_namespace_secret_key_is_refused():
+    """Issue 23: store.auth.existingSecret without the namespace secret salted with tenants'
+    names, silently (`optional: true`)."""
+    given = {"store": {"auth": {"existingSecret": "kvpool-store"}}}
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError) as err:
+        chart.render(given, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    assert "store.auth.namespaceSecretKey" in str(err.value)
+    docs = render(
+        {"store": {"auth": {"existingSecret": "kvpool-store", "namespaceSecretKey": "ns"}}}
+    )
+    ref = {e["name"]: e for e in head_container(docs)["env"]}["KVPOOL_NAMESPACE_SECRET"]
+    assert ref["valueFrom"]["secretKeyRef"] == {"name": "kvpool-store", "key": "ns"}
+    for values in ({}, SECURED):  # never optional: a pod without it does not start
+        head = {e["name"]: e for e in head_container(render(values))["env"]}
+        assert "optional" not in head["KVPOOL_NAMESPACE_SECRET"]["valueFrom"]["secretKeyRef"]

@@ -157,13 +157,30 @@ lazyfree-lazy-expire yes
 
 {{/* The namespace secret that keys tenant salts: the gateway only (it hands it to its workers).
      Optional, so an existingSecret without the key keeps plain-name salts. ----------------- */}}
+{{- define "kvpool.namespaceSecretKey" -}}
+{{- if .Values.store.auth.existingSecret -}}
+{{- $key := .Values.store.auth.namespaceSecretKey -}}
+{{- if not $key -}}
+{{- fail (printf "store.auth.existingSecret %q is set but store.auth.namespaceSecretKey is not: name the key of that Secret that holds the namespace secret (make one with: openssl rand -hex 32); without it tenant salts would not be secret" .Values.store.auth.existingSecret) -}}
+{{- end -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace .Values.store.auth.existingSecret -}}
+{{- if and $existing (not (hasKey ($existing.data | default dict) $key)) -}}
+{{- fail (printf "Secret %q has no key %q (store.auth.namespaceSecretKey): add the namespace secret to it (openssl rand -hex 32)" .Values.store.auth.existingSecret $key) -}}
+{{- end -}}
+{{- $key -}}
+{{- else -}}
+namespace-secret
+{{- end -}}
+{{- end -}}
+
+{{- /* Not optional: a pod without the namespace secret does not start, rather than salt block
+     keys with tenants' names. */}}
 {{- define "kvpool.namespaceSecretEnv" -}}
 - name: KVPOOL_NAMESPACE_SECRET
   valueFrom:
     secretKeyRef:
       name: {{ include "kvpool.storeToken.secretName" . }}
-      key: namespace-secret
-      optional: true
+      key: {{ include "kvpool.namespaceSecretKey" . }}
 {{- end -}}
 
 {{/* Environment shared by every kvpool process: TLS files, extra env. ---------------------- */}}
