@@ -23,6 +23,7 @@ from kvpool.config import env_default, state_dir
 from services.gateway.cli import (
     add_gateway_flags,
     check_args,
+    check_exposure,
     gateway_settings,
     namespace_secret,
     store_token,
@@ -161,6 +162,7 @@ def embedded_store(args: argparse.Namespace, internal_token: str):  # -> (StoreC
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
+    check_exposure(args)
     store_processes = process_count(args.store_processes, args.redis or "memory")
     check_session_space(args.redis or "memory", args.session_backend, store_processes)
     logging.basicConfig(

@@ -7,6 +7,7 @@ also be set as `KVPOOL_SOME_FLAG`; the flag wins. `kvpool serve` shares these fl
 
 import argparse
 import logging
+import os
 from typing import Any
 
 from kvpool.config import env_default
@@ -53,6 +54,13 @@ def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True
     add_server_flags(parser)  # docs/gateway.md, "Authentication and tenants"
     add_store_client_flags(parser, tls=store_tls)
     add_namespace_secret_flags(parser)  # docs/block-format.md, "Tenant salt"
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        default=os.environ.get("KVPOOL_INSECURE_NO_AUTH", "") not in ("", "0", "false"),
+        help="serve a --host beyond loopback with auth off, which is refused otherwise: anyone "
+        "who reaches the port then generates as any tenant and reads any session",
+    )
     flag("--log-level", "INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -156,6 +164,29 @@ def namespace_secret(args: argparse.Namespace) -> bytes | None:
     return check_namespace_secret(text.strip().encode())
 
 
+LOOPBACK = ("127.0.0.1", "::1", "[::1]", "localhost")
+
+
+def check_exposure(args: argparse.Namespace) -> None:
+    """A gateway serving the network with auth off is refused, unless --insecure-no-auth says so:
+    with auth off every caller names its tenant and reads any session."""
+    from services.auth import server_tokens
+
+    if args.host in LOOPBACK or server_tokens(args.auth_token, args.auth_token_file) is not None:
+        return
+    if args.insecure_no_auth:
+        log.warning(
+            "serving %s with auth off (--insecure-no-auth): anyone who reaches the gateway may "
+            "generate as any tenant and read any session", args.host,
+        )  # fmt: skip
+        return
+    raise ValueError(
+        f"--host {args.host} serves the network but auth is off, so anyone who reaches it could "
+        "generate as any tenant and read any session; give --auth-token-file FILE (or env "
+        "KVPOOL_AUTH_TOKEN), or pass --insecure-no-auth to serve it without auth anyway"
+    )
+
+
 def check_namespace_secret_given(args: argparse.Namespace) -> None:
     """A stand-alone gateway that serves tenants refuses to start without a namespace secret.
 
@@ -231,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.store:
         raise ValueError("--store HOST:PORT is required (or set KVPOOL_STORE)")
     check_args(args)
+    check_exposure(args)
     check_namespace_secret_given(args)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -270,6 +270,12 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
         "--sink-tokens", "gateway.sink_tokens", "first tokens a bounded cache always keeps", int
     ),
     SettingFlag("--metrics-port", "metrics_port", "Prometheus /metrics port (0: off)", int),
+    SettingFlag(
+        "--metrics-host",
+        "metrics_host",
+        "address /metrics listens on, apart from --host: its series name tenants, so keep it "
+        "off the clients' network (0.0.0.0 in containers, behind a NetworkPolicy)",
+    ),
     SettingFlag("--grace", "grace_s", "seconds in-flight streams get on shutdown", float),
 )
 

@@ -115,7 +115,9 @@ class GatewayServer:
             from prometheus_client import start_http_server
 
             self._metrics_server, _ = start_http_server(
-                self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
+                self.settings.metrics_port,
+                addr=self.settings.metrics_host,
+                registry=self.metrics.registry,
             )
         return port
 

@@ -125,6 +125,9 @@ class GatewaySettings:
     session_ttl_s: int = 24 * 3600
     store_timeout_s: float = 5.0
     metrics_port: int = 0  # 0: no /metrics endpoint
+    # Where /metrics listens: its series name tenants, so loopback unless told (Prometheus on
+    # another host: give its network's address, and keep the port off the public network).
+    metrics_host: str = "127.0.0.1"
     # The OpenAI-compatible HTTP API (services/gateway/http): None: off; 0: a free port.
     http_port: int | None = None
     # Threads stepping the core (each front has its own): a generation holds one while it

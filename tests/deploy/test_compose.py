@@ -35,6 +35,7 @@ ENV = {
     "RAY_AUTH_TOKEN": "test-ray-token",
     "STORE_AUTH_TOKEN": "test-store-token",
     "NAMESPACE_SECRET": "test-namespace-secret",
+    "GATEWAY_AUTH_TOKEN": "test-gateway-token-0123456789",
 }
 # What docs/deploy.md tells .env to hold for the cluster profile.
 CLUSTER_URL = "redis+cluster://redis-cluster-0:7000,redis-cluster-1:7000,redis-cluster-2:7000"
@@ -336,3 +337,29 @@ def test_the_gateway_publishes_the_openai_http_api(gpu):
     gateway = kvpool_command(head, ("gateway", "serve"))
     assert option(gateway, "--http-port") == "8000"
     assert "8000" in published_ports(head)
+
+
+def test_every_container_is_hardened_and_bounded(gpu, cpu):
+    """Issue 23: compose services had no memory or CPU limits, cap_drop, no-new-privileges or
+    read_only."""
+    for model in (gpu, cpu):
+        for name, svc in services(model).items():
+            assert svc.get("read_only") is True, name
+            assert svc.get("cap_drop") == ["ALL"], name
+            assert "no-new-privileges:true" in svc.get("security_opt", []), name
+            if name != "redis-cluster-init":  # a one-shot that exits at once
+                assert svc.get("mem_limit") and svc.get("cpus"), name
+            if name.startswith("ray-") or name == "store":
+                assert {"/tmp", "/home/kvpool"} <= set(svc.get("tmpfs", [])), name
+
+
+def test_the_gateway_requires_a_token_and_keeps_metrics_apart(gpu):
+    """Issue 23: with auth off the gateway served anyone who reached it."""
+    head = services(gpu)["ray-head"]
+    assert head["environment"]["KVPOOL_AUTH_TOKEN"] == ENV["GATEWAY_AUTH_TOKEN"]
+    raw = load(BASE)["services"]["ray-head"]["environment"]["KVPOOL_AUTH_TOKEN"]
+    assert raw.startswith("${GATEWAY_AUTH_TOKEN:?")
+    gateway = kvpool_command(head, ("gateway", "serve"))
+    assert "--insecure-no-auth" not in gateway
+    assert option(gateway, "--metrics-host") == "0.0.0.0"  # published on the host's loopback
+    assert "127.0.0.1:9090:9090" in head["ports"]

@@ -672,3 +672,12 @@ def test_an_existing_secret_without_the_namespace_secret_key_is_refused():
     for values in ({}, SECURED):  # never optional: a pod without it does not start
         head = {e["name"]: e for e in head_container(render(values))["env"]}
         assert "optional" not in head["KVPOOL_NAMESPACE_SECRET"]["valueFrom"]["secretKeyRef"]
+
+
+def test_the_gateway_serves_without_auth_only_when_the_values_say_so():
+    """Issue 23: the gateway refuses --host 0.0.0.0 with auth off unless --insecure-no-auth."""
+    assert "--insecure-no-auth" not in gateway_command(render({}))
+    assert "--insecure-no-auth" in gateway_command(render({"auth": {"enabled": False}}))
+    tenants = {"auth": {"enabled": False, "tenantTokens": {"existingSecret": "tenants"}}}
+    assert "--insecure-no-auth" not in gateway_command(render(tenants))
+    assert "--metrics-host" in gateway_command(render({}))

@@ -233,3 +233,29 @@ def test_kvpool_serve_keeps_its_secret_in_a_private_file(tmp_path):
     path.write_bytes(b"short\n")
     with pytest.raises(ValueError, match=r"at least 16 bytes.*delete it"):
         kept_secret(tmp_path / "state")
+
+
+# --- issue 23, section 4: no anonymous gateway on the network ----------------------------------
+
+
+def test_serving_the_network_with_auth_off_is_refused_unless_asked_for(capsys, no_secret_env):
+    """The gateway bound 0.0.0.0 with auth off and said nothing."""
+    from kvpool.cli import main
+    from services.gateway.cli import check_exposure
+
+    for command in (["gateway", "serve", "--store", "127.0.0.1:1"], ["serve"]):
+        assert main([*command, "--host", "0.0.0.0"]) == 2
+        err = capsys.readouterr().err
+        assert "--host 0.0.0.0 serves the network but auth is off" in err
+        assert "--insecure-no-auth" in err and "Traceback" not in err
+    check_exposure(parse("--host", "127.0.0.1"))  # loopback: fine
+    check_exposure(parse("--host", "0.0.0.0", "--auth-token", "a-long-enough-token-0123"))
+    check_exposure(parse("--host", "0.0.0.0", "--insecure-no-auth"))  # asked for: a warning
+
+
+def test_metrics_listen_on_loopback_unless_told(no_secret_env):
+    """/metrics named tenants to anyone who reached --host."""
+    settings = gateway_settings(parse("--host", "0.0.0.0", "--metrics-port", "9"), "s:1", 0.0)
+    assert (settings.host, settings.metrics_host) == ("0.0.0.0", "127.0.0.1")
+    told = gateway_settings(parse("--metrics-host", "10.0.0.7"), "s:1", 0.0)
+    assert told.metrics_host == "10.0.0.7"
