@@ -79,6 +79,14 @@ class CallerLimits:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
 
+    def server_options(self) -> list[tuple[str, int]]:
+        """A connection that has not finished its HTTP/2 handshake within `request_timeout_s` is
+        closed too (gRPC's own default waits 120 s): an open socket that sends nothing is an
+        idle call without a call."""
+        if not self.request_timeout_s:
+            return []
+        return [("grpc.server_handshake_timeout_ms", int(self.request_timeout_s * 1000))]
+
 
 def peer_host(peer: str) -> str:
     """`ipv4:10.0.0.7:51234` -> `10.0.0.7`, `ipv6:[::1]:5000` -> `::1`: a caller is a host."""
@@ -441,6 +449,7 @@ class AioGrpcServer:
                 *message_options(self._max_message_bytes),
                 ("grpc.so_reuseport", int(self._reuse_port)),
                 *self._limits.server_options(),
+                *self._callers.server_options(),
             ],
         )
         self._server = server

@@ -4,6 +4,7 @@
 The gateway's front here has the defaults a newcomer gets, with a token file of two tenants.
 """
 
+import socket
 import threading
 import time
 
@@ -175,3 +176,15 @@ def test_a_stream_never_read_is_cancelled_after_its_timeout_and_its_worker_freed
         channel.close()
     with InferenceClient(target, timeout_s=60, auth_token=ALICE) as alice:
         assert alice.generate(prompt="next", max_new_tokens=2).usage["completion_tokens"] == 2
+
+
+def test_a_connection_that_never_finishes_its_handshake_is_closed(front):
+    """A socket opened to the gRPC port that sends nothing was kept for gRPC's 120 s handshake
+    limit: idle calls without a call."""
+    target, _ = front(request_timeout_s=1.0)
+    host, port = target.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        started = time.monotonic()
+        while sock.recv(4096):  # the server's settings, then its GOAWAY, then the close
+            pass
+    assert time.monotonic() - started < 5
