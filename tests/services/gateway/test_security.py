@@ -295,3 +295,26 @@ def test_a_lower_case_bearer_scheme_is_accepted(front):
             )
         )
     assert replies[-1].usage.completion_tokens == 1
+
+
+def test_reflection_needs_a_token_and_health_does_not(front):
+    """Held up in issue 23's probe, kept on the grpc.aio server: reflection is behind auth (it
+    would tell a stranger every method), health is open (probes send no token)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    target, _ = front(auth=parse_token_file(TOKENS))
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+    with grpc.insecure_channel(target) as channel:
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            list(reflect.ServerReflectionInfo(iter([ask]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        [reply] = reflect.ServerReflectionInfo(
+            iter([ask]), timeout=10, metadata=(("authorization", f"Bearer {ACME}"),)
+        )
+        names = {s.name for s in reply.list_services_response.service}
+        assert "kvpool.v1.Inference" in names
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
