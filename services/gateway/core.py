@@ -44,7 +44,11 @@ class InferenceCore:
         sessions: SessionStore,
         metrics: GatewayMetrics,
         config: GatewayConfig | None = None,
+        *,
+        tenants: int = 1,
     ) -> None:
+        """`tenants`: how many tenants the gateway serves (its token file's); with more than
+        one, each gets a default share of the workers (services.gateway.shares)."""
         self.pool = pool
         self.sessions = sessions
         self.metrics = metrics
@@ -57,6 +61,7 @@ class InferenceCore:
             lambda: len(router.workers()) * router.config.max_in_flight,
             self.config.max_requests_per_tenant,
             router.config.queue_timeout_s,
+            reserve=tenants > 1,
         )
 
     # --- Generate ----------------------------------------------------------------------------

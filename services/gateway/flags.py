@@ -229,8 +229,8 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
         "--max-requests-per-tenant",
         "gateway.max_requests_per_tenant",
         "requests one tenant may run on workers or queue for one at once; more wait behind "
-        "its own, then get RESOURCE_EXHAUSTED (0: the pool's slots less a quarter, so another "
-        "tenant always finds one)",
+        "its own, then get RESOURCE_EXHAUSTED (0: with a token file of several tenants, the "
+        "pool's slots less a quarter, so another always finds one; else no limit)",
         int,
     ),
     SettingFlag(

@@ -69,6 +69,7 @@ class GatewayServer:
             ),
             self.metrics,
             settings.gateway,
+            tenants=served_tenants(settings),
         )
         # One count of open calls per tenant for both fronts: a tenant's gRPC and HTTP calls
         # share its quota (--max-calls-per-tenant).
@@ -146,6 +147,12 @@ class GatewayServer:
 
     def _serving(self) -> bool:
         return not self._stopped
+
+
+def served_tenants(settings: GatewaySettings) -> int:
+    """How many tenants the token file names (the default tenant counts); 1 with auth off, where
+    tenants are whatever requests name."""
+    return 1 if settings.auth is None else len(set(settings.auth.tenants.values()))
 
 
 def caller_quota(settings: GatewaySettings) -> CallerQuota:

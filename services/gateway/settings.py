@@ -78,8 +78,8 @@ class GatewayConfig:
     max_stop_strings: int = 16
     max_stop_chars: int = 256
     # Requests one tenant may run on workers (or wait for one in the router's queue) at once;
-    # 0: the pool's slots less a quarter (services.gateway.shares), so another tenant always
-    # finds one.
+    # 0: with a token file of several tenants, the pool's slots less a quarter
+    # (services.gateway.shares), so another tenant always finds one; else no limit.
     max_requests_per_tenant: int = 0
     max_sessions: int = 0  # live sessions this gateway has opened and not seen expire
     max_sessions_per_tenant: int = 0  # of those, one tenant's (0: only max_sessions)

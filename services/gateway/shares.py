@@ -7,9 +7,12 @@ hold at most `limit` slots, counting its requests at workers and its requests in
 queue; beyond that its requests wait here, behind its own, for at most the queue timeout, then
 get RESOURCE_EXHAUSTED naming the limit.
 
-The limit is `--max-requests-per-tenant`, or by default the pool's slots less a quarter of them
-(at least one), so a tenant alone runs nearly the whole pool and another tenant always finds a
-free slot: with two workers of eight slots, 12 and 4.
+The limit is `--max-requests-per-tenant`, or by default, when the gateway serves more than one
+tenant (a token file naming them), the pool's slots less a quarter of them (at least one), so a
+tenant runs nearly the whole pool and another tenant always finds a free slot: with two workers
+of eight slots, 12 and 4. A gateway of one tenant, or with auth off (where every request names
+its own tenant, and a share could be escaped by naming another), has no default share: its
+batches fill as before.
 """
 
 import threading
@@ -32,7 +35,12 @@ class TenantShares:
     """Slots held per tenant, with a cap per tenant; thread-safe."""
 
     def __init__(
-        self, slots: Callable[[], int], per_tenant: int = 0, timeout_s: float = 60.0
+        self,
+        slots: Callable[[], int],
+        per_tenant: int = 0,
+        timeout_s: float = 60.0,
+        *,
+        reserve: bool = True,
     ) -> None:
         if per_tenant < 0 or timeout_s < 0:
             raise ValueError(
@@ -40,6 +48,7 @@ class TenantShares:
             )
         self._slots = slots
         self._per_tenant = per_tenant
+        self._reserve = reserve  # apply default_limit when no per_tenant is given
         self._timeout_s = timeout_s
         self._held: dict[str, int] = {}  # tenant -> slots held; absent at 0
         self._lock = threading.Condition()
@@ -47,7 +56,9 @@ class TenantShares:
     @property
     def limit(self) -> int:
         """The slots one tenant may hold now (0: no limit)."""
-        return self._per_tenant or default_limit(self._slots())
+        if self._per_tenant:
+            return self._per_tenant
+        return default_limit(self._slots()) if self._reserve else 0
 
     def held(self, tenant: str) -> int:
         with self._lock:

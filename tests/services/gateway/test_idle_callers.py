@@ -17,7 +17,7 @@ from services.auth import parse_token_file
 from services.gateway.client import InferenceClient, build_request
 from services.gateway.core import InferenceCore
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.server import GatewaySettings, inference_server
+from services.gateway.server import GatewaySettings, inference_server, served_tenants
 from services.gateway.settings import GatewayConfig
 from tests.services.gateway.support import wait_for
 
@@ -44,7 +44,9 @@ def front(stack):
             store_target="unused", port=0, grace_s=1, auth=parse_token_file(TOKENS), **settings
         )
         metrics = GatewayMetrics()
-        core = InferenceCore(stack.pool, stack.core.sessions, metrics, gateway)
+        core = InferenceCore(
+            stack.pool, stack.core.sessions, metrics, gateway, tenants=served_tenants(config)
+        )
         server = inference_server(config, core, metrics)
         server.start()
         started.append(server)
