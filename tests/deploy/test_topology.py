@@ -188,6 +188,8 @@ def topology(tmp_path: Path) -> Iterator[dict[str, Any]]:
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
         "RAY_USAGE_STATS_ENABLED": "0",
         "PYTHONUNBUFFERED": "1",
+        # One secret for every gateway of the deployment, as compose and the chart give them.
+        "KVPOOL_NAMESPACE_SECRET": secrets.token_hex(32),
     }
     if "KVPOOL_CACHE_DIR" in os.environ:
         env["KVPOOL_CACHE_DIR"] = os.environ["KVPOOL_CACHE_DIR"]

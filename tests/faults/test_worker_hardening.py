@@ -47,6 +47,18 @@ def router_config(stack, **changes):
         router.config = original
 
 
+@contextlib.contextmanager
+def calls_per_caller(stack, limit: int):
+    """This one client may hold `limit` calls (--max-calls-per-tenant) for the block."""
+    quota = stack.gateway.quota
+    original = quota.per_caller
+    quota.per_caller = limit
+    try:
+        yield
+    finally:
+        quota.per_caller = original
+
+
 def counts(stack) -> tuple[float, int, int]:
     """(failovers, worker deaths, replacements) so far."""
     failovers = stack.gateway.metrics.failovers._value.get()
@@ -133,6 +145,7 @@ def test_three_times_a_workers_capacity_of_streams_completes_with_no_worker_lost
     with (
         gateway_config(stack, token_timeout_s=3.0),
         router_config(stack, max_queued=n, queue_timeout_s=600),
+        calls_per_caller(stack, n),  # one client plays the crowd: above its own default cap
         InferenceClient(stack.gateway.target, timeout_s=600) as client,
     ):
         prompts = [f"stream {i} of the crowd" for i in range(n)]
