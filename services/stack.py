@@ -36,6 +36,15 @@ from services.store.processes import StoreSupervisor
 from services.store.server import StoreConfig, StoreServer
 from workers.api import ActorResources, WorkerConfig
 
+# Ray waits 30 s for a new cluster's GCS to publish its port, and gives up: on a loaded machine
+# (a CI box with every core busy) starting it took longer. An operator's own value wins.
+RAY_START_WAIT_S = "120"
+
+
+def patient_ray_start() -> None:
+    """Give a local Ray cluster that this process starts time to come up on a busy machine."""
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", RAY_START_WAIT_S)
+
 
 class Stack:
     """A store (optional: it may run elsewhere), Ray and the gateway, closed in reverse order."""
@@ -85,6 +94,7 @@ class Stack:
         import ray
 
         slots = max(1, math.ceil(workers * worker_cpus))
+        patient_ray_start()
         if private:
             ray_dir = tempfile.mkdtemp(prefix="kvpool-ray-")
             self._undo.callback(shutil.rmtree, ray_dir, ignore_errors=True)

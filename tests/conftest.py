@@ -12,8 +12,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from services.stack import patient_ray_start
 from tests.support.redis import RedisProcess, require_redis_server
 from tests.support.redis import free_port as _free_port
+
+# Every Ray cluster a test starts (in this process or a child, which inherits the environment)
+# waits long enough for its GCS on a loaded CI machine.
+patient_ray_start()
 
 
 @pytest.fixture

@@ -132,6 +132,7 @@ def measure(args: argparse.Namespace, lengths: list[int], rates: list[float]) ->
     from kvpool.bench.link import bring_up_loopback, in_private_namespace, shape_port
     from kvpool.bench.report import environment
     from kvpool.commands.demo import load_corpus
+    from services.stack import patient_ray_start
     from services.store.server import StoreConfig, StoreServer
     from workers.api import PromptInput, SamplingParams, WorkerConfig, WorkRequest
     from workers.node_tier import start_node_tiers, stop_node_tiers
@@ -146,6 +147,7 @@ def measure(args: argparse.Namespace, lengths: list[int], rates: list[float]) ->
     if shaped:
         shape_port(store.port, None)
     ray_dir = tempfile.mkdtemp(prefix="kvpool-ray-")
+    patient_ray_start()
     ray.init(
         num_cpus=2,
         include_dashboard=False,

@@ -38,17 +38,20 @@ def parse_processes(text: str) -> list[int]:
     return counts
 
 
-def _wait_serving(metrics_port: int, timeout_s: float = 120.0) -> None:
-    """The parent serves /metrics only once every store process listens."""
+def _wait_serving(metrics_port: int, processes: int, timeout_s: float = 120.0) -> None:
+    """Until the parent's /metrics says every store process listens."""
     deadline = time.monotonic() + timeout_s
+    want = f"kvpool_store_processes {float(processes)}"
     while True:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2).read()
-            return
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            if want in urllib.request.urlopen(url, timeout=2).read().decode().splitlines():
+                return
         except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError("kvpool store serve did not start its processes") from None
-            time.sleep(0.2)
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("kvpool store serve did not start its processes") from None
+        time.sleep(0.2)
 
 
 def _measure(raw: Any, cluster: bool, client: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -147,7 +150,7 @@ def run_scaling(args: argparse.Namespace) -> dict[str, Any]:
                         server.url, processes=processes, metrics_port=metrics_port
                     )
                     try:
-                        _wait_serving(metrics_port)
+                        _wait_serving(metrics_port, processes)
                         with StoreClient(target, timeout_s=60) as client:
                             row = {"backend": name, "processes": processes}
                             row |= _measure(raw, cluster, client, args)

@@ -106,12 +106,7 @@ class GatewayServer:
         self.metrics.watch_workers(
             self.worker_stats, lambda: len(self.pool.live()), lambda: self.pool.deaths
         )
-        port = self._grpc.start()
-        if self.settings.http_port is not None:
-            self._http = http_server(
-                self.settings, self.core, info.model, self._serving, self.quota
-            )
-            self._http.start()
+        # /metrics first, gRPC last: once health says SERVING, every port answers.
         if self.settings.metrics_port:
             from prometheus_client import start_http_server
 
@@ -120,7 +115,16 @@ class GatewayServer:
                 addr=self.settings.metrics_host,
                 registry=self.metrics.registry,
             )
-        return port
+        if self.settings.http_port is not None:
+            self._http = http_server(
+                self.settings, self.core, info.model, self._serving, self.quota
+            )
+            self._http.start()
+        try:
+            return self._grpc.start()
+        except BaseException:
+            self.stop(grace_s=0)
+            raise
 
     def worker_stats(self, timeout_s: float = 2.0) -> list[WorkerStats]:
         """Each live worker's stats; workers that do not answer in time are left out."""
@@ -141,6 +145,7 @@ class GatewayServer:
         self.store.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+            self._metrics_server.server_close()
 
     def wait(self, timeout_s: float | None = None) -> bool:
         return self._grpc.wait(timeout_s)

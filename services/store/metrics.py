@@ -103,6 +103,7 @@ class StoreMetrics:
 
     def __init__(self, backend: StorageBackend | None = None) -> None:
         self.registry = CollectorRegistry()
+        self.listening = 0  # 1 while this process's gRPC server serves
         r = self.registry
         self.requests = Counter(
             "kvpool_store_requests", "finished calls", ["method", "code"], registry=r
@@ -168,6 +169,13 @@ class StoreMetrics:
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Expose /metrics on `port` (0 picks a free one); returns the bound port."""
+        # The same gauge as the parent of `--processes N` serves: how many store processes
+        # listen (here 0 until gRPC serves, then 1), so a waiter reads one figure either way.
+        Gauge(
+            "kvpool_store_processes",
+            "Store processes that listen on the port now",
+            registry=self.registry,
+        ).set_function(lambda: self.listening)
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         self._http = server
         self.port = server.server_port
@@ -176,6 +184,10 @@ class StoreMetrics:
     def close(self) -> None:
         if self._backend is not None:
             self._backend.close()
+        self.close_http()
+
+    def close_http(self) -> None:
+        """Stop serving /metrics (if it was served)."""
         if self._http is not None:
             self._http.shutdown()  # type: ignore[attr-defined]
             self._http.server_close()  # type: ignore[attr-defined]

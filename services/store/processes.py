@@ -230,9 +230,12 @@ class StoreSupervisor:
         self.config = replace(self.config, port=self.port)
         self._metrics_dir = tempfile.mkdtemp(prefix="kvpool-store-metrics-")
         try:
+            # /metrics first: it must answer once the first child's health says SERVING, and
+            # must not wait on the backend (a hung Redis would hold it). Its
+            # kvpool_store_processes gauge says how many children listen.
+            self._start_metrics()
             for index in range(self.processes):
                 self._children.append(self._spawn(index))
-            self._start_metrics()
         except BaseException:
             self.stop(grace_s=0)
             raise
@@ -276,7 +279,7 @@ class StoreSupervisor:
         return _Child(index, process, time.monotonic())
 
     def _start_metrics(self) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
         from prometheus_client.multiprocess import MultiProcessCollector
 
         from services.store.backends import open_backend
@@ -292,6 +295,11 @@ class StoreSupervisor:
             redis_password=self.config.redis_password,
         )
         self.registry.register(_BackendCollector(self._backend))
+        Gauge(
+            "kvpool_store_processes",
+            "Store processes that listen on the port now (the parent's children)",
+            registry=self.registry,
+        ).set_function(lambda: len(self.pids()))
         if self.config.metrics_port:
             server, _thread = start_http_server(
                 self.config.metrics_port, addr=self.config.host, registry=self.registry

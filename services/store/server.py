@@ -76,9 +76,16 @@ class StoreServer:
             # Redis may come up after the store (compose, Kubernetes); calls answer UNAVAILABLE
             # until it does, and the pool connects on its own then.
             log.warning("backend not reachable yet: %s", exc)
-        port = self._grpc.start()
+        # /metrics is bound before gRPC serves: a caller that waits for health SERVING (a
+        # readiness probe, a test) may scrape at once.
         if self.config.metrics_port:
             self.metrics.serve(self.config.metrics_port, self.config.host)
+        try:
+            port = self._grpc.start()
+        except BaseException:
+            self.metrics.close_http()
+            raise
+        self.metrics.listening = 1
         log.info("KVStore on %s:%d, backend %s", self.config.host, port, self.backend_name)
         return port
 
@@ -88,6 +95,7 @@ class StoreServer:
 
     def stop(self, grace_s: float | None = None) -> None:
         """Graceful stop: NOT_SERVING, refuse new calls, finish in-flight ones, close."""
+        self.metrics.listening = 0
         self._grpc.stop(self.config.grace_s if grace_s is None else grace_s)
         self._servicer.close()
         self.metrics.close()

@@ -68,6 +68,29 @@ def test_two_processes_on_one_port_both_serve_with_one_metrics(redis_server, fre
     assert _metric(text, "kvpool_store_backend_keys") == 24
 
 
+def test_metrics_answer_before_the_first_child_serves(redis_server, free_port, monkeypatch):
+    """Issue 23's CI flake: a caller that waited for the first child's health to say SERVING
+    and then scraped found /metrics refusing connections, bound only after every child (and,
+    with Redis hung, not at all). Now it is bound first and counts the listening children."""
+    config = StoreConfig(backend=redis_server, port=0, grace_s=1, metrics_port=free_port())
+    supervisor = StoreSupervisor(config, 2)
+    scraped = []
+    spawn = supervisor._spawn
+
+    def spawn_after_a_scrape(index: int):
+        url = f"http://127.0.0.1:{config.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            scraped.append(_metric(response.read().decode(), "kvpool_store_processes "))
+        return spawn(index)
+
+    monkeypatch.setattr(supervisor, "_spawn", spawn_after_a_scrape)
+    with supervisor:
+        url = f"http://127.0.0.1:{supervisor.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    assert scraped == [0, 1]  # answering before each child, counting those that listen
+    assert _metric(text, "kvpool_store_processes ") == 2
+
+
 def test_a_killed_child_is_replaced_and_the_port_keeps_serving(redis_server):
     config = StoreConfig(backend=redis_server, port=0, grace_s=1)
     with StoreSupervisor(config, 2) as supervisor:

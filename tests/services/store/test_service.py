@@ -1,6 +1,7 @@
 """The KVStore end to end: a real gRPC server on loopback, over a real redis-server."""
 
 import os
+import socket
 import threading
 import time
 import urllib.request
@@ -239,6 +240,47 @@ def test_bearer_token(serve):
     with StoreClient(server.target, auth_token="t0ken") as client:
         assert client.put_many([(key(1), b"v")]) == 1
     assert _health(server.target, "") == health_pb2.HealthCheckResponse.SERVING  # no token
+
+
+def test_metrics_answer_before_grpc_serves(redis_server, free_port, monkeypatch):
+    """Issue 23: a caller that waits for health SERVING and then scrapes (a test, a readiness
+    probe) found /metrics refusing the connection on a loaded machine, because it was bound
+    after gRPC. Now it is bound first."""
+    server = StoreServer(StoreConfig(port=0, grace_s=1, backend=redis_server,
+                                     metrics_port=free_port()))  # fmt: skip
+    scraped_at_grpc_start = []
+    grpc_start = server._grpc.start
+
+    def start_grpc() -> int:
+        url = f"http://127.0.0.1:{server.config.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                scraped_at_grpc_start.append(response.status)
+        except OSError as exc:
+            scraped_at_grpc_start.append(repr(exc))
+        return grpc_start()
+
+    monkeypatch.setattr(server._grpc, "start", start_grpc)
+    server.start()
+    try:
+        assert scraped_at_grpc_start == [200]
+        url = f"http://127.0.0.1:{server.metrics.port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        assert "kvpool_store_processes 1.0" in text  # what a waiter reads, as with --processes
+    finally:
+        server.stop(0)
+
+
+def test_a_store_that_cannot_bind_grpc_leaves_no_metrics_port(redis_server, free_port):
+    with StoreServer(StoreConfig(port=0, grace_s=1, backend=redis_server)) as taken:
+        metrics_port = free_port()
+        server = StoreServer(StoreConfig(port=taken.port, grace_s=1, backend=redis_server,
+                                         metrics_port=metrics_port))  # fmt: skip
+        with pytest.raises(Unavailable, match="cannot listen"):
+            server.start()
+        server.stop(0)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", metrics_port))  # free again
 
 
 def test_prometheus_metrics(serve, redis_server, free_port):
