@@ -15,9 +15,16 @@ forced fetch) and then with "auto", each with an empty L1. Before them, each wor
 link with small forced fetches and its prefill rate from a miss of its own, as a worker in
 service would from the requests it has served. TTFT is the worker's: receipt to first token,
 the fetch included. Rows: {link_mbps, prompt_tokens, tier, miss_ms, fetch_ms, auto_ms, plan,
-recomputed_tokens} (medians of --repeats runs; the miss is the median of the three workers'
-misses); plus node_tier_gbps, store_gbps and memcpy_gbps measured in the same run,
-and the break-even link rate per codec for --prefill-tokens-per-s.
+recomputed_tokens, rate_factor} (medians of --repeats runs; the miss is the median of the three
+workers' misses); plus node_tier_gbps, store_gbps and memcpy_gbps measured in the same run.
+
+The link rates: unless --link-mbps names them, each prompt length gets its own, around the
+break-even that this machine has just measured. The miss gives the prefill time of the length;
+the break-even is the rate at which the codec's blocks of the cached prefix cross the link in that
+time (`derived` in the JSON); the link is then shaped at --rate-factors times it (0.25x to 4x by
+default) and left unshaped, so every run has rows on both sides of the crossover, whatever the
+machine. The break-even table per codec uses the measured prefill rate, or
+--prefill-tokens-per-s when given (e.g. another machine's).
 """
 
 import argparse
@@ -32,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096)
-DEFAULT_RATES = (0.0, 200.0, 50.0)  # Mbit/s; 0 is unshaped loopback
-GPU_PREFILL_TOKENS_PER_S = 29_000.0  # Llama-3-8B shape on one H200 (DESIGN.md)
+DEFAULT_RATE_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # times the measured break-even
+MIN_LINK_MBPS = 0.1  # tc takes rates in kbit/s; below this a derived rate is raised to it
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -52,14 +59,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--link-mbps",
-        default=",".join(f"{r:g}" for r in DEFAULT_RATES),
-        help="comma-separated store link rates in Mbit/s, 0 for unshaped (default: 0,200,50)",
+        default="",
+        help="comma-separated store link rates in Mbit/s, 0 for unshaped (default: unshaped and "
+        "--rate-factors times the break-even measured for each length)",
+    )
+    parser.add_argument(
+        "--rate-factors",
+        default=",".join(f"{f:g}" for f in DEFAULT_RATE_FACTORS),
+        help="multiples of the measured break-even to shape the link at, when --link-mbps is not "
+        "given (default: 0.25,0.5,1,2,4)",
     )
     parser.add_argument(
         "--prefill-tokens-per-s",
         type=float,
-        default=GPU_PREFILL_TOKENS_PER_S,
-        help="prefill rate for the break-even table (default: 29000, Llama-3-8B on an H200)",
+        default=None,
+        help="prefill rate for the break-even table per codec (default: the one measured here, "
+        "at the longest length; e.g. 29000 for Llama-3-8B on one H200)",
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="fetch and auto runs per cell, medians (3)"
@@ -79,23 +94,30 @@ def _parse(text: str, what: str, minimum: float) -> list[float]:
 
 def run(args: argparse.Namespace) -> int:
     lengths = [int(n) for n in _parse(args.lengths, "--lengths", 2)]
-    rates = _parse(args.link_mbps, "--link-mbps", 0)
-    if args.prefill_tokens_per_s <= 0:
+    rates = _parse(args.link_mbps, "--link-mbps", 0) if args.link_mbps else None
+    factors = _parse(args.rate_factors, "--rate-factors", 0)
+    if 0 in factors:
+        raise ValueError(f"--rate-factors takes numbers > 0, got {args.rate_factors!r}")
+    if args.prefill_tokens_per_s is not None and args.prefill_tokens_per_s <= 0:
         raise ValueError("--prefill-tokens-per-s must be > 0")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     from kvpool.bench.link import in_private_namespace, unavailable
 
-    if any(rates) and not in_private_namespace():
+    if (rates is None or any(rates)) and not in_private_namespace():
         reason = unavailable()
         if reason is not None:
-            raise ValueError(f"--link-mbps needs a private network namespace: {reason}")
+            what = "--link-mbps" if rates else "shaping the link around the break-even"
+            raise ValueError(
+                f"{what} needs a private network namespace: {reason}; "
+                "--link-mbps 0 measures the unshaped link only"
+            )
         # Re-run this very command in a namespace of its own, where shaping touches nothing else.
         env = {**os.environ, "KVPOOL_PARENT_NETNS": str(os.stat("/proc/self/ns/net").st_ino)}
         argv = ["unshare", "-n", "--", sys.executable, "-m", "kvpool.cli", *_argv(args)]
         return subprocess_run(argv, env)
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    result = measure(args, lengths, rates)
+    result = measure(args, lengths, rates, factors)
     from kvpool.bench.report import write_json
 
     write_json(args.json, result)
@@ -109,8 +131,9 @@ def _argv(args: argparse.Namespace) -> list[str]:
     argv = ["bench", "hitpath", "--json", str(args.json), "--plot", str(args.plot)]
     argv += ["--model", args.model, "--codec", args.codec, "--block-tokens", str(args.block_tokens)]
     argv += ["--lengths", args.lengths, "--link-mbps", args.link_mbps]
-    argv += ["--prefill-tokens-per-s", str(args.prefill_tokens_per_s)]
-    argv += ["--repeats", str(args.repeats)]
+    argv += ["--rate-factors", args.rate_factors, "--repeats", str(args.repeats)]
+    if args.prefill_tokens_per_s is not None:
+        argv += ["--prefill-tokens-per-s", str(args.prefill_tokens_per_s)]
     if args.device:
         argv += ["--device", args.device]
     if args.document:
@@ -124,7 +147,16 @@ def subprocess_run(argv: list[str], env: dict[str, str]) -> int:
     return subprocess.run(argv, env=env).returncode
 
 
-def measure(args: argparse.Namespace, lengths: list[int], rates: list[float]) -> dict[str, Any]:
+def link_rates(kv_bytes: float, miss_s: float, factors: list[float]) -> tuple[float, list[float]]:
+    """(break-even Mbit/s, the rates to shape at: unshaped first) for a prefix of `kv_bytes`
+    that the model prefills in `miss_s`."""
+    break_even = kv_bytes * 8 / miss_s / 1e6
+    return break_even, [0.0] + [max(MIN_LINK_MBPS, round(f * break_even, 1)) for f in factors]
+
+
+def measure(
+    args: argparse.Namespace, lengths: list[int], rates: list[float] | None, factors: list[float]
+) -> dict[str, Any]:
     from dataclasses import replace
 
     import ray
@@ -135,6 +167,7 @@ def measure(args: argparse.Namespace, lengths: list[int], rates: list[float]) ->
     from services.stack import patient_ray_start
     from services.store.server import StoreConfig, StoreServer
     from workers.api import PromptInput, SamplingParams, WorkerConfig, WorkRequest
+    from workers.kv.block import encoded_bytes_per_token
     from workers.node_tier import start_node_tiers, stop_node_tiers
     from workers.worker import KVWorker
 
@@ -192,7 +225,8 @@ def measure(args: argparse.Namespace, lengths: list[int], rates: list[float]) ->
         print(figures, flush=True)
         probe = prompt(args.block_tokens + 1)  # one block: teaches a worker the link
         ttft(a, probe, read_cache=False)
-        rows = []
+        per_token = encoded_bytes_per_token(args.codec, a.loaded.geometry, args.block_tokens)
+        rows, derived = [], []
         for length in lengths:
             ids = prompt(length)
             misses = [ttft(a, ids, read_cache=False).ttft_ms]
@@ -201,7 +235,27 @@ def measure(args: argparse.Namespace, lengths: list[int], rates: list[float]) ->
                 w.forget_local()
             miss_ms = statistics.median(misses)
             a.flush(600)
-            for rate in rates:
+            cached = (length - 1) // args.block_tokens * args.block_tokens
+            break_even, around = link_rates(per_token * cached, miss_ms / 1000, factors)
+            length_rates = around if rates is None else rates
+            derived.append(
+                {
+                    "prompt_tokens": length,
+                    "cached_tokens": cached,
+                    "miss_ms": round(miss_ms, 1),
+                    "prefill_tokens_per_s": round(length / (miss_ms / 1000), 1),
+                    "kv_bytes": round(per_token * cached),
+                    "break_even_mbit_s": round(break_even, 2),
+                    "link_mbps": length_rates,
+                }
+            )
+            print(
+                f"{length} tokens: miss {miss_ms:.0f} ms, {args.codec} KV of the {cached} cached "
+                f"tokens {per_token * cached / 1e6:.2f} MB -> break-even {break_even:.1f} Mbit/s; "
+                f"link at {', '.join(f'{r:g}' if r else 'unshaped' for r in length_rates)}",
+                flush=True,
+            )
+            for rate in length_rates:
                 if shaped:
                     shape_port(store.port, rate or None)
                 for tier, w in (("node", b), ("store", c)):
@@ -219,6 +273,7 @@ def measure(args: argparse.Namespace, lengths: list[int], rates: list[float]) ->
                     plan = max(set(plans), key=plans.count)
                     row = {
                         "link_mbps": rate,
+                        "rate_factor": round(rate / break_even, 3) if rate else None,
                         "prompt_tokens": length,
                         "tier": tier,
                         "miss_ms": round(miss_ms, 1),
@@ -237,6 +292,8 @@ def measure(args: argparse.Namespace, lengths: list[int], rates: list[float]) ->
                             "auto": [round(u.ttft_ms, 1) for u in autos],
                         },
                     }
+                    best = min(row["miss_ms"], row["fetch_ms"])
+                    row["auto_over_best"] = round(row["auto_ms"] / best, 3)
                     rows.append(row)
                     print(row, flush=True)
             if shaped:
@@ -266,9 +323,37 @@ def measure(args: argparse.Namespace, lengths: list[int], rates: list[float]) ->
             "after": round(os.getloadavg()[0], 2),
         },
         **figures,
-        "break_even": _break_even(geometry, args.block_tokens, args.prefill_tokens_per_s),
+        "node_tier_over_memcpy": round(figures["node_tier_gbps"] / figures["memcpy_gbps"], 3),
+        "derived": derived,
+        "break_even": _break_even(
+            geometry,
+            args.block_tokens,
+            args.prefill_tokens_per_s or derived[-1]["prefill_tokens_per_s"],
+        ),
+        "auto": auto_summary(rows),
         "estimates": estimates,
         "rows": rows,
+    }
+
+
+def auto_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How `auto` did against the better of miss and forced fetch: the issue's two bars, within
+    1.05x of it on every row, and at most 0.8x of it where miss and fetch are within 1.5x of each
+    other (there the split overlaps the two)."""
+    close = [
+        r
+        for r in rows
+        if max(r["miss_ms"], r["fetch_ms"]) <= 1.5 * min(r["miss_ms"], r["fetch_ms"])
+    ]
+    worst = max((r["auto_over_best"] for r in rows), default=None)
+    worst_close = max((r["auto_over_best"] for r in close), default=None)
+    return {
+        "worst_auto_over_best": worst,
+        "rows_within_1_05": sum(r["auto_over_best"] <= 1.05 for r in rows),
+        "rows": len(rows),
+        "close_rows": len(close),
+        "worst_auto_over_best_where_close": worst_close,
+        "close_rows_within_0_8": sum(r["auto_over_best"] <= 0.8 for r in close),
     }
 
 
@@ -361,24 +446,38 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = figure(ncols=2)
     for ax, tier in zip(axes[0], tiers, strict=True):
         rows = [r for r in result["rows"] if r["tier"] == tier]
-        rates = sorted({r["link_mbps"] for r in rows}, key=lambda v: (v == 0, -v))
-        labels = ["unshaped" if r == 0 else f"{r:g} Mbit/s" for r in rates]
+        labels: list[str] = []
         for length in sorted({r["prompt_tokens"] for r in rows}):
-            cells = {r["link_mbps"]: r for r in rows if r["prompt_tokens"] == length}
-            xs = list(range(len(rates)))
-            fetch = [cells[r]["fetch_ms"] / cells[r]["miss_ms"] for r in rates]
-            auto = [cells[r]["auto_ms"] / cells[r]["miss_ms"] for r in rates]
+            # Slowest link first, unshaped last; derived rates differ per length, their factors
+            # do not, so the x axis is the position, labelled by the factor where there is one.
+            cells = sorted(
+                (r for r in rows if r["prompt_tokens"] == length),
+                key=lambda r: (r["link_mbps"] == 0, r["link_mbps"]),
+            )
+            xs = list(range(len(cells)))
+            fetch = [r["fetch_ms"] / r["miss_ms"] for r in cells]
+            auto = [r["auto_ms"] / r["miss_ms"] for r in cells]
             (line,) = ax.plot(xs, fetch, "s--", alpha=0.6, label=f"{length} fetch")
             ax.plot(xs, auto, "o-", color=line.get_color(), label=f"{length} auto")
-            for x, r in zip(xs, rates, strict=True):
-                ax.annotate(cells[r]["plan"], (x, auto[x]), textcoords="offset points",
+            for x, r in zip(xs, cells, strict=True):
+                ax.annotate(r["plan"], (x, auto[x]), textcoords="offset points",
                             xytext=(0, 6), ha="center", fontsize=7)  # fmt: skip
+            if len(cells) > len(labels):
+                labels = [_rate_label(r) for r in cells]
         ax.axhline(1.0, color="grey", lw=1)
-        ax.set_xticks(range(len(rates)), labels)
+        ax.set_xticks(range(len(labels)), labels)
         ax.set_yscale("log")
-        ax.set_xlabel("store link")
+        ax.set_xlabel("store link (x: times the measured break-even)")
         ax.set_ylabel("TTFT / miss TTFT (log; below 1 beats recomputing)")
         ax.set_title(f"hit from the {tier} tier: {result['model']}, {result['codec']}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     save_plot(path, fig)
+
+
+def _rate_label(row: dict[str, Any]) -> str:
+    if not row["link_mbps"]:
+        return "unshaped"
+    if row.get("rate_factor") is not None:
+        return f"{row['rate_factor']:.2g}x"
+    return f"{row['link_mbps']:g} Mbit/s"
