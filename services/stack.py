@@ -39,11 +39,16 @@ from workers.api import ActorResources, WorkerConfig
 # Ray waits 30 s for a new cluster's GCS to publish its port, and gives up: on a loaded machine
 # (a CI box with every core busy) starting it took longer. An operator's own value wins.
 RAY_START_WAIT_S = "120"
+# Ray starts its worker processes at nice 15; ours run the model, and beside other busy
+# processes (a loaded CI box, a node's other services) they got a few per cent of a core each.
+RAY_WORKER_NICENESS = "0"
 
 
 def patient_ray_start() -> None:
-    """Give a local Ray cluster that this process starts time to come up on a busy machine."""
+    """Settings for a local Ray cluster that this process starts: time to come up on a busy
+    machine, and worker actors (the model) at normal priority."""
     os.environ.setdefault("RAY_gcs_server_port_wait_time_s", RAY_START_WAIT_S)
+    os.environ.setdefault("RAY_worker_niceness", RAY_WORKER_NICENESS)
 
 
 class Stack:

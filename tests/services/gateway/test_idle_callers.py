@@ -108,16 +108,7 @@ def test_a_tenants_idle_and_unread_calls_do_not_starve_another_tenant(stack, fro
             next(call)  # these are running on the workers now
         idle = [idle_call(channel, MALLORY, release) for _ in range(80)]
         calls += idle
-
-        def refused() -> list:
-            return [c for c in idle if outcome(c) == grpc.StatusCode.RESOURCE_EXHAUSTED]
-
-        # Every call has reached the server (on a loaded machine that takes a while): those
-        # past mallory's quota were refused, and her share of the workers is full.
-        wait_for(
-            lambda: len(refused()) == 100 - 32 and core.shares.held("mallory") == 12,
-            30, "mallory's calls to reach the server",
-        )  # fmt: skip
+        time.sleep(1.0)  # every call has reached the server
 
         started = time.monotonic()
         with InferenceClient(target, timeout_s=60, auth_token=ALICE) as alice:
@@ -127,9 +118,10 @@ def test_a_tenants_idle_and_unread_calls_do_not_starve_another_tenant(stack, fro
         assert took < 10, f"alice waited {took:.1f} s behind mallory's calls"
 
         # Mallory's calls past her quota were refused at once, naming the limit...
-        assert len(refused()) == 100 - 32
-        assert "--max-calls-per-tenant=32" in refused()[0].details()
-        assert "mallory" in refused()[0].details()
+        refused = [c for c in idle if outcome(c) == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert len(refused) == 100 - 32
+        assert "--max-calls-per-tenant=32" in refused[0].details()
+        assert "mallory" in refused[0].details()
         # ...and her share of the workers is full: 12 of the 16 slots run her streams.
         assert core.shares.held("mallory") == core.shares.limit == 12
     finally:
