@@ -17,7 +17,7 @@ import os
 import statistics
 from pathlib import Path
 
-from kvpool.bench.store_timing import percentile, start_store, summary, timed_pair
+from kvpool.bench.store_timing import CpuMeter, percentile, start_store, summary, timed_pair
 
 SIZES = (64 << 10, 1 << 20, 4 << 20)
 
@@ -43,6 +43,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="scaling rows also on a Redis Cluster of N masters (N >= 3) started here",
     )
     parser.add_argument(
+        "--clients",
+        type=_process_counts,
+        default=[1, 2, 4],
+        help="aggregate Get rows with this many client processes at once (default 1,2,4)",
+    )
+    parser.add_argument(
         "--tune-malloc",
         action="store_true",
         help="apply the store server's malloc settings to this process too (client and raw "
@@ -56,7 +62,9 @@ def _process_counts(text: str) -> list[int]:
     return parse_processes(text)
 
 
-def _measure_size(raw: object, client: object, size: int, args: argparse.Namespace) -> dict:
+def _measure_size(
+    raw: object, client: object, size: int, args: argparse.Namespace, store_pid: int
+) -> dict:
     batch = max(1, args.batch_bytes // size)
     ops = max(8, (args.mib << 20) // (batch * size))
     value = os.urandom(size)
@@ -83,8 +91,16 @@ def _measure_size(raw: object, client: object, size: int, args: argparse.Namespa
             raise RuntimeError("the store missed a key it had just written (is Redis too small?)")
 
     op_bytes = batch * size
-    put_times, set_times = timed_pair(svc_put, raw_put, ops)
-    get_times, mget_times = timed_pair(svc_get, raw_get, ops)
+    cpu = CpuMeter(store_pid)
+    put_times, set_times = timed_pair(cpu.wrap("put", svc_put), cpu.wrap("redis_set", raw_put), ops)
+    get_times, mget_times = timed_pair(
+        cpu.wrap("get", svc_get), cpu.wrap("redis_get", raw_get), ops
+    )
+    gb = op_bytes * (ops + 1) / 1e9  # timed_pair's warm-up op is measured too
+
+    def per_gb(seconds: dict[str, float], phase: str) -> float:
+        return round(seconds[phase] / gb, 3)
+
     put, redis_set = summary(put_times, op_bytes), summary(set_times, op_bytes)
     get, redis_get = summary(get_times, op_bytes), summary(mget_times, op_bytes)
     raw.flushdb()  # type: ignore[attr-defined]
@@ -104,6 +120,13 @@ def _measure_size(raw: object, client: object, size: int, args: argparse.Namespa
         "get_p99_ms": round(get["p99_ms"], 3),
         "redis_set_p99_ms": round(redis_set["p99_ms"], 3),
         "redis_get_p99_ms": round(redis_get["p99_ms"], 3),
+        # CPU seconds per GB moved: this process (the client) and the store process.
+        "get_client_cpu_s_per_gb": per_gb(cpu.client_s, "get"),
+        "get_store_cpu_s_per_gb": per_gb(cpu.store_s, "get"),
+        "put_client_cpu_s_per_gb": per_gb(cpu.client_s, "put"),
+        "put_store_cpu_s_per_gb": per_gb(cpu.store_s, "put"),
+        "redis_get_client_cpu_s_per_gb": per_gb(cpu.client_s, "redis_get"),
+        "redis_set_client_cpu_s_per_gb": per_gb(cpu.client_s, "redis_set"),
     }
 
 
@@ -189,9 +212,14 @@ def run(args: argparse.Namespace) -> int:
             client.wait_ready(30)
             rows = []
             for size in SIZES:
-                rows.append(_measure_size(raw, client, size, args))
+                rows.append(_measure_size(raw, client, size, args, store.pid))
                 print(json.dumps(rows[-1]), flush=True)
             result = {"rows": rows, **_measure_lookup(raw, client, args)}
+            from kvpool.bench.store_clients import aggregate_get
+
+            result["aggregate_get"] = aggregate_get(url, target, args.clients, args.mib)
+            for row in result["aggregate_get"]:
+                print(json.dumps(row), flush=True)
     finally:
         raw.close()
         store.terminate()

@@ -48,3 +48,33 @@ def start_store(
     cmd = [sys.executable, "-m", "kvpool.cli", "store", "serve", "--log-level", "WARNING"]
     proc = subprocess.Popen(cmd, env=env)  # the URL travels in env, not in the process list
     return proc, f"127.0.0.1:{port}"
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) that process `pid` has used so far, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+class CpuMeter:
+    """CPU seconds spent by this process (the client) and by the store process during the
+    operations it wraps, per phase: `meter.wrap("get", op)` times `op` into phase "get"."""
+
+    def __init__(self, store_pid: int) -> None:
+        self.store_pid = store_pid
+        self.client_s: dict[str, float] = {}
+        self.store_s: dict[str, float] = {}
+
+    def wrap(self, phase: str, op: Callable[[int], object]) -> Callable[[int], object]:
+        def measured(i: int) -> object:
+            client, store = time.process_time(), process_cpu_s(self.store_pid)
+            try:
+                return op(i)
+            finally:
+                self.client_s[phase] = self.client_s.get(phase, 0.0) + time.process_time() - client
+                self.store_s[phase] = (
+                    self.store_s.get(phase, 0.0) + process_cpu_s(self.store_pid) - store
+                )
+
+        return measured

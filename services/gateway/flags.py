@@ -63,7 +63,9 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
         "--device", "pool.worker.device", "worker device (default: cuda when it sees a GPU)"
     ),
     SettingFlag(
-        "--codec", "pool.worker.codec", "block codec: fp16, bf16, int8, fp8, int4, int4-g64"
+        "--codec",
+        "pool.worker.codec",
+        "block codec: fp16, bf16, int8, fp8, int4, int4-kivi, int4-g64",
     ),
     SettingFlag("--block-tokens", "pool.worker.block_tokens", "tokens per stored block", int),
     SettingFlag(

@@ -79,7 +79,7 @@ def test_worked_examples():
         in text
     )
     assert f"need {64_000 * llama['fp16'] * 1.1 / 1e9:.1f} GB" in text
-    assert f"int4 (KIVI) {64_000 * llama['int4'] * 1.1 / 1e9:.1f} GB" in text
+    assert f"with int4 {64_000 * llama['int4'] * 1.1 / 1e9:.1f} GB" in text
     qwen = payload_bytes_per_token(MODELS["Qwen2.5-7B"], "int4")
     assert f"1,000,000 tokens x {qwen:,.0f} x 1.1 = {1e6 * qwen * 1.1 / 1e9:.1f} GB" in text
 

@@ -187,6 +187,83 @@ def _group_size(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
+def _fp8_step(values: torch.Tensor, up: bool) -> torch.Tensor:
+    """values (float8 e4m3) moved one representable step up (toward +inf) or down."""
+    bits = values.view(torch.uint8).int()  # sign bit 0x80, then magnitude
+    negative = bits >= 0x80
+    magnitude_up = negative != up  # up on a positive value grows it; on a negative, shrinks it
+    stepped = torch.where(magnitude_up, bits + 1, bits - 1)
+    # Zero's neighbours are the smallest subnormals: +2^-9 (0x01) above, -2^-9 (0x81) below.
+    stepped = torch.where(bits == 0, 0x01 if up else 0x81, stepped)
+    stepped = torch.where(bits == 0x80, 0x01 if up else 0x81, stepped)  # -0
+    return stepped.to(torch.uint8).view(torch.float8_e4m3fn)
+
+
+def _fp8_rounded(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """x (float32) rounded to a float8 e4m3 at or above it (`up`), or at or below it."""
+    nearest = x.to(torch.float8_e4m3fn)
+    wrong_side = nearest.float() < x if up else nearest.float() > x
+    return torch.where(wrong_side, _fp8_step(nearest, up), nearest)
+
+
+def _int4_fp8_params(
+    x: torch.Tensor, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As _int4_params, with each group's scale and zero point as one float8 e4m3 each.
+
+    The bytes are relative to two float16 units per (layer, head) of the block, powers of two:
+    the largest zero-point magnitude and the largest scale of the head map into (224, 448] of
+    e4m3, so the bytes keep 3 mantissa bits over float16's whole range. The zero point is
+    rounded down and the scale up, so [zero, zero + 15 * scale] still covers the group: no
+    value is clipped, and the step is at most about 1/8 wider than with float16 parameters.
+
+    x: [L, H, a, b, c] with groups along `dim`. Returns the e4m3 scale and zero codes (x's shape
+    without `dim`), the float16 units [L, H, 2] (scale unit, zero unit), and the float32 zero
+    and reciprocal scale to quantize with (`dim` kept, size 1): exactly what decode will use.
+    """
+    lo = x.amin(dim=dim)  # [L, H, ...groups]
+    hi = x.amax(dim=dim)
+    # maximum() propagates NaN, which fails the comparison: one check refuses NaN and inf too.
+    _reject_nonfinite(torch.maximum(hi, -lo) <= FP16_MAX / 2, "NaN, inf or values beyond float16")
+    per_head = tuple(range(2, lo.dim()))  # the group axes of [L, H, ...]
+    zero_unit = _fp16_at_least(lo.abs().amax(dim=per_head) / FP8_MAX)  # [L, H]
+    zero_code = _fp8_rounded(_in_units(lo, zero_unit), up=False)
+    zero = _times_unit(zero_code, zero_unit)
+    needed = ((hi - zero) / INT4_LEVELS).clamp(min=0)
+    scale_unit = _fp16_at_least(needed.amax(dim=per_head) / FP8_MAX)  # [L, H]
+    scale_code = _fp8_rounded(_in_units(needed, scale_unit), up=True)
+    scale = _times_unit(scale_code, scale_unit)
+    inverse = torch.where(scale > 0, 1.0 / scale, 0.0)
+    units = torch.stack([scale_unit, zero_unit], dim=-1)  # [L, H, 2]
+    return scale_code, zero_code, units, zero.unsqueeze(dim), inverse.unsqueeze(dim)
+
+
+def _fp16_at_least(x: torch.Tensor) -> torch.Tensor:
+    """x (float32, >= 0, at most FP16_MAX / 448) as the smallest power of two at or above it,
+    in float16 (0 where x is 0). A power of two only moves the e4m3 codes' exponent, so they
+    keep their precision, and code * unit is exact in float32: a constant group whose value has
+    a 3-bit mantissa comes back exactly."""
+    exponent = torch.ceil(torch.log2(x.clamp(min=2**-24))).clamp(-24, 15)
+    unit = torch.exp2(exponent)
+    unit = torch.where(unit < x, unit * 2, unit)  # log2's rounding must not land below x
+    return torch.where(x > 0, unit, 0.0).to(torch.float16)
+
+
+def _unit_view(unit: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [L, H] unit as float32 [L, H, 1, ...], broadcasting against `like`."""
+    return unit.float().reshape(*unit.shape, *([1] * (like.dim() - 2)))
+
+
+def _in_units(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    u = _unit_view(unit, x)
+    return torch.where(u > 0, x / u, 0.0).clamp(-FP8_MAX, FP8_MAX)
+
+
+def _times_unit(codes: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes [L, H, ...] times their head's float16 unit, in float32 (encode and decode)."""
+    return codes.float() * _unit_view(unit, codes)
+
+
 def _int4_params(
     x: torch.Tensor, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -231,14 +308,17 @@ def _unpack_nibbles(packed: torch.Tensor, count: int) -> torch.Tensor:
 @dataclass(frozen=True, slots=True)
 class KiviInt4Codec:
     """KIVI 4-bit: keys per channel (groups along tokens), values per token (groups along
-    channels), asymmetric with a float16 scale and zero point per group, two codes per byte.
+    channels), asymmetric with a scale and zero point per group, two codes per byte.
 
     Keys carry a few outlier channels, so a key group shares one channel; values do not, so a
-    value group shares one token (the KIVI paper's finding, confirmed in DESIGN.md's table).
+    value group shares one token (the KIVI paper's finding, confirmed by `kvpool bench codec`).
+    `int4` keeps each group's scale and zero point in float8 (2 bytes a group of 32: 4.5 bits an
+    element, 3.55x smaller than fp16); `int4-kivi` and `int4-g64` in float16.
     """
 
     name: str
     group: int  # target group size; the real one divides the block (see _group_size)
+    params_dtype: torch.dtype = torch.float16  # of the scales and zero points
 
     def params(self, shape: BlockShape) -> dict[str, int]:
         _, _, _, tokens, head_dim = shape
@@ -252,13 +332,18 @@ class KiviInt4Codec:
         p = self.params(shape)
         k_groups = (layers, heads, tokens // p["k_group"], head_dim)
         v_groups = (layers, heads, tokens, head_dim // p["v_group"])
-        return (
+        p_dtype = self.params_dtype
+        sections = (
             Section("q", torch.uint8, ((math.prod(shape) + 1) // 2,)),
-            Section("k_scale", torch.float16, k_groups),
-            Section("k_zero", torch.float16, k_groups),
-            Section("v_scale", torch.float16, v_groups),
-            Section("v_zero", torch.float16, v_groups),
+            Section("k_scale", p_dtype, k_groups),
+            Section("k_zero", p_dtype, k_groups),
+            Section("v_scale", p_dtype, v_groups),
+            Section("v_zero", p_dtype, v_groups),
         )
+        if p_dtype == torch.float16:
+            return sections
+        # The float16 units of the e4m3 parameters: [layer, K/V, head, (scale, zero)].
+        return (*sections, Section("units", torch.float16, (layers, 2, heads, 2)))
 
     def _views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [L, 2, H, T, D] -> keys [L, H, T/gk, gk, D] and values [L, H, T, D/gv, gv] views."""
@@ -272,8 +357,14 @@ class KiviInt4Codec:
     def encode(self, kv: torch.Tensor) -> list[torch.Tensor]:
         x = kv.float()  # [L, 2, H, T, D]; kv itself when float32, so never written to
         keys, values = self._views(x)
-        k_scale, k_zero, k_shift, k_inverse = _int4_params(keys, dim=3)  # [L, H, T/gk, D]
-        v_scale, v_zero, v_shift, v_inverse = _int4_params(values, dim=4)  # [L, H, T, D/gv]
+        units = None
+        if self.params_dtype == torch.float16:
+            k_scale, k_zero, k_shift, k_inverse = _int4_params(keys, dim=3)  # [L, H, T/gk, D]
+            v_scale, v_zero, v_shift, v_inverse = _int4_params(values, dim=4)  # [L, H, T, D/gv]
+        else:
+            k_scale, k_zero, k_units, k_shift, k_inverse = _int4_fp8_params(keys, dim=3)
+            v_scale, v_zero, v_units, v_shift, v_inverse = _int4_fp8_params(values, dim=4)
+            units = torch.stack([k_units, v_units], dim=1)  # [L, 2, H, 2]
         # One float buffer, worked on in place: fresh multi-MB temporaries cost page faults.
         y = torch.empty_like(x)  # [L, 2, H, T, D]
         y_keys, y_values = self._views(y)
@@ -283,13 +374,22 @@ class KiviInt4Codec:
         codes = (
             y.round_().clamp_(0, INT4_LEVELS).to(torch.int8).view(torch.uint8)
         )  # [L, 2, H, T, D]
-        return [_pack_nibbles(codes.view(-1)), k_scale, k_zero, v_scale, v_zero]
+        out = [_pack_nibbles(codes.view(-1)), k_scale, k_zero, v_scale, v_zero]
+        return out if units is None else [*out, units]
 
     def decode(self, sections: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        packed, k_scale, k_zero, v_scale, v_zero = sections
+        packed, k_scale, k_zero, v_scale, v_zero = sections[:5]
         layers, heads, _, head_dim = k_scale.shape
         tokens = v_scale.shape[2]
         shape = (layers, 2, heads, tokens, head_dim)
+        if len(sections) == 6:  # e4m3 parameters in units of their head's float16
+            units = sections[5]  # [L, 2, H, (scale, zero)]
+            k_scale, k_zero = (
+                _times_unit(c, units[:, 0, :, n]) for n, c in ((0, k_scale), (1, k_zero))
+            )
+            v_scale, v_zero = (
+                _times_unit(c, units[:, 1, :, n]) for n, c in ((0, v_scale), (1, v_zero))
+            )
         x = _unpack_nibbles(packed, math.prod(shape)).view(shape).float()  # [L, 2, H, T, D]
         keys, values = self._views(x)
         keys.mul_(k_scale.float().unsqueeze(3)).add_(k_zero.float().unsqueeze(3))
@@ -305,7 +405,8 @@ _CODECS: dict[str, Codec] = {
     "bf16": RawCodec("bf16", torch.bfloat16),
     "int8": ScaledCodec("int8", torch.int8, INT8_MAX),
     "fp8": ScaledCodec("fp8", torch.float8_e4m3fn, FP8_MAX),
-    "int4": KiviInt4Codec("int4", group=32),
+    "int4": KiviInt4Codec("int4", group=32, params_dtype=torch.float8_e4m3fn),
+    "int4-kivi": KiviInt4Codec("int4-kivi", group=32),
     "int4-g64": KiviInt4Codec("int4-g64", group=64),
 }
 if tuple(_CODECS) != CODEC_NAMES:  # a new spec must be both hashed and implemented

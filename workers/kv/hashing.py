@@ -24,7 +24,18 @@ FORMAT_VERSION = 1
 
 # The codec specs a namespace (and so a stored block) may name. They are hashed into every key,
 # so they live with the namespace; `workers.kv.codec` implements exactly these (a test checks it).
-CODEC_NAMES: tuple[str, ...] = ("fp16", "bf16", "int8", "fp8", "int4", "int4-g64")
+CODEC_NAMES: tuple[str, ...] = ("fp16", "bf16", "int8", "fp8", "int4", "int4-kivi", "int4-g64")
+# A codec whose layout changed under the same spec is hashed as "spec@revision", so blocks of
+# the old layout (still in a store) never share a key with the new: `int4` moved its scales and
+# zero points from float16 to float8 (revision 2); the old layout is `int4-kivi`.
+CODEC_REVISIONS: dict[str, int] = {"int4": 2}
+
+
+def hashed_codec(spec: str) -> str:
+    """The codec's spelling in the namespace bytes: the spec, with "@revision" after a change."""
+    revision = CODEC_REVISIONS.get(spec, 1)
+    return spec if revision == 1 else f"{spec}@{revision}"
+
 
 BlockHash = NewType("BlockHash", bytes)
 """A 32-byte SHA-256 digest naming one block and, through the chain, its whole prefix."""
@@ -95,7 +106,7 @@ class Namespace:
         fields = [
             struct.pack("<I", self.format_version),
             _length_prefixed(self.model_fingerprint),
-            _length_prefixed(self.codec),
+            _length_prefixed(hashed_codec(self.codec)),
             struct.pack("<I", self.block_tokens),
             _length_prefixed(self.tenant),
         ]

@@ -36,7 +36,9 @@ GOLDEN = {
     "bf16": ("9c5c4b7454e73dc1f26526e88c9a3e2ed565d852a3fce61983d9e069e6af9da1", 32928),
     "int8": ("9282effd98fa80b5232c922c9e03ee1370f8ae4e1ec29383f554716080415f47", 17581),
     "fp8": ("f87fbb06248294c7c575ad0d5cabcbd7e693f157d84843541c390b104ab79918", 17589),
-    "int4": ("a03305a245ebf10c272a4c2176df429c8d47458cebd1cb435097c0195b66ffb0", 10496),
+    # int4 revision 2: float8 scales and zero points (the float16 layout is now int4-kivi).
+    "int4": ("b792c5b72ecf91e5ee51e7d42f983f5ee6dc36e701fbb5e408891f9eb1a5ab5a", 9548),
+    "int4-kivi": ("bf0c7a1dca9e265d01ac1650c9d281fa157840cfb9d25460eadffca282014067", 10501),
     "int4-g64": ("ef83fb1aadd9a0f73bee7364912be12e64e98a96d7d04bf2d0ef48016e1490c7", 9988),
 }
 
@@ -107,9 +109,28 @@ def error_bound(codec: str, kv: torch.Tensor) -> torch.Tensor:
     bounds = []
     for x, dim in ((keys, 3), (values, 4)):
         lo, hi = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
-        b = (hi - lo) * (0.5 / 15 + 2**-10) + torch.maximum(lo.abs(), hi.abs()) * 2**-10 + tiny
+        if codec == "int4":
+            b = _fp8_int4_bound(lo, hi) + tiny
+        else:
+            b = (hi - lo) * (0.5 / 15 + 2**-10) + torch.maximum(lo.abs(), hi.abs()) * 2**-10
+            b = b + tiny
         bounds.append(b.expand_as(x).flatten(-3, -2) if dim == 3 else b.expand_as(x).flatten(-2))
     return torch.stack(bounds, dim=1)  # [L, 2, H, T, D]
+
+
+def _fp8_int4_bound(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """int4's error bound per group: half a step, the step being the group's range plus how
+    far its e4m3 zero point was rounded down (one e4m3 step: 1/8 of |lo|, or 2^-9 of the head's
+    zero unit), over 15, widened by the scale's rounding up (1/8, or 2^-9 of the scale unit).
+    lo, hi: [L, H, ...] per group, keepdim."""
+    per_head = tuple(range(2, lo.dim()))
+    # The units are powers of two at or above head max / 448 (at most twice it, and >= 2^-24).
+    zero_unit = lo.abs().amax(dim=per_head, keepdim=True) / 448 * 2 + 2**-24
+    below = lo.abs() / 8 + zero_unit * 2**-9
+    needed = (hi - lo + below) / 15
+    scale_unit = needed.amax(dim=per_head, keepdim=True) / 448 * 2 + 2**-24
+    step = needed * (1 + 1 / 8) + scale_unit * 2**-9
+    return step * 0.5 * (1 + 2**-10) + torch.maximum(lo.abs(), hi.abs()) * 2**-20
 
 
 OUTPUT_ROUNDING = {"float32": 0.0, "float16": 2.0**-11, "bfloat16": 2.0**-8}

@@ -20,6 +20,7 @@ from workers.kv.hashing import (
     as_block_hash,
     block_key,
     chain_hashes,
+    hashed_codec,
 )
 
 REPO = Path(__file__).resolve().parents[3]
@@ -42,9 +43,10 @@ GOLDEN_CHAIN = [
     "5fd1f84b55d8544c4b4049fb6dcfda6556839724c2d1ca348c4e34d1bbd1e17d",
     "a12c79cb090eaf39a0fdd0e5e8c22cdfa719f7a60f2361fe228b99fbe35b5062",
 ]
+# int4 is hashed as "int4@2" since its scales moved to float8 (CODEC_REVISIONS).
 GOLDEN_TENANT_CHAIN = [
-    "95cda78604df02938f4566d9839124d46575749363cb7212be80192a8034a2a1",
-    "4934071133f128b83499c78533fc21300ff4c41221dd23b248644603ef559660",
+    "bd80b04a38761b6456bf8b8bd7cdae70031f620d9ffa8ce115450408b34dd6c8",
+    "fd305cd915974538a7286e91ed1b627926a892172b962b4775018ff3accedb08",
 ]
 
 
@@ -56,6 +58,25 @@ def test_golden_namespace_bytes_and_chain() -> None:
     tenant = Namespace("sha256:0123abcd", "int4", block_tokens=64, tenant="acme")
     tokens = [1] * 128 + [2**32 - 1] * 3
     assert [h.hex() for h in chain_hashes(tenant, tokens)] == GOLDEN_TENANT_CHAIN
+
+
+def test_a_codec_whose_layout_changed_shares_no_key_with_its_old_blocks() -> None:
+    """Blocks of int4's float16 layout (hashed as plain "int4", still in stores after an
+    upgrade) and of today's int4 never share a key; the old layout lives on as int4-kivi."""
+    assert hashed_codec("int4") == "int4@2" and hashed_codec("int8") == "int8"
+    tokens = list(range(16))
+    now = chain_hashes(Namespace("fp", "int4", block_tokens=4), tokens)
+    before = Namespace("fp", "int8", block_tokens=4)
+    old_bytes = before.canonical_bytes().replace(b"\x04\x00\x00\x00int8", b"\x04\x00\x00\x00int4")
+    old_root = hashlib.sha256(old_bytes).digest()
+    h = old_root
+    old = []
+    for i in range(0, 16, 4):
+        h = hashlib.sha256(h + struct.pack("<4I", *tokens[i : i + 4])).digest()
+        old.append(h)
+    assert not set(now) & set(old)
+    kivi = chain_hashes(Namespace("fp", "int4-kivi", block_tokens=4), tokens)
+    assert not set(kivi) & set(now) and not set(kivi) & set(old)
 
 
 def test_chain_is_the_documented_construction() -> None:
