@@ -58,13 +58,21 @@ def test_a_stop_flood_costs_little_per_token(tiny_engine, tiny_prompts):
     checks stay a small part of each token, where the old code re-decoded everything each token.
     """
     ids = tiny_prompts.encode("a prompt for the flood")
-    plain = tiny_engine.generate(ids, SamplingParams(max_new_tokens=400))
     stops = tuple("q" * 255 + chr(0x4E00 + i) for i in range(16))  # never produced, long
-    started = time.perf_counter()
-    flood = tiny_engine.generate(ids, SamplingParams(max_new_tokens=400, stop=stops))
-    elapsed = time.perf_counter() - started
+    seconds: dict[str, list[float]] = {"plain": [], "flood": []}
+    outputs = {}
+    # Alternated, best of two each: on a loaded machine only a ratio measured side by side
+    # means anything (an absolute per-token budget failed under CI load).
+    for _ in range(2):
+        for name, stop in (("plain", ()), ("flood", stops)):
+            started = time.perf_counter()
+            outputs[name] = tiny_engine.generate(ids, SamplingParams(max_new_tokens=400, stop=stop))
+            seconds[name].append(time.perf_counter() - started)
+    plain, flood = outputs["plain"], outputs["flood"]
     assert flood.token_ids == plain.token_ids and flood.text == plain.text
-    assert elapsed / 400 < 0.05  # per token, the model included; the old code took seconds
+    # The stop checks cost less than the model itself per token; the old code re-decoded the
+    # whole output per token and took seconds.
+    assert min(seconds["flood"]) < 2 * min(seconds["plain"]), seconds
 
 
 def test_text_of_a_resumed_output_that_ends_inside_a_character(tiny):
