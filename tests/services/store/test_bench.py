@@ -18,6 +18,11 @@ ROW_KEYS = {
     "get_ratio",
     "put_p99_ms",
     "get_p99_ms",
+    "get_client_cpu_s_per_gb",
+    "get_store_cpu_s_per_gb",
+    "put_client_cpu_s_per_gb",
+    "put_store_cpu_s_per_gb",
+    "redis_get_client_cpu_s_per_gb",
 }
 
 
@@ -31,6 +36,13 @@ def test_bench_store_writes_rows_lookup_and_plot(tmp_path, redis_server):
         assert set(row) >= ROW_KEYS
         assert all(row[k] > 0 for k in ROW_KEYS)
     assert result["lookup_chain"] == 64 and result["lookup_p50_ms"] > 0
+    # Aggregate Get of 1, 2 and 4 client processes at once, store and raw redis-py.
+    assert [row["clients"] for row in result["aggregate_get"]] == [1, 2, 4]
+    for row in result["aggregate_get"]:
+        assert row["store_get_gbps"] > 0 and row["redis_get_gbps"] > 0
+        assert row["ratio"] == pytest.approx(
+            row["store_get_gbps"] / row["redis_get_gbps"], abs=0.01
+        )
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
