@@ -20,6 +20,7 @@ commands can use it as well as the CLI and the benchmarks above them.
 """
 
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -36,6 +37,8 @@ from services.store.processes import StoreSupervisor
 from services.store.server import StoreConfig, StoreServer
 from workers.api import ActorResources, WorkerConfig
 
+log = logging.getLogger(__name__)
+
 # Ray waits 30 s for a new cluster's GCS to publish its port, and gives up: on a loaded machine
 # (a CI box with every core busy) starting it took longer. An operator's own value wins.
 RAY_START_WAIT_S = "120"
@@ -49,6 +52,26 @@ def patient_ray_start() -> None:
     machine, and worker actors (the model) at normal priority."""
     os.environ.setdefault("RAY_gcs_server_port_wait_time_s", RAY_START_WAIT_S)
     os.environ.setdefault("RAY_worker_niceness", RAY_WORKER_NICENESS)
+
+
+# Ray gives a new local node a fixed 30 s to register with its GCS ("The current node timed out
+# during startup"); on a loaded machine that can pass. The node it left behind is shut down and
+# the start tried once more.
+_RAY_START_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
+
+
+def start_local_ray(**init: Any) -> None:
+    """`ray.init(**init)` for a local cluster, tried a second time after a startup timeout."""
+    import ray
+
+    try:
+        ray.init(**init)
+    except Exception as exc:  # Ray raises a bare Exception here
+        if not any(text in str(exc) for text in _RAY_START_TIMEOUTS):
+            raise
+        log.warning("a local Ray cluster did not come up (%s); starting it once more", exc)
+        ray.shutdown()
+        ray.init(**init)
 
 
 class Stack:
@@ -103,7 +126,7 @@ class Stack:
         if private:
             ray_dir = tempfile.mkdtemp(prefix="kvpool-ray-")
             self._undo.callback(shutil.rmtree, ray_dir, ignore_errors=True)
-            ray.init(
+            start_local_ray(
                 num_cpus=slots,
                 include_dashboard=False,
                 _temp_dir=ray_dir,
@@ -114,7 +137,7 @@ class Stack:
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
             self._remote_ray = True
         else:
-            ray.init(
+            start_local_ray(
                 num_cpus=max(os.cpu_count() or 1, slots),
                 include_dashboard=False,
                 log_to_driver=False,

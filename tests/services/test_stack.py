@@ -40,3 +40,29 @@ def test_an_error_inside_the_stack_still_stops_ray_and_the_store():
 def test_a_stack_without_a_gateway_says_so():
     with Stack() as stack, pytest.raises(RuntimeError, match="gateway is not started"):
         stack.client()
+
+
+def test_a_local_ray_that_times_out_at_startup_is_started_once_more(monkeypatch):
+    """Ray gives a new node a fixed 30 s to register; on a loaded CI box that passed once."""
+    import ray
+
+    from services.stack import start_local_ray
+
+    calls, shutdowns = [], []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise Exception("The current node timed out during startup. This could happen ...")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
+    start_local_ray(num_cpus=2)
+    assert calls == [{"num_cpus": 2}, {"num_cpus": 2}] and shutdowns == [1]
+
+    def broken(**kwargs):
+        raise ValueError("num_cpus must be positive")
+
+    monkeypatch.setattr(ray, "init", broken)
+    with pytest.raises(ValueError, match="num_cpus"):  # other errors are not retried
+        start_local_ray(num_cpus=-1)
