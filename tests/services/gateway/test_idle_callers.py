@@ -96,16 +96,21 @@ def outcome(call) -> grpc.StatusCode | None:
 def test_a_tenants_idle_and_unread_calls_do_not_starve_another_tenant(stack, front):
     """Issue 23: 80 Generate calls that never send their request plus 20 streams never read,
     all of one tenant, held every handler thread of the synchronous server; another tenant's
-    ordinary request then got DEADLINE_EXCEEDED after 30 s."""
-    target, core = front()
+    ordinary request then got DEADLINE_EXCEEDED after 30 s.
+
+    The request and idle timeouts are raised above the test's length so that the count below
+    sees the quota alone: with the defaults (10 s, 30 s) a loaded machine could end some of
+    mallory's calls by timeout before the count. Those timeouts have tests of their own below."""
+    target, core = front(request_timeout_s=120.0, idle_timeout_s=120.0)
     release = threading.Event()
     channel = grpc.insecure_channel(target, options=SMALL_WINDOW)
     calls = []
     try:
         unread = [unread_stream(channel, MALLORY, f"unread {n}") for n in range(20)]
         calls += unread
-        for call in unread[:8]:
-            next(call)  # these are running on the workers now
+        # Her share of the workers (12 slots) fills with 12 of these streams, whichever the
+        # server admitted first; the other 8 wait in her queue.
+        wait_for(lambda: core.shares.held("mallory") == 12, 30, "mallory's streams to run")
         idle = [idle_call(channel, MALLORY, release) for _ in range(80)]
         calls += idle
         time.sleep(1.0)  # every call has reached the server
@@ -117,11 +122,14 @@ def test_a_tenants_idle_and_unread_calls_do_not_starve_another_tenant(stack, fro
         assert done.usage["completion_tokens"] == 4
         assert took < 10, f"alice waited {took:.1f} s behind mallory's calls"
 
-        # Mallory's calls past her quota were refused at once, naming the limit...
-        refused = [c for c in idle if outcome(c) == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        # Mallory's calls past her quota were refused at once, naming the limit; her quota's
+        # 32 calls are still open.
+        wait_for(lambda: sum(c.done() for c in calls) >= 68, 10, "the refusals to arrive")
+        refused = [c for c in calls if outcome(c) == grpc.StatusCode.RESOURCE_EXHAUSTED]
         assert len(refused) == 100 - 32
-        assert "--max-calls-per-tenant=32" in refused[0].details()
-        assert "mallory" in refused[0].details()
+        assert sum(outcome(c) is None for c in calls) == 32
+        assert all("--max-calls-per-tenant=32" in c.details() for c in refused)
+        assert all("mallory" in c.details() for c in refused)
         # ...and her share of the workers is full: 12 of the 16 slots run her streams.
         assert core.shares.held("mallory") == core.shares.limit == 12
     finally:
