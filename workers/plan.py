@@ -63,7 +63,7 @@ class TierCost:
 
 
 # Before the first measurement: what these figures are on the machines the design names
-# (DESIGN.md: Ray's object store into a GPU at 5.5 GB/s, the store at 0.4-0.9 GB/s). A first
+# (docs/design.md: Ray's object store into a GPU at 5.5 GB/s, the store at 0.4-0.9 GB/s). A first
 # request then behaves as before the plan existed (fetch), and the estimates take over.
 PRIOR_TIER_COSTS = {
     "node": TierCost(latency_s=0.002, bytes_per_s=1.5e9),

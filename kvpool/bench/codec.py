@@ -8,7 +8,7 @@ encode_block -> decode_block), and the rest of the prompt is prefilled after the
   over positions and texts (a divergence costs every later position, as the issue asks);
 - kl: mean next-token KL(exact || codec) over the same positions, teacher-forced on the exact
   tokens so both runs predict from the same context; kl_first: the first of them only, the
-  token right after the prompt (what DESIGN.md's table reports); top1_agreement_forced: how
+  token right after the prompt (docs/design.md's codec table); top1_agreement_forced: how
   often the codec's most likely next token is the exact one's in that teacher-forced run, which,
   unlike token_agreement, does not let one near-tie decide every later position.
 Speed: encode_block / decode_block over all the texts' blocks, in GB/s of fp16-equivalent KV
@@ -104,7 +104,7 @@ def _best_seconds(fn: Callable[[], object], rounds: int) -> float:
 def _memcpy_gbps(rounds: int) -> float:
     import numpy as np
 
-    source = np.ones(256 * 2**20, dtype=np.uint8)  # DESIGN.md's reference size
+    source = np.ones(256 * 2**20, dtype=np.uint8)  # docs/design.md's reference size
     target = np.empty_like(source)
     return source.nbytes / _best_seconds(lambda: np.copyto(target, source), rounds) / 1e9
 

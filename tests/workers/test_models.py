@@ -40,7 +40,7 @@ def test_tiny_geometry(tiny):
 def test_smollm2_geometry_and_fingerprint(smollm2):
     g = smollm2.geometry
     assert (g.num_layers, g.num_kv_heads, g.head_dim) == (30, 3, 64)
-    # DESIGN.md: 23 KB per token at fp16
+    # docs/design.md: 23 KB per token at fp16
     assert g.fp16_bytes_per_token == 23_040
     assert smollm2.max_context == 8192
     assert len(smollm2.fingerprint) == 64
