@@ -10,7 +10,6 @@ Sampling is reproducible per position: the random draw for output token i depend
 exactly as the original would have, sampled or greedy.
 """
 
-import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from kvpool.errors import InvalidArgument
 from workers.api import SamplingParams, TokenEvent
 from workers.detokenizer import StreamText
 from workers.kv.bounds import CacheWindow, check_context, feed_chunks
-from workers.models import LoadedModel
+from workers.models import LoadedModel, cache_keyword
 from workers.window import Rerotator, evict, native_window
 
 
@@ -90,10 +89,7 @@ class Engine:
         self._rerotator: Rerotator | None = None  # built on the first windowed request
         # The model's own sliding window, when some of its layers attend only to recent tokens.
         self.native_window = native_window(self.model.config)
-        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name
-        # warns, and goes in 5.40); older versions know only the old name.
-        forward = inspect.signature(self.model.forward).parameters
-        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
+        self._cache_arg = cache_keyword(self.model)
 
     def rerotator(self) -> Rerotator:
         """Re-rotates cached keys; InvalidArgument for a model that cannot be windowed."""

@@ -24,6 +24,7 @@ from kvpool.errors import DataLoss
 from workers.kv.assembly import Assembly, Refused
 from workers.kv.hashing import BlockHash, block_key
 from workers.kv.layout import blocks_to_cache
+from workers.models import cache_keyword
 from workers.node_tier import NodeTier
 from workers.plan import Estimates
 from workers.tiers import BlockStore, LocalBlocks
@@ -320,7 +321,9 @@ def split_prefix(
     cache = blocks_to_cache(local_blocks, model.config)
     if recompute_ids:
         input_ids = torch.tensor([list(recompute_ids)], device=device)  # [1, recomputed]
-        model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(
+            input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache}
+        )
     recompute_s = time.perf_counter() - started
     thread.join()
     if side is not None:

@@ -15,6 +15,7 @@ by one model are never served to another, even under the same name) and its KV g
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -365,3 +366,18 @@ def _load_pretrained(
             f"not loadable from the Hugging Face hub ({exc.__class__.__name__}: {str(exc)[:200]})"
         ) from exc
     return model, tokenizer
+
+
+def cache_keyword(model: Any) -> str:
+    """The name of the forward's KV-cache argument: transformers 5.24 renamed `past_key_values`
+    to `cache` (the old name warns, and goes in 5.40); older versions know only the old name.
+    Every caller that feeds a model a cache spells it through this, so an upgrade breaks none."""
+    forward = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in forward else "past_key_values"
+
+
+def returned_cache(outputs: Any) -> Any:
+    """The KV cache a forward returned: `outputs.cache` since transformers 5.24 (reading the old
+    `past_key_values` warns), `outputs.past_key_values` before."""
+    cache = getattr(outputs, "cache", None)
+    return cache if cache is not None else outputs.past_key_values

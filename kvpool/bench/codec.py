@@ -175,6 +175,7 @@ def _measure_text(
     from workers.kv.block import decode_block, encode_block
     from workers.kv.hashing import Namespace, chain_hashes
     from workers.kv.layout import blocks_to_cache, cache_to_blocks
+    from workers.models import cache_keyword, returned_cache
 
     model, size = loaded.model, args.block_tokens
     ids = loaded.tokenizer.encode(text)[: args.prompt_tokens]
@@ -183,27 +184,28 @@ def _measure_text(
     prompt = torch.tensor([ids], device=loaded.device)  # [1, P]
     cached = (len(ids) - 1) // size * size  # a worker always prefills the last prompt token
     # logits_to_keep=1: the prefill's last row is all we read, not [P, vocab] of them.
-    prefix = model(prompt[:, :cached], use_cache=True, logits_to_keep=1).past_key_values
+    prefix = returned_cache(model(prompt[:, :cached], use_cache=True, logits_to_keep=1))
     exact_blocks = cache_to_blocks(prefix, size)
+    keyword = cache_keyword(model)
     prompt_kv = None
     if keep_prompt_kv:  # the whole prompt's KV, cut at every block size for the size table
-        prompt_kv = model(prompt, use_cache=True, logits_to_keep=1).past_key_values
+        prompt_kv = returned_cache(model(prompt, use_cache=True, logits_to_keep=1))
 
     def continue_from(blocks: list) -> tuple[list[int], torch.Tensor]:
         cache = blocks_to_cache(blocks, model.config)
-        logits = model(prompt[:, cached:], past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        logits = model(prompt[:, cached:], logits_to_keep=1, **{keyword: cache}).logits[:, -1]
         tokens = []
         for _ in range(args.new_tokens):
             token = logits.argmax(dim=-1, keepdim=True)  # [1, 1]
             tokens.append(int(token))
-            logits = model(token, past_key_values=cache).logits[:, -1]
+            logits = model(token, **{keyword: cache}).logits[:, -1]
         return tokens, logits
 
     def teacher_forced(blocks: list, forced: list[int]) -> torch.Tensor:
         """Log-probabilities [new_tokens, vocab] of each next token given the exact tokens."""
         cache = blocks_to_cache(blocks, model.config)
         tail = torch.cat([prompt[:, cached:], torch.tensor([forced[:-1]], device=prompt.device)], 1)
-        logits = model(tail, past_key_values=cache).logits[0, -len(forced) :]  # [N, vocab]
+        logits = model(tail, **{keyword: cache}).logits[0, -len(forced) :]  # [N, vocab]
         return torch.log_softmax(logits.float(), dim=-1)
 
     exact_tokens, _ = continue_from(exact_blocks)

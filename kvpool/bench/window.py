@@ -148,11 +148,12 @@ class _Stream:
         """Feed `token`, score `target` with its logits, then evict if on a block boundary."""
         import torch
 
+        from workers.models import cache_keyword
         from workers.window import cache_bytes, evict
 
         started = time.perf_counter()
         input_ids = torch.tensor([[token]], device=model.device)  # [1, 1]
-        out = model(input_ids=input_ids, past_key_values=self.cache, use_cache=True)
+        out = model(input_ids=input_ids, use_cache=True, **{cache_keyword(model): self.cache})
         log_probs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # [vocab]
         nll = -float(log_probs[target])
         kv_bytes = cache_bytes(self.cache)

@@ -3,6 +3,7 @@ import torch
 from transformers import DynamicCache
 
 from workers.api import MAX_NEW_TOKENS_LIMIT, SamplingParams
+from workers.models import cache_keyword
 
 PROMPTS = [
     "The quick brown fox",
@@ -151,14 +152,15 @@ def test_prefill_skips_the_cached_prefix(tiny_engine, tiny_prompts):
     reference = tiny_engine.stream(ids, params)
     reference.run()
     # A cache holding the first 8 tokens, as a worker would rebuild from stored blocks.
+    keyword = cache_keyword(tiny_engine.model)
     past = DynamicCache(config=tiny_engine.model.config)
-    tiny_engine.model(input_ids=torch.tensor([ids[:8]]), past_key_values=past, use_cache=True)
+    tiny_engine.model(input_ids=torch.tensor([ids[:8]]), use_cache=True, **{keyword: past})
     resumed = tiny_engine.generate(ids, params, past=past)
     assert resumed.usage.cached_tokens == 8
     assert resumed.token_ids == reference.result.token_ids
     # A cache holding the whole prompt: the last token is recomputed for its logits.
     full = DynamicCache(config=tiny_engine.model.config)
-    tiny_engine.model(input_ids=torch.tensor([ids]), past_key_values=full, use_cache=True)
+    tiny_engine.model(input_ids=torch.tensor([ids]), use_cache=True, **{keyword: full})
     again = tiny_engine.generate(ids, params, past=full)
     assert again.usage.cached_tokens == len(ids) - 1
     assert again.token_ids == reference.result.token_ids

@@ -23,6 +23,7 @@ from tests.support.work import run
 from workers.api import PromptInput, SamplingParams, WorkDone, WorkerConfig, WorkRequest
 from workers.kv.hashing import block_key, chain_hashes
 from workers.kv.layout import blocks_to_cache, recent_blocks
+from workers.models import cache_keyword
 from workers.worker import KVWorker
 
 WINDOW = 48
@@ -131,7 +132,8 @@ def test_blocks_cut_from_sliding_layers_rebuild_the_live_cache(worker, kind):
     blocks = []
     with torch.inference_mode():
         for start in range(0, len(ids), BLOCK):  # each block is cut while it is at the tail
-            model(input_ids=torch.tensor([ids[start : start + BLOCK]]), past_key_values=live)
+            block = torch.tensor([ids[start : start + BLOCK]])  # [1, BLOCK]
+            model(input_ids=block, **{cache_keyword(model): live})
             blocks += recent_blocks(live, 1, BLOCK)
     rebuilt = blocks_to_cache(blocks, config)
     assert rebuilt.get_seq_length() == live.get_seq_length() == len(ids)  # positions go on at 80

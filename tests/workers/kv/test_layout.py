@@ -9,6 +9,7 @@ from workers.kv.block import decode_block, encode_block
 from workers.kv.geometry import KVGeometry
 from workers.kv.hashing import Namespace, chain_hashes
 from workers.kv.layout import blocks_to_cache, cache_to_blocks
+from workers.models import cache_keyword, returned_cache
 
 BLOCK = 16
 
@@ -99,12 +100,14 @@ def continue_greedy(
     model: LlamaForCausalLM, cache: DynamicCache, tail: torch.Tensor, steps: int
 ) -> tuple[list[int], list[torch.Tensor]]:
     """Prefill `tail` ([1, n]) after `cache`, then decode greedily: tokens and every logits row."""
-    logits = model(tail, past_key_values=cache, use_cache=True).logits[:, -1]  # [1, vocab]
+    logits = model(tail, use_cache=True, **{cache_keyword(model): cache}).logits[
+        :, -1
+    ]  # [1, vocab]
     tokens, rows = [], [logits]
     for _ in range(steps):
         token = logits.argmax(dim=-1, keepdim=True)  # [1, 1]
         tokens.append(int(token))
-        logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(token, use_cache=True, **{cache_keyword(model): cache}).logits[:, -1]
         rows.append(logits)
     return tokens, rows
 
@@ -126,7 +129,7 @@ def test_continuing_from_stored_blocks_matches_the_uninterrupted_cache(
     torch.manual_seed(2)
     prompt = torch.randint(0, 256, (1, 100))
     cached = 6 * BLOCK
-    prefix = model(prompt[:, :cached], use_cache=True).past_key_values
+    prefix = returned_cache(model(prompt[:, :cached], use_cache=True))
 
     geometry = KVGeometry(
         num_layers=2, num_kv_heads=2, head_dim=16, dtype=str(dtype).removeprefix("torch.")
@@ -158,20 +161,20 @@ def test_blocks_cut_during_decode_line_up_with_a_fresh_prefill() -> None:
     torch.manual_seed(3)
     prompt = torch.randint(0, 256, (1, 20))
     output = model(prompt, use_cache=True)
-    cache = output.past_key_values
+    cache = returned_cache(output)
     stored = cache_to_blocks(cache, BLOCK)  # block 0
     token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
     generated = [prompt]
     while cache.get_seq_length() < 2 * BLOCK:
         generated.append(token)
         token = (
-            model(token, past_key_values=cache, use_cache=True)
+            model(token, use_cache=True, **{cache_keyword(model): cache})
             .logits[:, -1]
             .argmax(-1, keepdim=True)
         )
     stored += cache_to_blocks(cache, BLOCK, first_block=len(stored))  # block 1
     fresh = cache_to_blocks(
-        model(torch.cat(generated, dim=1), use_cache=True).past_key_values, BLOCK
+        returned_cache(model(torch.cat(generated, dim=1), use_cache=True)), BLOCK
     )
     assert len(stored) == len(fresh) == 2
     for a, b in zip(stored, fresh, strict=True):
