@@ -61,8 +61,11 @@ _RAY_START_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
 
 
 def start_local_ray(**init: Any) -> None:
-    """`ray.init(**init)` for a local cluster, tried a second time after a startup timeout."""
+    """`ray.init(**init)` for a local cluster (with `patient_ray_start`'s settings), tried a
+    second time after a startup timeout."""
     import ray
+
+    patient_ray_start()
 
     try:
         ray.init(**init)
@@ -122,7 +125,6 @@ class Stack:
         import ray
 
         slots = max(1, math.ceil(workers * worker_cpus))
-        patient_ray_start()
         if private:
             ray_dir = tempfile.mkdtemp(prefix="kvpool-ray-")
             self._undo.callback(shutil.rmtree, ray_dir, ignore_errors=True)

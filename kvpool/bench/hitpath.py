@@ -164,7 +164,7 @@ def measure(
     from kvpool.bench.link import bring_up_loopback, in_private_namespace, shape_port
     from kvpool.bench.report import environment
     from kvpool.commands.demo import load_corpus
-    from services.stack import patient_ray_start, start_local_ray
+    from services.stack import start_local_ray
     from services.store.server import StoreConfig, StoreServer
     from workers.api import PromptInput, SamplingParams, WorkerConfig, WorkRequest
     from workers.kv.block import encoded_bytes_per_token
@@ -180,7 +180,6 @@ def measure(
     if shaped:
         shape_port(store.port, None)
     ray_dir = tempfile.mkdtemp(prefix="kvpool-ray-")
-    patient_ray_start()
     start_local_ray(
         num_cpus=2,
         include_dashboard=False,

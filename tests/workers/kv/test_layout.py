@@ -100,14 +100,13 @@ def continue_greedy(
     model: LlamaForCausalLM, cache: DynamicCache, tail: torch.Tensor, steps: int
 ) -> tuple[list[int], list[torch.Tensor]]:
     """Prefill `tail` ([1, n]) after `cache`, then decode greedily: tokens and every logits row."""
-    logits = model(tail, use_cache=True, **{cache_keyword(model): cache}).logits[
-        :, -1
-    ]  # [1, vocab]
+    cached = {cache_keyword(model): cache}
+    logits = model(tail, use_cache=True, **cached).logits[:, -1]  # [1, vocab]
     tokens, rows = [], [logits]
     for _ in range(steps):
         token = logits.argmax(dim=-1, keepdim=True)  # [1, 1]
         tokens.append(int(token))
-        logits = model(token, use_cache=True, **{cache_keyword(model): cache}).logits[:, -1]
+        logits = model(token, use_cache=True, **cached).logits[:, -1]
         rows.append(logits)
     return tokens, rows
 
