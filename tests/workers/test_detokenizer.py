@@ -76,6 +76,30 @@ def test_a_stop_flood_costs_little_per_token(tiny_engine, tiny_prompts):
     assert min(seconds["flood"]) < 2 * min(seconds["plain"]), seconds
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_visible_holds_back_exactly_the_longest_possible_stop_start(seed):
+    """Over a two-letter alphabet (where stops overlap themselves), what `visible` holds back is
+    the longest end of the text that begins some stop string, found by trying every length."""
+    rng = random.Random(seed)
+    stops = tuple("".join(rng.choice("ab") for _ in range(rng.randint(1, 7))) for _ in range(3))
+    stream = StreamText(lambda ids: "".join(map(chr, ids)), stops, [])
+    for _ in range(60):
+        stream.add(ord(rng.choice("ab")))
+        text = stream.text
+        if stream.stop_index() is not None:
+            break
+        longest = max(
+            (
+                k
+                for s in stops
+                for k in range(1, min(len(s) - 1, len(text)) + 1)
+                if text.endswith(s[:k])
+            ),
+            default=0,
+        )
+        assert stream.visible() == text[: len(text) - longest], (stops, text)
+
+
 def test_text_of_a_resumed_output_that_ends_inside_a_character(tiny):
     decode = _decode(tiny)
     ids = tiny.tokenizer.encode("ab 🙂🙂 cd", add_special_tokens=False)
