@@ -50,7 +50,10 @@ def serve(free_port, tmp_path):
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise AssertionError("kvpool serve's HTTP API did not come up in 240 s")
+                raise AssertionError(
+                    f"kvpool serve's HTTP API did not come up in 240 s: "
+                    f"{Path(log.name).read_text()[-3000:]}"
+                )
             time.sleep(0.5)
 
     yield start
