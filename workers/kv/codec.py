@@ -38,6 +38,7 @@ SECTION_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float8_e4m3fn": torch.float8_e4m3fn,
+    "float32": torch.float32,
 }
 
 
@@ -104,7 +105,8 @@ def _reject_nonfinite(finite: torch.Tensor, what: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class RawCodec:
-    """The block cast to a 16-bit float dtype: exact when the model runs in that dtype."""
+    """The block cast to a float dtype: exact when the model runs in that dtype (fp32: exact for
+    a float32 model, which an engine with no codec of its own, such as vLLM on a CPU, is)."""
 
     name: str
     storage: torch.dtype
@@ -408,6 +410,7 @@ _CODECS: dict[str, Codec] = {
     "int4": KiviInt4Codec("int4", group=32, params_dtype=torch.float8_e4m3fn),
     "int4-kivi": KiviInt4Codec("int4-kivi", group=32),
     "int4-g64": KiviInt4Codec("int4-g64", group=64),
+    "fp32": RawCodec("fp32", torch.float32),
 }
 if tuple(_CODECS) != CODEC_NAMES:  # a new spec must be both hashed and implemented
     raise ImportError(f"codec registry {tuple(_CODECS)} != hashing.CODEC_NAMES {CODEC_NAMES}")

@@ -24,7 +24,9 @@ FORMAT_VERSION = 1
 
 # The codec specs a namespace (and so a stored block) may name. They are hashed into every key,
 # so they live with the namespace; `workers.kv.codec` implements exactly these (a test checks it).
-CODEC_NAMES: tuple[str, ...] = ("fp16", "bf16", "int8", "fp8", "int4", "int4-kivi", "int4-g64")
+CODEC_NAMES: tuple[str, ...] = (
+    "fp16", "bf16", "int8", "fp8", "int4", "int4-kivi", "int4-g64", "fp32"
+)  # fmt: skip
 # A codec whose layout changed under the same spec is hashed as "spec@revision", so blocks of
 # the old layout (still in a store) never share a key with the new: `int4` moved its scales and
 # zero points from float16 to float8 (revision 2); the old layout is `int4-kivi`.

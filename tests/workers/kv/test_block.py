@@ -40,6 +40,7 @@ GOLDEN = {
     "int4": ("b792c5b72ecf91e5ee51e7d42f983f5ee6dc36e701fbb5e408891f9eb1a5ab5a", 9548),
     "int4-kivi": ("bf0c7a1dca9e265d01ac1650c9d281fa157840cfb9d25460eadffca282014067", 10501),
     "int4-g64": ("ef83fb1aadd9a0f73bee7364912be12e64e98a96d7d04bf2d0ef48016e1490c7", 9988),
+    "fp32": ("42677ed8846bab850b2ed565bbc1ce3cb2006315d37a3b6eb82f08aca989c004", 65695),
 }
 
 TINY_SHAPE = (1, 2, 1, 4, 4)
@@ -92,6 +93,8 @@ def error_bound(codec: str, kv: torch.Tensor) -> torch.Tensor:
     """
     a = kv.abs()
     tiny = 2.0**-18
+    if codec == "fp32":
+        return torch.zeros_like(a)  # exact
     if codec == "fp16":
         return a * 2**-11 + 2**-24
     if codec == "bf16":

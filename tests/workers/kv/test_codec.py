@@ -120,8 +120,12 @@ def test_scaled_codecs_scale_per_token_per_head(codec: str) -> None:
 def test_unencodable_values_are_refused(codec: str, bad: float) -> None:
     kv = fixed_block((1, 2, 1, 16, 8))
     kv[0, 1, 0, 5, 2] = bad
-    if codec == "bf16" and bad == 1e38:
-        return  # within bfloat16's range: encodable
+    if codec in ("bf16", "fp32") and bad == 1e38:  # within bfloat16's and float32's range
+        assert (
+            get_codec(codec).decode(get_codec(codec).encode(kv), torch.float32)[0, 1, 0, 5, 2]
+            > 1e37
+        )
+        return
     with pytest.raises(InvalidArgument, match="NaN, inf or values beyond"):
         get_codec(codec).encode(kv)
 
