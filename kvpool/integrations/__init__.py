@@ -1,0 +1,1 @@
+"""kvpool inside other engines. Each module here imports its engine; nothing else in kvpool may."""

@@ -1,0 +1,433 @@
+"""KVPoolConnector: kvpool as vLLM's KV store, through vLLM's KV connector API (v1).
+
+    LLM(model, kv_transfer_config={
+        "kv_connector": "KVPoolConnector",
+        "kv_connector_module_path": "kvpool.integrations.vllm",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"store": "127.0.0.1:50052", "codec": "int8"},
+    })
+
+Scheduler side (vLLM's engine core): for a new request, one `Lookup` of the prompt's chained
+block keys says how many of its blocks the store holds; the fetch plan (`workers.plan`, fed by
+the worker side's measured loads and forward passes) says whether loading them beats computing
+them; the answer to `get_num_new_matched_tokens` is the tokens worth loading, else 0. It also
+decides, step by step, which full prompt blocks the step completes and the store lacks: those
+are saved.
+
+Worker side (the model runner): before the forward pass, the blocks to load are read from the
+store in one `Get`, checked (framing, checksums, hash, geometry, finiteness) and written into
+the engine's paged KV tensors (`vllm_layout`); a block that is missing, damaged or late, and
+every block after it, is reported to vLLM as a load error, and vLLM computes those tokens
+itself. After the pass, completed blocks are copied out and handed to the write-behind thread,
+which encodes them in kvpool's block format and puts them in the store off the critical path.
+
+Keys: kvpool's chained SHA-256 (`workers.kv.hashing`) over the token ids, in a namespace that
+names the engine ("vllm"), the model and its config, the KV dtype, the codec, the block size
+and the tenant's HMAC salt: an engine with other numerics never reads another's blocks, and one
+tenant never reads another's. docs/vllm.md says what is and is not supported.
+
+This is the only kvpool module that imports vLLM.
+"""
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+from kvpool.errors import InvalidArgument, KvpoolError
+from kvpool.integrations.vllm_layout import PagedLayout
+from kvpool.integrations.vllm_settings import ConnectorSettings
+from services.store.client import StoreClient
+from workers.kv.block import BlockFormatError, decode_block, encode_block, encoded_bytes_per_token
+from workers.kv.codec import dtype_name
+from workers.kv.geometry import KVGeometry
+from workers.kv.hashing import BlockHash, Namespace, block_key, chain_hashes, tenant_salt
+from workers.plan import CachedRun, Estimates, choose
+from workers.tiers import WriteBehind
+
+log = logging.getLogger(__name__)
+
+ENGINE = "vllm"
+
+
+@dataclass
+class _Load:
+    """Blocks of one request to read into the engine's pages before this step's forward pass."""
+
+    req_id: str
+    hashes: list[bytes]  # kvpool blocks first_block, first_block + 1, ...
+    first_block: int
+    engine_blocks: list[int]  # the request's vLLM block ids, all of them
+    skip: int  # tokens vLLM already has (its own prefix cache): not written
+
+
+@dataclass
+class _Save:
+    """Full prompt blocks this step completes and the store lacks: copied out after the pass."""
+
+    hashes: list[bytes]
+    engine_blocks: list[int]  # per_block vLLM block ids per kvpool block, in order
+
+
+@dataclass
+class KVPoolMetadata(KVConnectorMetadata):
+    loads: list[_Load] = field(default_factory=list)
+    saves: list[_Save] = field(default_factory=list)
+    step_tokens: int = 0  # tokens this step computes, and where the longest prefill ends
+    step_end: int = 0
+    single_prefill: bool = False  # one request, prefilling: its pass times the prefill rate
+
+
+class KVPoolStats(KVConnectorStats):
+    """What the worker side measured since the last report (sums, and fetch/forward samples the
+    scheduler side's fetch plan learns from)."""
+
+    COUNTS = ("loaded_tokens", "loaded_bytes", "load_s", "load_errors", "saved_blocks", "plans")
+
+    def __init__(self, data: dict[str, Any] | None = None) -> None:
+        super().__init__(data=dict(data or {}))
+        self.data.setdefault("fetch", [])
+        self.data.setdefault("forward", [])
+
+    def reset(self) -> None:
+        self.data = {"fetch": [], "forward": []}
+
+    def add(self, name: str, value: float) -> None:
+        self.data[name] = self.data.get(name, 0) + value
+
+    def aggregate(self, other: KVConnectorStats) -> "KVPoolStats":
+        for name, value in other.data.items():
+            if isinstance(value, list):
+                self.data.setdefault(name, []).extend(value)
+            else:
+                self.add(name, value)
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {name: self.data[name] for name in self.COUNTS if name in self.data}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(name) for name in (*self.COUNTS, "fetch", "forward"))
+
+
+def model_fingerprint(vllm_config: Any) -> str:
+    """Names the model's numerics: its config (less the path it was loaded from), the compute
+    dtype and the KV cache dtype. Two engines of the same model and dtypes share blocks."""
+    model = vllm_config.model_config
+    config = model.hf_config.to_dict()
+    config.pop("_name_or_path", None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    kv_dtype = vllm_config.cache_config.cache_dtype
+    return f"{ENGINE}|{digest[:24]}|{dtype_name(model.dtype)}|kv:{kv_dtype}"
+
+
+class KVPoolConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        transfer = vllm_config.kv_transfer_config
+        self.settings = ConnectorSettings.from_extra(transfer.kv_connector_extra_config)
+        parallel = vllm_config.parallel_config
+        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+            raise InvalidArgument(
+                "kvpool connector: tensor and pipeline parallel engines are not supported yet "
+                f"(tensor_parallel_size={parallel.tensor_parallel_size}, "
+                f"pipeline_parallel_size={parallel.pipeline_parallel_size})"
+            )
+        # A block that cannot be loaded is computed again, never a failed request.
+        transfer.kv_load_failure_policy = self.settings.on_load_error
+        model = vllm_config.model_config
+        self._engine_block = vllm_config.cache_config.block_size
+        self._block_tokens = self.settings.block_tokens or self._engine_block
+        if self._block_tokens % self._engine_block:
+            raise InvalidArgument(
+                f"kvpool connector: block_tokens ({self._block_tokens}) must be a multiple of "
+                f"vLLM's block size ({self._engine_block})"
+            )
+        kv_dtype = model.dtype if vllm_config.cache_config.cache_dtype == "auto" else None
+        if kv_dtype is None:
+            raise InvalidArgument(
+                "kvpool connector: a quantized vLLM KV cache (cache_dtype="
+                f"{vllm_config.cache_config.cache_dtype}) is not supported; kvpool's codec "
+                "quantizes the blocks it stores"
+            )
+        self._geometry = KVGeometry(
+            num_layers=model.get_num_layers(parallel),
+            num_kv_heads=model.get_num_kv_heads(parallel),
+            head_dim=model.get_head_size(),
+            dtype=dtype_name(kv_dtype),
+        )
+        self._codec = self.settings.codec_for(self._geometry.dtype)
+        self._fingerprint = model_fingerprint(vllm_config)
+        self._store = StoreClient(
+            self.settings.store, timeout_s=self.settings.timeout_s, retries=1,
+            auth_token=self.settings.auth_token,
+        )  # fmt: skip
+        self._lock = threading.Lock()
+        self._stats = KVPoolStats()
+        if role == KVConnectorRole.SCHEDULER:
+            self._requests: dict[str, _Request] = {}
+            self._estimates = Estimates("cuda" if torch.cuda.is_available() else "cpu")
+            self._block_bytes = int(
+                encoded_bytes_per_token(self._codec, self._geometry, self._block_tokens)
+                * self._block_tokens
+            )
+        else:
+            self._layout: PagedLayout | None = None
+            self._errors: set[int] = set()
+            self._writer = WriteBehind(
+                encode=lambda kv, h: encode_block(kv, self._codec, h),
+                decode=lambda data, h: torch.empty(0),  # never called: no local tier
+                local=None,
+                store=self._store,
+                max_pending_blocks=self.settings.max_pending_blocks,
+            )
+            self._forward_started: float | None = None
+        log.info(
+            "kvpool connector (%s): store %s, codec %s, %d-token blocks over vLLM's %d, plan %s",
+            role.name.lower(), self.settings.store, self._codec, self._block_tokens,
+            self._engine_block, self.settings.plan,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- scheduler side
+
+    def _namespace(self, request: Any) -> Namespace | None:
+        """The request's namespace, or None when it may not use the store (a cache_salt and no
+        namespace secret to salt it with)."""
+        salt = getattr(request, "cache_salt", None) or self.settings.tenant
+        secret = self.settings.namespace_secret
+        if salt and secret is None:
+            return None
+        tenant = tenant_salt(salt or "", secret) if secret is not None else ""
+        return Namespace(self._fingerprint, self._codec, self._block_tokens, tenant=tenant)
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int):
+        tokens = list(request.prompt_token_ids or ())
+        namespace = self._namespace(request)
+        if namespace is None:
+            return 0, False
+        hashes = chain_hashes(namespace, tokens)
+        try:
+            stored = self._store.lookup([block_key(h) for h in hashes])
+        except KvpoolError as exc:  # the store is down or slow: a plain miss
+            log.debug("kvpool lookup failed, treating as a miss: %s", exc)
+            stored = 0
+        size = self._block_tokens
+        loadable = min(stored, (len(tokens) - 1) // size)  # vLLM computes at least one token
+        tracked = _Request(hashes=hashes, stored=stored, prompt_tokens=len(tokens))
+        self._requests[request.request_id] = tracked
+        local = num_computed_tokens // size
+        if loadable <= local or loadable * size <= num_computed_tokens:
+            return 0, False
+        run = CachedRun(size, len(tokens), local, 0, loadable - local, self._block_bytes)
+        plan = choose(run, self._estimates, self.settings.plan)
+        self._estimates.observe_plan(plan.kind)
+        self._stats.add("plans", 1)
+        if plan.kind == "recompute":
+            return 0, False
+        # vLLM loads a contiguous run after its own prefix: a split's recomputed head cannot be
+        # expressed, so a split is loaded whole (its prediction already beat recompute).
+        tracked.load = (local, loadable, num_computed_tokens)
+        return loadable * size - num_computed_tokens, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int):
+        tracked = self._requests.get(request.request_id)
+        if tracked is not None and num_external_tokens == 0:
+            tracked.load = None
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        meta = KVPoolMetadata()
+        scheduled = scheduler_output.num_scheduled_tokens
+        prefills = 0
+        for new in scheduler_output.scheduled_new_reqs:
+            tracked = self._requests.get(new.req_id)
+            if tracked is None:
+                continue
+            tracked.engine_blocks = list(new.block_ids[0])
+            if tracked.load is not None:
+                first, end, skip = tracked.load
+                meta.loads.append(
+                    _Load(new.req_id, [bytes(h) for h in tracked.hashes[first:end]], first,
+                          tracked.engine_blocks, skip - first * self._block_tokens)
+                )  # fmt: skip
+                tracked.load = None
+            end = new.num_computed_tokens + scheduled.get(new.req_id, 0)
+            prefills += self._plan_saves(tracked, end, meta)
+            meta.step_end = max(meta.step_end, end)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            tracked = self._requests.get(req_id)
+            if tracked is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if new_blocks is not None:
+                if req_id in cached.resumed_req_ids:  # after a preemption: the whole list
+                    tracked.engine_blocks = list(new_blocks[0])
+                else:
+                    tracked.engine_blocks.extend(new_blocks[0])
+            end = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
+            prefills += self._plan_saves(tracked, end, meta)
+            meta.step_end = max(meta.step_end, end)
+        meta.step_tokens = scheduler_output.total_num_scheduled_tokens
+        meta.single_prefill = len(scheduled) == 1 and prefills == 1
+        return meta
+
+    def _plan_saves(self, tracked: "_Request", end: int, meta: KVPoolMetadata) -> int:
+        """Queue the prompt blocks that tokens [0, end) complete and the store lacks; 1 if the
+        request is still prefilling."""
+        size, per = self._block_tokens, self._block_tokens // self._engine_block
+        complete = min(end, tracked.prompt_tokens) // size
+        first = max(tracked.saved, tracked.stored)
+        if complete > first and len(tracked.engine_blocks) >= complete * per:
+            meta.saves.append(
+                _Save([bytes(h) for h in tracked.hashes[first:complete]],
+                      tracked.engine_blocks[first * per : complete * per])
+            )  # fmt: skip
+            tracked.saved = complete
+        return int(0 < end <= tracked.prompt_tokens)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        stats = getattr(connector_output, "kv_connector_stats", None)
+        if stats is None:
+            return
+        for nbytes, seconds in stats.data.get("fetch", ()):
+            self._estimates.observe_fetch("store", int(nbytes), float(seconds))
+        for tokens, end, seconds in stats.data.get("forward", ()):
+            self._estimates.observe_prefill(int(tokens), int(end), float(seconds))
+
+    def request_finished(self, request: Any, block_ids: list[int]):
+        self._requests.pop(request.request_id, None)
+        return False, None  # saves copy their blocks out during the pass: free them now
+
+    # ---------------------------------------------------------------- worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        g = self._geometry
+        if len(kv_caches) != g.num_layers:
+            raise InvalidArgument(
+                f"kvpool connector: {len(kv_caches)} KV cache tensors for {g.num_layers} layers "
+                "(hybrid and cross-layer caches are not supported)"
+            )
+        self._layout = PagedLayout.of(
+            list(kv_caches.values()), g.num_kv_heads, g.head_dim, self._engine_block,
+            self._block_tokens,
+        )  # fmt: skip
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVPoolMetadata) and self._layout is not None
+        for load in meta.loads:
+            self._load(load)
+        self._forward_started = time.perf_counter()
+
+    def _load(self, load: _Load) -> None:
+        layout, size, per = self._layout, self._block_tokens, self._layout.per_block
+        keys = [block_key(BlockHash(h)) for h in load.hashes]
+        started = time.perf_counter()
+        loaded = nbytes = 0
+        try:
+            found = self._store.get_many(keys)
+        except KvpoolError as exc:
+            log.warning("kvpool load of %d blocks failed, vLLM computes them: %s", len(keys), exc)
+            found = {}
+        for n, (key, block_hash) in enumerate(zip(keys, load.hashes, strict=True)):
+            value = found.get(key)
+            index = load.first_block + n
+            pages = load.engine_blocks[index * per : (index + 1) * per]
+            skip = load.skip if n == 0 else 0
+            try:
+                if value is None:
+                    raise BlockFormatError("missing", f"block {index} is not in the store")
+                block = decode_block(
+                    value, expected_hash=BlockHash(block_hash), geometry=self._geometry,
+                    block_tokens=size,
+                )  # fmt: skip
+            except (BlockFormatError, InvalidArgument) as exc:
+                # This block and every later one are vLLM's to compute (a prefix stops here).
+                end_page = (load.first_block + len(load.hashes)) * per
+                failed = load.engine_blocks[index * per + skip // self._engine_block : end_page]
+                with self._lock:
+                    self._errors.update(failed)
+                    self._stats.add("load_errors", len(load.hashes) - n)
+                log.warning(
+                    "kvpool: %s; vLLM computes %d tokens", exc, len(failed) * self._engine_block
+                )
+                break
+            layout.scatter(block, pages, skip=skip)
+            loaded += size - skip
+            nbytes += len(value)
+        seconds = time.perf_counter() - started
+        with self._lock:
+            self._stats.add("loaded_tokens", loaded)
+            self._stats.add("loaded_bytes", nbytes)
+            self._stats.add("load_s", seconds)
+            if nbytes:
+                self._stats.data["fetch"].append([nbytes, seconds])
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv, before the pass
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any):
+        return  # a kvpool block holds every layer: blocks are cut in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVPoolMetadata) and self._layout is not None
+        if self._forward_started is not None and meta.single_prefill and meta.step_tokens > 1:
+            seconds = time.perf_counter() - self._forward_started
+            with self._lock:
+                self._stats.data["forward"].append([meta.step_tokens, meta.step_end, seconds])
+        self._forward_started = None
+        for save in meta.saves:
+            blocks = self._layout.gather(save.engine_blocks).to("cpu")  # [n, L, 2, H, T, D]
+            batch = [(BlockHash(h), blocks[i]) for i, h in enumerate(save.hashes)]
+            if self._writer.submit(batch):
+                with self._lock:
+                    self._stats.add("saved_blocks", len(batch))
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        with self._lock:
+            errors, self._errors = self._errors, set()
+        return errors
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        with self._lock:
+            if self._stats.is_empty():
+                return None
+            stats, self._stats = self._stats, KVPoolStats()
+        return stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
+        return KVPoolStats(data)
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every queued save is in the store (tests and benches)."""
+        return self._writer.flush(timeout_s)
+
+    def shutdown(self) -> None:
+        if self.role == KVConnectorRole.WORKER:
+            self._writer.close()
+        self._store.close()
+
+
+@dataclass
+class _Request:
+    """The scheduler side's view of one request."""
+
+    hashes: list[BlockHash]
+    stored: int  # leading prompt blocks the store held at lookup
+    prompt_tokens: int
+    saved: int = 0  # leading blocks queued for saving
+    load: tuple[int, int, int] | None = None  # (first block, end block, tokens vLLM has)
+    engine_blocks: list[int] = field(default_factory=list)
