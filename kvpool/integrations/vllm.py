@@ -353,6 +353,8 @@ class KVPoolConnector(KVConnectorBase_V1):
                     block_tokens=size,
                 )  # fmt: skip
             except (BlockFormatError, InvalidArgument) as exc:
+                if value is not None:  # damaged: gone, so that the next save replaces it
+                    self._delete(key)
                 # This block and every later one are vLLM's to compute (a prefix stops here).
                 end_page = (load.first_block + len(load.hashes)) * per
                 failed = load.engine_blocks[index * per + skip // self._engine_block : end_page]
@@ -373,6 +375,12 @@ class KVPoolConnector(KVConnectorBase_V1):
             self._stats.add("load_s", seconds)
             if nbytes:
                 self._stats.data["fetch"].append([nbytes, seconds])
+
+    def _delete(self, key: str) -> None:
+        try:
+            self._store.delete([key])
+        except KvpoolError as exc:
+            log.warning("kvpool: could not delete a damaged block: %s", exc)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete in start_load_kv, before the pass

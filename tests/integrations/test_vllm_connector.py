@@ -1,0 +1,163 @@
+"""Two real vLLM engines, each in a process of its own (the python of `make vllm`'s venv), share
+prompt prefixes through kvpool's connector, a real `kvpool store serve` and a real redis-server.
+
+Engine A computes three prompts and its connector saves their blocks. Then one block of the
+first prompt is damaged in Redis, and engine B, which never saw any of them:
+  - loads the second prompt from the store and answers exactly as A did (fp32 blocks);
+  - answers the first exactly as A did, though a block of it is damaged (a miss, recomputed);
+  - loads nothing for the second prompt under another tenant's cache_salt;
+  - answers the third exactly as A did after the store was killed (every request a plain miss).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.store.client import StoreClient
+from workers.models import load_model, smollm2_cache_path
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+CORPUS = ROOT.parent / "shared" / "corpus"
+TOKEN = "vllm-connector-test-token"
+SECRET = "0123456789abcdef0123456789abcdef"
+
+
+def _prompts() -> list[str]:
+    texts = sorted(CORPUS.glob("*.txt"))[:3] if CORPUS.is_dir() else []
+    if len(texts) < 3:  # the corpus lives beside the checkout; a fresh clone elsewhere has none
+        texts = sorted((ROOT / "docs").glob("*.md"))[:3]
+    return [" ".join(t.read_text().split()[:700]) for t in texts]
+
+
+@pytest.fixture
+def store(redis_server, free_port, tmp_path):
+    port = free_port()
+    env = {**os.environ, "KVPOOL_STORE_AUTH_TOKEN": TOKEN}
+    argv = [sys.executable, "-m", "kvpool.cli", "store", "serve", "--host", "127.0.0.1",
+            "--port", str(port), "--metrics-port", "0", "--backend", redis_server]  # fmt: skip
+    log = open(tmp_path / "store.log", "wb")  # noqa: SIM115 (the process's)
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with StoreClient(f"127.0.0.1:{port}", auth_token=TOKEN, timeout_s=60) as client:
+        client.wait_ready(60)
+    yield proc, f"127.0.0.1:{port}", redis_server
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+
+
+def _engine(tmp_path: Path, name: str, store: str, jobs: list[dict]) -> subprocess.Popen:
+    job = {
+        "model": str(smollm2_cache_path()),
+        "connector": {
+            "store": store,
+            "codec": "raw",
+            "auth_token": TOKEN,
+            "namespace_secret": SECRET,
+            "timeout_s": 2.0,
+        },
+        "jobs": jobs,
+    }
+    (tmp_path / f"{name}.json").write_text(json.dumps(job))
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    return subprocess.Popen(
+        [str(VLLM_PYTHON), "-m", "kvpool.bench.vllm_engine", str(tmp_path / f"{name}.json")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / f"{name}.log", "wb"),
+        text=True,
+    )  # fmt: skip
+
+
+def _results(proc: subprocess.Popen, tmp_path: Path, name: str, timeout_s: float = 600) -> list:
+    out, _ = proc.communicate(timeout=timeout_s)
+    log = (tmp_path / f"{name}.log").read_text()[-4000:]
+    assert proc.returncode == 0, f"engine {name} failed: {log}"
+    return [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert proc.poll() is None, "the engine exited before it got there"
+        assert time.monotonic() < deadline, f"no {path.name} in {timeout_s} s"
+        time.sleep(0.2)
+
+
+def _block_keys(client: redis.Redis) -> set[bytes]:
+    return set(client.scan_iter(match="kvpool:blk:*", count=1000))
+
+
+def _settled_keys(client: redis.Redis, at_least: int, timeout_s: float = 120) -> set[bytes]:
+    """The block keys once the write-behind has put them all (the count stops growing)."""
+    deadline, last, same = time.monotonic() + timeout_s, -1, 0
+    while time.monotonic() < deadline:
+        keys = _block_keys(client)
+        same = same + 1 if len(keys) == last else 0
+        if len(keys) >= at_least and same >= 5:
+            return keys
+        last = len(keys)
+        time.sleep(0.2)
+    raise AssertionError(f"{last} block keys, wanted at least {at_least} and a stable count")
+
+
+def test_two_vllm_engines_share_prefixes_through_kvpool_and_survive_damage_and_outage(
+    store, tmp_path
+):
+    assert VLLM_PYTHON.exists(), "make vllm builds .venv-vllm (make test depends on it)"
+    load_model("smollm2-135m", device="cpu")  # converts the packaged weights once
+    proc, target, redis_url = store
+    first, second, third = _prompts()
+    raw = redis.Redis.from_url(redis_url)
+
+    a = _engine(tmp_path, "a", target, [
+        {"prompt": first, "max_tokens": 12},
+        {"signal": str(tmp_path / "a-first")},
+        {"wait": str(tmp_path / "a-go")},
+        {"prompt": second, "max_tokens": 12},
+        {"prompt": third, "max_tokens": 12},
+    ])  # fmt: skip
+    _wait_for(tmp_path / "a-first", a)
+    first_keys = _settled_keys(raw, at_least=3)
+    (tmp_path / "a-go").touch()
+    a_first, a_second, a_third = _results(a, tmp_path, "a")
+    assert a_first["cached_tokens"] == 0 and a_first["prompt_tokens"] > 3 * 128
+    all_keys = _settled_keys(raw, at_least=len(first_keys) + 6)
+
+    # Damage one block of the first prompt (its payload, past the header): a miss, never used.
+    damaged = sorted(first_keys)[0]
+    value = bytearray(raw.get(damaged))
+    value[-10] ^= 0xFF
+    raw.set(damaged, bytes(value))
+
+    b = _engine(tmp_path, "b", target, [
+        {"prompt": second, "max_tokens": 12},
+        {"prompt": first, "max_tokens": 12},
+        {"prompt": second, "max_tokens": 12, "cache_salt": "another-tenant"},
+        {"signal": str(tmp_path / "b-ready")},
+        {"wait": str(tmp_path / "b-go")},
+        {"prompt": third, "max_tokens": 12},
+    ])  # fmt: skip
+    _wait_for(tmp_path / "b-ready", b)
+    proc.kill()  # the store goes away: B's last prompt is a plain miss
+    proc.wait(30)
+    (tmp_path / "b-go").touch()
+    b_second, b_first, b_other_tenant, b_third = _results(b, tmp_path, "b")
+
+    # A fresh engine loaded A's blocks of the second prompt and gave A's greedy text exactly.
+    assert b_second["cached_tokens"] >= (b_second["prompt_tokens"] - 1) // 128 * 128 > 0
+    assert b_second["token_ids"] == a_second["token_ids"]
+    # The damaged block stopped its prefix: the answer is still A's.
+    assert b_first["token_ids"] == a_first["token_ids"]
+    # Another tenant's request found nothing: not A's blocks, not B's own prefix cache.
+    assert b_other_tenant["cached_tokens"] == 0
+    assert b_other_tenant["token_ids"] == a_second["token_ids"]
+    # With the store dead the request is a miss, with no error and the same answer.
+    assert b_third["cached_tokens"] == 0 and b_third["token_ids"] == a_third["token_ids"]
+    assert len(all_keys) > len(first_keys)
