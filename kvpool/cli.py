@@ -37,6 +37,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
         "kvpool.bench.hitpath",
         "cache hit vs recompute: node tier, store, fetch plan, over shaped links",
     ),
+    (("bench", "vllm"), "kvpool.bench.vllm", "vLLM engines sharing a prompt through kvpool"),
     (("bench", "window"), "kvpool.bench.window", "bounded cache with and without sinks vs full"),
     (
         ("bench", "batch"),

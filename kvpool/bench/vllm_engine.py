@@ -6,7 +6,9 @@ and the connector's tests with the python of `make vllm`'s venv:
 JOB.json: {"model": PATH, "connector": {extra config} | null, "native_offload": false,
 "jobs": [...]}, each job one of
 
-    {"prompt": TEXT, "max_tokens": N, "cache_salt": TENANT (optional)}  -> a result line
+    {"prompt": TEXT or "prompt_token_ids": [...], "max_tokens": N, "cache_salt": TENANT}
+                         -> a result line (cache_salt optional)
+    {"reset_prefix_cache": true}   empty vLLM's own prefix cache (what it offloaded stays)
     {"signal": PATH}     create PATH (the engine is up, or a job before it is done)
     {"wait": PATH}       block until PATH exists (the caller changes the world meanwhile)
 
@@ -66,7 +68,14 @@ def main(argv: list[str]) -> int:
             while not os.path.exists(step["wait"]):
                 time.sleep(0.05)
             continue
-        prompt: dict[str, Any] = {"prompt": step["prompt"]}
+        if step.get("reset_prefix_cache"):
+            llm.reset_prefix_cache()
+            continue
+        prompt: dict[str, Any] = (
+            {"prompt_token_ids": step["prompt_token_ids"]}
+            if "prompt_token_ids" in step
+            else {"prompt": step["prompt"]}
+        )
         if step.get("cache_salt"):
             prompt["cache_salt"] = step["cache_salt"]
         params = SamplingParams(max_tokens=step.get("max_tokens", 16), temperature=0.0)

@@ -192,7 +192,8 @@ class KVPoolConnector(KVConnectorBase_V1):
                 store=self._store,
                 max_pending_blocks=self.settings.max_pending_blocks,
             )
-            self._forward_started: float | None = None
+            self._step_started: float | None = None  # when this step's pass began
+            self._step_load_s = 0.0
         log.info(
             "kvpool connector (%s): store %s, codec %s, %d-token blocks over vLLM's %d, plan %s",
             role.name.lower(), self.settings.store, self._codec, self._block_tokens,
@@ -323,12 +324,20 @@ class KVPoolConnector(KVConnectorBase_V1):
             self._block_tokens,
         )  # fmt: skip
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        # Called before every forward pass. start_load_kv is not a start mark: vLLM calls it
+        # after the pass when the step loads nothing synchronously.
+        super().bind_connector_metadata(connector_metadata)
+        self._step_started = time.perf_counter()
+        self._step_load_s = 0.0
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVPoolMetadata) and self._layout is not None
         for load in meta.loads:
+            started = time.perf_counter()
             self._load(load)
-        self._forward_started = time.perf_counter()
+            self._step_load_s += time.perf_counter() - started
 
     def _load(self, load: _Load) -> None:
         layout, size, per = self._layout, self._block_tokens, self._layout.per_block
@@ -391,11 +400,11 @@ class KVPoolConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVPoolMetadata) and self._layout is not None
-        if self._forward_started is not None and meta.single_prefill and meta.step_tokens > 1:
-            seconds = time.perf_counter() - self._forward_started
+        if self._step_started is not None and meta.single_prefill and meta.step_tokens > 1:
+            seconds = time.perf_counter() - self._step_started - self._step_load_s
             with self._lock:
                 self._stats.data["forward"].append([meta.step_tokens, meta.step_end, seconds])
-        self._forward_started = None
+        self._step_started = None
         for save in meta.saves:
             blocks = self._layout.gather(save.engine_blocks).to("cpu")  # [n, L, 2, H, T, D]
             batch = [(BlockHash(h), blocks[i]) for i, h in enumerate(save.hashes)]
