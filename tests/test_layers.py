@@ -137,3 +137,21 @@ def test_what_the_gateway_imports_from_the_workers_loads_no_torch_at_import():
 def test_importing_the_gateway_leaves_torch_out(module):
     code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_only_the_vllm_connector_imports_vllm():
+    """vLLM lives in a venv of its own (`make vllm`): one module may import it, and the
+    engine runner of its bench and tests, which runs in that venv."""
+    allowed = {"kvpool.integrations.vllm", "kvpool.bench.vllm_engine", "kvpool.bench.vllm"}
+    importers = set()
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            if any(n == "vllm" or n.startswith("vllm.") for n in names):
+                importers.add(module)
+    assert "kvpool.integrations.vllm" in importers
+    assert importers <= allowed, importers - allowed
