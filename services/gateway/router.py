@@ -34,9 +34,11 @@ from kvpool.errors import ResourceExhausted, Unavailable
 class RouterConfig:
     block_tokens: int = 64
     # A full batch (max_in_flight requests; one request when there is no bound) costs as much as
-    # this many cached prefix tokens. GatewaySettings.route_load_penalty_tokens sets it for the
-    # gateway; see there for why its default is what it is.
-    load_penalty_tokens: int = 512
+    # this many cached prefix tokens, each request in it a share. A request in a batch of 8 on
+    # SmolLM2 and these CPUs decodes about 3x slower than alone; 2048 tokens of prefix is about
+    # 6 s of prefill, so a full worker still wins with a long enough prefix. The gateway's
+    # settings take their defaults from here (one default per knob).
+    load_penalty_tokens: int = 2048
     # Block hashes remembered per worker; 4096 blocks of 64 tokens is 256k tokens, about the L1
     # of a worker with a few GiB for SmolLM2-sized blocks.
     record_blocks: int = 4096

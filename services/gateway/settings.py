@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from services.gateway.router import RouterConfig
 from workers.api import ActorResources, WorkerConfig
 from workers.kv.bounds import DEFAULT_SINK_TOKENS
 from workers.node_tier import DEFAULT_NODE_TIER_BYTES
@@ -110,6 +111,9 @@ class GatewayConfig:
             )
 
 
+_ROUTER = RouterConfig()  # the router's defaults are the gateway's: one default per setting
+
+
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
     store_target: str  # HOST:PORT of the KVStore, reachable from the gateway and every worker
@@ -118,10 +122,8 @@ class GatewaySettings:
     pool: PoolConfig = field(default_factory=PoolConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     # Routing: a worker with a full batch (--max-requests-per-worker in flight) costs as much as
-    # this many cached prefix tokens, each request in it a share (router.Router). A request in a
-    # batch of 8 on SmolLM2 and these CPUs decodes about 3x slower than alone; 2048 tokens of
-    # prefix is about 6 s of prefill, so a full worker still wins with a long enough prefix.
-    route_load_penalty_tokens: int = 2048
+    # this many cached prefix tokens (router.RouterConfig says why the default is what it is).
+    route_load_penalty_tokens: int = _ROUTER.load_penalty_tokens
     session_ttl_s: int = 24 * 3600
     store_timeout_s: float = 5.0
     metrics_port: int = 0  # 0: no /metrics endpoint
@@ -160,8 +162,9 @@ class GatewaySettings:
     # a worker, where the wait would count against --token-timeout; the actor's threads leave
     # room for it (PoolConfig.actor_resources).
     max_requests_per_worker: int = 0
-    max_queued_requests: int = 32  # requests waiting for a worker; past it RESOURCE_EXHAUSTED
-    queue_timeout_s: float = 60.0  # the longest a request waits for a worker
+    # Requests waiting for a worker (past it RESOURCE_EXHAUSTED), and the longest one waits.
+    max_queued_requests: int = _ROUTER.max_queued
+    queue_timeout_s: float = _ROUTER.queue_timeout_s
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:

@@ -168,3 +168,13 @@ def test_the_queue_is_bounded_in_length_and_in_time():
     with pytest.raises(ResourceExhausted, match=r"none freed up in 0\.2 s"):
         router.acquire([])
     assert 0.2 <= time.monotonic() - started < 5 and router.queued == 0
+
+
+def test_the_router_and_the_gateway_share_one_default_per_setting():
+    """Issue 22: RouterConfig said 512 where the gateway said 2048 (and tests used the 512)."""
+    from services.gateway.settings import GatewaySettings
+
+    router, gateway = RouterConfig(), GatewaySettings(store_target="127.0.0.1:1")
+    assert gateway.route_load_penalty_tokens == router.load_penalty_tokens == 2048
+    assert gateway.max_queued_requests == router.max_queued
+    assert gateway.queue_timeout_s == router.queue_timeout_s
