@@ -5,6 +5,7 @@ directory in a temporary folder, so it leaves nothing behind and never touches p
 `restart()` brings it back on the same port, which is how the tests simulate a Redis outage.
 """
 
+import random
 import shutil
 import signal
 import socket
@@ -14,12 +15,38 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+# Ray's worker processes listen on 10002-19999 by default; the kernel hands out its ephemeral
+# range (32768-60999 on Linux) to every bind to port 0.
+_LOWEST_PORT = 20000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago, from below the kernel's ephemeral range.
+
+    The port is closed again before its user binds it. A port the kernel picked for us is one it
+    may hand to any other process's bind to port 0 meanwhile: Ray's GCS, raylet and agents bind
+    that way while `kvpool serve` starts, and once one took the gateway's port, so a test's health
+    check reached Ray's server and its Generate got UNIMPLEMENTED. The kernel never hands out a
+    port from below its ephemeral range, so only another caller of this function could take it.
+    """
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(_LOWEST_PORT, low) if low > _LOWEST_PORT + 100 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or lingering): try another
+            return sock.getsockname()[1]
+    raise OSError(f"no free port found in {_LOWEST_PORT}-{low - 1} on 127.0.0.1")
 
 
 class RedisProcess:

@@ -75,7 +75,9 @@ class StoreProcess:
                 if self._proc.poll() is not None:
                     raise RuntimeError(f"kvpool store serve exited with {self._proc.returncode}")
                 try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    reply = health.Check(  # our service, not any server on the port
+                        health_pb2.HealthCheckRequest(service="kvpool.v1.KVStore"), timeout=1
+                    )
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return self
                 except grpc.RpcError:

@@ -60,7 +60,9 @@ def serve(free_port, tmp_path):
                 if proc.poll() is not None:
                     raise AssertionError(f"kvpool serve exited: {log_path.read_text()[-3000:]}")
                 try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    reply = health.Check(  # our service, not any server that answers on the port
+                        health_pb2.HealthCheckRequest(service="kvpool.v1.Inference"), timeout=2
+                    )
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         break
                 except grpc.RpcError:
