@@ -154,8 +154,7 @@ class KVPoolConnector(KVConnectorBase_V1):
                 f"kvpool connector: block_tokens ({self._block_tokens}) must be a multiple of "
                 f"vLLM's block size ({self._engine_block})"
             )
-        kv_dtype = model.dtype if vllm_config.cache_config.cache_dtype == "auto" else None
-        if kv_dtype is None:
+        if vllm_config.cache_config.cache_dtype != "auto":
             raise InvalidArgument(
                 "kvpool connector: a quantized vLLM KV cache (cache_dtype="
                 f"{vllm_config.cache_config.cache_dtype}) is not supported; kvpool's codec "
@@ -165,7 +164,7 @@ class KVPoolConnector(KVConnectorBase_V1):
             num_layers=model.get_num_layers(parallel),
             num_kv_heads=model.get_num_kv_heads(parallel),
             head_dim=model.get_head_size(),
-            dtype=dtype_name(kv_dtype),
+            dtype=dtype_name(model.dtype),  # the KV cache's, with cache_dtype "auto"
         )
         self._codec = self.settings.codec_for(self._geometry.dtype)
         self._fingerprint = model_fingerprint(vllm_config)
@@ -214,10 +213,14 @@ class KVPoolConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int):
         tokens = list(request.prompt_token_ids or ())
-        namespace = self._namespace(request)
-        if namespace is None:
-            return 0, False
-        hashes = chain_hashes(namespace, tokens)
+        earlier = self._requests.get(request.request_id)
+        if earlier is not None:  # asked again while it waits for room: the prompt is the same
+            hashes = earlier.hashes
+        else:
+            namespace = self._namespace(request)
+            if namespace is None:
+                return 0, False
+            hashes = chain_hashes(namespace, tokens)
         try:
             stored = self._store.lookup([block_key(h) for h in hashes])
         except KvpoolError as exc:  # the store is down or slow: a plain miss
