@@ -291,13 +291,14 @@ class WorkerStats:
     cached_store_tokens: int
     computed_tokens: int  # prompt tokens prefilled because no tier had them
     corrupt_blocks: int
-    store_errors: int
+    store_errors: int  # store lookups or reads that failed and were served as misses
     local: LocalStats
     writes: WriteStats
     cached_node_tokens: int = 0
     recomputed_tokens: int = 0
     plans: dict[str, int] = field(default_factory=dict)  # requests by plan kind
     node: NodeTierStats | None = None  # this node's tier, when the worker uses one
+    node_errors: int = 0  # node tier lookups or reads that failed and were served as misses
     estimates: dict[str, float] = field(default_factory=dict)  # the fetch plan's cost model
     # Continuous batching (workers.batch): sequences prefilling or decoding in the batch now,
     # sequences waiting to be admitted, batched decode steps so far, and the largest batch.

@@ -34,6 +34,16 @@ log = logging.getLogger(__name__)
 Decode = Callable[[Any, BlockHash], torch.Tensor]  # encoded value -> [L, 2, H, T, D]
 
 
+@dataclass(frozen=True, slots=True)
+class Tiers:
+    """A worker's tiers below the device, in the order a prefix is looked up in them."""
+
+    local: LocalBlocks  # L1: this worker's decoded blocks
+    node: NodeTier | None = None  # L2: the node's shared memory, where the worker has one
+    store: BlockStore | None = None  # L3: the KVStore
+    estimates: Estimates | None = None  # fed with every lookup's and fetch's timing
+
+
 @dataclass(slots=True)
 class Located:
     """Where the prefix of a chain of hashes is cached; nothing fetched yet but L1's blocks."""
@@ -41,7 +51,8 @@ class Located:
     local: list[torch.Tensor]  # L1's leading run, each [layers, 2, kv_heads, block_tokens, dim]
     node_refs: list[Any] = field(default_factory=list)  # the node tier's run after L1
     store_blocks: int = 0  # the store's run after those
-    store_error: bool = False  # a tier could not be reached: the prefix may be short
+    node_error: bool = False  # the node tier could not be reached: the prefix may be short
+    store_error: bool = False  # the store could not be reached: the prefix may be short
 
     @property
     def cached_blocks(self) -> int:
@@ -50,9 +61,12 @@ class Located:
 
 @dataclass(slots=True)
 class Fetched:
+    """What `fetch_run` brought: blocks per tier, refused blocks, tiers that failed."""
+
     node_blocks: int = 0
     store_blocks: int = 0
     corrupt_blocks: int = 0
+    node_error: bool = False
     store_error: bool = False
 
     @property
@@ -131,29 +145,25 @@ class Keeper(Protocol):
     ) -> bool: ...
 
 
-def locate(
-    hashes: Sequence[BlockHash],
-    local: LocalBlocks,
-    node: NodeTier | None,
-    store: BlockStore | None,
-    estimates: Estimates | None = None,
-) -> Located:
-    found = Located(local.prefix(hashes))
+def locate(hashes: Sequence[BlockHash], tiers: Tiers) -> Located:
+    """How far each tier holds the prefix of `hashes`, in order; only L1's blocks are taken."""
+    found = Located(tiers.local.prefix(hashes))
     rest = [block_key(h) for h in hashes[len(found.local) :]]
-    if rest and node is not None:
+    estimates = tiers.estimates
+    if rest and tiers.node is not None:
         started = time.perf_counter()
         try:
-            found.node_refs = node.refs(rest)
+            found.node_refs = tiers.node.refs(rest)
         except Exception as exc:  # the tier's actor is gone or slow: go on without it
             log.warning("node tier lookup failed, treating as a miss: %s", exc)
-            found.store_error = True
+            found.node_error = True
         if estimates is not None:
             estimates.observe_latency("node", time.perf_counter() - started)
         rest = rest[len(found.node_refs) :]
-    if rest and store is not None:
+    if rest and tiers.store is not None:
         started = time.perf_counter()
         try:
-            found.store_blocks = store.lookup(rest)
+            found.store_blocks = tiers.store.lookup(rest)
         except Exception as exc:  # store down or slow: compute instead
             log.warning("store lookup failed, treating as a miss: %s", exc)
             found.store_error = True
@@ -163,29 +173,24 @@ def locate(
 
 
 def fetch_run(
-    found: Located,
-    hashes: Sequence[BlockHash],
-    start: int,
-    node: NodeTier | None,
-    store: BlockStore | None,
-    sink: Sink,
-    estimates: Estimates | None = None,
+    found: Located, hashes: Sequence[BlockHash], start: int, tiers: Tiers, sink: Sink
 ) -> Fetched:
     """Fetch blocks [start, found.cached_blocks) (start >= L1's run) into `sink`, in order.
 
     Store values are handed on as they arrive (`get_iter`), so decoding overlaps the transfer.
     """
     out = Fetched()
+    node, store = tiers.node, tiers.store
     node_start = len(found.local)
     node_end = node_start + len(found.node_refs)
     try:
         whole = True
         if start < node_end and node is not None:
             refs = found.node_refs[start - node_start :]
-            whole = _fetch_node(refs, hashes[start:node_end], node, sink, out, estimates)
+            whole = _fetch_node(refs, hashes[start:node_end], node, sink, out, tiers.estimates)
         first, end = max(start, node_end), found.cached_blocks
         if whole and first < end and store is not None:
-            _fetch_store(hashes[first:end], store, sink, out, estimates)
+            _fetch_store(hashes[first:end], store, sink, out, tiers.estimates)
     finally:
         refused = sink.finish()  # always: an assembly gives back the pinned slots it leased
     if refused is not None:
@@ -207,7 +212,7 @@ def _fetch_node(
         values = node.read(refs)
     except Exception as exc:  # owner gone or object lost: a shorter prefix
         log.warning("node tier read failed, treating as a miss: %s", exc)
-        out.store_error = True
+        out.node_error = True
         return False
     nbytes = 0
     for value, block_hash in zip(values, hashes, strict=True):
@@ -291,12 +296,12 @@ def split_prefix(
     local_blocks: Sequence[torch.Tensor],
     recompute_ids: Sequence[int],
     fetch: Callable[[], tuple[Fetched, Assembly]],
-) -> tuple[DynamicCache, Fetched, float]:
+) -> tuple[DynamicCache, Fetched]:
     """Recompute `recompute_ids` after L1's blocks while `fetch` runs on a thread; join both.
 
     Exact: the fetched blocks' K and V depend only on the tokens before them, which the cache
     holds once the recompute is done. Returns the joined cache, what was fetched (a short fetch
-    leaves a shorter prefix, still contiguous) and the seconds the recompute took.
+    leaves a shorter prefix, still contiguous).
     """
     result: list[tuple[Fetched, Assembly]] = []
     failure: list[BaseException] = []
@@ -317,14 +322,12 @@ def split_prefix(
 
     thread = threading.Thread(target=run, name="kvpool-split-fetch", daemon=True)
     thread.start()
-    started = time.perf_counter()
     cache = blocks_to_cache(local_blocks, model.config)
     if recompute_ids:
         input_ids = torch.tensor([list(recompute_ids)], device=device)  # [1, recomputed]
         model(
             input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache}
         )
-    recompute_s = time.perf_counter() - started
     thread.join()
     if side is not None:
         current = torch.cuda.current_stream(device)
@@ -337,4 +340,4 @@ def split_prefix(
     if assembly.blocks:
         for index, (keys, values) in enumerate(assembly.layers()):
             cache.update(keys, values, index)  # appends: one copy, onto the recomputed blocks
-    return cache, fetched, recompute_s
+    return cache, fetched

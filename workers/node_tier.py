@@ -105,8 +105,8 @@ class NodeTierActor:
                 self._puts += 1
         return kept
 
-    def refs(self, keys: Sequence[str], leading: bool = True) -> list[Any]:
-        """The refs of `keys` held here: the leading run (`leading`), or each one (None if not).
+    def refs(self, keys: Sequence[str]) -> list[Any]:
+        """The refs of the leading run of `keys` held here.
 
         Returned inside a list, so Ray hands the caller references, not the values.
         """
@@ -114,12 +114,11 @@ class NodeTierActor:
         with self._lock:
             for key in keys:
                 ref = self._lru.get(key)
-                if ref is None and leading:
+                if ref is None:
                     break
                 found.append(ref)
-            hits = sum(ref is not None for ref in found)
-            self._hits += hits
-            self._misses += len(keys) - hits
+            self._hits += len(found)
+            self._misses += len(keys) - len(found)
         return found
 
     def delete(self, keys: Sequence[str]) -> int:
@@ -216,12 +215,13 @@ class NodeTier:
             return None
         return cls(handle, node_id, timeout_s)
 
-    def refs(self, keys: Sequence[str], leading: bool = True) -> list[Any]:
+    def refs(self, keys: Sequence[str]) -> list[Any]:
+        """The refs of the leading run of `keys` that the node's tier holds."""
         if not keys:
             return []
         import ray
 
-        return list(ray.get(self._handle.refs.remote(list(keys), leading), timeout=self._timeout_s))
+        return list(ray.get(self._handle.refs.remote(list(keys)), timeout=self._timeout_s))
 
     def read(self, refs: Sequence[Any]) -> list[Any]:
         """The values of `refs` (read-only numpy uint8 arrays mapped from shared memory)."""

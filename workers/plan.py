@@ -231,8 +231,12 @@ class CachedRun:
         return self.local_blocks + self.node_blocks + self.store_blocks
 
 
-def choose(run: CachedRun, estimates: Estimates, mode: str = "auto") -> Plan:
-    """The plan with the lowest predicted time to first token (or the one `mode` forces)."""
+def choose(run: CachedRun, estimates: Estimates, mode: str = "auto", splits: bool = True) -> Plan:
+    """The plan with the lowest predicted time to first token (or the one `mode` forces).
+
+    With `splits` False (a cache the engine must build in chunks: a native sliding window or a
+    windowed request), only fetch and recompute are weighed.
+    """
     check_mode(mode)
     local, cached, size = run.local_blocks, run.cached_blocks, run.block_tokens
     if cached == local:
@@ -256,7 +260,7 @@ def choose(run: CachedRun, estimates: Estimates, mode: str = "auto") -> Plan:
         return Plan("fetch", local, predicted)
     factor = estimates.split_factor()
     best, best_s, overlap = local, predicted["fetch"], 0.0
-    for split in range(local + 1, cached):
+    for split in range(local + 1, cached if splits else local + 1):
         phase = max(estimates.prefill_s(local * size, split * size), fetch_s(split))
         ttft = phase * factor + rest
         if ttft < best_s:

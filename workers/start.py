@@ -1,207 +1,228 @@
 """Where a sequence starts: the cache rebuilt from the tiers, per the fetch plan.
 
-A plain cache follows the fetch plan (workers.plan): fetch the cached prefix, recompute it, or
-both at once. A windowed request or a model with a native sliding window starts on a block
-boundary from the sink and recent-window blocks (workers.window). Split from `KVWorker` so the
-worker orchestrates and this module owns the hit path's choices.
+Every request finds its start one way: `locate` asks each tier how far the prompt's prefix goes,
+the fetch plan (workers.plan) chooses to fetch it, recompute it, or both at once, and
+`fetch_run` brings what the plan fetches (workers.fetch). A model with a native sliding window,
+or a windowed request, starts on a block boundary before the last token and never splits (its
+cache is rebuilt by the engine's chunked prefill); a windowed request first tries the sink and
+recent-window blocks at its latest boundary (workers.window). What the start came to is one
+`PrefixHit` (workers.hit), which the worker turns into usage.
 """
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from transformers import DynamicCache
 
 from workers.api import WorkerConfig
 from workers.engine import Engine
-from workers.fetch import Assembled, Fetched, Keeper, fetch_run, locate, split_prefix
+from workers.fetch import (
+    Assembled,
+    Decode,
+    Decoded,
+    Fetched,
+    Keeper,
+    Located,
+    Tiers,
+    fetch_run,
+    locate,
+    split_prefix,
+)
+from workers.hit import PrefixHit
 from workers.kv.assembly import Assembly
-from workers.kv.block import Staging
 from workers.kv.bounds import CacheWindow
-from workers.kv.hashing import BlockHash, block_key
-from workers.kv.layout import blocks_to_cache
+from workers.kv.hashing import BlockHash
+from workers.kv.staging import PinnedRing
 from workers.models import LoadedModel
-from workers.node_tier import NodeTier
-from workers.plan import CachedRun, Estimates, choose
-from workers.prefix import CachedPrefix, find_blocks, find_prefix
-from workers.tiers import BlockStore, LocalBlocks
+from workers.plan import CachedRun, Plan, choose
 from workers.window import rebuild
 
-
-class _Worker(Protocol):
-    """What a start is found with: the worker's model, tiers, estimates and counters."""
-
-    config: WorkerConfig
-    engine: Engine
-    loaded: LoadedModel
-    local: LocalBlocks
-    node: NodeTier | None
-    store: BlockStore | None
-    estimates: Estimates
-
-    staging: Staging | None  # pinned host memory for block payloads bound for a GPU
-    writer: Keeper  # takes copies of fetched blocks for L1 and the node tier, in the background
-
-    def decode_stored(self, data: bytes, block_hash: BlockHash) -> torch.Tensor: ...
-
-    def count(self, **deltas: int) -> None: ...
-
-
 log = logging.getLogger(__name__)
+
+Count = Callable[..., None]  # the worker's counters: count(corrupt_blocks=1, ...)
 
 
 @dataclass(frozen=True, slots=True)
 class Start:
-    """A cache to continue from, the tokens it stands for, and how many came from L1."""
+    """A cache to continue from (None: prefill from the first token) and what it came to."""
 
-    past: DynamicCache | None = None
-    tokens: int = 0
-    local_tokens: int = 0
-    node_tokens: int = 0
-    plan: str = "none"
-    recomputed_tokens: int = 0  # in `past` (a split) or left to the engine (recompute)
-    # The prefix's first tokens that the node tier or the store already holds, fetched or not:
-    # their blocks, once computed again, go to L1 only (writing them back would only load the
-    # link the plan chose to avoid).
-    stored_tokens: int = 0
+    past: DynamicCache | None
+    hit: PrefixHit
+
+
+@dataclass(frozen=True, slots=True)
+class HitPath:
+    """What a start is found with: the worker's tiers, its model and what takes fetched runs."""
+
+    tiers: Tiers
+    engine: Engine
+    config: WorkerConfig
+    decode: Decode  # an encoded block to its tensor, verified (the windowed path's blocks)
+    writer: Keeper  # takes copies of fetched blocks for L1 and the node tier, in the background
+    count: Count
+    block_bytes: int  # one encoded block, header included: the plan's weight
+    staging: PinnedRing | None = None  # pinned host memory for block payloads bound for a GPU
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.engine.loaded
 
 
 class Starts:
     """Finds a request's start in the tiers of one worker (its L1, node tier and store)."""
 
-    def __init__(self, worker: _Worker, block_bytes: int) -> None:
-        self.w = worker
-        self.block_bytes = block_bytes  # one encoded block, header included: the plan's weight
-
-    def cached_prefix(self, hashes: Sequence[BlockHash]) -> CachedPrefix:
-        prefix = find_prefix(hashes, self.w.local, self.w.store, self.w.decode_stored, self.w.node,
-                             self.w.estimates)  # fmt: skip
-        if prefix.corrupt_blocks or prefix.store_error:
-            self.w.count(corrupt_blocks=prefix.corrupt_blocks, store_errors=int(prefix.store_error))
-        return prefix
+    def __init__(self, path: HitPath) -> None:
+        self.p = path
+        self.size = path.config.block_tokens
 
     def find(
         self,
-        hashes: list[BlockHash],
-        window: CacheWindow | None,
-        length: int,
-        sequence: Sequence[int] | None = None,
+        hashes: Sequence[BlockHash],
+        sequence: Sequence[int],
+        window: CacheWindow | None = None,
         plan_mode: str = "",
-    ) -> "Start":
-        """Where to start a sequence of `length` tokens: the cache rebuilt from stored blocks.
-
-        A plain cache (no window, no native sliding window) whose `sequence` is given follows
-        the fetch plan (workers.plan): fetch the cached prefix, recompute it, or both at once.
+    ) -> Start:
+        """Where to start `sequence` (its full blocks' chain `hashes`): the cache rebuilt from
+        the tiers, per the plan `plan_mode` (or the worker's own).
 
         Plain caches start after the longest cached prefix. A model with a native sliding
         window, or a windowed request, starts on a block boundary before the last token, since
         its cache cannot be cropped back. A windowed request needs only the sink blocks and the
         recent window's blocks at the latest such boundary; when one of those is missing, it
-        falls back to the plain prefix before the first eviction and recomputes the rest.
+        falls back to the plain prefix before the first eviction and computes the rest.
         """
-        block_tokens = self.w.config.block_tokens
+        chunked = window is not None or self.p.engine.native_window is not None
         usable = len(hashes)
-        if window is not None or self.w.engine.native_window is not None:
-            usable = min(usable, (length - 1) // block_tokens)
+        if chunked:
+            usable = min(usable, (len(sequence) - 1) // self.size)
         if window is not None:
-            boundary = self._window_boundary(hashes[:usable], window)
-            if boundary:
-                needed = window.blocks_for_state(boundary)
-                found = find_blocks({i: hashes[i] for i in needed}, self.w.local, self.w.store,
-                                    self.w.decode_stored, self.w.node)  # fmt: skip
-                if found.corrupt_blocks or found.store_error:
-                    self.w.count(corrupt_blocks=found.corrupt_blocks,
-                                store_errors=int(found.store_error))  # fmt: skip
-                if len(found.blocks) == len(needed):
-                    past = rebuild(found.blocks, boundary, window, self.w.engine.rerotator(),
-                                   self.w.loaded.model.config)  # fmt: skip
-                    tokens = boundary * block_tokens
-                    local = tokens if found.local_blocks == len(needed) else 0
-                    return Start(past, tokens, local, plan="fetch")
+            windowed = self._windowed(hashes[:usable], window)
+            if windowed is not None:
+                return windowed
             usable = min(usable, window.plain_blocks)  # the blocks before the first eviction
-        if window is None and self.w.engine.native_window is None and sequence is not None:
-            return self._planned(hashes[:usable], sequence, plan_mode or self.w.config.fetch_plan)
-        prefix = self.cached_prefix(hashes[:usable])
-        if not prefix.blocks:
-            return Start()
-        past = blocks_to_cache(prefix.blocks, self.w.loaded.model.config)
-        tokens = len(prefix.blocks) * block_tokens
-        return Start(
-            past, tokens, prefix.local_blocks * block_tokens, prefix.node_blocks * block_tokens,
-            plan="fetch" if prefix.node_blocks + prefix.store_blocks else "none",
-        )  # fmt: skip
+        mode = plan_mode or self.p.config.fetch_plan
+        return self._planned(hashes[:usable], sequence, mode, splits=not chunked)
 
-    def _planned(self, hashes: list[BlockHash], sequence: Sequence[int], mode: str) -> "Start":
+    def _planned(
+        self, hashes: Sequence[BlockHash], sequence: Sequence[int], mode: str, splits: bool
+    ) -> Start:
         """The cache per the fetch plan chosen for this prompt (workers.plan)."""
-        size = self.w.config.block_tokens
-        found = locate(hashes, self.w.local, self.w.node, self.w.store, self.w.estimates)
-        run = CachedRun(
-            block_tokens=size,
-            prompt_tokens=len(sequence),
-            local_blocks=len(found.local),
-            node_blocks=len(found.node_refs),
-            store_blocks=found.store_blocks,
-            block_bytes=self.block_bytes,
-        )
-        plan = choose(run, self.w.estimates, mode)
+        found = locate(hashes, self.p.tiers)
+        run = CachedRun(self.size, len(sequence), len(found.local), len(found.node_refs),
+                        found.store_blocks, self.p.block_bytes)  # fmt: skip
+        plan = self._choose(run, mode, splits)
+        local = run.local_blocks
+        if plan.kind == "split":
+            return self._split(found, hashes, sequence, plan)
+        fetched, into = self._fetch(found, hashes, local, found.local, plan)
+        self._count(found, fetched)
+        past = into.cache(self.p.loaded.model.config) if into.blocks else None
+        recompute = plan.kind == "recompute"
+        hit = PrefixHit(
+            self.size, plan.kind, local, fetched.node_blocks, fetched.store_blocks,
+            recomputed_tokens=(run.cached_blocks - local) * self.size if recompute else 0,
+            # A recompute leaves the located blocks where they are; a short fetch's missing or
+            # refused blocks are written again.
+            stored_blocks=run.cached_blocks if recompute else into.blocks,
+        )  # fmt: skip
+        return Start(past, hit)
+
+    def _choose(self, run: CachedRun, mode: str, splits: bool) -> Plan:
+        estimates = self.p.tiers.estimates
+        assert estimates is not None  # a worker's tiers always carry its estimates
+        plan = choose(run, estimates, mode, splits=splits)
         log.debug(
             "fetch plan %s: %d tokens, cached blocks L1 %d node %d store %d, split at %d, "
-            "predicted %s", plan.kind, len(sequence), run.local_blocks, run.node_blocks,
+            "predicted %s", plan.kind, run.prompt_tokens, run.local_blocks, run.node_blocks,
             run.store_blocks, plan.split_block,
             {k: round(v * 1000, 1) for k, v in plan.predicted_s.items()},
         )  # fmt: skip
-        local = len(found.local)
-
-        def fetch(first: int, base: Sequence[torch.Tensor]) -> tuple[Fetched, Assembly]:
-            """Blocks [first, cached) decoded as they arrive into one assembly, after `base`."""
-            fetching = run.cached_blocks - first if plan.kind != "recompute" else 0
-            into = Assembly(self.w.loaded.geometry, size, len(base) + fetching,
-                            self.w.loaded.device, self.w.staging)  # fmt: skip
-            for block in base:
-                into.add(block)
-            if not fetching:
-                return Fetched(), into
-            sink = Assembled(into, share=self.w.node is not None)
-            fetched = fetch_run(found, hashes, first, self.w.node, self.w.store, sink,
-                                self.w.estimates)  # fmt: skip
-            sink.keep(self.w.writer)  # L1 and the node tier take copies in the background
-            return fetched, into
-
-        recomputed = 0
         if mode == "auto":
-            self.w.estimates.observe_plan(plan.kind)
-        if plan.kind == "split":
-            split = plan.split_block
-            began = time.perf_counter()
-            past, fetched, _ = split_prefix(
-                self.w.loaded.model, found.local, sequence[local * size : split * size],
-                lambda: fetch(split, ()),
-            )  # fmt: skip
-            # How well the recompute and the fetch overlapped, for the next splits' predictions.
-            self.w.estimates.observe_split(plan.overlap_s, time.perf_counter() - began)
-            recomputed = (split - local) * size
-            tokens = (split + fetched.blocks) * size
-        else:
-            if plan.kind == "recompute":
-                recomputed = (run.cached_blocks - local) * size
-            fetched, into = fetch(local, found.local)
-            past = into.cache(self.w.loaded.model.config) if into.blocks else None
-            tokens = into.blocks * size
-        if fetched.corrupt_blocks or fetched.store_error or found.store_error:
-            self.w.count(corrupt_blocks=fetched.corrupt_blocks,
-                        store_errors=int(fetched.store_error or found.store_error))  # fmt: skip
-        return Start(
-            past, tokens, local * size, fetched.node_blocks * size, plan=plan.kind,
-            recomputed_tokens=recomputed,
-            # A recompute leaves the located blocks where they are; a short fetch's missing or
-            # refused blocks are written again.
-            stored_tokens=run.cached_blocks * size if plan.kind == "recompute" else tokens,
-        )  # fmt: skip
+            estimates.observe_plan(plan.kind)
+        return plan
 
-    def _window_boundary(self, hashes: list[BlockHash], window: CacheWindow) -> int:
+    def _fetch(
+        self,
+        found: Located,
+        hashes: Sequence[BlockHash],
+        first: int,
+        base: Sequence[torch.Tensor],
+        plan: Plan,
+    ) -> tuple[Fetched, Assembly]:
+        """Blocks [first, cached) decoded as they arrive into one assembly, after `base`."""
+        fetching = found.cached_blocks - first if plan.kind != "recompute" else 0
+        loaded = self.p.loaded
+        into = Assembly(loaded.geometry, self.size, len(base) + fetching, loaded.device,
+                        self.p.staging)  # fmt: skip
+        for block in base:
+            into.add(block)
+        if not fetching:
+            return Fetched(), into
+        sink = Assembled(into, share=self.p.tiers.node is not None)
+        fetched = fetch_run(found, hashes, first, self.p.tiers, sink)
+        sink.keep(self.p.writer)  # L1 and the node tier take copies in the background
+        return fetched, into
+
+    def _split(
+        self, found: Located, hashes: Sequence[BlockHash], sequence: Sequence[int], plan: Plan
+    ) -> Start:
+        """Recompute blocks [L1's, split) while [split, cached) are fetched (workers.fetch)."""
+        local, split, size = len(found.local), plan.split_block, self.size
+        began = time.perf_counter()
+        past, fetched = split_prefix(
+            self.p.loaded.model, found.local, sequence[local * size : split * size],
+            lambda: self._fetch(found, hashes, split, (), plan),
+        )  # fmt: skip
+        estimates = self.p.tiers.estimates
+        assert estimates is not None
+        # How well the recompute and the fetch overlapped, for the next splits' predictions.
+        estimates.observe_split(plan.overlap_s, time.perf_counter() - began)
+        self._count(found, fetched)
+        hit = PrefixHit(
+            size, "split", local, fetched.node_blocks, fetched.store_blocks,
+            split_blocks=split - local, recomputed_tokens=(split - local) * size,
+            stored_blocks=split + fetched.blocks,
+        )  # fmt: skip
+        return Start(past, hit)
+
+    def _windowed(self, hashes: Sequence[BlockHash], window: CacheWindow) -> Start | None:
+        """The windowed cache at the latest boundary whose blocks the tiers hold, or None."""
+        boundary = self._window_boundary(hashes, window)
+        if not boundary:
+            return None
+        blocks: dict[int, torch.Tensor] = {}
+        tiers = [0, 0, 0]  # blocks from L1, the node tier, the store
+        for first, end in _runs(window.blocks_for_state(boundary)):
+            run = hashes[first:end]
+            found = locate(run, self.p.tiers)
+            decoded = Decoded(self.p.decode, self.p.tiers.local)
+            fetched = fetch_run(found, run, len(found.local), self.p.tiers, decoded)
+            self._count(found, fetched)
+            got = found.local + decoded.blocks
+            if len(got) < len(run):
+                return None  # a block is gone or refused: fall back to the plain prefix
+            blocks.update(zip(range(first, end), got, strict=True))
+            tiers = [tiers[0] + len(found.local), tiers[1] + fetched.node_blocks,
+                     tiers[2] + fetched.store_blocks]  # fmt: skip
+        past = rebuild(blocks, boundary, window, self.p.engine.rerotator(),
+                       self.p.loaded.model.config)  # fmt: skip
+        # A windowed start has no other plan: without its blocks it falls back (above).
+        plan = "fetch" if tiers[1] + tiers[2] else "none"
+        hit = PrefixHit(self.size, plan, tiers[0], tiers[1], tiers[2],
+                        window_tokens=boundary * self.size)  # fmt: skip
+        return Start(past, hit)
+
+    def _count(self, found: Located, fetched: Fetched) -> None:
+        node = int(found.node_error or fetched.node_error)
+        store = int(found.store_error or fetched.store_error)
+        if fetched.corrupt_blocks or node or store:
+            self.p.count(corrupt_blocks=fetched.corrupt_blocks, node_errors=node,
+                         store_errors=store)  # fmt: skip
+
+    def _window_boundary(self, hashes: Sequence[BlockHash], window: CacheWindow) -> int:
         """The latest block boundary after the first eviction whose window is cached, or 0.
 
         The latest boundary is tried first, then earlier ones, as far back as a window's worth of
@@ -217,16 +238,19 @@ class Starts:
         # The recent blocks of every candidate boundary start at or after `low`.
         low = window.first_recent_block(earliest)
         run = hashes[low:latest]
-        present = 0
-        for block_hash in run:  # the leading run held in L1
-            if block_hash not in self.w.local:
-                break
-            present += 1
-        if present < len(run) and self.w.store is not None:
-            try:
-                present = max(present, self.w.store.lookup([block_key(h) for h in run]))
-            except Exception as exc:
-                log.warning("store lookup failed, treating as a miss: %s", exc)
-                self.w.count(store_errors=1)
+        found = locate(run, self.p.tiers)
+        self._count(found, Fetched())
+        present = found.cached_blocks
         boundary = low + present
         return boundary if boundary >= earliest else 0
+
+
+def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted block indices as runs [first, end) of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for index in indices:
+        if runs and runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    return runs

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +35,8 @@ from workers.api import (
 from workers.batch import BatchScheduler, BatchSequence
 from workers.chain import BlockChain, Cutter
 from workers.engine import Engine, Generation
+from workers.fetch import Tiers
+from workers.hit import PrefixHit
 from workers.kv.block import decode_block, encode_block, encoded_bytes_per_token
 from workers.kv.bounds import CacheWindow, requested_window
 from workers.kv.hashing import BlockHash, Namespace, block_key, tenant_salt
@@ -43,7 +45,7 @@ from workers.models import load_model
 from workers.node_tier import NodeTier
 from workers.plan import Estimates
 from workers.prompt import PromptEncoder, tokenizer_files
-from workers.start import Start, Starts
+from workers.start import HitPath, Start, Starts
 from workers.tiers import BlockStore, LocalBlocks, WriteBatch, WriteBehind
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class _Counters:
     plan_split: int = 0
     computed_tokens: int = 0
     corrupt_blocks: int = 0
+    node_errors: int = 0
     store_errors: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -110,11 +113,21 @@ class KVWorker:
             node=self.node,
         )  # fmt: skip
         self._counters = _Counters()
-        self.starts = Starts(self, block_bytes)
+        self._block_bytes = block_bytes
+        self.use_estimates(self.estimates)
         # One thread runs every batched sequence's forward passes (workers.batch).
         self.scheduler = BatchScheduler(self.engine, config.max_batch, config.max_batch_tokens)
         self._cancelled: dict[str, None] = {}  # insertion-ordered, bounded
         self._cancel_lock = threading.Lock()
+
+    def use_estimates(self, estimates: Estimates) -> None:
+        """Plan with `estimates` from now on (tests pin the plan's inputs this way)."""
+        self.estimates = estimates
+        tiers = Tiers(self.local, self.node, self.store, estimates)
+        self.starts = Starts(
+            HitPath(tiers, self.engine, self.config, self.decode_stored, self.writer, self.count,
+                    self._block_bytes, self.staging)
+        )  # fmt: skip
 
     # --- what the gateway asks ---------------------------------------------------------------
 
@@ -164,105 +177,101 @@ class KVWorker:
                 f"own), got {request.fetch_plan!r}"
             )
         start = (
-            self.starts.find(hashes, window, len(sequence), sequence, request.fetch_plan)
+            self.starts.find(hashes, sequence, window, request.fetch_plan)
             if request.read_cache
-            else Start()
+            else Start(None, PrefixHit(self.config.block_tokens))
         )
-        chunked = window is not None or self.engine.native_window is not None
-        size = self.config.block_tokens
-        submit = self._submitter(hashes[: start.stored_tokens // size])
-        cutter = Cutter(chain, start.tokens // size, submit)
-        prefilling = True
+        hit = start.hit
+        submit = self._submitter(hashes[: hit.stored_blocks])
+        cutter = Cutter(chain, hit.tokens // self.config.block_tokens, submit)
         deadline = started + request.prefill_timeout_s if request.prefill_timeout_s else None
 
         def check() -> None:
             self._check_prefill(request, started, deadline)
 
-        def on_forward(generation: Generation) -> None:
-            cutter(generation)
-            if prefilling:  # a long chunked prefill stops early when it is no longer wanted
-                check()
-
-        batched: BatchSequence | None = None
-        events: Iterable[TokenEvent]
-        if chunked:  # a bounded cache or a native sliding window: decoded alone (workers.batch)
-            generation = self.engine.stream(
-                request.token_ids, request.params, past=start.past,
-                past_tokens=start.tokens if window is not None else None,
-                prior_output=request.prior_output, started=started, window=window,
-                chunk_tokens=self.config.block_tokens, on_forward=on_forward,
-            )  # fmt: skip
-            events = generation
-        else:
+        if window is not None or self.engine.native_window is not None:
+            sequenced: _Solo | BatchSequence = self._solo(
+                request, started, start, window, cutter, check
+            )
+        else:  # the batch scheduler's (workers.batch)
             generation, decoding = self.engine.begin(
                 request.token_ids, request.params, past=start.past,
                 prior_output=request.prior_output, started=started,
             )  # fmt: skip
-            batched = BatchSequence(generation, decoding, cutter, check)
-            events = batched
+            sequenced = BatchSequence(generation, decoding, cutter, check)
+            self.scheduler.submit(sequenced)
         self.count(in_flight=1, requests=1)
-        prefill_started = time.perf_counter()
-        first = True
         try:
-            if batched is not None:
-                self.scheduler.submit(batched)
-            for event in events:
-                prefilling = False
-                if first:  # the engine's prefill of what no tier gave, and the first token
-                    first = False
+            for index, event in enumerate(sequenced):
+                if index == 0:  # the engine's prefill of what no tier gave, and the first token
                     self.estimates.observe_prefill(
-                        len(sequence) - start.tokens,
-                        len(sequence),
-                        batched.prefill_s
-                        if batched is not None
-                        else time.perf_counter() - prefill_started,
+                        len(sequence) - hit.tokens, len(sequence), sequenced.prefill_s
                     )
-                yield event  # first, so that cutting blocks never delays a token
-                if batched is None:
-                    cutter(generation)
+                yield event
                 if self._take_cancel(request.request_id):
                     return
-            if batched is None:
-                cutter(generation)
         except _Cancelled:
             return
         finally:
-            if batched is not None:
-                batched.cancel()  # a no-op once it ended; else it leaves at the next step
+            sequenced.cancel()  # a no-op once it ended; else it leaves at the next step
             self.count(in_flight=-1)
+        yield self._done(sequenced.generation, len(sequence), hit)
+
+    def _solo(
+        self,
+        request: WorkRequest,
+        started: float,
+        start: Start,
+        window: CacheWindow | None,
+        cutter: Cutter,
+        check: Callable[[], None],
+    ) -> "_Solo":
+        """A bounded cache or a native sliding window: decoded alone, prefilled in chunks."""
+        solo = _Solo(cutter)
+
+        def on_forward(generation: Generation) -> None:
+            cutter(generation)
+            if solo.prefilling:  # a long chunked prefill stops early when it is not wanted
+                check()
+
+        solo.generation = self.engine.stream(
+            request.token_ids, request.params, past=start.past,
+            past_tokens=start.hit.tokens if window is not None else None,
+            prior_output=request.prior_output, started=started, window=window,
+            chunk_tokens=self.config.block_tokens, on_forward=on_forward,
+        )  # fmt: skip
+        return solo
+
+    def _done(self, generation: Generation, sequence_tokens: int, hit: PrefixHit) -> WorkDone:
+        """The generation's result and usage, counted; `hit` is where its start came from."""
         result = generation.result
         if result is None:  # pragma: no cover - the engine sets it before its iterator ends
             raise RuntimeError("generation ended without a result")
-        # The engine may recompute the last cached token; a split's recomputed blocks are in
-        # its past but came from no tier.
-        in_past = start.recomputed_tokens if start.plan == "split" else 0
-        cached = max(0, result.usage.cached_tokens - in_past)
-        local = min(cached, start.local_tokens)
-        node = min(cached - local, start.node_tokens)
+        tiers = hit.by_tier(result.usage.cached_tokens)
         self.count(
-            cached_local_tokens=local,
-            cached_node_tokens=node,
-            cached_store_tokens=cached - local - node,
-            computed_tokens=max(0, len(sequence) - cached),
-            recomputed_tokens=start.recomputed_tokens,
-            **{f"plan_{start.plan}": 1},
+            cached_local_tokens=tiers.local,
+            cached_node_tokens=tiers.node,
+            cached_store_tokens=tiers.store,
+            computed_tokens=max(0, sequence_tokens - tiers.total),
+            recomputed_tokens=hit.recomputed_tokens,
+            **{f"plan_{hit.plan}": 1},
         )
-        yield WorkDone(
+        return WorkDone(
             finish_reason=result.finish_reason,
             token_ids=tuple(result.token_ids),
             text=result.text,
             usage=WorkUsage(
                 prompt_tokens=result.usage.prompt_tokens,
-                cached_local_tokens=local,
-                cached_store_tokens=cached - local - node,
+                cached_local_tokens=tiers.local,
+                cached_store_tokens=tiers.store,
                 completion_tokens=result.usage.completion_tokens,
                 ttft_ms=result.usage.ttft_ms,
                 tokens_per_s=result.usage.tokens_per_s,
                 worker=self.worker_id,
                 evicted_tokens=result.usage.evicted_tokens,
-                cached_node_tokens=node,
-                plan=start.plan,
-                recomputed_tokens=start.recomputed_tokens,
+                cached_node_tokens=tiers.node,
+                plan=hit.plan,
+                recomputed_tokens=hit.recomputed_tokens,
             ),
         )
 
@@ -270,12 +279,12 @@ class KVWorker:
         """Compute and store the full blocks of `token_ids`; returns once they are stored."""
         chain = BlockChain(self.namespace(tenant), None)
         hashes = chain.hashes(token_ids)
-        start = self.starts.find(hashes, None, len(token_ids))
+        start = self.starts.find(hashes, token_ids)
         chunked = self.engine.native_window is not None
         # This call's own blocks, written here once computed: waiting on the shared write-behind
         # queue would also wait for every other request's blocks.
         batches: list[WriteBatch] = []
-        cutter = Cutter(chain, start.tokens // self.config.block_tokens, batches.append)
+        cutter = Cutter(chain, start.hit.tokens // self.config.block_tokens, batches.append)
         generation = self.engine.stream(
             token_ids, SamplingParams(max_new_tokens=1), past=start.past,
             chunk_tokens=self.config.block_tokens if chunked else None,
@@ -294,7 +303,7 @@ class KVWorker:
         return PrefillResult(
             prompt_tokens=len(token_ids),
             stored_tokens=present * block_tokens,
-            cached_tokens=start.tokens,
+            cached_tokens=start.hit.by_tier(start.hit.tokens).total,
             worker=self.worker_id,
         )
 
@@ -362,6 +371,7 @@ class KVWorker:
                 computed_tokens=c.computed_tokens,
                 corrupt_blocks=c.corrupt_blocks,
                 store_errors=c.store_errors,
+                node_errors=c.node_errors,
                 local=self.local.stats(),
                 writes=self.writer.stats(),
                 cached_node_tokens=c.cached_node_tokens,
@@ -421,6 +431,32 @@ class KVWorker:
         with c.lock:
             for name, delta in deltas.items():
                 setattr(c, name, getattr(c, name) + delta)
+
+
+class _Solo:
+    """A sequence decoded alone, in the request's thread: its blocks are cut after each token."""
+
+    generation: Generation
+
+    def __init__(self, cutter: Cutter) -> None:
+        self._cutter = cutter
+        self.prefilling = True
+        self.prefill_s = 0.0  # until the first token: the engine's prefill and its sampling
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        began = time.perf_counter()
+        try:
+            for event in self.generation:
+                if self.prefilling:
+                    self.prefilling = False
+                    self.prefill_s = time.perf_counter() - began
+                yield event  # first, so that cutting blocks never delays a token
+                self._cutter(self.generation)
+        finally:
+            self._cutter(self.generation)
+
+    def cancel(self) -> None:
+        """Nothing to leave: the request's own thread stops reading."""
 
 
 class _Cancelled(Exception):

@@ -1,4 +1,5 @@
-"""L1, write-behind and prefix lookup, each against a small in-memory stand-in for the store."""
+"""L1, write-behind and the prefix's lookup and fetch (workers.fetch), each against a small
+in-memory stand-in for the store."""
 
 import threading
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 
 from kvpool.errors import DataLoss, Unavailable
+from workers.fetch import Decoded, Tiers, fetch_run, locate
 from workers.kv.hashing import BlockHash, Namespace, block_key, chain_hashes
-from workers.prefix import find_prefix
 from workers.tiers import LocalBlocks, WriteBehind
 
 NS = Namespace(model_fingerprint="f" * 64, codec="fp16", block_tokens=4)
@@ -150,16 +151,25 @@ def test_write_behind_survives_a_failing_store():
     writer.close()
 
 
+def find_prefix(h, local, store, decode):
+    """The worker's lookup then fetch of a whole cached prefix, decoded block by block."""
+    tiers = Tiers(local, None, store)
+    found = locate(h, tiers)
+    decoded = Decoded(decode, local)
+    fetched = fetch_run(found, h, len(found.local), tiers, decoded)
+    return found, fetched, found.local + decoded.blocks
+
+
 def test_prefix_takes_l1_first_then_one_lookup_for_the_rest():
     store, local = DictStore(), LocalBlocks(1 << 20)
     h = hashes(4)
     local.put(h[0], block(0.0))
     for i in (1, 2):
         store.data[block_key(h[i])] = encode(block(float(i)), h[i])
-    prefix = find_prefix(h, local, store, decode)
-    assert (prefix.local_blocks, prefix.store_blocks) == (1, 2)
+    found, fetched, blocks = find_prefix(h, local, store, decode)
+    assert (len(found.local), fetched.store_blocks) == (1, 2)
     assert store.lookups == 1
-    assert [float(b[0, 0, 0, 0, 0]) for b in prefix.blocks] == [0.0, 1.0, 2.0]
+    assert [float(b[0, 0, 0, 0, 0]) for b in blocks] == [0.0, 1.0, 2.0]
     assert h[1] in local and h[2] in local  # fetched blocks now live in L1 too
 
 
@@ -169,8 +179,8 @@ def test_prefix_refuses_a_corrupt_block_deletes_it_and_stops_there():
     store.data[block_key(h[0])] = encode(block(0.0), h[0])
     store.data[block_key(h[1])] = encode(block(1.0), h[2])  # a value stored under the wrong key
     store.data[block_key(h[2])] = encode(block(2.0), h[2])
-    prefix = find_prefix(h, local, store, decode)
-    assert prefix.store_blocks == 1 and prefix.corrupt_blocks == 1
+    _, fetched, blocks = find_prefix(h, local, store, decode)
+    assert fetched.store_blocks == 1 and fetched.corrupt_blocks == 1 and len(blocks) == 1
     assert store.deleted == [block_key(h[1])] and block_key(h[1]) not in store.data
 
 
@@ -179,11 +189,14 @@ def test_prefix_is_a_miss_not_an_error_when_the_store_is_down():
     store.fail = True
     h = hashes(2)
     local.put(h[0], block(0.0))
-    prefix = find_prefix(h, local, store, decode)
-    assert prefix.local_blocks == 1 and prefix.store_blocks == 0 and prefix.store_error
+    found, fetched, blocks = find_prefix(h, local, store, decode)
+    assert len(found.local) == 1 and fetched.store_blocks == 0 and found.store_error
+    assert not found.node_error and len(blocks) == 1
 
 
 @pytest.mark.parametrize("with_store", [True, False])
 def test_prefix_of_nothing_is_empty(with_store):
-    prefix = find_prefix([], LocalBlocks(1 << 20), DictStore() if with_store else None, decode)
-    assert prefix.blocks == () and not prefix.store_error
+    found, fetched, blocks = find_prefix(
+        [], LocalBlocks(1 << 20), DictStore() if with_store else None, decode
+    )
+    assert blocks == [] and not found.store_error and not fetched.store_error

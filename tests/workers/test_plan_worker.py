@@ -20,7 +20,7 @@ def rigged_for_split(worker) -> Estimates:
     est = Estimates("cpu", weight=1.0)
     est.observe_prefill(1000, 128, 1.0)  # 1 ms per token: 16 ms per block
     est.observe_latency("store", 0.0)
-    est.observe_fetch("store", worker.starts.block_bytes * 100, 1.6)  # 16 ms per block
+    est.observe_fetch("store", worker.starts.p.block_bytes * 100, 1.6)  # 16 ms per block
     return est
 
 
@@ -40,7 +40,7 @@ def test_a_split_matches_a_miss_and_a_full_fetch(workers):
     miss = run(a, WorkRequest(prompt, params, read_cache=False))
     assert a.flush(10)
 
-    b.estimates = rigged_for_split(b)
+    b.use_estimates(rigged_for_split(b))
     split = run(b, WorkRequest(prompt, params))
     assert split.usage.plan == "split"
     assert 0 < split.usage.recomputed_tokens < 8 * BLOCK
@@ -72,7 +72,7 @@ def test_a_split_keeps_l1_blocks_and_recomputes_only_after_them(workers):
     assert a.flush(10)
     b.forget_local()
     run(b, WorkRequest(prompt[: 2 * BLOCK + 1], params, fetch_plan="fetch"))  # L1: 2 blocks
-    b.estimates = rigged_for_split(b)
+    b.use_estimates(rigged_for_split(b))
     split = run(b, WorkRequest(prompt, params))
     assert split.usage.plan == "split"
     assert split.usage.cached_local_tokens == 2 * BLOCK
