@@ -181,6 +181,26 @@ class WorkRequest:
     prefill_timeout_s: float = 0.0
     fetch_plan: str = ""  # "" uses the worker's --fetch-plan; else auto | fetch | recompute
 
+    def __post_init__(self) -> None:
+        """What needs no model; the worker checks the rest against its model (`check_fits`)."""
+        if not self.token_ids:
+            raise InvalidArgument("prompt is empty; give at least one token")
+        if len(self.prior_output) >= self.params.max_new_tokens:
+            raise InvalidArgument(
+                f"prior_output has {len(self.prior_output)} tokens, not below "
+                f"max_new_tokens={self.params.max_new_tokens}"
+            )
+        if self.fetch_plan and self.fetch_plan not in PLAN_MODES:
+            raise InvalidArgument(
+                f"fetch_plan must be one of {', '.join(PLAN_MODES)} (or empty for the worker's "
+                f"own), got {self.fetch_plan!r}"
+            )
+        if self.max_cache_tokens < 0 or self.sink_tokens < 0 or self.prefill_timeout_s < 0:
+            raise InvalidArgument(
+                "max_cache_tokens, sink_tokens and prefill_timeout_s must be >= 0, got "
+                f"{self.max_cache_tokens}, {self.sink_tokens} and {self.prefill_timeout_s}"
+            )
+
 
 class PrefillTimeout(ResourceExhausted):
     """A request's prefill ran past its deadline: the request fails, its worker stays.
@@ -280,6 +300,9 @@ class WriteStats:
     dropped: int  # blocks not queued because the queue was full
     failed: int  # blocks whose put failed (store down): a later miss, never a request error
     pending: int  # blocks waiting in the queue or being written
+    # Copies of fetched blocks that L1 and the node tier did not take because the queue was
+    # full: nothing was lost (the store holds them), a later request fetches them again.
+    dropped_copies: int = 0
 
 
 @dataclass(frozen=True, slots=True)

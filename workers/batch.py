@@ -220,12 +220,10 @@ class BatchScheduler:
                 raise _Gone
             sequence.check()
             began = time.perf_counter()
-            out = self.engine.model(
-                input_ids=torch.tensor([chunk], device=self.engine.device),  # [1, chunk]
-                use_cache=True,
-                logits_to_keep=1,
-                **{self.engine._cache_arg: generation.cache},
-            )
+            assert generation.cache is not None  # a batched sequence always has one
+            out = self.engine.forward(
+                generation.cache, input_ids=torch.tensor([chunk], device=self.engine.device)
+            )  # [1, chunk] in
             generation.fed_token_ids.extend(chunk)
             sequence.prefill_s += time.perf_counter() - began
             self.stats.prefill_chunks += 1
@@ -288,12 +286,7 @@ class BatchScheduler:
         tokens = [s.decoding.output[-1] for s in self._rows]
         inputs = batch.step_inputs(tokens)
         try:
-            out = self.engine.model(
-                **inputs,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self.engine._cache_arg: batch.cache},
-            )
+            out = self.engine.forward(batch.cache, **inputs)
         except BaseException as exc:  # not one sequence's fault: the whole batch fails
             log.exception("batched forward pass failed for %d sequences", len(self._rows))
             self._fail_all(exc)

@@ -13,6 +13,7 @@ exactly as the original would have, sampled or greedy.
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -51,7 +52,6 @@ class Generation:
 
     cache: DynamicCache | None  # None in no-cache mode
     fed_token_ids: list[int]  # tokens fed to the model so far, in order (all, evicted included)
-    seed: int | None = None  # the sampling seed in use (drawn at random when none was given)
     window: CacheWindow | None = None  # bounds the cache (workers.window)
     evicted: int = 0  # tokens of fed_token_ids no longer in `cache`
     # Feed the model in chunks ending on multiples of this (None: the whole prefill at once),
@@ -76,6 +76,20 @@ class Generation:
         return self.result
 
 
+@dataclass(frozen=True, slots=True)
+class Feed:
+    """How a generation starts and is fed: its past and its chunks (see `Engine.stream`)."""
+
+    past: DynamicCache | None = None
+    past_tokens: int | None = None
+    prior_output: Sequence[int] = ()
+    use_cache: bool = True
+    started: float | None = None
+    window: CacheWindow | None = None
+    chunk_tokens: int | None = None
+    on_forward: Callable[[Generation], None] | None = None
+
+
 class Engine:
     """Generates text from a loaded model, with or without a KV cache."""
 
@@ -90,6 +104,15 @@ class Engine:
         # The model's own sliding window, when some of its layers attend only to recent tokens.
         self.native_window = native_window(self.model.config)
         self._cache_arg = cache_keyword(self.model)
+
+    def forward(self, cache: DynamicCache, **inputs: Any) -> Any:
+        """One forward pass continuing `cache`, keeping only the last position's logits.
+
+        The one place that names the model's cache argument (workers.models.cache_keyword).
+        logits_to_keep=1: the LM head over a 49k vocabulary for every prompt position would cost
+        more than the rest of a short prefill.
+        """
+        return self.model(use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}, **inputs)
 
     def rerotator(self) -> Rerotator:
         """Re-rotates cached keys; InvalidArgument for a model that cannot be windowed."""
@@ -138,29 +161,17 @@ class Engine:
         end on block boundaries. `chunk_tokens` asks for chunked feeding without a window (for a
         model's native sliding window); `on_forward` runs after every chunk.
         """
-        generation, decoding = self._prepare(
-            prompt_ids, params, past=past, past_tokens=past_tokens, prior_output=prior_output,
-            use_cache=use_cache, started=started, window=window, chunk_tokens=chunk_tokens,
-            on_forward=on_forward,
-        )  # fmt: skip
+        feed = Feed(past, past_tokens, prior_output, use_cache, started, window, chunk_tokens,
+                    on_forward)  # fmt: skip
+        generation, decoding = self._prepare(prompt_ids, params, feed)
         generation._events = self._decode_loop(generation, decoding)
         return generation
 
     def _prepare(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        *,
-        past: DynamicCache | None = None,
-        past_tokens: int | None = None,
-        prior_output: Sequence[int] = (),
-        use_cache: bool = True,
-        started: float | None = None,
-        window: CacheWindow | None = None,
-        chunk_tokens: int | None = None,
-        on_forward: Callable[[Generation], None] | None = None,
+        self, prompt_ids: Sequence[int], params: SamplingParams, feed: "Feed"
     ) -> tuple[Generation, "Decoding"]:
-        prompt_ids, prior_output = list(prompt_ids), list(prior_output)
+        past, window = feed.past, feed.window
+        prompt_ids, prior_output = list(prompt_ids), list(feed.prior_output)
         if not prompt_ids:
             raise InvalidArgument("prompt is empty; give at least one token")
         if len(prior_output) >= params.max_new_tokens:
@@ -170,19 +181,19 @@ class Engine:
             )
         self.check_fits(len(prompt_ids), params, window)
         sequence = prompt_ids + prior_output
-        cached = 0
+        cached, chunk_tokens = 0, feed.chunk_tokens
         if window is not None:
-            if not use_cache:
+            if not feed.use_cache:
                 raise InvalidArgument("a windowed cache needs use_cache; the window is the cache")
             chunk_tokens = window.block_tokens
             cache = past if past is not None else DynamicCache(config=self.model.config)
-            cached = past_tokens if past_tokens is not None else cache.get_seq_length()
+            cached = feed.past_tokens if feed.past_tokens is not None else cache.get_seq_length()
             if cached % window.block_tokens or not 0 <= cached < len(sequence):
                 raise InvalidArgument(
                     f"a windowed past must stand for a whole number of blocks before the last "
                     f"token; got {cached} tokens of a {len(sequence)}-token sequence"
                 )
-        elif use_cache:
+        elif feed.use_cache:
             cache = past if past is not None else DynamicCache(config=self.model.config)
             cached = min(cache.get_seq_length(), len(sequence) - 1)
             if cache.get_seq_length() > cached:
@@ -190,10 +201,7 @@ class Engine:
                 cache.crop(cached - cache.get_seq_length())
         else:
             cache = None
-        return self._begin(
-            prompt_ids, prior_output, params, cache, cached, window, chunk_tokens, on_forward,
-            started,
-        )  # fmt: skip
+        return self._begin(prompt_ids, prior_output, params, cache, cached, feed, chunk_tokens)
 
     def begin(
         self,
@@ -212,7 +220,7 @@ class Engine:
         step, and calls `decoding.step` with the logits after each.
         """
         return self._prepare(
-            prompt_ids, params, past=past, prior_output=prior_output, started=started
+            prompt_ids, params, Feed(past=past, prior_output=prior_output, started=started)
         )
 
     def _begin(
@@ -222,27 +230,26 @@ class Engine:
         params: SamplingParams,
         cache: DynamicCache | None,
         cached: int,
-        window: CacheWindow | None,
+        feed: "Feed",
         chunk_tokens: int | None,
-        on_forward: Callable[[Generation], None] | None,
-        started: float | None,
     ) -> tuple[Generation, "Decoding"]:
-        sequence = prompt_ids + prior_output
-        params = params.seeded()  # recorded on the generation, for a failover to hand on
+        window, sequence = feed.window, prompt_ids + prior_output
+        params = params.seeded()  # a sampled request without a seed gets one, for its positions
         generation = Generation(
             cache=cache,
             fed_token_ids=sequence[:cached],
-            seed=params.seed,
             window=window,
             chunk_tokens=chunk_tokens,
-            on_forward=on_forward,
+            on_forward=feed.on_forward,
         )
         if window is not None and cache is not None:
             generation.evicted = cached - cache.get_seq_length()
             if cached:  # a past of plain blocks may still owe the eviction at its boundary
                 generation.evicted += evict(cache, window, self.rerotator())
         usage = GenerationUsage(prompt_tokens=len(prompt_ids), cached_tokens=cached)
-        decoding = Decoding(self, generation, sequence, len(prompt_ids), params, usage, started)
+        decoding = Decoding(
+            self, generation, sequence, len(prompt_ids), params, usage, feed.started
+        )
         return generation, decoding
 
     def generate(
@@ -273,14 +280,7 @@ class Engine:
             return self._forward_chunks(generation, new_ids)
         else:
             input_ids = torch.tensor([new_ids], device=self.device)  # [1, new]
-            # logits_to_keep=1: the LM head over a 49k vocabulary for every prompt position
-            # would cost more than the rest of a short prefill.
-            out = self.model(
-                input_ids=input_ids,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_arg: generation.cache},
-            )
+            out = self.forward(generation.cache, input_ids=input_ids)
             generation.fed_token_ids.extend(new_ids)
         return out.logits[0, -1].float()  # [vocab]
 
@@ -291,12 +291,7 @@ class Engine:
         logits = None
         for a, b in feed_chunks(start, start + len(new_ids), generation.chunk_tokens):
             input_ids = torch.tensor([new_ids[a - start : b - start]], device=self.device)
-            out = self.model(
-                input_ids=input_ids,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_arg: generation.cache},
-            )
+            out = self.forward(generation.cache, input_ids=input_ids)
             logits = out.logits[0, -1]
             generation.fed_token_ids.extend(new_ids[a - start : b - start])
             if generation.on_forward is not None:
@@ -307,25 +302,7 @@ class Engine:
         assert logits is not None, "no tokens to feed"
         return logits.float()
 
-    def _sample(self, logits: torch.Tensor, params: SamplingParams, position: int) -> int:
-        """Pick the token at output `position` from `logits` [vocab]."""
-        if params.greedy:
-            return int(torch.argmax(logits))
-        logits = logits / params.temperature
-        if params.top_k:
-            kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)  # [vocab]
-        if params.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            # Keep the smallest set whose mass reaches top_p (the first token always stays).
-            outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
-            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        generator = torch.Generator(device="cpu").manual_seed(_position_seed(params.seed, position))
-        return int(torch.multinomial(probs.cpu(), 1, generator=generator))
-
-    def _decode_text(self, token_ids: list[int]) -> str:
+    def decode_text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
@@ -358,7 +335,7 @@ class Decoding:
         self._started = started or time.perf_counter()
         self.output = sequence[prompt_len:]  # starts with prior_output on a resumed generation
         self._resumed = len(self.output)
-        self._text = StreamText(engine._decode_text, params.stop, self.output)
+        self._text = StreamText(engine.decode_text, params.stop, self.output)
         self._visible = self._text.visible()
         self._emitted = len(self._visible)
         self._first_token_at: float | None = None
@@ -377,7 +354,7 @@ class Decoding:
         """
         if token is None or not self.params.greedy:
             assert logits is not None, "logits are needed to sample"
-            token = self._engine._sample(logits, self.params, len(self.output))
+            token = sample(logits, self.params, len(self.output))
         self.output.append(token)
         now = time.perf_counter()
         if self._first_token_at is None:
@@ -417,6 +394,25 @@ class Decoding:
         )  # fmt: skip
         self.generation.result = result
         return result
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
+    """Pick the token at output `position` from `logits` [vocab]."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # [vocab]
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest set whose mass reaches top_p (the first token always stays).
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    generator = torch.Generator(device="cpu").manual_seed(_position_seed(params.seed, position))
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
 def _position_seed(seed: int | None, position: int) -> int:

@@ -176,6 +176,7 @@ class WriteBehind:
         self._max_pending = max_pending_blocks
         self._pending = 0
         self._submitted = self._stored = self._dropped = self._failed = 0
+        self._dropped_copies = 0  # of fetched runs, for L1 and the node tier (`keep`)
         self._lock = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="kvpool-write-behind", daemon=True)
         self._thread.start()
@@ -205,7 +206,7 @@ class WriteBehind:
             return True
         with self._lock:
             if self._pending + len(blocks) > self._max_pending:
-                self._dropped += len(blocks)
+                self._dropped_copies += len(blocks)
                 return False
             self._pending += len(blocks)
         self._queue.put(_Keep(blocks, shared))
@@ -238,8 +239,9 @@ class WriteBehind:
     def stats(self) -> WriteStats:
         with self._lock:
             return WriteStats(
-                self._submitted, self._stored, self._dropped, self._failed, self._pending
-            )
+                self._submitted, self._stored, self._dropped, self._failed, self._pending,
+                self._dropped_copies,
+            )  # fmt: skip
 
     def _run(self) -> None:
         while True:

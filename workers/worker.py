@@ -19,7 +19,6 @@ import torch
 from kvpool.errors import InvalidArgument
 from workers.api import (
     PLAN_KINDS,
-    PLAN_MODES,
     NodeTierStats,
     PrefillResult,
     PrefillTimeout,
@@ -171,11 +170,6 @@ class KVWorker:
         sequence = [*request.token_ids, *request.prior_output]
         chain = BlockChain(self.namespace(request.tenant), window)
         hashes = chain.hashes(sequence)
-        if request.fetch_plan and request.fetch_plan not in PLAN_MODES:
-            raise InvalidArgument(
-                f"fetch_plan must be one of {', '.join(PLAN_MODES)} (or empty for the worker's "
-                f"own), got {request.fetch_plan!r}"
-            )
         start = (
             self.starts.find(hashes, sequence, window, request.fetch_plan)
             if request.read_cache

@@ -129,9 +129,12 @@ def test_write_behind_drops_rather_than_blocks_when_full():
     h = hashes(3)
     assert writer.submit([(h[0], block(0.0)), (h[1], block(1.0))])
     assert not writer.submit([(h[2], block(2.0))])  # returns at once; the queue is full
+    # A fetched run's copies for L1 are dropped too, and counted apart: the store has them.
+    assert not writer.keep([(h[2], block(2.0))], [])
     gate.set()
     assert writer.flush(5)
-    assert writer.stats().dropped == 1 and writer.stats().stored == 2
+    stats = writer.stats()
+    assert stats.dropped == 1 and stats.dropped_copies == 1 and stats.stored == 2
     writer.close()
 
 
