@@ -13,7 +13,7 @@ allocation. docs/block-format.md describes the format byte by byte.
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgpack
 import torch
@@ -155,6 +155,20 @@ def read_header(
     The store can use this to refuse a Put whose value is damaged or names another hash.
     """
     view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+    header_len, payload_len = _check_preamble(view)
+    h = _parse_header(bytes(view[PREAMBLE_BYTES : PREAMBLE_BYTES + header_len]))
+    header = _checked_fields(h, header_len, payload_len)
+    if (
+        verify_payload
+        and xxhash.xxh3_64_intdigest(view[PREAMBLE_BYTES + header_len :]) != h["payload_xxh3"]
+    ):
+        raise BlockFormatError("checksum", "payload checksum mismatch")
+    return header
+
+
+def _check_preamble(view: memoryview) -> tuple[int, int]:
+    """The header's and the payload's lengths, once the preamble and the header's checksum
+    hold."""
     if len(view) < PREAMBLE_BYTES:
         raise BlockFormatError(
             "truncated", f"{len(view)} bytes is shorter than the {PREAMBLE_BYTES}-byte preamble"
@@ -177,13 +191,15 @@ def read_header(
         raise BlockFormatError(
             "version", f"format version {version}; this build reads {FORMAT_VERSION}"
         )
-    header_raw = view[PREAMBLE_BYTES : PREAMBLE_BYTES + header_len]
     summer = xxhash.xxh3_64(view[:_CHECKED_PREAMBLE])
-    summer.update(header_raw)
+    summer.update(view[PREAMBLE_BYTES : PREAMBLE_BYTES + header_len])
     if summer.intdigest() != header_sum:
         raise BlockFormatError("checksum", "header checksum mismatch")
+    return header_len, payload_len
 
-    h = _parse_header(bytes(header_raw))
+
+def _checked_fields(h: dict[str, Any], header_len: int, payload_len: int) -> BlockHeader:
+    """The parsed header's fields, each of the type and among the values this build reads."""
     if type(h["hash"]) is not bytes or len(h["hash"]) != HASH_BYTES:
         raise BlockFormatError("header", "hash must be 32 bytes")
     if type(h["codec"]) is not str or h["codec"] not in CODEC_NAMES:
@@ -194,17 +210,31 @@ def read_header(
         raise BlockFormatError(
             "header", f"dtype must be one of {sorted(DTYPE_BYTES)}, got {h['dtype']!r}"
         )
-    shape = _ints(h["shape"], "shape")
     params = h["params"]
     if type(params) is not dict or not all(
         type(k) is str and type(v) is int for k, v in params.items()
     ):
         raise BlockFormatError("header", "params must map str to int")
-    layout_raw = h["layout"]
-    if type(layout_raw) is not list or not layout_raw:
+    if type(h["payload_xxh3"]) is not int:
+        raise BlockFormatError("header", "payload_xxh3 must be an int")
+    return BlockHeader(
+        block_hash=BlockHash(h["hash"]),
+        codec=h["codec"],
+        dtype=h["dtype"],
+        shape=_ints(h["shape"], "shape"),
+        params=params,
+        layout=_layout(h["layout"]),
+        header_bytes=header_len,
+        payload_bytes=payload_len,
+    )
+
+
+def _layout(raw: Any) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    """The payload's sections: [name, dtype, shape] each."""
+    if type(raw) is not list or not raw:
         raise BlockFormatError("header", "layout must be a non-empty list")
     layout = []
-    for entry in layout_raw:
+    for entry in raw:
         if type(entry) is not list or len(entry) != 3 or type(entry[0]) is not str:
             raise BlockFormatError("header", "layout entries must be [name, dtype, shape]")
         if type(entry[1]) is not str or entry[1] not in SECTION_DTYPES:
@@ -212,24 +242,7 @@ def read_header(
                 "header", f"section dtype must be one of {sorted(SECTION_DTYPES)}"
             )
         layout.append((entry[0], entry[1], _ints(entry[2], "section shape")))
-    payload_sum = h["payload_xxh3"]
-    if type(payload_sum) is not int:
-        raise BlockFormatError("header", "payload_xxh3 must be an int")
-    if (
-        verify_payload
-        and xxhash.xxh3_64_intdigest(view[PREAMBLE_BYTES + header_len :]) != payload_sum
-    ):
-        raise BlockFormatError("checksum", "payload checksum mismatch")
-    return BlockHeader(
-        block_hash=BlockHash(h["hash"]),
-        codec=h["codec"],
-        dtype=h["dtype"],
-        shape=shape,
-        params=params,
-        layout=tuple(layout),
-        header_bytes=header_len,
-        payload_bytes=payload_len,
-    )
+    return tuple(layout)
 
 
 def decode_block(
