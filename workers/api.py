@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from kvpool.errors import InvalidArgument, ResourceExhausted
 from workers.kv.bounds import DEFAULT_SINK_TOKENS
-from workers.kv.hashing import check_namespace_secret, new_namespace_secret
+from workers.kv.hashing import HASH_BYTES, BlockHash, check_namespace_secret, new_namespace_secret
 
 MAX_NEW_TOKENS_LIMIT = 4096
 ROLES = ("system", "user", "assistant")
@@ -180,6 +180,10 @@ class WorkRequest:
     # with RESOURCE_EXHAUSTED. Checked between prefill chunks, so it stops a long bounded prompt.
     prefill_timeout_s: float = 0.0
     fetch_plan: str = ""  # "" uses the worker's --fetch-plan; else auto | fetch | recompute
+    # The chain hashes of token_ids' full blocks, as the gateway hashed them to route the
+    # request (under the workers' own namespace): the worker goes on from them instead of
+    # hashing the prompt again. Empty: the worker hashes it.
+    block_hashes: tuple[BlockHash, ...] = ()
 
     def __post_init__(self) -> None:
         """What needs no model; the worker checks the rest against its model (`check_fits`)."""
@@ -194,6 +198,12 @@ class WorkRequest:
             raise InvalidArgument(
                 f"fetch_plan must be one of {', '.join(PLAN_MODES)} (or empty for the worker's "
                 f"own), got {self.fetch_plan!r}"
+            )
+        if len(self.block_hashes) > len(self.token_ids) or not all(
+            type(h) is bytes and len(h) == HASH_BYTES for h in self.block_hashes
+        ):
+            raise InvalidArgument(
+                f"block_hashes must be {HASH_BYTES}-byte hashes, at most one per prompt token"
             )
         if self.max_cache_tokens < 0 or self.sink_tokens < 0 or self.prefill_timeout_s < 0:
             raise InvalidArgument(

@@ -24,7 +24,14 @@ Submit = Callable[[list[tuple[BlockHash, torch.Tensor]]], object]
 class BlockChain:
     """The hashes of a growing sequence's full blocks, extended as the sequence grows."""
 
-    def __init__(self, namespace: Namespace, window: CacheWindow | None) -> None:
+    def __init__(
+        self,
+        namespace: Namespace,
+        window: CacheWindow | None,
+        known: Sequence[BlockHash] = (),
+    ) -> None:
+        """`known`: the plain chain's first hashes, already computed (by the gateway) for the
+        same namespace; the chain goes on from them."""
         self.window = window
         self._namespaces = [namespace]
         if window is not None:
@@ -32,6 +39,7 @@ class BlockChain:
                 replace(namespace, window=(window.max_cache_tokens, window.sink_tokens))
             )
         self._chains: list[list[BlockHash]] = [[] for _ in self._namespaces]
+        self._chains[0].extend(known)
         self.block_tokens = namespace.block_tokens
 
     def hashes(self, tokens: Sequence[int]) -> list[BlockHash]:

@@ -168,7 +168,13 @@ class KVWorker:
         window = self.window(request)
         self.engine.check_fits(len(request.token_ids), request.params, window)
         sequence = [*request.token_ids, *request.prior_output]
-        chain = BlockChain(self.namespace(request.tenant), window)
+        full = len(request.token_ids) // self.config.block_tokens
+        if len(request.block_hashes) > full:
+            raise InvalidArgument(
+                f"block_hashes has {len(request.block_hashes)} hashes; the prompt has {full} full "
+                f"blocks of {self.config.block_tokens} tokens"
+            )
+        chain = BlockChain(self.namespace(request.tenant), window, request.block_hashes)
         hashes = chain.hashes(sequence)
         start = (
             self.starts.find(hashes, sequence, window, request.fetch_plan)
