@@ -28,6 +28,9 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Generate max_new_tokens tokens, past the model's end-of-text token (load generators such
+    # as `vllm bench serve --ignore-eos` fix output lengths this way). Stop strings still stop.
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
@@ -47,6 +50,8 @@ class SamplingParams:
             raise InvalidArgument(f"seed must be in [0, 2**63), got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidArgument("stop strings must be non-empty strings")
+        if type(self.ignore_eos) is not bool:
+            raise InvalidArgument(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:

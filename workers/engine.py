@@ -360,7 +360,7 @@ class Decoding:
         if self._first_token_at is None:
             self._first_token_at = now
             self.usage.ttft_ms = (now - self._started) * 1000.0
-        if token in self._engine.eos_token_ids:
+        if token in self._engine.eos_token_ids and not self.params.ignore_eos:
             self.finish_reason = "eos"
         text = self._text
         text.add(token)

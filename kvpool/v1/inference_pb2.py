@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvpool/v1/inference.proto\x12\tkvpool.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kvpool.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xd0\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb2\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.kvpool.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.kvpool.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.kvpool.v1.SamplingParams\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x1d\n\x10max_cache_tokens\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0bsink_tokens\x18\x08 \x01(\x05H\x02\x88\x01\x01\x42\x07\n\x05inputB\x13\n\x11_max_cache_tokensB\x0e\n\x0c_sink_tokens\"@\n\x12\x43\x61\x63hedTokensByTier\x12\r\n\x05local\x18\x01 \x01(\x05\x12\r\n\x05store\x18\x02 \x01(\x05\x12\x0c\n\x04node\x18\x03 \x01(\x05\"\xc4\x02\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12<\n\x15\x63\x61\x63hed_tokens_by_tier\x18\x03 \x01(\x0b\x32\x1d.kvpool.v1.CachedTokensByTier\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x06 \x01(\x01\x12\x0e\n\x06worker\x18\x07 \x01(\t\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x11\n\tfailovers\x18\t \x01(\x05\x12\x16\n\x0e\x65victed_tokens\x18\n \x01(\x05\x12\x0c\n\x04plan\x18\x0b \x01(\t\x12\x19\n\x11recomputed_tokens\x18\x0c \x01(\x05\x12\x15\n\rsession_saved\x18\r \x01(\x08\"\x84\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.kvpool.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.kvpool.v1.Usage\"\x92\x01\n\x0ePrefillRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.kvpool.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.kvpool.v1.TokenIdsH\x00\x12\x0e\n\x06tenant\x18\x04 \x01(\tB\x07\n\x05input\"z\n\x0fPrefillResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rstored_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x0e\n\x06worker\x18\x04 \x01(\t\x12\x12\n\nelapsed_ms\x18\x05 \x01(\x01\"7\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"\xac\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05turns\x18\x04 \x01(\x05\x12\x16\n\x0e\x63reated_unix_s\x18\x05 \x01(\x01\x12\x16\n\x0eupdated_unix_s\x18\x06 \x01(\x01\x12\x18\n\x10max_cache_tokens\x18\x07 \x01(\x05\x12\x13\n\x0bsink_tokens\x18\x08 \x01(\x05\":\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xa8\x02\n\tInference\x12\x45\n\x08Generate\x12\x1a.kvpool.v1.GenerateRequest\x1a\x1b.kvpool.v1.GenerateResponse0\x01\x12@\n\x07Prefill\x12\x19.kvpool.v1.PrefillRequest\x1a\x1a.kvpool.v1.PrefillResponse\x12>\n\nGetSession\x12\x1c.kvpool.v1.GetSessionRequest\x1a\x12.kvpool.v1.Session\x12R\n\rDeleteSession\x12\x1f.kvpool.v1.DeleteSessionRequest\x1a .kvpool.v1.DeleteSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvpool/v1/inference.proto\x12\tkvpool.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kvpool.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xe4\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb2\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.kvpool.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.kvpool.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.kvpool.v1.SamplingParams\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x1d\n\x10max_cache_tokens\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0bsink_tokens\x18\x08 \x01(\x05H\x02\x88\x01\x01\x42\x07\n\x05inputB\x13\n\x11_max_cache_tokensB\x0e\n\x0c_sink_tokens\"@\n\x12\x43\x61\x63hedTokensByTier\x12\r\n\x05local\x18\x01 \x01(\x05\x12\r\n\x05store\x18\x02 \x01(\x05\x12\x0c\n\x04node\x18\x03 \x01(\x05\"\xc4\x02\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12<\n\x15\x63\x61\x63hed_tokens_by_tier\x18\x03 \x01(\x0b\x32\x1d.kvpool.v1.CachedTokensByTier\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x06 \x01(\x01\x12\x0e\n\x06worker\x18\x07 \x01(\t\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x11\n\tfailovers\x18\t \x01(\x05\x12\x16\n\x0e\x65victed_tokens\x18\n \x01(\x05\x12\x0c\n\x04plan\x18\x0b \x01(\t\x12\x19\n\x11recomputed_tokens\x18\x0c \x01(\x05\x12\x15\n\rsession_saved\x18\r \x01(\x08\"\x84\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.kvpool.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.kvpool.v1.Usage\"\x92\x01\n\x0ePrefillRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.kvpool.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.kvpool.v1.TokenIdsH\x00\x12\x0e\n\x06tenant\x18\x04 \x01(\tB\x07\n\x05input\"z\n\x0fPrefillResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rstored_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x0e\n\x06worker\x18\x04 \x01(\t\x12\x12\n\nelapsed_ms\x18\x05 \x01(\x01\"7\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"\xac\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05turns\x18\x04 \x01(\x05\x12\x16\n\x0e\x63reated_unix_s\x18\x05 \x01(\x01\x12\x16\n\x0eupdated_unix_s\x18\x06 \x01(\x01\x12\x18\n\x10max_cache_tokens\x18\x07 \x01(\x05\x12\x13\n\x0bsink_tokens\x18\x08 \x01(\x05\":\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xa8\x02\n\tInference\x12\x45\n\x08Generate\x12\x1a.kvpool.v1.GenerateRequest\x1a\x1b.kvpool.v1.GenerateResponse0\x01\x12@\n\x07Prefill\x12\x19.kvpool.v1.PrefillRequest\x1a\x1a.kvpool.v1.PrefillResponse\x12>\n\nGetSession\x12\x1c.kvpool.v1.GetSessionRequest\x1a\x12.kvpool.v1.Session\x12R\n\rDeleteSession\x12\x1f.kvpool.v1.DeleteSessionRequest\x1a .kvpool.v1.DeleteSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvpool.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1807
-  _globals['_FINISHREASON']._serialized_end=1925
+  _globals['_FINISHREASON']._serialized_start=1827
+  _globals['_FINISHREASON']._serialized_end=1945
   _globals['_CHATMESSAGE']._serialized_start=40
   _globals['_CHATMESSAGE']._serialized_end=84
   _globals['_CHATMESSAGES']._serialized_start=86
@@ -40,27 +40,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=144
   _globals['_TOKENIDS']._serialized_end=167
   _globals['_SAMPLINGPARAMS']._serialized_start=170
-  _globals['_SAMPLINGPARAMS']._serialized_end=378
-  _globals['_GENERATEREQUEST']._serialized_start=381
-  _globals['_GENERATEREQUEST']._serialized_end=687
-  _globals['_CACHEDTOKENSBYTIER']._serialized_start=689
-  _globals['_CACHEDTOKENSBYTIER']._serialized_end=753
-  _globals['_USAGE']._serialized_start=756
-  _globals['_USAGE']._serialized_end=1080
-  _globals['_GENERATERESPONSE']._serialized_start=1083
-  _globals['_GENERATERESPONSE']._serialized_end=1215
-  _globals['_PREFILLREQUEST']._serialized_start=1218
-  _globals['_PREFILLREQUEST']._serialized_end=1364
-  _globals['_PREFILLRESPONSE']._serialized_start=1366
-  _globals['_PREFILLRESPONSE']._serialized_end=1488
-  _globals['_GETSESSIONREQUEST']._serialized_start=1490
-  _globals['_GETSESSIONREQUEST']._serialized_end=1545
-  _globals['_SESSION']._serialized_start=1548
-  _globals['_SESSION']._serialized_end=1720
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1722
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1780
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1782
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1805
-  _globals['_INFERENCE']._serialized_start=1928
-  _globals['_INFERENCE']._serialized_end=2224
+  _globals['_SAMPLINGPARAMS']._serialized_end=398
+  _globals['_GENERATEREQUEST']._serialized_start=401
+  _globals['_GENERATEREQUEST']._serialized_end=707
+  _globals['_CACHEDTOKENSBYTIER']._serialized_start=709
+  _globals['_CACHEDTOKENSBYTIER']._serialized_end=773
+  _globals['_USAGE']._serialized_start=776
+  _globals['_USAGE']._serialized_end=1100
+  _globals['_GENERATERESPONSE']._serialized_start=1103
+  _globals['_GENERATERESPONSE']._serialized_end=1235
+  _globals['_PREFILLREQUEST']._serialized_start=1238
+  _globals['_PREFILLREQUEST']._serialized_end=1384
+  _globals['_PREFILLRESPONSE']._serialized_start=1386
+  _globals['_PREFILLRESPONSE']._serialized_end=1508
+  _globals['_GETSESSIONREQUEST']._serialized_start=1510
+  _globals['_GETSESSIONREQUEST']._serialized_end=1565
+  _globals['_SESSION']._serialized_start=1568
+  _globals['_SESSION']._serialized_end=1740
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1742
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1800
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1802
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1825
+  _globals['_INFERENCE']._serialized_start=1948
+  _globals['_INFERENCE']._serialized_end=2244
 # @@protoc_insertion_point(module_scope)

@@ -71,6 +71,7 @@ def sampling_params(sampling: pb.SamplingParams) -> SamplingParams:
         top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
         seed=sampling.seed if sampling.HasField("seed") else None,
         stop=tuple(sampling.stop),
+        ignore_eos=sampling.ignore_eos,
     )
 
 

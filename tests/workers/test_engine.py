@@ -128,6 +128,17 @@ def test_eos_ends_generation(tiny, tiny_engine, tiny_prompts):
     assert stopped.token_ids == full.token_ids[: first + 1]
 
 
+def test_ignore_eos_generates_past_the_end_of_text(tiny, tiny_engine, tiny_prompts):
+    ids = tiny_prompts.encode(prompt="Once upon a time")
+    full = tiny_engine.generate(ids, SamplingParams(max_new_tokens=20))
+    tiny_engine.eos_token_ids = frozenset({full.token_ids[2]})
+    try:
+        on = tiny_engine.generate(ids, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    finally:
+        tiny_engine.eos_token_ids = tiny.eos_token_ids
+    assert on.finish_reason == "length" and on.token_ids == full.token_ids
+
+
 def test_length_limit(tiny_engine, tiny_prompts):
     result = tiny_engine.generate(
         tiny_prompts.encode(prompt="Hello"), SamplingParams(max_new_tokens=7)

@@ -73,6 +73,7 @@ class _Request(_Model):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False  # vLLM's extension, which its load generator sends
     kvpool: KvpoolOptions = Field(default_factory=KvpoolOptions)
 
     def _refuse_unsupported(self, extra: dict[str, bool]) -> None:
@@ -107,6 +108,7 @@ class _Request(_Model):
             top_p=self.top_p,
             seed=self.seed,
             stop=tuple(stop),
+            ignore_eos=self.ignore_eos,
         )
 
     def call(self, input: PromptInput, params: SamplingParams, tenant: str) -> GenerateCall:

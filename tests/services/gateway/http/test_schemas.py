@@ -55,6 +55,13 @@ def test_a_chat_request_becomes_the_grpc_call():
     )  # fmt: skip
 
 
+def test_vllms_ignore_eos_reaches_the_sampling_params():
+    assert completion(ignore_eos=True).params.ignore_eos
+    assert not completion().params.ignore_eos
+    with pytest.raises(InvalidArgument):
+        completion(ignore_eos="yes")
+
+
 def test_openais_defaults_sample_and_grpcs_bound_the_length():
     params = chat().params
     assert params.temperature == 1.0 and params.max_new_tokens == 64 and params.seed is None
@@ -151,3 +158,11 @@ def test_stream_chunks_parse_as_the_sdks_types():
     text = ResponseShape(False, "m").chunk("x")
     assert text["object"] == "text_completion" and "usage" not in text
     assert text["choices"] == [{"index": 0, "text": "x", "logprobs": None, "finish_reason": None}]
+
+
+def test_grpcs_ignore_eos_reaches_the_sampling_params():
+    from kvpool.v1 import inference_pb2 as pb
+    from services.gateway.servicer import sampling_params
+
+    assert sampling_params(pb.SamplingParams(ignore_eos=True)).ignore_eos
+    assert not sampling_params(pb.SamplingParams()).ignore_eos
