@@ -38,6 +38,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
         "cache hit vs recompute: node tier, store, fetch plan, over shaped links",
     ),
     (("bench", "vllm"), "kvpool.bench.vllm", "vLLM engines sharing a prompt through kvpool"),
+    (
+        ("bench", "vllm-serve"),
+        "kvpool.bench.vllm_serve",
+        "vLLM's load generator against kvpool serve and vllm serve with and without the connector",
+    ),
     (("bench", "window"), "kvpool.bench.window", "bounded cache with and without sinks vs full"),
     (
         ("bench", "batch"),
