@@ -110,7 +110,7 @@ class InferenceCore:
                 break
             route = self._acquire(hashes, frozenset(excluded), req.tenant, cancelled)
             last_worker = route.worker_id
-            self.pool.record(route.worker_id, hashes)
+            self.pool.router.record(route.worker_id, hashes)
             request = WorkRequest(
                 token_ids=tuple(prompt),
                 params=params,
@@ -161,7 +161,7 @@ class InferenceCore:
         # The worker now holds (in L1) the prompt's and the output's blocks: a session's next turn
         # should find its way back there.
         fed = [*prompt, *done.token_ids][:-1]
-        self.pool.record(done.usage.worker, chain_hashes(self._namespace(req.tenant), fed))
+        self.pool.router.record(done.usage.worker, chain_hashes(self._namespace(req.tenant), fed))
         session_saved = session is not None and self._save_turn(
             session.with_turn([*prompt, *done.token_ids], window=window)
         )
@@ -222,7 +222,7 @@ class InferenceCore:
                 continue
             finally:
                 self._release(route, req.tenant)
-            self.pool.record(route.worker_id, hashes)
+            self.pool.router.record(route.worker_id, hashes)
             return result
         raise Unavailable("no worker could prefill the prompt")
 
@@ -309,7 +309,7 @@ class InferenceCore:
             self.metrics.limit_rejections.labels("max_requests_per_tenant").inc()
             raise
         try:
-            return self.pool.acquire(hashes, excluded)
+            return self.pool.router.acquire(hashes, excluded)
         except ResourceExhausted:
             self.shares.release(tenant)
             self.metrics.limit_rejections.labels("max_requests_per_worker").inc()
@@ -319,7 +319,7 @@ class InferenceCore:
             raise
 
     def _release(self, route: Route, tenant: str) -> None:
-        self.pool.release(route)
+        self.pool.router.release(route)
         self.shares.release(tenant)
 
     def _check_new_tokens(self, params: SamplingParams) -> None:

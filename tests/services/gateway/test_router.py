@@ -193,6 +193,27 @@ def test_the_router_and_the_gateway_share_one_default_per_setting():
     from services.gateway.settings import GatewaySettings
 
     router, gateway = RouterConfig(), GatewaySettings(store_target="127.0.0.1:1")
-    assert gateway.route_load_penalty_tokens == router.load_penalty_tokens == 2048
-    assert gateway.max_queued_requests == router.max_queued
-    assert gateway.queue_timeout_s == router.queue_timeout_s
+    assert gateway.pool.route_load_penalty_tokens == router.load_penalty_tokens == 2048
+    assert gateway.pool.max_queued_requests == router.max_queued
+    assert gateway.pool.queue_timeout_s == router.queue_timeout_s
+    # What the pool builds its router with keeps those defaults.
+    routing = gateway.pool.routing
+    assert (routing.load_penalty_tokens, routing.max_queued, routing.queue_timeout_s) == (
+        router.load_penalty_tokens,
+        router.max_queued,
+        router.queue_timeout_s,
+    )
+
+
+def test_the_pool_builds_its_router_from_its_config():
+    """The workers' block size and L1 size the router; the batch bound is its per-worker cap."""
+    from services.gateway.settings import PoolConfig
+    from workers.api import WorkerConfig
+
+    worker = WorkerConfig(block_tokens=16, l1_bytes=4 << 30, max_batch=4)
+    routing = PoolConfig(worker=worker, route_load_penalty_tokens=100, queue_timeout_s=5).routing
+    assert (routing.block_tokens, routing.load_penalty_tokens) == (16, 100)
+    assert routing.record_blocks == (4 << 30) // (256 << 10)
+    assert routing.max_in_flight == 4  # max_requests_per_worker 0: the worker's max_batch
+    assert PoolConfig(worker=worker, max_requests_per_worker=2).routing.max_in_flight == 2
+    assert routing.queue_timeout_s == 5

@@ -65,7 +65,7 @@ def flush(stack):
 
 
 def computed_tokens(stack) -> int:
-    return sum(s.computed_tokens for s in stack.worker_stats())
+    return sum(s.computed_tokens for s in stack.pool.stats())
 
 
 def test_calls_without_a_good_token_are_unauthenticated(front):
