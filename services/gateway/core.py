@@ -169,20 +169,11 @@ class InferenceCore:
             saved.set()
         ttft_ms = ((first_token_at or time.perf_counter()) - received) * 1000.0
         usage = Usage(
-            prompt_tokens=len(prompt),
-            cached_local_tokens=done.usage.cached_local_tokens,
-            cached_store_tokens=done.usage.cached_store_tokens,
-            completion_tokens=len(done.token_ids),
+            done.usage,
             ttft_ms=ttft_ms,
-            tokens_per_s=done.usage.tokens_per_s,
-            worker=done.usage.worker,
             session_id=req.session_id,
             failovers=failovers,
-            evicted_tokens=done.usage.evicted_tokens,
             bounded=window[0] > 0,
-            cached_node_tokens=done.usage.cached_node_tokens,
-            plan=done.usage.plan,
-            recomputed_tokens=done.usage.recomputed_tokens,
             session_saved=session_saved,
         )
         self.metrics.observe_generate(usage, req.tenant)
