@@ -179,11 +179,12 @@ class Stack:
     @contextlib.contextmanager
     def drained(self, worker_id: str) -> Iterator[None]:
         """Keep new requests off `worker_id` (so the next one runs elsewhere)."""
-        self.gateway.router.set_draining(worker_id)
+        router = self.gateway.pool.router
+        router.set_draining(worker_id)
         try:
             yield
         finally:
-            self.gateway.router.set_draining(worker_id, False)
+            router.set_draining(worker_id, False)
 
     def close(self) -> None:
         """Gateway, Ray, store: each step undone even when an earlier undo raised."""

@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def busy_worker(stack) -> str:
-    router = stack.gateway.router
+    router = stack.gateway.pool.router
     busy = [w for w in router.workers() if router.in_flight(w)]
     if len(busy) != 1:
         raise RuntimeError(f"expected one busy worker, found {busy}")

@@ -5,7 +5,7 @@ and neither imports the other.
 
 from dataclasses import dataclass
 
-from workers.api import PromptInput, SamplingParams
+from workers.api import PromptInput, SamplingParams, WorkUsage
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,27 +27,22 @@ class Delta:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    prompt_tokens: int
-    cached_local_tokens: int
-    cached_store_tokens: int
-    completion_tokens: int
-    ttft_ms: float  # gateway receipt to first token
-    tokens_per_s: float
-    worker: str
+    """A generation's usage: the record of the worker that finished it, as it crossed the Ray
+    boundary, and what only the gateway knows. Built once, in the core; the servicer turns it
+    into the proto's `Usage`, the HTTP API into OpenAI's `usage` and its `kvpool` object.
+    """
+
+    # The finishing worker's figures, as it sent them: prompt and completion tokens (the whole
+    # prompt, the output across failovers), cached tokens by tier, the fetch plan, tokens/s,
+    # evictions and its id.
+    work: WorkUsage
+    ttft_ms: float  # gateway receipt to first token (`work.ttft_ms` is the worker's own)
     session_id: str
     failovers: int
-    evicted_tokens: int = 0
     bounded: bool = False  # the request ran with max_cache_tokens
-    cached_node_tokens: int = 0  # from the node tier (L2)
-    plan: str = ""  # the worker's fetch plan: none, fetch, recompute or split
-    recomputed_tokens: int = 0
     # The request named a session and its turn is stored. False with a session: the store could
     # not save it (the client has the output; the session keeps its earlier turns).
     session_saved: bool = False
-
-    @property
-    def cached_tokens(self) -> int:
-        return self.cached_local_tokens + self.cached_node_tokens + self.cached_store_tokens
 
 
 @dataclass(frozen=True, slots=True)

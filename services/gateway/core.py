@@ -11,7 +11,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass, field
 
 from kvpool.errors import InvalidArgument, KvpoolError, NotFound, ResourceExhausted, Unavailable
 from services.gateway.api import Delta, Finished, GenerateCall, PrefillCall, Usage
@@ -35,6 +36,30 @@ from workers.kv.hashing import BlockHash, Namespace, chain_hashes, tenant_salt
 from workers.prompt import PromptTooLong
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Turn:
+    """One Generate request resolved: its session, cache bound, prompt and the prompt's hashes."""
+
+    call: GenerateCall
+    session: Session | None
+    window: tuple[int, int]  # (max_cache_tokens, sink_tokens)
+    prompt: tuple[int, ...]  # a session's history included
+    params: SamplingParams  # seeded
+    hashes: list[BlockHash]
+
+
+@dataclass(slots=True)
+class _Progress:
+    """One Generate stream's progress across the workers it runs on."""
+
+    received: float  # perf_counter when the gateway took the request
+    output: list[int] = field(default_factory=list)  # tokens streamed so far
+    first_token_at: float | None = None
+    failovers: int = 0
+    excluded: set[str] = field(default_factory=set)  # workers lost in this stream
+    last_worker: str = ""
 
 
 class InferenceCore:
@@ -90,117 +115,136 @@ class InferenceCore:
         received: float,
         saved: threading.Event,
     ) -> Iterator[Delta | Finished]:
-        """The stream of `generate`; sets `saved` once a session's turn is stored."""
-        history = session.token_ids if session else ()
-        window = self._window(req, session)
-        prompt = self._encode(req.input, history)
-        self._check_fits(len(prompt), req.params, window)
-        params = req.params.seeded()  # fixed here, so a failover continues the very same sample
-        hashes = chain_hashes(self._namespace(req.tenant), prompt)
-
-        output: list[int] = []
-        failovers = 0
-        first_token_at: float | None = None
-        done: WorkDone | None = None
-        excluded: set[str] = set()
-        last_worker = ""
-        while done is None:
-            done = self._finished_without_worker(prompt, output, params, last_worker)
+        """The stream of `generate`: worker after worker until one finishes it (a lost worker's
+        tokens so far go to the next as `prior_output`); sets `saved` once a session's turn is
+        stored."""
+        turn = self._turn(req, session)
+        progress = _Progress(received)
+        while True:
+            done = self._finished_without_worker(turn, progress)
+            if done is None:
+                done = yield from self._run_on_worker(turn, progress, cancelled)
             if done is not None:
                 break
-            route = self._acquire(hashes, frozenset(excluded), req.tenant, cancelled)
-            last_worker = route.worker_id
-            self.pool.record(route.worker_id, hashes)
-            request = WorkRequest(
-                token_ids=tuple(prompt),
-                params=params,
-                tenant=req.tenant,
-                prior_output=tuple(output),
-                request_id=uuid.uuid4().hex,
-                max_cache_tokens=window[0],
-                sink_tokens=window[1],
-                prefill_timeout_s=self.config.prefill_timeout_s,
-            )
-            try:
-                for item in self.pool.stream(
-                    route.worker_id,
-                    request,
-                    cancelled,
-                    self.config.token_timeout_s,
-                    self.config.prefill_timeout_s,
-                ):
-                    if isinstance(item, WorkDone):
-                        done = item
-                        break
-                    if first_token_at is None:
-                        first_token_at = time.perf_counter()
-                    output.append(item.token_id)
-                    yield Delta(item.text, (item.token_id,))
-            except PrefillTimeout:
-                self.metrics.limit_rejections.labels("prefill_timeout").inc()
-                raise  # the request's own doing: another worker would take as long
-            except WorkerLost as lost:
-                failovers += 1
-                excluded.add(route.worker_id)
-                self.metrics.failovers.inc()
-                log.warning(
-                    "worker %s lost after %d tokens (%s); failing over",
-                    route.worker_id, len(output), lost,
-                )  # fmt: skip
-                if failovers > self.config.max_failovers:
-                    raise Unavailable(
-                        f"gave up after {failovers - 1} failovers; the last worker was lost: {lost}"
-                    ) from None
-                if not self.pool.has_live(excluded):
-                    excluded.clear()  # replacements may be up; better any worker than none
-            finally:
-                self._release(route, req.tenant)
-            if done is None and cancelled is not None and cancelled.is_set():
+            if cancelled is not None and cancelled.is_set():
                 return  # the client went away: nothing to resume, nothing to save
+        yield self._finish(turn, done, progress, saved)
 
+    def _turn(self, req: GenerateCall, session: Session | None) -> _Turn:
+        """The request resolved against its session: its cache bound, prompt and block hashes,
+        each checked before any worker is asked."""
+        window = self._window(req, session)
+        prompt = self._encode(req.input, session.token_ids if session else ())
+        self._check_fits(len(prompt), req.params, window)
+        return _Turn(
+            call=req,
+            session=session,
+            window=window,
+            prompt=tuple(prompt),
+            params=req.params.seeded(),  # fixed here: a failover continues the very same sample
+            hashes=chain_hashes(self._namespace(req.tenant), prompt),
+        )
+
+    def _run_on_worker(
+        self, turn: _Turn, progress: _Progress, cancelled: threading.Event | None
+    ) -> Generator[Delta, None, WorkDone | None]:
+        """One worker's part of the stream: its tokens, then its WorkDone; None when it was lost
+        (counted in `progress`, see `_fail_over`) or the client left."""
+        tenant = turn.call.tenant
+        route = self._acquire(turn.hashes, frozenset(progress.excluded), tenant, cancelled)
+        progress.last_worker = route.worker_id
+        self.pool.router.record(route.worker_id, turn.hashes)
+        request = WorkRequest(
+            token_ids=turn.prompt,
+            params=turn.params,
+            tenant=tenant,
+            prior_output=tuple(progress.output),
+            request_id=uuid.uuid4().hex,
+            max_cache_tokens=turn.window[0],
+            sink_tokens=turn.window[1],
+            prefill_timeout_s=self.config.prefill_timeout_s,
+        )
+        try:
+            for item in self.pool.stream(
+                route.worker_id,
+                request,
+                cancelled,
+                self.config.token_timeout_s,
+                self.config.prefill_timeout_s,
+            ):
+                if isinstance(item, WorkDone):
+                    return item
+                if progress.first_token_at is None:
+                    progress.first_token_at = time.perf_counter()
+                progress.output.append(item.token_id)
+                yield Delta(item.text, (item.token_id,))
+        except PrefillTimeout:
+            self.metrics.limit_rejections.labels("prefill_timeout").inc()
+            raise  # the request's own doing: another worker would take as long
+        except WorkerLost as lost:
+            self._fail_over(route.worker_id, lost, progress)
+        finally:
+            self._release(route, tenant)
+        return None
+
+    def _fail_over(self, worker_id: str, lost: WorkerLost, progress: _Progress) -> None:
+        """Leave a lost worker out of the stream's next try; Unavailable past --max-failovers."""
+        progress.failovers += 1
+        progress.excluded.add(worker_id)
+        self.metrics.failovers.inc()
+        log.warning(
+            "worker %s lost after %d tokens (%s); failing over",
+            worker_id, len(progress.output), lost,
+        )  # fmt: skip
+        if progress.failovers > self.config.max_failovers:
+            raise Unavailable(
+                f"gave up after {progress.failovers - 1} failovers; the last worker was lost: "
+                f"{lost}"
+            ) from None
+        if not self.pool.has_live(progress.excluded):
+            progress.excluded.clear()  # replacements may be up; better any worker than none
+
+    def _finish(
+        self, turn: _Turn, done: WorkDone, progress: _Progress, saved: threading.Event
+    ) -> Finished:
+        """The stream's last item: the finished blocks recorded, the session's turn saved (then
+        `saved` is set), the usage counted."""
+        req, session = turn.call, turn.session
         # The worker now holds (in L1) the prompt's and the output's blocks: a session's next turn
         # should find its way back there.
-        fed = [*prompt, *done.token_ids][:-1]
-        self.pool.record(done.usage.worker, chain_hashes(self._namespace(req.tenant), fed))
+        fed = [*turn.prompt, *done.token_ids][:-1]
+        self.pool.router.record(done.usage.worker, chain_hashes(self._namespace(req.tenant), fed))
         session_saved = session is not None and self._save_turn(
-            session.with_turn([*prompt, *done.token_ids], window=window)
+            session.with_turn([*turn.prompt, *done.token_ids], window=turn.window)
         )
         if session_saved:
             saved.set()
-        ttft_ms = ((first_token_at or time.perf_counter()) - received) * 1000.0
+        ttft_ms = ((progress.first_token_at or time.perf_counter()) - progress.received) * 1000.0
         usage = Usage(
-            prompt_tokens=len(prompt),
-            cached_local_tokens=done.usage.cached_local_tokens,
-            cached_store_tokens=done.usage.cached_store_tokens,
-            completion_tokens=len(done.token_ids),
+            done.usage,
             ttft_ms=ttft_ms,
-            tokens_per_s=done.usage.tokens_per_s,
-            worker=done.usage.worker,
             session_id=req.session_id,
-            failovers=failovers,
-            evicted_tokens=done.usage.evicted_tokens,
-            bounded=window[0] > 0,
-            cached_node_tokens=done.usage.cached_node_tokens,
-            plan=done.usage.plan,
-            recomputed_tokens=done.usage.recomputed_tokens,
+            failovers=progress.failovers,
+            bounded=turn.window[0] > 0,
             session_saved=session_saved,
         )
         self.metrics.observe_generate(usage, req.tenant)
-        yield Finished(done.finish_reason, usage)
+        return Finished(done.finish_reason, usage)
 
-    def _finished_without_worker(
-        self, prompt: list[int], output: list[int], params: SamplingParams, worker: str
-    ) -> WorkDone | None:
+    def _finished_without_worker(self, turn: _Turn, progress: _Progress) -> WorkDone | None:
         """The end of a stream whose worker died after its last token but before its summary."""
+        output = progress.output
         if not output:
             return None
         if output[-1] in self.pool.info.eos_token_ids:
             reason = "eos"
-        elif len(output) >= params.max_new_tokens:
+        elif len(output) >= turn.params.max_new_tokens:
             reason = "length"
         else:
             return None
-        usage = WorkUsage(len(prompt), 0, 0, len(output), 0.0, 0.0, worker=worker)
+        usage = WorkUsage(
+            len(turn.prompt), 0, 0, len(output), 0.0, 0.0, worker=progress.last_worker
+        )
         return WorkDone(finish_reason=reason, token_ids=tuple(output), text="", usage=usage)
 
     # --- Prefill -----------------------------------------------------------------------------
@@ -222,7 +266,7 @@ class InferenceCore:
                 continue
             finally:
                 self._release(route, req.tenant)
-            self.pool.record(route.worker_id, hashes)
+            self.pool.router.record(route.worker_id, hashes)
             return result
         raise Unavailable("no worker could prefill the prompt")
 
@@ -309,7 +353,7 @@ class InferenceCore:
             self.metrics.limit_rejections.labels("max_requests_per_tenant").inc()
             raise
         try:
-            return self.pool.acquire(hashes, excluded)
+            return self.pool.router.acquire(hashes, excluded)
         except ResourceExhausted:
             self.shares.release(tenant)
             self.metrics.limit_rejections.labels("max_requests_per_worker").inc()
@@ -319,7 +363,7 @@ class InferenceCore:
             raise
 
     def _release(self, route: Route, tenant: str) -> None:
-        self.pool.release(route)
+        self.pool.router.release(route)
         self.shares.release(tenant)
 
     def _check_new_tokens(self, params: SamplingParams) -> None:

@@ -119,7 +119,7 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
     ),
     SettingFlag(
         "--route-load-penalty-tokens",
-        "route_load_penalty_tokens",
+        "pool.route_load_penalty_tokens",
         "routing: a worker with a full batch (--max-requests-per-worker in flight) costs this "
         "many cached prefix tokens, each request in it a share",
         int,
@@ -222,7 +222,7 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
     SettingFlag("--max-request-bytes", "max_request_bytes", "largest request message", parse_size),
     SettingFlag(
         "--max-requests-per-worker",
-        "max_requests_per_worker",
+        "pool.max_requests_per_worker",
         "requests one worker runs at once: its batch's admission bound, at most --max-batch; "
         "more wait at the gateway's queue (0: --max-batch)",
         int,
@@ -237,13 +237,13 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
     ),
     SettingFlag(
         "--max-queued-requests",
-        "max_queued_requests",
+        "pool.max_queued_requests",
         "requests that may wait for a worker; more get RESOURCE_EXHAUSTED",
         int,
     ),
     SettingFlag(
         "--queue-timeout",
-        "queue_timeout_s",
+        "pool.queue_timeout_s",
         "seconds a request waits for a worker before RESOURCE_EXHAUSTED",
         float,
     ),

@@ -148,23 +148,24 @@ class GatewayMetrics:
         self.call_seconds.labels(short).observe(seconds)
 
     def observe_generate(self, usage: "Usage", tenant: str) -> None:
-        self.prompt_tokens.labels(tenant).inc(usage.prompt_tokens)
-        self.cached_tokens.labels(tenant, "local").inc(usage.cached_local_tokens)
-        self.cached_tokens.labels(tenant, "node").inc(usage.cached_node_tokens)
-        self.cached_tokens.labels(tenant, "store").inc(usage.cached_store_tokens)
-        if usage.plan in PLAN_KINDS:  # a bounded label set, whatever a worker reports
-            self.plans.labels(usage.plan).inc()
-        self.recomputed_tokens.inc(usage.recomputed_tokens)
-        self.completion_tokens.labels(tenant).inc(usage.completion_tokens)
+        work = usage.work
+        self.prompt_tokens.labels(tenant).inc(work.prompt_tokens)
+        self.cached_tokens.labels(tenant, "local").inc(work.cached_local_tokens)
+        self.cached_tokens.labels(tenant, "node").inc(work.cached_node_tokens)
+        self.cached_tokens.labels(tenant, "store").inc(work.cached_store_tokens)
+        if work.plan in PLAN_KINDS:  # a bounded label set, whatever a worker reports
+            self.plans.labels(work.plan).inc()
+        self.recomputed_tokens.inc(work.recomputed_tokens)
+        self.completion_tokens.labels(tenant).inc(work.completion_tokens)
         if usage.bounded:
             self.bounded_requests.labels(tenant).inc()
-            self.evicted_tokens.labels(tenant).inc(usage.evicted_tokens)
+            self.evicted_tokens.labels(tenant).inc(work.evicted_tokens)
         tiers = [
             tier
             for tier, tokens in (
-                ("local", usage.cached_local_tokens),
-                ("node", usage.cached_node_tokens),
-                ("store", usage.cached_store_tokens),
+                ("local", work.cached_local_tokens),
+                ("node", work.cached_node_tokens),
+                ("store", work.cached_store_tokens),
             )
             if tokens
         ]

@@ -1,10 +1,12 @@
 """The gateway's workers: Ray actors it starts, watches, and replaces when they die.
 
-The pool is the one place the gateway calls Ray, and it owns the router: the core
-(`services.gateway.core`) asks it to `acquire` a worker, `stream` a request from it (raising
-`WorkerLost` when the worker dies or stalls), `prefill` on it and `release` it, in domain types.
-It also holds the workers' tokenizer (`prompts`), fetched once from the first worker, so prompts
-are tokenized here and never sent to a worker and back.
+The pool is the one place the gateway calls Ray, and it owns the router: it builds it from its
+config (`PoolConfig.routing`) and adds and removes each worker there as the worker starts and
+dies. The core (`services.gateway.core`) picks a worker with `pool.router` (`acquire`, `record`,
+`release`) and asks the pool to `stream` a request from it (raising `WorkerLost` when the worker
+dies or stalls) or `prefill` on it, in domain types. The pool also holds the workers' tokenizer
+(`prompts`), fetched once from the first worker, so prompts are tokenized here and never sent to
+a worker and back.
 
 Every worker must serve the same model with the same codec and block size (the same block
 namespace), or blocks computed by one would be useless to another; `start` checks that. A dead
@@ -31,7 +33,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from kvpool.errors import KvpoolError, Unavailable
-from services.gateway.router import Route, Router
+from services.gateway.router import Router
 from services.gateway.settings import PoolConfig
 from workers.actor import start_actor
 from workers.api import (
@@ -44,7 +46,6 @@ from workers.api import (
     WorkRequest,
     WorkStarted,
 )
-from workers.kv.hashing import BlockHash
 from workers.node_tier import start_node_tiers, stop_node_tiers
 from workers.prompt import PromptEncoder
 
@@ -86,9 +87,9 @@ def call(ref: Any, timeout_s: float | None = None) -> Any:
 
 
 class WorkerPool:
-    def __init__(self, config: PoolConfig, router: Router) -> None:
+    def __init__(self, config: PoolConfig) -> None:
         self.config = config
-        self.router = router
+        self.router = Router(config.routing)  # the live workers: added and removed below
         self._actors: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -208,17 +209,6 @@ class WorkerPool:
         return bool(set(self.live()) - set(excluded))
 
     # --- requests --------------------------------------------------------------------------
-
-    def acquire(self, hashes: Sequence[BlockHash], excluded: frozenset[str] = frozenset()) -> Route:
-        """A worker for a request on `hashes` (cache- and load-aware); `release` it after."""
-        return self.router.acquire(hashes, excluded)
-
-    def release(self, route: Route) -> None:
-        self.router.release(route)
-
-    def record(self, worker_id: str, hashes: Sequence[BlockHash]) -> None:
-        """`worker_id` now holds the blocks `hashes` in its L1."""
-        self.router.record(worker_id, hashes)
 
     def stream(
         self,

@@ -23,8 +23,7 @@ only steers, and a wrong guess costs a store fetch, never a wrong answer.
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from kvpool.errors import ResourceExhausted, Unavailable
@@ -68,9 +67,9 @@ class RouterConfig:
 
 @dataclass(frozen=True, slots=True)
 class Route:
+    """A worker chosen for one request, counted in its in-flight load until `release`d."""
+
     worker_id: str
-    cached_prefix_tokens: int  # what the gateway expects the worker's L1 to hold
-    in_flight: int  # before this request
 
 
 class _WorkerRecord:
@@ -125,11 +124,6 @@ class Router:
             record = self._workers.get(worker_id)
             return record.in_flight if record else 0
 
-    def cached_prefix_blocks(self, worker_id: str, hashes: Sequence[Hashable]) -> int:
-        with self._lock:
-            record = self._workers.get(worker_id)
-            return self._prefix_blocks(record, hashes) if record else 0
-
     @staticmethod
     def _prefix_blocks(record: _WorkerRecord, hashes: Sequence[Hashable]) -> int:
         # Chain hashes: block i's hash already commits to blocks 0..i-1, but the record is an LRU
@@ -150,7 +144,7 @@ class Router:
         """
         with self._lock:
             candidates = self._wait_for_room(exclude)
-            best: tuple[tuple[float, int, int], str, int, int] | None = None
+            best: tuple[tuple[float, int, int], str] | None = None
             for worker_id, record in candidates.items():
                 cached = self._prefix_blocks(record, hashes) * self.config.block_tokens
                 score = cached - self.config.load_penalty_tokens * self._occupancy(record)
@@ -158,15 +152,15 @@ class Router:
                 # then least recently chosen.
                 key = (score, -record.in_flight, -record.last_chosen)
                 if best is None or key > best[0]:
-                    best = (key, worker_id, cached, record.in_flight)
+                    best = (key, worker_id)
             if best is None:
                 raise Unavailable("no live worker to serve the request")
-            _, worker_id, cached, in_flight = best
+            _, worker_id = best
             self._clock += 1
             chosen = self._workers[worker_id]
             chosen.last_chosen = self._clock
             chosen.in_flight += 1
-            return Route(worker_id=worker_id, cached_prefix_tokens=cached, in_flight=in_flight)
+            return Route(worker_id)
 
     def _occupancy(self, record: _WorkerRecord) -> float:
         """How full the worker's batch is: 1.0 at max_in_flight (raw requests with no bound)."""
@@ -229,14 +223,3 @@ class Router:
             if record is not None:
                 record.in_flight = max(0, record.in_flight - 1)
                 self._lock.notify_all()
-
-    @contextmanager
-    def route(
-        self, hashes: Sequence[Hashable], exclude: frozenset[str] = frozenset()
-    ) -> Iterator[Route]:
-        """`acquire` then `release` around a block."""
-        chosen = self.acquire(hashes, exclude)
-        try:
-            yield chosen
-        finally:
-            self.release(chosen)

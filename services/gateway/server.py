@@ -1,5 +1,6 @@
-"""The gateway as an object: workers, router, sessions, the gRPC server and its metrics, and
-(with `http_port`) the OpenAI-compatible HTTP API on the same core (`services/gateway/http`).
+"""The gateway as an object: workers (with their router), sessions, the gRPC server and its
+metrics, and (with `http_port`) the OpenAI-compatible HTTP API on the same core
+(`services/gateway/http`).
 
     gateway = GatewayServer(GatewaySettings(store_target="127.0.0.1:50052", port=0))
     port = gateway.start()   # Ray must be initialized; starts the worker actors
@@ -23,7 +24,6 @@ from services.gateway.http.connections import PeerConnections
 from services.gateway.http.server import HttpServer
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pool import WorkerPool
-from services.gateway.router import Router, RouterConfig
 from services.gateway.servicer import SERVICE_NAME, InferenceServicer
 from services.gateway.sessions import SessionStore
 from services.gateway.settings import GatewaySettings, PoolConfig
@@ -31,7 +31,6 @@ from services.grpc_server import ServiceSpec
 from services.quota import CallerQuota
 from services.store.client import StoreClient
 from services.watchdog import ConnectionLimits
-from workers.api import WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +38,7 @@ log = logging.getLogger(__name__)
 class GatewayServer:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        worker = settings.pool.worker
-        self.router = Router(
-            RouterConfig(
-                block_tokens=worker.block_tokens,
-                load_penalty_tokens=settings.route_load_penalty_tokens,
-                # Remember about as many blocks per worker as its L1 can hold (at int8 sizes the
-                # record overestimates a little, which only costs an occasional store fetch).
-                record_blocks=max(1024, worker.l1_bytes // (256 << 10)),
-                max_in_flight=settings.requests_per_worker,
-                max_queued=settings.max_queued_requests,
-                queue_timeout_s=settings.queue_timeout_s,
-            )
-        )
-        self.pool = WorkerPool(_with_store_credentials(settings), self.router)
+        self.pool = WorkerPool(_with_store_credentials(settings))  # the workers and their router
         self.store = StoreClient(
             settings.store_target,
             timeout_s=settings.store_timeout_s,
@@ -104,7 +90,7 @@ class GatewayServer:
             len(self.pool.live()), info.model, info.fingerprint[:12], info.codec, info.block_tokens,
         )  # fmt: skip
         self.metrics.watch_workers(
-            self.worker_stats, lambda: len(self.pool.live()), lambda: self.pool.deaths
+            self.pool.stats, lambda: len(self.pool.live()), lambda: self.pool.deaths
         )
         # /metrics first, gRPC last: once health says SERVING, every port answers.
         if self.settings.metrics_port:
@@ -125,10 +111,6 @@ class GatewayServer:
         except BaseException:
             self.stop(grace_s=0)
             raise
-
-    def worker_stats(self, timeout_s: float = 2.0) -> list[WorkerStats]:
-        """Each live worker's stats; workers that do not answer in time are left out."""
-        return self.pool.stats(timeout_s)
 
     def stop(self, grace_s: float | None = None) -> None:
         """Graceful: NOT_SERVING, in-flight streams finish, workers flush their writes, stop."""

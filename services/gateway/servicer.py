@@ -20,7 +20,7 @@ from kvpool.errors import InvalidArgument
 from kvpool.v1 import inference_pb2 as pb
 from kvpool.v1 import inference_pb2_grpc
 from services.auth import TokenTable, caller_tenant, request_authorization
-from services.gateway.api import Delta, Finished, GenerateCall, PrefillCall
+from services.gateway.api import Delta, Finished, GenerateCall, PrefillCall, Usage
 from services.gateway.core import InferenceCore
 from services.gateway.http.bridge import CoreStream
 from workers.api import ChatMessage, PromptInput, SamplingParams
@@ -111,7 +111,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     yield pb.GenerateResponse(text=item.text, token_ids=item.token_ids)
                 elif isinstance(item, Finished):
                     yield pb.GenerateResponse(
-                        finish_reason=FINISH_REASONS[item.finish_reason], usage=_usage(item)
+                        finish_reason=FINISH_REASONS[item.finish_reason],
+                        usage=usage_proto(item.usage),
                     )
         finally:
             await stream.close()  # the route released, the worker told to stop if unfinished
@@ -157,22 +158,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return pb.DeleteSessionResponse()
 
 
-def _usage(item: Finished) -> pb.Usage:
-    u = item.usage
+def usage_proto(usage: Usage) -> pb.Usage:
+    """The proto's `Usage`: the worker's figures and the gateway's own."""
+    work = usage.work
     return pb.Usage(
-        prompt_tokens=u.prompt_tokens,
-        cached_tokens=u.cached_tokens,
+        prompt_tokens=work.prompt_tokens,
+        cached_tokens=work.cached_tokens,
         cached_tokens_by_tier=pb.CachedTokensByTier(
-            local=u.cached_local_tokens, store=u.cached_store_tokens, node=u.cached_node_tokens
+            local=work.cached_local_tokens,
+            store=work.cached_store_tokens,
+            node=work.cached_node_tokens,
         ),
-        completion_tokens=u.completion_tokens,
-        ttft_ms=u.ttft_ms,
-        tokens_per_s=u.tokens_per_s,
-        worker=u.worker,
-        session_id=u.session_id,
-        failovers=u.failovers,
-        evicted_tokens=u.evicted_tokens,
-        plan=u.plan,
-        recomputed_tokens=u.recomputed_tokens,
-        session_saved=u.session_saved,
+        completion_tokens=work.completion_tokens,
+        ttft_ms=usage.ttft_ms,
+        tokens_per_s=work.tokens_per_s,
+        worker=work.worker,
+        session_id=usage.session_id,
+        failovers=usage.failovers,
+        evicted_tokens=work.evicted_tokens,
+        plan=work.plan,
+        recomputed_tokens=work.recomputed_tokens,
+        session_saved=usage.session_saved,
     )

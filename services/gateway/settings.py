@@ -23,8 +23,13 @@ if TYPE_CHECKING:
     from services.auth import ServerTls, TokenTable
 
 
+_ROUTER = RouterConfig()  # the router's defaults are the gateway's: one default per setting
+
+
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
+    """The workers the pool starts and the router it builds for them (`routing`)."""
+
     workers: int = 1
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     resources: ActorResources = field(default_factory=ActorResources)
@@ -36,6 +41,36 @@ class PoolConfig:
     replace_backoff_s: float = 2.0
     # Bytes of each node's tier (L2, workers.node_tier), shared by the node's workers; 0: none.
     node_tier_bytes: int = DEFAULT_NODE_TIER_BYTES
+    # Routing: a worker with a full batch (max_requests_per_worker in flight) costs as much as
+    # this many cached prefix tokens (router.RouterConfig says why the default is what it is).
+    route_load_penalty_tokens: int = _ROUTER.load_penalty_tokens
+    # Requests one worker runs at once: its batch's admission bound; more wait at the gateway
+    # (router.RouterConfig). At most the worker's max_batch (0: that), so no request waits inside
+    # a worker, where the wait would count against --token-timeout; the actor's threads leave
+    # room for it (actor_resources).
+    max_requests_per_worker: int = 0
+    # Requests waiting for a worker (past it RESOURCE_EXHAUSTED), and the longest one waits.
+    max_queued_requests: int = _ROUTER.max_queued
+    queue_timeout_s: float = _ROUTER.queue_timeout_s
+
+    @property
+    def requests_per_worker(self) -> int:
+        """The per-worker cap in force: never more than the worker's batch admits at once."""
+        return self.max_requests_per_worker or self.worker.max_batch
+
+    @property
+    def routing(self) -> RouterConfig:
+        """What the pool builds its router with: the knobs above, and the workers' blocks."""
+        return RouterConfig(
+            block_tokens=self.worker.block_tokens,
+            load_penalty_tokens=self.route_load_penalty_tokens,
+            # Remember about as many blocks per worker as its L1 can hold (at int8 sizes the
+            # record overestimates a little, which only costs an occasional store fetch).
+            record_blocks=max(1024, self.worker.l1_bytes // (256 << 10)),
+            max_in_flight=self.requests_per_worker,
+            max_queued=self.max_queued_requests,
+            queue_timeout_s=self.queue_timeout_s,
+        )
 
     @property
     def actor_resources(self) -> ActorResources:
@@ -56,6 +91,12 @@ class PoolConfig:
             raise ValueError(
                 f"replace_attempts must be >= 1 and replace_backoff_s >= 0, got "
                 f"{self.replace_attempts} and {self.replace_backoff_s}"
+            )
+        batch = self.worker.max_batch
+        if not 0 <= self.max_requests_per_worker <= batch:
+            raise ValueError(
+                f"max_requests_per_worker must be between 0 (the worker's max_batch) and the "
+                f"worker's max_batch of {batch}, got {self.max_requests_per_worker}"
             )
 
 
@@ -111,9 +152,6 @@ class GatewayConfig:
             )
 
 
-_ROUTER = RouterConfig()  # the router's defaults are the gateway's: one default per setting
-
-
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
     store_target: str  # HOST:PORT of the KVStore, reachable from the gateway and every worker
@@ -121,9 +159,6 @@ class GatewaySettings:
     port: int = 50051  # 0: pick a free port
     pool: PoolConfig = field(default_factory=PoolConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
-    # Routing: a worker with a full batch (--max-requests-per-worker in flight) costs as much as
-    # this many cached prefix tokens (router.RouterConfig says why the default is what it is).
-    route_load_penalty_tokens: int = _ROUTER.load_penalty_tokens
     session_ttl_s: int = 24 * 3600
     store_timeout_s: float = 5.0
     metrics_port: int = 0  # 0: no /metrics endpoint
@@ -157,14 +192,6 @@ class GatewaySettings:
     store_auth_token: str | None = field(default=None, repr=False)  # the store's, for sessions
     store_tls_ca: bytes | None = field(default=None, repr=False)  # PEM CA: store over TLS
     max_request_bytes: int = 4 << 20  # larger requests get RESOURCE_EXHAUSTED from gRPC
-    # Requests one worker runs at once: its batch's admission bound; more wait at the gateway
-    # (router.RouterConfig). At most the worker's max_batch (0: that), so no request waits inside
-    # a worker, where the wait would count against --token-timeout; the actor's threads leave
-    # room for it (PoolConfig.actor_resources).
-    max_requests_per_worker: int = 0
-    # Requests waiting for a worker (past it RESOURCE_EXHAUSTED), and the longest one waits.
-    max_queued_requests: int = _ROUTER.max_queued
-    queue_timeout_s: float = _ROUTER.queue_timeout_s
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
@@ -199,14 +226,3 @@ class GatewaySettings:
             raise ValueError(f"http_keepalive_s must be >= 1, got {self.http_keepalive_s}")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
-        batch = self.pool.worker.max_batch
-        if not 0 <= self.max_requests_per_worker <= batch:
-            raise ValueError(
-                f"max_requests_per_worker must be between 0 (the worker's max_batch) and the "
-                f"worker's max_batch of {batch}, got {self.max_requests_per_worker}"
-            )
-
-    @property
-    def requests_per_worker(self) -> int:
-        """The per-worker cap in force: never more than the worker's batch admits at once."""
-        return self.max_requests_per_worker or self.pool.worker.max_batch

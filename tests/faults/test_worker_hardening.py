@@ -38,7 +38,7 @@ def gateway_config(stack, **changes):
 
 @contextlib.contextmanager
 def router_config(stack, **changes):
-    router = stack.gateway.router
+    router = stack.gateway.pool.router
     original = router.config
     router.config = replace(original, **changes)
     try:
@@ -139,7 +139,7 @@ def test_three_times_a_workers_capacity_of_streams_completes_with_no_worker_lost
     so a short --token-timeout kills nobody."""
     workers = len(stack.gateway.pool.live())
     threads = stack.gateway.settings.pool.resources.max_concurrency
-    assert stack.gateway.router.config.max_in_flight < threads  # the default cap is below
+    assert stack.gateway.pool.router.config.max_in_flight < threads  # the default cap is below
     n = 3 * threads * workers
     before = counts(stack)
     with (
@@ -176,7 +176,7 @@ def test_the_queue_is_bounded(stack):
 
 def test_control_calls_answer_while_every_generation_thread_is_busy(stack):
     wid, handle = next(iter(stack.gateway.pool.live().items()))
-    stack.gateway.router.set_draining(wid)  # the gateway sends it nothing meanwhile
+    stack.gateway.pool.router.set_draining(wid)  # the gateway sends it nothing meanwhile
     threads = stack.gateway.settings.pool.resources.max_concurrency
     params = SamplingParams(max_new_tokens=2000)
     requests = [
@@ -195,7 +195,7 @@ def test_control_calls_answer_while_every_generation_thread_is_busy(stack):
     finally:
         for r in requests:
             handle.cancel.remote(r.request_id)
-        stack.gateway.router.set_draining(wid, False)
+        stack.gateway.pool.router.set_draining(wid, False)
     wait_for(lambda: ray.get(handle.stats.remote(), timeout=5).in_flight == 0, 60, "cancelled")
 
 

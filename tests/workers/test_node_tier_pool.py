@@ -10,7 +10,6 @@ import pytest
 import ray
 
 from services.gateway.pool import WorkerPool
-from services.gateway.router import Router
 from services.gateway.settings import PoolConfig
 from workers.api import ActorResources, WorkerConfig
 from workers.node_tier import NodeTier
@@ -43,7 +42,7 @@ def test_replacing_a_worker_keeps_the_node_tier_and_its_blocks(private_ray):
         resources=ActorResources(num_cpus=1, max_concurrency=4),
         node_tier_bytes=64 << 20,
     )
-    pool = WorkerPool(config, Router())
+    pool = WorkerPool(config)
     pool.start()  # the pool creates, and so owns, this node's tier
     try:
         tier = NodeTier.for_this_node(timeout_s=10)

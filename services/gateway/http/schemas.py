@@ -222,26 +222,30 @@ def completion_id(chat: bool) -> str:
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:
+    """OpenAI's `usage` object."""
+    work = usage.work
     return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "prompt_tokens": work.prompt_tokens,
+        "completion_tokens": work.completion_tokens,
+        "total_tokens": work.prompt_tokens + work.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": work.cached_tokens},
     }
 
 
 def kvpool_body(usage: Usage) -> dict[str, Any]:
+    """kvpool's own figures, the response's `kvpool` object beside OpenAI's fields."""
+    work = usage.work
     return {
         "session_id": usage.session_id,
-        "worker": usage.worker,
+        "worker": work.worker,
         "cached_tokens_by_tier": {
-            "local": usage.cached_local_tokens,
-            "store": usage.cached_store_tokens,
+            "local": work.cached_local_tokens,
+            "store": work.cached_store_tokens,
         },
         "ttft_ms": round(usage.ttft_ms, 3),
-        "tokens_per_s": round(usage.tokens_per_s, 3),
+        "tokens_per_s": round(work.tokens_per_s, 3),
         "failovers": usage.failovers,
-        "evicted_tokens": usage.evicted_tokens,
+        "evicted_tokens": work.evicted_tokens,
         "session_saved": usage.session_saved,
     }
 

@@ -11,11 +11,12 @@ BLOCK_TOKENS = 16
 @contextlib.contextmanager
 def drained(gateway: GatewayServer, worker_id: str):
     """Keep new requests off `worker_id`, so the next one runs on another worker."""
-    gateway.router.set_draining(worker_id)
+    router = gateway.pool.router
+    router.set_draining(worker_id)
     try:
         yield
     finally:
-        gateway.router.set_draining(worker_id, False)
+        router.set_draining(worker_id, False)
 
 
 def wait_for(predicate, timeout_s: float, what: str) -> None:

@@ -46,7 +46,7 @@ def test_limits_and_auth_reach_the_settings(tmp_path, monkeypatch):
     assert settings.store_auth_token is None  # kvpool serve generates the embedded store's
     assert (settings.gateway.max_prompt_tokens, settings.gateway.max_new_tokens) == (100, 10)
     assert settings.gateway.max_sessions == 7
-    assert (settings.max_request_bytes, settings.max_requests_per_worker) == (64 << 10, 2)
+    assert (settings.max_request_bytes, settings.pool.max_requests_per_worker) == (64 << 10, 2)
     assert settings.pool.worker.store_auth_token is None  # GatewayServer hands it to the workers
     with pytest.raises(ValueError, match="--max-sessions must be >= 0"):
         check_args(build_parser().parse_args(["serve", "--max-sessions", "-1"]))
@@ -126,10 +126,11 @@ def test_hardening_flags_default_to_the_settings_defaults():
     assert args.token_timeout == config.token_timeout_s
     assert (args.max_stop_strings, args.max_stop_chars) == (16, 256)
     assert (config.max_stop_strings, config.max_stop_chars) == (16, 256)
-    assert args.max_requests_per_worker == settings.max_requests_per_worker
-    assert 0 < settings.requests_per_worker < settings.pool.resources.max_concurrency
-    assert args.max_queued_requests == settings.max_queued_requests
-    assert args.queue_timeout == settings.queue_timeout_s
+    pool = settings.pool
+    assert args.max_requests_per_worker == pool.max_requests_per_worker
+    assert 0 < pool.requests_per_worker < pool.resources.max_concurrency
+    assert args.max_queued_requests == pool.max_queued_requests
+    assert args.queue_timeout == pool.queue_timeout_s
 
 
 def test_the_gateway_listens_on_loopback_unless_told(monkeypatch):
@@ -166,11 +167,11 @@ def test_the_batch_bounds_the_per_worker_cap_and_sizes_the_actor(monkeypatch):
     settings = gateway_settings(args, "127.0.0.1:1", 0.0)
     worker = settings.pool.worker
     assert (worker.max_batch, worker.max_batch_tokens) == (16, 512)
-    assert settings.requests_per_worker == 16  # the default cap: the whole batch
+    assert settings.pool.requests_per_worker == 16  # the default cap: the whole batch
     assert settings.pool.actor_resources.max_concurrency == 16 + SPARE_THREADS
-    default = gateway_settings(parse(), "127.0.0.1:1", 0.0)
-    assert default.requests_per_worker == default.pool.worker.max_batch == 8
-    assert default.pool.actor_resources.max_concurrency > default.requests_per_worker
+    default = gateway_settings(parse(), "127.0.0.1:1", 0.0).pool
+    assert default.requests_per_worker == default.worker.max_batch == 8
+    assert default.actor_resources.max_concurrency > default.requests_per_worker
     with pytest.raises(ValueError, match="--max-requests-per-worker must be at most --max-batch=8"):
         check_args(parse("--max-requests-per-worker", "9"))
     with pytest.raises(ValueError, match="--max-batch-tokens must exceed --max-batch=8"):

@@ -103,7 +103,7 @@ def test_failover_mid_stream_gives_the_uninterrupted_text(stack, client):
         text.append(chunk.text)
         last = chunk
         if killed is None and len(tokens) >= 5:
-            busy = [w for w in stack.router.workers() if stack.router.in_flight(w)]
+            busy = [w for w in stack.pool.router.workers() if stack.pool.router.in_flight(w)]
             assert len(busy) == 1
             killed = busy[0]
             ray.kill(stack.pool.handle(killed), no_restart=True)
@@ -120,7 +120,7 @@ def test_client_cancel_stops_the_worker(stack, client):
     stream = client.stream(prompt="Cancel: " + DOC, max_new_tokens=2000)
     next(stream)
     stream.close()  # cancels the call
-    wait_for(lambda: all(s.in_flight == 0 for s in stack.worker_stats()), 30, "the worker to stop")
+    wait_for(lambda: all(s.in_flight == 0 for s in stack.pool.stats()), 30, "the worker to stop")
 
 
 @pytest.mark.parametrize(
@@ -217,7 +217,7 @@ def test_streams_batched_on_the_workers_equal_each_alone(stack, client):
     decode steps (the worker's stats say so) and each gives exactly its output alone."""
     prompts = [f"Batched {i}: " + DOC[: 50 * (i + 1)] for i in range(6)]
     alone = [client.generate(prompt=p, max_new_tokens=120, tenant="alone") for p in prompts]
-    steps_before = sum(s.batch_steps for s in stack.worker_stats())
+    steps_before = sum(s.batch_steps for s in stack.pool.stats())
     results: dict[int, object] = {}
 
     def one(i: int) -> None:
@@ -229,7 +229,7 @@ def test_streams_batched_on_the_workers_equal_each_alone(stack, client):
     for t in threads:
         t.join(120)
     assert [results[i].token_ids for i in range(len(prompts))] == [a.token_ids for a in alone]
-    stats = stack.worker_stats()
+    stats = stack.pool.stats()
     assert max(s.batch_largest for s in stats) >= 2
     assert sum(s.batch_steps for s in stats) > steps_before
     text = generate_latest(stack.metrics.registry).decode()

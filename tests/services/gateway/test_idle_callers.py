@@ -170,9 +170,9 @@ def test_a_stream_never_read_is_cancelled_after_its_timeout_and_its_worker_freed
             "the unread stream to be cancelled",
         )
         wait_for(lambda: core.shares.held("alice") == 0, 10, "its slot to be released")
-        assert sum(stack.router.in_flight(w) for w in stack.pool.live()) == 0
+        assert sum(stack.pool.router.in_flight(w) for w in stack.pool.live()) == 0
         wait_for(
-            lambda: all(s.in_flight == 0 for s in stack.worker_stats()),
+            lambda: all(s.in_flight == 0 for s in stack.pool.stats()),
             10,
             "the workers to stop generating it",
         )

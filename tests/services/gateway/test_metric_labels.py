@@ -6,13 +6,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.gateway.api import Usage
 from services.gateway.metrics import MAX_TENANT_LABELS, OTHER_TENANT, GatewayMetrics
+from workers.api import WorkUsage
 
 
 def test_tenants_beyond_the_cap_share_one_label():
     metrics = GatewayMetrics()
     usage = Usage(
-        prompt_tokens=10, cached_local_tokens=0, cached_store_tokens=0, completion_tokens=2,
-        ttft_ms=5.0, tokens_per_s=1.0, worker="w", session_id="", failovers=0,
+        WorkUsage(
+            prompt_tokens=10, cached_local_tokens=0, cached_store_tokens=0, completion_tokens=2,
+            ttft_ms=4.0, tokens_per_s=1.0, worker="w",
+        ),
+        ttft_ms=5.0, session_id="", failovers=0,
     )  # fmt: skip
     for n in range(10 * MAX_TENANT_LABELS):
         tenant = f"tenant-{n}"

@@ -388,7 +388,7 @@ def test_a_client_that_disconnects_mid_stream_cancels_the_generation(api, stack,
         60,
         "the gateway to count the disconnect",
     )
-    wait_for(lambda: all(s.in_flight == 0 for s in stack.worker_stats()), 10, "the worker to stop")
+    wait_for(lambda: all(s.in_flight == 0 for s in stack.pool.stats()), 10, "the worker to stop")
     assert metric(registry, "kvpool_gateway_in_flight") == 0
     # Cancelled, not finished: no usage was recorded for it.
     after = metric(registry, "kvpool_gateway_completion_tokens_total", {"tenant": ""})
@@ -464,10 +464,10 @@ def test_a_client_that_gives_up_on_an_unstreamed_reply_cancels_it(stack, model):
             "the gateway to count the disconnect",
         )
     except AssertionError as exc:
-        in_flight = [(s.worker_id, s.in_flight) for s in stack.worker_stats()]
+        in_flight = [(s.worker_id, s.in_flight) for s in stack.pool.stats()]
         gauge = metric(registry, "kvpool_gateway_in_flight")
         raise AssertionError(f"{exc}; workers in flight {in_flight}, gateway {gauge}") from None
-    wait_for(lambda: all(s.in_flight == 0 for s in stack.worker_stats()), 10, "the worker to stop")
+    wait_for(lambda: all(s.in_flight == 0 for s in stack.pool.stats()), 10, "the worker to stop")
 
 
 def test_the_http_api_serves_tls_with_the_grpc_certificate(front, model, tmp_path):
@@ -490,7 +490,7 @@ def test_an_error_after_the_first_token_arrives_as_an_error_event(front, stack, 
         )
         chunks = iter(stream)
         next(chunks)
-        busy = [w for w in stack.router.workers() if stack.router.in_flight(w)]
+        busy = [w for w in stack.pool.router.workers() if stack.pool.router.in_flight(w)]
         assert len(busy) == 1
         ray.kill(stack.pool.handle(busy[0]), no_restart=True)
         with pytest.raises(openai.APIError, match="gave up after 0 failovers"):

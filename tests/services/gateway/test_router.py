@@ -3,7 +3,7 @@ import time
 import pytest
 
 from kvpool.errors import ResourceExhausted, Unavailable
-from services.gateway.router import Router, RouterConfig
+from services.gateway.router import Route, Router, RouterConfig
 
 
 def router(**kwargs) -> Router:
@@ -34,14 +34,27 @@ def test_worker_holding_the_longest_prefix_wins():
     r = router()
     r.record("b", ["h1", "h2"])
     r.record("c", ["h1"])
-    route = r.acquire(["h1", "h2", "h3"])
-    assert route.worker_id == "b" and route.cached_prefix_tokens == 128
+    assert r.acquire(["h1", "h2", "h3"]).worker_id == "b"
+
+
+def test_a_cached_prefix_is_worth_block_tokens_per_leading_block():
+    # b holds two blocks (128 tokens) and runs one request; c holds one block (64) and is idle.
+    # b's score is 128 - penalty against c's 64: b wins below a penalty of 64 and ties at it
+    # (the tie goes to c, with fewer in flight), so b's prefix counts exactly 128 tokens.
+    for penalty, expected in ((63, "b"), (64, "c")):
+        r = router(load_penalty_tokens=penalty)
+        r.record("b", ["h1", "h2"])
+        r.record("c", ["h1"])
+        r.acquire([], exclude=frozenset({"a", "c"}))  # b's one request
+        assert r.acquire(["h1", "h2", "h3"]).worker_id == expected
 
 
 def test_prefix_counts_leading_blocks_only():
     r = router()
     r.record("a", ["h2", "h3"])  # h1 was evicted from the record
-    assert r.cached_prefix_blocks("a", ["h1", "h2", "h3"]) == 0
+    r.record("b", ["h1"])
+    # Counting a's later hits would give it 128 tokens against b's 64.
+    assert r.acquire(["h1", "h2", "h3"]).worker_id == "b"
 
 
 def test_load_outweighs_a_short_cached_prefix_but_not_a_long_one():
@@ -88,16 +101,21 @@ def test_no_worker_is_unavailable():
 
 
 def test_record_is_bounded_per_worker():
-    r = router(record_blocks=2)
+    # a runs one request, which costs 32 tokens: a held block (64) still wins it the next one,
+    # and a block it no longer holds leaves it below the idle workers.
+    r = router(record_blocks=2, load_penalty_tokens=32)
     r.record("a", ["h1", "h2", "h3"])
-    assert r.cached_prefix_blocks("a", ["h2", "h3"]) == 2
-    assert r.cached_prefix_blocks("a", ["h1"]) == 0
+    r.acquire([], exclude=frozenset({"b", "c"}))
+    assert r.acquire(["h2", "h3"]).worker_id == "a"  # both still held: 128 - 32
+    r.release(Route("a"))
+    assert r.acquire(["h1"]).worker_id != "a"  # dropped, the oldest: 0 - 32
 
 
-def test_route_context_releases_the_in_flight_count():
+def test_release_frees_the_in_flight_count():
     r = router()
-    with r.route([]) as route:
-        assert r.in_flight(route.worker_id) == 1
+    route = r.acquire([])
+    assert r.in_flight(route.worker_id) == 1
+    r.release(route)
     assert r.in_flight(route.worker_id) == 0
 
 
@@ -175,6 +193,27 @@ def test_the_router_and_the_gateway_share_one_default_per_setting():
     from services.gateway.settings import GatewaySettings
 
     router, gateway = RouterConfig(), GatewaySettings(store_target="127.0.0.1:1")
-    assert gateway.route_load_penalty_tokens == router.load_penalty_tokens == 2048
-    assert gateway.max_queued_requests == router.max_queued
-    assert gateway.queue_timeout_s == router.queue_timeout_s
+    assert gateway.pool.route_load_penalty_tokens == router.load_penalty_tokens == 2048
+    assert gateway.pool.max_queued_requests == router.max_queued
+    assert gateway.pool.queue_timeout_s == router.queue_timeout_s
+    # What the pool builds its router with keeps those defaults.
+    routing = gateway.pool.routing
+    assert (routing.load_penalty_tokens, routing.max_queued, routing.queue_timeout_s) == (
+        router.load_penalty_tokens,
+        router.max_queued,
+        router.queue_timeout_s,
+    )
+
+
+def test_the_pool_builds_its_router_from_its_config():
+    """The workers' block size and L1 size the router; the batch bound is its per-worker cap."""
+    from services.gateway.settings import PoolConfig
+    from workers.api import WorkerConfig
+
+    worker = WorkerConfig(block_tokens=16, l1_bytes=4 << 30, max_batch=4)
+    routing = PoolConfig(worker=worker, route_load_penalty_tokens=100, queue_timeout_s=5).routing
+    assert (routing.block_tokens, routing.load_penalty_tokens) == (16, 100)
+    assert routing.record_blocks == (4 << 30) // (256 << 10)
+    assert routing.max_in_flight == 4  # max_requests_per_worker 0: the worker's max_batch
+    assert PoolConfig(worker=worker, max_requests_per_worker=2).routing.max_in_flight == 2
+    assert routing.queue_timeout_s == 5

@@ -65,7 +65,7 @@ def flush(stack):
 
 
 def computed_tokens(stack) -> int:
-    return sum(s.computed_tokens for s in stack.worker_stats())
+    return sum(s.computed_tokens for s in stack.pool.stats())
 
 
 def test_calls_without_a_good_token_are_unauthenticated(front):
@@ -157,8 +157,17 @@ def test_router_records_are_per_tenant(stack, client):
         )
         for t in ("t-one", "t-two")
     )
-    assert stack.router.cached_prefix_blocks(worker, one) == len(one) > 0
-    assert stack.router.cached_prefix_blocks(worker, two) == 0
+    assert len(one) > 0 and not set(one) & set(two)
+    # The router's record steers tenant one's chain back to `worker`, chosen last (by the
+    # prefill) and so the one an idle tie would pass over. Tenant two's chain matches nothing
+    # there, and ties: it goes to the worker chosen least recently, the other one.
+    router = stack.pool.router
+    assert all(router.in_flight(w) == 0 for w in router.workers())
+    other = next(w for w in router.workers() if w != worker)
+    for hashes, expected in ((one, worker), (two, other)):
+        route = router.acquire(hashes)
+        router.release(route)
+        assert route.worker_id == expected
     # Without auth the request names the tenant: another tenant starts cold.
     cold = client.generate(prompt=prompt, max_new_tokens=2, tenant="t-two")
     assert cold.usage["cached_tokens"] == 0
@@ -230,8 +239,8 @@ def test_live_sessions_are_limited(front):
 
 def test_every_worker_full_is_resource_exhausted(stack, front):
     target, metrics = front()
-    original = stack.router.config
-    stack.router.config = replace(original, max_in_flight=1, max_queued=0)  # refuse at once
+    original = stack.pool.router.config
+    stack.pool.router.config = replace(original, max_in_flight=1, max_queued=0)  # refuse at once
     streams = []
     try:
         with InferenceClient(target, timeout_s=120) as client:
@@ -247,7 +256,7 @@ def test_every_worker_full_is_resource_exhausted(stack, front):
         for stream in streams:
             with contextlib.suppress(Exception):
                 stream.close()
-        stack.router.config = original
+        stack.pool.router.config = original
     text = generate_latest(metrics.registry).decode()
     assert 'kvpool_gateway_limit_rejections_total{limit="max_requests_per_worker"} 1.0' in text
 

@@ -14,7 +14,7 @@ from services.gateway.http.schemas import (
     ResponseShape,
     parse,
 )
-from workers.api import ChatMessage
+from workers.api import ChatMessage, WorkUsage
 
 
 def chat(**fields):
@@ -123,8 +123,11 @@ def test_a_body_that_is_not_json_is_invalid():
 FINISHED = Finished(
     "eos",
     Usage(
-        prompt_tokens=100, cached_local_tokens=64, cached_store_tokens=0, completion_tokens=5,
-        ttft_ms=12.5, tokens_per_s=40.0, worker="worker-1", session_id="s", failovers=0,
+        WorkUsage(
+            prompt_tokens=100, cached_local_tokens=64, cached_store_tokens=0, completion_tokens=5,
+            ttft_ms=3.0, tokens_per_s=40.0, worker="worker-1",
+        ),
+        ttft_ms=12.5, session_id="s", failovers=0,
     ),
 )  # fmt: skip
 
