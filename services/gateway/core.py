@@ -163,6 +163,7 @@ class InferenceCore:
             max_cache_tokens=turn.window[0],
             sink_tokens=turn.window[1],
             prefill_timeout_s=self.config.prefill_timeout_s,
+            block_hashes=tuple(turn.hashes),  # hashed once, here: the worker goes on from them
         )
         try:
             for item in self.pool.stream(
@@ -213,7 +214,12 @@ class InferenceCore:
         # The worker now holds (in L1) the prompt's and the output's blocks: a session's next turn
         # should find its way back there.
         fed = [*turn.prompt, *done.token_ids][:-1]
-        self.pool.router.record(done.usage.worker, chain_hashes(self._namespace(req.tenant), fed))
+        known = turn.hashes  # the prompt's; only the blocks the output completed are new
+        more = chain_hashes(
+            self._namespace(req.tenant), fed[len(known) * self.pool.info.block_tokens :],
+            known[-1] if known else None,
+        )  # fmt: skip
+        self.pool.router.record(done.usage.worker, [*known, *more])
         session_saved = session is not None and self._save_turn(
             session.with_turn([*turn.prompt, *done.token_ids], window=turn.window)
         )

@@ -199,9 +199,15 @@ _WORKER_FAMILIES: dict[str, tuple[type, str, list[str]]] = {
     "computed_tokens": (_C, "Prompt tokens prefilled because no tier held them.", _W),
     "corrupt_blocks": (_C, "Stored blocks refused by verification (deleted).", _W),
     "store_errors": (_C, "Store reads that failed and were served as misses.", _W),
+    "node_tier_errors": (_C, "Node tier reads that failed and were served as misses.", _W),
     "blocks_written": (_C, "Blocks the store accepted from write-behind.", _W),
     "write_dropped_blocks": (_C, "Blocks not written because the write queue was full.", _W),
     "write_failed_blocks": (_C, "Blocks not written because the store failed.", _W),
+    "copy_dropped_blocks": (
+        _C,
+        "Fetched blocks L1 and the node tier did not take: the write queue was full.",
+        _W,
+    ),
     "write_pending_blocks": (_G, "Blocks waiting in the write-behind queue.", _W),
     "in_flight": (_G, "Generations running on the worker.", _W),
     "batch_sequences": (_G, "Sequences prefilling or decoding in the worker's batch.", _W),
@@ -252,9 +258,11 @@ class _WorkerCollector(Collector):
             families["computed_tokens"].add_metric(w, s.computed_tokens)
             families["corrupt_blocks"].add_metric(w, s.corrupt_blocks)
             families["store_errors"].add_metric(w, s.store_errors)
+            families["node_tier_errors"].add_metric(w, s.node_errors)
             families["blocks_written"].add_metric(w, s.writes.stored)
             families["write_dropped_blocks"].add_metric(w, s.writes.dropped)
             families["write_failed_blocks"].add_metric(w, s.writes.failed)
+            families["copy_dropped_blocks"].add_metric(w, s.writes.dropped_copies)
             families["write_pending_blocks"].add_metric(w, s.writes.pending)
             families["in_flight"].add_metric(w, s.in_flight)
             families["batch_sequences"].add_metric(w, s.batch_running)
