@@ -6,8 +6,9 @@ another, each a process of its own (kvpool.bench.vllm_engine), on SmolLM2-135M a
 
     A  connector on, cold:      a_miss_ms (it saves the prompt's blocks), then its own
                                  prefix-cache hit a_local_hit_ms
-    B  connector on, fresh:     b_store_hit_ms (b_loaded_tokens from the store), then a prompt
-                                 sharing the first 1,792 tokens with a new suffix, b_shared_ms
+    B  connector on, fresh:     b_store_hit_ms (b_loaded_tokens from the store), then, its own
+                                 prefix cache emptied, a prompt sharing the first 1,792 tokens
+                                 with a new suffix, b_shared_ms (from the store too)
     C  connector off, fresh:    b_miss_ms, and the greedy text B's must equal
     N  vLLM's OffloadingConnector (CPU): native_offload_hit_ms after its prefix cache is reset,
                                  or the error this vLLM gave
@@ -78,9 +79,11 @@ def run(args: argparse.Namespace) -> int:
         greedy = {"prompt_token_ids": prompt, "max_tokens": GREEDY_TOKENS}
         _, a_miss, a_hit = _engine(work, "a", connector, [warm, one, one])
         _settled(redis_proc.url)
-        _, b_hit, b_shared, b_text = _engine(
-            work, "b", connector, [warm, one, {**one, "prompt_token_ids": shared}, greedy]
-        )
+        # B's own prefix cache is emptied before the shared prompt, or its 1,792 tokens would
+        # come from there (the full prompt just ran) rather than from the store.
+        reset = {"reset_prefix_cache": True}
+        jobs = [warm, one, reset, {**one, "prompt_token_ids": shared}, reset, greedy]
+        _, b_hit, b_shared, b_text = _engine(work, "b", connector, jobs)  # no result for a reset
         _, c_miss, c_text = _engine(work, "c", None, [warm, one, greedy])
         skipped = {"native_offload_error": "skipped (--skip-native)"}
         native = skipped if args.skip_native else _native(work, one)
