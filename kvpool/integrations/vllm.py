@@ -27,7 +27,8 @@ and the tenant's HMAC salt: an engine with other numerics never reads another's 
 tenant never reads another's. docs/vllm.md says what is and is not supported.
 
 Metrics: both sides count into `KVPoolStats` (the schema is `vllm_metrics`), which vLLM adds up
-over workers and steps and shows through `build_prom_metrics` as `vllm:kvpool_*`.
+over workers and steps and shows through `build_prom_metrics` as `vllm:kvpool_*`; with
+`metrics_port` the scheduler side also serves the totals itself as `kvpool_connector_*`.
 
 This is the only kvpool module that imports vLLM.
 """
@@ -220,6 +221,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         self._stats = KVPoolStats()
         if role == KVConnectorRole.SCHEDULER:
             self._requests: dict[str, _Request] = {}
+            self._totals = self._serve_metrics(parallel.data_parallel_size)
             self._estimates = Estimates("cuda" if torch.cuda.is_available() else "cpu")
             self._block_bytes = int(
                 encoded_bytes_per_token(self._codec, self._geometry, self._block_tokens)
@@ -245,9 +247,35 @@ class KVPoolConnector(KVConnectorBase_V1):
 
     # ---------------------------------------------------------------- scheduler side
 
+    def _serve_metrics(self, data_parallel_size: int) -> metrics.ConnectorTotals | None:
+        """kvpool's own /metrics (`metrics_port`), from this process: the engine core, where
+        every worker's stats arrive each step. None when it is off."""
+        port = self.settings.metrics_port
+        if port is None:
+            return None
+        if data_parallel_size > 1:
+            raise InvalidArgument(
+                f"kvpool connector: metrics_port with data_parallel_size={data_parallel_size}: "
+                "each engine core would bind the same port; leave metrics_port out and scrape "
+                "vLLM's /metrics (vllm:kvpool_*, labelled by engine)"
+            )
+        totals = metrics.ConnectorTotals()
+        try:
+            totals.serve(self.settings.metrics_host, port)
+        except OSError as exc:
+            raise InvalidArgument(
+                f"kvpool connector: metrics_port {port} on {self.settings.metrics_host} cannot "
+                f"be bound: {exc}"
+            ) from exc
+        log.info("kvpool connector: metrics on http://%s:%d/metrics", self.settings.metrics_host,
+                 port)  # fmt: skip
+        return totals
+
     def _count_plan(self, kind: str) -> None:
         with self._lock:
             self._stats.count("plans", 1, kind)
+        if self._totals is not None:
+            self._totals.add({"plans": {kind: 1}})
 
     def _namespace(self, request: Any) -> Namespace | None:
         """The request's namespace, or None when it may not use the store (a cache_salt and no
@@ -357,6 +385,8 @@ class KVPoolConnector(KVConnectorBase_V1):
         stats = getattr(connector_output, "kv_connector_stats", None)
         if stats is None:
             return
+        if self._totals is not None:
+            self._totals.add(stats.data)
         for nbytes, seconds in stats.data.get("fetch", ()):
             self._estimates.observe_fetch("store", int(nbytes), float(seconds))
         for tokens, end, seconds in stats.data.get("forward", ()):
@@ -515,6 +545,8 @@ class KVPoolConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self.role == KVConnectorRole.WORKER:
             self._writer.close()
+        elif self._totals is not None:
+            self._totals.close()
         self._store.close()
 
 

@@ -1,11 +1,13 @@
 """The vLLM connector's metrics: what it counts, how the counts of many steps and workers add up,
-and how vLLM's Prometheus output shows them (docs/vllm.md, "Metrics", lists every one).
+and the two registries that show them (docs/vllm.md, "Metrics", lists every one).
 
 The counts travel as the `data` of vLLM's `KVConnectorStats` (`vllm.KVPoolStats`, a thin shell
 over the functions here). The worker side fills one per step (what it loaded and saved, how
 long that took, what failed), the scheduler side adds the plans it chose, and vLLM adds them up
 over workers and steps before its Prometheus logger hands them to `VllmSeries`, which shows them
-as `vllm:kvpool_*` with vLLM's own `model_name` and `engine` labels.
+as `vllm:kvpool_*` with vLLM's own `model_name` and `engine` labels. `ConnectorTotals` keeps
+running totals of the same counts in the scheduler's process, for the `metrics_port` of
+`kv_connector_extra_config` (`kvpool_connector_*`).
 
     {"loaded_tokens": {"store": 1920},      a counter: amounts by label value ("" if unlabelled)
      "load_seconds": [0.21],                a histogram: its samples, one per observation
@@ -16,14 +18,21 @@ Every label takes its values from a fixed set (`Spec.values`); counting under an
 is a bug and raises, so no series set can grow. No vLLM import: this is unit-tested alone.
 """
 
-from collections.abc import Mapping
+import threading
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from workers.api import PLAN_KINDS
 from workers.plan import TIERS
 
 VLLM_PREFIX = "vllm:kvpool_"  # vLLM's connectors name theirs vllm:nixl_*, vllm:kv_offload_*, ...
+OWN_PREFIX = "kvpool_connector_"
 COUNTER, HISTOGRAM = "counter", "histogram"
 # missing: the store answered without it (evicted since the lookup); damaged: it failed the
 # checks and was deleted; unavailable: the store call failed (down, or past its deadline).
@@ -184,3 +193,91 @@ class VllmSeries:
             else:
                 for label, amount in value.items():
                     self._series[engine, key, label].inc(amount)
+
+
+class ConnectorTotals:
+    """Running totals of the counts in the scheduler's process, served as `kvpool_connector_*`
+    from a registry of its own (`serve`).
+
+    A collector of plain numbers, not prometheus_client's metric classes: under `vllm serve`
+    with several API servers the engine core inherits PROMETHEUS_MULTIPROC_DIR, and metrics made
+    with those classes would land in vLLM's own /metrics as well."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters = {
+            (spec.key, value): 0.0
+            for spec in METRICS
+            if spec.kind == COUNTER
+            for value in spec.label_values
+        }
+        # per histogram: a count per bucket (the last one +Inf), and the samples' sum
+        self._histograms = {
+            spec.key: ([0] * (len(spec.buckets) + 1), [0.0])
+            for spec in METRICS
+            if spec.kind == HISTOGRAM
+        }
+        self._http: Any = None
+
+    def add(self, data: Mapping[str, Any]) -> None:
+        with self._lock:
+            for key, value in data.items():
+                if key in PLAN_SAMPLES:
+                    continue
+                spec = _spec(key)
+                if spec.kind == HISTOGRAM:
+                    buckets, total = self._histograms[key]
+                    for sample in value:
+                        buckets[bisect_left(spec.buckets, sample)] += 1
+                        total[0] += sample
+                    continue
+                for label, amount in value.items():
+                    if (key, label) not in self._counters:
+                        raise ValueError(f"{key}: {label!r} is not one of {spec.label_values}")
+                    self._counters[key, label] += amount
+
+    def value(self, key: str, label: str = "") -> float:
+        """A counter's total, or a histogram's sample count."""
+        with self._lock:
+            if key in self._histograms:
+                return sum(self._histograms[key][0])
+            return self._counters[key, label]
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            counters = dict(self._counters)
+            histograms = {k: (list(b), t[0]) for k, (b, t) in self._histograms.items()}
+        for spec in METRICS:
+            name = OWN_PREFIX + spec.key
+            if spec.kind == COUNTER:
+                family = CounterMetricFamily(
+                    name, spec.doc, labels=[spec.label] if spec.label else []
+                )
+                for value in spec.label_values:
+                    family.add_metric([value] if spec.label else [], counters[spec.key, value])
+                yield family
+                continue
+            buckets, total = histograms[spec.key]
+            cumulative, running = [], 0
+            for bound, n in zip((*spec.buckets, float("inf")), buckets, strict=True):
+                running += n
+                cumulative.append((floatToGoString(bound), running))  # as prometheus_client
+            histogram = HistogramMetricFamily(name, spec.doc)
+            histogram.add_metric([], cumulative, sum_value=total)
+            yield histogram
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics on HOST:PORT (0: one the kernel picks); returns the port."""
+        registry = CollectorRegistry()
+        registry.register(self)
+        self._http, _thread = start_http_server(port, addr=host, registry=registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,13 +1,15 @@
 """The connector's counts as vLLM adds them up (workers, then steps, then the scheduler's own)
-and as vLLM's Prometheus output shows them, through the metric classes vLLM would hand over
-(prometheus_client's own, on a registry of the test's). No vLLM here:
+and as both registries show them: vLLM's, through the metric classes vLLM would hand over
+(prometheus_client's own, on a registry of the test's), and kvpool's own /metrics. No vLLM here:
 the vLLM classes are shells over this module, and the engine test covers them."""
 
 import functools
+import urllib.request
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvpool.integrations import vllm_metrics as m
 
@@ -129,6 +131,45 @@ def test_vllm_series_are_all_made_up_front_and_take_counts_by_engine_and_label()
     assert registry.get_sample_value(
         "vllm:kvpool_loaded_tokens_total", {"model_name": "smollm2", "engine": "0", "tier": "store"}
     ) == 0  # fmt: skip
+
+
+def test_kvpools_own_metrics_serve_the_running_totals(free_port):
+    totals = m.ConnectorTotals()
+    first = _worker_step(1920, 0.25)  # at a bucket's bound: counted in that bucket
+    m.count(first, "plans", 1, "split")
+    totals.add(first)
+    second = _worker_step(128, 20.0)  # past the last bound: +Inf only
+    m.count(second, "load_errors", 1, "missing")
+    totals.add(second)
+    port = totals.serve("127.0.0.1", free_port())
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    finally:
+        totals.close()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[m.OWN_PREFIX + name, tuple(sorted(labels.items()))]
+
+    assert value("loaded_tokens_total", tier="store") == 2048
+    assert value("loaded_tokens_total", tier="node") == 0
+    assert value("plans_total", plan="split") == 1
+    assert value("plans_total", plan="fetch") == 0
+    assert value("load_errors_total", reason="missing") == 1
+    assert value("load_seconds_bucket", le="0.1") == 0
+    assert value("load_seconds_bucket", le="0.25") == 1
+    assert value("load_seconds_bucket", le="10.0") == 1
+    assert value("load_seconds_bucket", le="+Inf") == 2
+    assert value("load_seconds_count") == 2
+    assert value("load_seconds_sum") == pytest.approx(20.25)
+    assert value("save_seconds_count") == 0
+    assert totals.value("loaded_tokens", "store") == 2048 and totals.value("load_seconds") == 2
+    assert not any(name.startswith("vllm:") for name, _ in samples)
 
 
 @pytest.mark.parametrize("doc", ["docs/vllm.md", "docs/operations.md"])
