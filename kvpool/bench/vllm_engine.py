@@ -4,13 +4,15 @@ and the connector's tests with the python of `make vllm`'s venv:
     .venv-vllm/bin/python -m kvpool.bench.vllm_engine JOB.json
 
 JOB.json: {"model": PATH, "connector": {extra config} | null, "native_offload": false,
-"jobs": [...]}, each job one of
+"log_stats": false, "jobs": [...]}, each job one of
 
     {"prompt": TEXT or "prompt_token_ids": [...], "max_tokens": N, "cache_salt": TENANT}
                          -> a result line (cache_salt optional)
     {"reset_prefix_cache": true}   empty vLLM's own prefix cache (what it offloaded stays)
     {"signal": PATH}     create PATH (the engine is up, or a job before it is done)
     {"wait": PATH}       block until PATH exists (the caller changes the world meanwhile)
+    {"metrics": PREFIX}  a METRICS line: vLLM's metrics (`LLM.get_metrics()`, which needs
+                         "log_stats": true) whose names start with PREFIX
 
 Prints one JSON line per prompt job: the greedy text and token ids, the prompt's length, the
 tokens vLLM did not compute (its own prefix cache plus what the connector loaded), and the
@@ -52,7 +54,22 @@ def _engine(job: dict[str, Any]) -> Any:
         kv_cache_memory_bytes=job.get("kv_cache_bytes", 512 << 20),
         seed=0,
         kv_transfer_config=transfer,
+        disable_log_stats=not job.get("log_stats", False),
     )
+
+
+def _metrics(llm: Any, prefix: str) -> list[dict[str, Any]]:
+    """[{"name", "labels", and "value" (counters, gauges) or "count" and "sum" (histograms)}]"""
+    found = []
+    for metric in llm.get_metrics():
+        if metric.name.startswith(prefix):
+            entry = {"name": metric.name, "labels": dict(metric.labels)}
+            if hasattr(metric, "count"):
+                entry.update(count=metric.count, sum=metric.sum)
+            else:
+                entry["value"] = getattr(metric, "value", None)
+            found.append(entry)
+    return found
 
 
 def main(argv: list[str]) -> int:
@@ -67,6 +84,9 @@ def main(argv: list[str]) -> int:
         if "wait" in step:
             while not os.path.exists(step["wait"]):
                 time.sleep(0.05)
+            continue
+        if "metrics" in step:
+            print("METRICS " + json.dumps(_metrics(llm, step["metrics"])), flush=True)
             continue
         if step.get("reset_prefix_cache"):
             llm.reset_prefix_cache()

@@ -26,6 +26,10 @@ names the engine ("vllm"), the model and its config, the KV dtype, the codec, th
 and the tenant's HMAC salt: an engine with other numerics never reads another's blocks, and one
 tenant never reads another's. docs/vllm.md says what is and is not supported.
 
+Metrics: both sides count into `KVPoolStats` (the schema is `vllm_metrics`), which vLLM adds up
+over workers and steps and shows through `build_prom_metrics` as `vllm:kvpool_*`; with
+`metrics_port` the scheduler side also serves the totals itself as `kvpool_connector_*`.
+
 This is the only kvpool module that imports vLLM.
 """
 
@@ -34,6 +38,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,9 +48,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
 
 from kvpool.errors import InvalidArgument, KvpoolError
+from kvpool.integrations import vllm_metrics as metrics
 from kvpool.integrations.vllm_layout import PagedLayout
 from kvpool.integrations.vllm_settings import ConnectorSettings
 from services.store.client import StoreClient
@@ -90,35 +99,71 @@ class KVPoolMetadata(KVConnectorMetadata):
 
 
 class KVPoolStats(KVConnectorStats):
-    """What the worker side measured since the last report (sums, and fetch/forward samples the
-    scheduler side's fetch plan learns from)."""
-
-    COUNTS = ("loaded_tokens", "loaded_bytes", "load_s", "load_errors", "saved_blocks", "plans")
+    """What one side measured since its last report: counters by label, histogram samples, and
+    the samples the scheduler side's fetch plan learns from (`vllm_metrics` has the schema)."""
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
-        super().__init__(data=dict(data or {}))
-        self.data.setdefault("fetch", [])
-        self.data.setdefault("forward", [])
+        # A copy: vLLM builds one from a payload that its other stat loggers read, then adds the
+        # next payloads to it.
+        super().__init__(data=metrics.merge({}, data or {}))
 
     def reset(self) -> None:
-        self.data = {"fetch": [], "forward": []}
+        self.data = {}
 
-    def add(self, name: str, value: float) -> None:
-        self.data[name] = self.data.get(name, 0) + value
+    def count(self, key: str, amount: float, value: str = "") -> None:
+        metrics.count(self.data, key, amount, value)
+
+    def observe(self, key: str, sample: Any) -> None:
+        metrics.observe(self.data, key, sample)
 
     def aggregate(self, other: KVConnectorStats) -> "KVPoolStats":
-        for name, value in other.data.items():
-            if isinstance(value, list):
-                self.data.setdefault(name, []).extend(value)
-            else:
-                self.add(name, value)
+        metrics.merge(self.data, other.data)
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        return {name: self.data[name] for name in self.COUNTS if name in self.data}
+        return metrics.reduce(self.data)
 
     def is_empty(self) -> bool:
-        return not any(self.data.get(name) for name in (*self.COUNTS, "fetch", "forward"))
+        return metrics.is_empty(self.data)
+
+
+class KVPoolPromMetrics(KVConnectorPromMetrics):
+    """The counts in vLLM's Prometheus output (`vllm:kvpool_*`), made with the metric classes
+    vLLM passes in, so they follow its registry and its multiprocess mode."""
+
+    def __init__(
+        self,
+        vllm_config: Any,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._series = metrics.VllmSeries(
+            self._counter_cls, self._histogram_cls, labelnames, per_engine_labelvalues
+        )
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        self._series.observe(transfer_stats_data, engine_idx)
+
+
+class _CountedPuts:
+    """The store as the write-behind thread sees it (it only puts): each put's outcome goes into
+    the connector's stats."""
+
+    def __init__(self, store: StoreClient, on_put: Callable[[int, int, int], None]) -> None:
+        self._store, self._on_put = store, on_put  # on_put(stored, failed, stored bytes)
+
+    def put_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int | None = None) -> int:
+        try:
+            stored = self._store.put_many(items, ttl_s=ttl_s)
+        except Exception:
+            self._on_put(0, len(items), 0)
+            raise  # the write-behind logs it
+        # The blocks of one engine all encode to one size: the kept share of the bytes is exact.
+        nbytes = sum(len(value) for _, value in items) * stored // max(len(items), 1)
+        self._on_put(stored, len(items) - stored, nbytes)
+        return stored
 
 
 def model_fingerprint(vllm_config: Any) -> str:
@@ -176,6 +221,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         self._stats = KVPoolStats()
         if role == KVConnectorRole.SCHEDULER:
             self._requests: dict[str, _Request] = {}
+            self._totals = self._serve_metrics(parallel.data_parallel_size)
             self._estimates = Estimates("cuda" if torch.cuda.is_available() else "cpu")
             self._block_bytes = int(
                 encoded_bytes_per_token(self._codec, self._geometry, self._block_tokens)
@@ -188,7 +234,7 @@ class KVPoolConnector(KVConnectorBase_V1):
                 encode=lambda kv, h: encode_block(kv, self._codec, h),
                 decode=lambda data, h: torch.empty(0),  # never called: no local tier
                 local=None,
-                store=self._store,
+                store=_CountedPuts(self._store, self._count_saves),
                 max_pending_blocks=self.settings.max_pending_blocks,
             )
             self._step_started: float | None = None  # when this step's pass began
@@ -200,6 +246,36 @@ class KVPoolConnector(KVConnectorBase_V1):
         )  # fmt: skip
 
     # ---------------------------------------------------------------- scheduler side
+
+    def _serve_metrics(self, data_parallel_size: int) -> metrics.ConnectorTotals | None:
+        """kvpool's own /metrics (`metrics_port`), from this process: the engine core, where
+        every worker's stats arrive each step. None when it is off."""
+        port = self.settings.metrics_port
+        if port is None:
+            return None
+        if data_parallel_size > 1:
+            raise InvalidArgument(
+                f"kvpool connector: metrics_port with data_parallel_size={data_parallel_size}: "
+                "each engine core would bind the same port; leave metrics_port out and scrape "
+                "vLLM's /metrics (vllm:kvpool_*, labelled by engine)"
+            )
+        totals = metrics.ConnectorTotals()
+        try:
+            totals.serve(self.settings.metrics_host, port)
+        except OSError as exc:
+            raise InvalidArgument(
+                f"kvpool connector: metrics_port {port} on {self.settings.metrics_host} cannot "
+                f"be bound: {exc}"
+            ) from exc
+        log.info("kvpool connector: metrics on http://%s:%d/metrics", self.settings.metrics_host,
+                 port)  # fmt: skip
+        return totals
+
+    def _count_plan(self, kind: str) -> None:
+        with self._lock:
+            self._stats.count("plans", 1, kind)
+        if self._totals is not None:
+            self._totals.add({"plans": {kind: 1}})
 
     def _namespace(self, request: Any) -> Namespace | None:
         """The request's namespace, or None when it may not use the store (a cache_salt and no
@@ -218,7 +294,7 @@ class KVPoolConnector(KVConnectorBase_V1):
             hashes = earlier.hashes
         else:
             namespace = self._namespace(request)
-            if namespace is None:
+            if namespace is None:  # untracked: counted as plan "none" once it is scheduled
                 return 0, False
             hashes = chain_hashes(namespace, tokens)
         try:
@@ -236,7 +312,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         run = CachedRun(size, len(tokens), local, 0, loadable - local, self._block_bytes)
         plan = choose(run, self._estimates, self.settings.plan)
         self._estimates.observe_plan(plan.kind)
-        self._stats.add("plans", 1)
+        tracked.plan = plan.kind
         if plan.kind == "recompute":
             return 0, False
         # vLLM loads a contiguous run after its own prefix: a split's recomputed head cannot be
@@ -245,7 +321,12 @@ class KVPoolConnector(KVConnectorBase_V1):
         return loadable * size - num_computed_tokens, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int):
+        # Once per scheduling from the waiting queue (again after a preemption): the plan that
+        # took effect, not each time vLLM asked while it waited for room; "none" when nothing
+        # is loaded (a fetch vLLM did not take, e.g. skip_reading_prefix_cache, included).
         tracked = self._requests.get(request.request_id)
+        took = tracked is not None and (num_external_tokens > 0 or tracked.plan == "recompute")
+        self._count_plan(tracked.plan if took and tracked is not None else "none")
         if tracked is not None and num_external_tokens == 0:
             tracked.load = None
 
@@ -304,6 +385,8 @@ class KVPoolConnector(KVConnectorBase_V1):
         stats = getattr(connector_output, "kv_connector_stats", None)
         if stats is None:
             return
+        if self._totals is not None:
+            self._totals.add(stats.data)
         for nbytes, seconds in stats.data.get("fetch", ()):
             self._estimates.observe_fetch("store", int(nbytes), float(seconds))
         for tokens, end, seconds in stats.data.get("forward", ()):
@@ -347,11 +430,12 @@ class KVPoolConnector(KVConnectorBase_V1):
         keys = [block_key(BlockHash(h)) for h in load.hashes]
         started = time.perf_counter()
         loaded = nbytes = 0
+        absent = "missing"  # why a block the lookup saw is not in the answer
         try:
             found = self._store.get_many(keys)
         except KvpoolError as exc:
             log.warning("kvpool load of %d blocks failed, vLLM computes them: %s", len(keys), exc)
-            found = {}
+            found, absent = {}, "unavailable"
         for n, (key, block_hash) in enumerate(zip(keys, load.hashes, strict=True)):
             value = found.get(key)
             index = load.first_block + n
@@ -365,6 +449,7 @@ class KVPoolConnector(KVConnectorBase_V1):
                     block_tokens=size,
                 )  # fmt: skip
             except (BlockFormatError, InvalidArgument) as exc:
+                reason = absent if value is None else "damaged"
                 if value is not None:  # damaged: gone, so that the next save replaces it
                     self._delete(key)
                 # This block and every later one are vLLM's to compute (a prefix stops here).
@@ -372,7 +457,7 @@ class KVPoolConnector(KVConnectorBase_V1):
                 failed = load.engine_blocks[index * per + skip // self._engine_block : end_page]
                 with self._lock:
                     self._errors.update(failed)
-                    self._stats.add("load_errors", len(load.hashes) - n)
+                    self._stats.count("load_errors", len(load.hashes) - n, reason)
                 log.warning(
                     "kvpool: %s; vLLM computes %d tokens", exc, len(failed) * self._engine_block
                 )
@@ -382,11 +467,11 @@ class KVPoolConnector(KVConnectorBase_V1):
             nbytes += len(value)
         seconds = time.perf_counter() - started
         with self._lock:
-            self._stats.add("loaded_tokens", loaded)
-            self._stats.add("loaded_bytes", nbytes)
-            self._stats.add("load_s", seconds)
+            self._stats.count("loaded_tokens", loaded, "store")
+            self._stats.count("loaded_bytes", nbytes, "store")
+            self._stats.observe("load_seconds", seconds)
             if nbytes:
-                self._stats.data["fetch"].append([nbytes, seconds])
+                self._stats.observe("fetch", [nbytes, seconds])
 
     def _delete(self, key: str) -> None:
         try:
@@ -406,14 +491,26 @@ class KVPoolConnector(KVConnectorBase_V1):
         if self._step_started is not None and meta.single_prefill and meta.step_tokens > 1:
             seconds = time.perf_counter() - self._step_started - self._step_load_s
             with self._lock:
-                self._stats.data["forward"].append([meta.step_tokens, meta.step_end, seconds])
+                self._stats.observe("forward", [meta.step_tokens, meta.step_end, seconds])
         self._step_started = None
+        started, dropped = time.perf_counter(), 0
         for save in meta.saves:
             blocks = self._layout.gather(save.engine_blocks).to("cpu")  # [n, L, 2, H, T, D]
             batch = [(BlockHash(h), blocks[i]) for i, h in enumerate(save.hashes)]
-            if self._writer.submit(batch):
-                with self._lock:
-                    self._stats.add("saved_blocks", len(batch))
+            if not self._writer.submit(batch):
+                dropped += len(batch)
+        if meta.saves:
+            with self._lock:
+                self._stats.observe("save_seconds", time.perf_counter() - started)
+                if dropped:
+                    self._stats.count("saved_blocks", dropped, "dropped")
+
+    def _count_saves(self, stored: int, failed: int, nbytes: int) -> None:
+        """The write-behind thread's outcome of one put: reported with the next step's stats."""
+        with self._lock:
+            self._stats.count("saved_blocks", stored, "stored")
+            self._stats.count("saved_blocks", failed, "failed")
+            self._stats.count("saved_bytes", nbytes)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._lock:
@@ -431,6 +528,16 @@ class KVPoolConnector(KVConnectorBase_V1):
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
         return KVPoolStats(data)
 
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: Any,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics:
+        return KVPoolPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until every queued save is in the store (tests and benches)."""
         return self._writer.flush(timeout_s)
@@ -438,6 +545,8 @@ class KVPoolConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self.role == KVConnectorRole.WORKER:
             self._writer.close()
+        elif self._totals is not None:
+            self._totals.close()
         self._store.close()
 
 
@@ -450,4 +559,5 @@ class _Request:
     prompt_tokens: int
     saved: int = 0  # leading blocks queued for saving
     load: tuple[int, int, int] | None = None  # (first block, end block, tokens vLLM has)
+    plan: str = "none"  # the fetch plan chosen at the last lookup (workers.api.PLAN_KINDS)
     engine_blocks: list[int] = field(default_factory=list)

@@ -20,7 +20,7 @@ RAW_CODECS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 LOAD_ERROR_POLICIES = ("recompute", "fail")
 _KNOWN = {
     "store", "codec", "auth_token", "tenant", "namespace_secret", "block_tokens", "timeout_s",
-    "plan", "on_load_error", "max_pending_blocks",
+    "plan", "on_load_error", "max_pending_blocks", "metrics_port", "metrics_host",
 }  # fmt: skip
 
 
@@ -36,6 +36,8 @@ class ConnectorSettings:
     plan: str = "auto"
     on_load_error: str = "recompute"
     max_pending_blocks: int = 512  # blocks waiting to be written; beyond, saves are dropped
+    metrics_port: int | None = None  # kvpool's own /metrics, from the scheduler's process; off
+    metrics_host: str = "127.0.0.1"  # where metrics_port listens: loopback unless asked
 
     @classmethod
     def from_extra(
@@ -97,6 +99,20 @@ class ConnectorSettings:
             raise InvalidArgument(
                 f"kvpool connector: max_pending_blocks must be a positive int, got {pending!r}"
             )
+        metrics_port = extra.get("metrics_port")
+        if metrics_port is not None and (
+            type(metrics_port) is not int or not 1 <= metrics_port <= 65535
+        ):
+            raise InvalidArgument(
+                "kvpool connector: metrics_port must be an int in [1, 65535] (leave it out for "
+                f"no metrics server of kvpool's own), got {metrics_port!r}"
+            )
+        metrics_host = extra.get("metrics_host", "127.0.0.1")
+        if not isinstance(metrics_host, str) or not metrics_host:
+            raise InvalidArgument(
+                "kvpool connector: metrics_host must be a host name or address to listen on "
+                f"(127.0.0.1, 0.0.0.0, ...), got {metrics_host!r}"
+            )
         if isinstance(secret, str):
             secret = secret.encode()
         token = extra.get("auth_token") or env.get("KVPOOL_STORE_AUTH_TOKEN") or None
@@ -104,7 +120,8 @@ class ConnectorSettings:
             store=store, codec=codec, auth_token=token, tenant=tenant,
             namespace_secret=check_namespace_secret(secret) if secret else None,
             block_tokens=block_tokens, timeout_s=float(timeout_s), plan=plan,
-            on_load_error=policy, max_pending_blocks=pending,
+            on_load_error=policy, max_pending_blocks=pending, metrics_port=metrics_port,
+            metrics_host=metrics_host,
         )  # fmt: skip
 
     def codec_for(self, kv_dtype: str) -> str:

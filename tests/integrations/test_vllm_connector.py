@@ -6,7 +6,10 @@ first prompt is damaged in Redis, and engine B, which never saw any of them:
   - loads the second prompt from the store and answers exactly as A did (fp32 blocks);
   - answers the first exactly as A did, though a block of it is damaged (a miss, recomputed);
   - loads nothing for the second prompt under another tenant's cache_salt;
-  - answers the third exactly as A did after the store was killed (every request a plain miss).
+  - answers the third exactly as A did after the store was killed (every request a plain miss);
+  - counts all of it, in vLLM's metrics (`LLM.get_metrics()`, the registry `vllm serve` shows
+    at /metrics) and on the connector's own `metrics_port`: tokens and bytes loaded from the
+    store, the damaged block, the plans chosen, the blocks saved.
 """
 
 import json
@@ -14,10 +17,12 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.store.client import StoreClient
 from workers.models import load_model, smollm2_cache_path
@@ -54,16 +59,22 @@ def store(redis_server, free_port, tmp_path):
         proc.wait(30)
 
 
-def _engine(tmp_path: Path, name: str, store: str, jobs: list[dict]) -> subprocess.Popen:
+def _engine(
+    tmp_path: Path, name: str, store: str, jobs: list[dict], metrics_port: int | None = None
+) -> subprocess.Popen:
+    connector = {
+        "store": store,
+        "codec": "raw",
+        "auth_token": TOKEN,
+        "namespace_secret": SECRET,
+        "timeout_s": 2.0,
+    }
+    if metrics_port is not None:
+        connector["metrics_port"] = metrics_port
     job = {
         "model": str(smollm2_cache_path()),
-        "connector": {
-            "store": store,
-            "codec": "raw",
-            "auth_token": TOKEN,
-            "namespace_secret": SECRET,
-            "timeout_s": 2.0,
-        },
+        "connector": connector,
+        "log_stats": metrics_port is not None,  # vLLM's metrics, for the engine that is counted
         "jobs": jobs,
     }
     (tmp_path / f"{name}.json").write_text(json.dumps(job))
@@ -75,11 +86,35 @@ def _engine(tmp_path: Path, name: str, store: str, jobs: list[dict]) -> subproce
     )  # fmt: skip
 
 
-def _results(proc: subprocess.Popen, tmp_path: Path, name: str, timeout_s: float = 600) -> list:
+def _results(proc: subprocess.Popen, tmp_path: Path, name: str, timeout_s: float = 600) -> dict:
+    """The engine's output lines by kind, in order: {"RESULT": [...], "METRICS": [...]}."""
     out, _ = proc.communicate(timeout=timeout_s)
     log = (tmp_path / f"{name}.log").read_text()[-4000:]
     assert proc.returncode == 0, f"engine {name} failed: {log}"
-    return [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    lines: dict[str, list] = {"RESULT": [], "METRICS": []}
+    for line in out.splitlines():
+        kind, _, payload = line.partition(" ")
+        if kind in lines:
+            lines[kind].append(json.loads(payload))
+    return lines
+
+
+def _vllm(snapshot: list[dict], name: str, **labels: str) -> float:
+    """A vLLM counter's value (a histogram's count), summed over the series with these labels."""
+    return sum(
+        e.get("value", e.get("count")) for e in snapshot
+        if e["name"] == "vllm:kvpool_" + name and labels.items() <= e["labels"].items()
+    )  # fmt: skip
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 600) -> None:
@@ -108,7 +143,7 @@ def _settled_keys(client: redis.Redis, at_least: int, timeout_s: float = 120) ->
 
 
 def test_two_vllm_engines_share_prefixes_through_kvpool_and_survive_damage_and_outage(
-    store, tmp_path
+    store, tmp_path, free_port
 ):
     assert VLLM_PYTHON.exists(), "make vllm builds .venv-vllm (make test depends on it)"
     load_model("smollm2-135m", device="cpu")  # converts the packaged weights once
@@ -126,7 +161,7 @@ def test_two_vllm_engines_share_prefixes_through_kvpool_and_survive_damage_and_o
     _wait_for(tmp_path / "a-first", a)
     first_keys = _settled_keys(raw, at_least=3)
     (tmp_path / "a-go").touch()
-    a_first, a_second, a_third = _results(a, tmp_path, "a")
+    a_first, a_second, a_third = _results(a, tmp_path, "a")["RESULT"]
     assert a_first["cached_tokens"] == 0 and a_first["prompt_tokens"] > 3 * 128
     all_keys = _settled_keys(raw, at_least=len(first_keys) + 6)
 
@@ -136,19 +171,26 @@ def test_two_vllm_engines_share_prefixes_through_kvpool_and_survive_damage_and_o
     value[-10] ^= 0xFF
     raw.set(damaged, bytes(value))
 
+    metrics_port = free_port()
     b = _engine(tmp_path, "b", target, [
         {"prompt": second, "max_tokens": 12},
+        {"metrics": "vllm:kvpool_"},
         {"prompt": first, "max_tokens": 12},
         {"prompt": second, "max_tokens": 12, "cache_salt": "another-tenant"},
+        {"metrics": "vllm:kvpool_"},
         {"signal": str(tmp_path / "b-ready")},
         {"wait": str(tmp_path / "b-go")},
         {"prompt": third, "max_tokens": 12},
-    ])  # fmt: skip
+        {"metrics": "vllm:kvpool_"},
+    ], metrics_port=metrics_port)  # fmt: skip
     _wait_for(tmp_path / "b-ready", b)
+    own = _scrape(metrics_port)  # kvpool's own /metrics, from B's engine core
     proc.kill()  # the store goes away: B's last prompt is a plain miss
     proc.wait(30)
     (tmp_path / "b-go").touch()
-    b_second, b_first, b_other_tenant, b_third = _results(b, tmp_path, "b")
+    lines = _results(b, tmp_path, "b")
+    b_second, b_first, b_other_tenant, b_third = lines["RESULT"]
+    after_hit, before_outage, after_outage = lines["METRICS"]
 
     # A fresh engine loaded A's blocks of the second prompt and gave A's greedy text exactly.
     assert b_second["cached_tokens"] >= (b_second["prompt_tokens"] - 1) // 128 * 128 > 0
@@ -161,3 +203,28 @@ def test_two_vllm_engines_share_prefixes_through_kvpool_and_survive_damage_and_o
     # With the store dead the request is a miss, with no error and the same answer.
     assert b_third["cached_tokens"] == 0 and b_third["token_ids"] == a_third["token_ids"]
     assert len(all_keys) > len(first_keys)
+
+    # vLLM's metrics counted the store hit: every token B had cached came from the store.
+    assert _vllm(after_hit, "loaded_tokens", tier="store") == b_second["cached_tokens"]
+    assert _vllm(after_hit, "loaded_tokens", tier="node") == 0  # the connector reads the store only
+    assert _vllm(after_hit, "loaded_bytes", tier="store") > 0
+    assert _vllm(after_hit, "load_seconds") == 1  # one load, one sample
+    assert _vllm(after_hit, "plans", plan="fetch") + _vllm(after_hit, "plans", plan="split") == 1
+    assert _vllm(after_hit, "load_errors") == 0
+    # The damaged block was a load error; the other tenant's request had nothing to load.
+    assert _vllm(before_outage, "load_errors", reason="damaged") >= 1
+    assert _vllm(before_outage, "load_errors") == _vllm(before_outage, "load_errors",
+                                                        reason="damaged")  # fmt: skip
+    assert _vllm(before_outage, "plans", plan="none") == 1
+    assert _vllm(before_outage, "plans") == 3
+    # kvpool's own /metrics has the same totals (every step's stats had arrived by then).
+    for name, label, value in [("loaded_tokens", "tier", "store"), ("loaded_bytes", "tier",
+                               "store"), ("load_errors", "reason", "damaged"),
+                               ("plans", "plan", "none"), ("plans", "plan", "fetch")]:  # fmt: skip
+        key = (f"kvpool_connector_{name}_total", ((label, value),))
+        assert own[key] == _vllm(before_outage, name, **{label: value}), key
+    # The store down: a plain miss (plan none), and the other tenant's blocks had been saved.
+    assert _vllm(after_outage, "plans", plan="none") == 2
+    assert _vllm(after_outage, "saved_blocks", outcome="stored") > 0
+    assert _vllm(after_outage, "saved_bytes") > 0
+    assert _vllm(after_outage, "save_seconds") >= 1

@@ -20,6 +20,11 @@ def test_the_documented_names_and_their_defaults():
     assert (plain.codec, plain.plan, plain.on_load_error, plain.tenant) == (
         "int8", "auto", "recompute", None,
     )  # fmt: skip
+    assert (plain.metrics_port, plain.metrics_host) == (None, "127.0.0.1")  # no server of its own
+    served = ConnectorSettings.from_extra(
+        {"store": "h:1", "metrics_port": 9464, "metrics_host": "0.0.0.0"}, env={}
+    )
+    assert (served.metrics_port, served.metrics_host) == (9464, "0.0.0.0")
 
 
 def test_secrets_come_from_the_environment_when_not_given():
@@ -51,7 +56,11 @@ def test_raw_is_the_kv_caches_own_dtype(kv_dtype, spec):
         ({"store": "h:1", "timeout_s": 0}, "timeout_s must be in"),
         ({"store": "h:1", "plan": "sometimes"}, "plan must be one of auto, fetch, recompute"),
         ({"store": "h:1", "on_load_error": "ignore"}, "on_load_error must be one of"),
+        ({"store": "h:1", "metrics_port": 0}, r"metrics_port must be an int in \[1, 65535\]"),
+        ({"store": "h:1", "metrics_port": "9464"}, "metrics_port must be an int"),
+        ({"store": "h:1", "metrics_host": ""}, "metrics_host must be a host name or address"),
         ({"store": "h:1", "stor": "x"}, "unknown kv_connector_extra_config keys"),
+        ({"store": "h:1", "metrics": 1}, "allowed: .*'metrics_host', 'metrics_port'"),
     ],
 )
 def test_mistakes_are_refused_with_what_is_allowed(extra, message):
