@@ -8,6 +8,8 @@ import torch
 
 from kvpool.errors import DataLoss, Unavailable
 from workers.fetch import Decoded, Tiers, fetch_run, locate
+from workers.kv.assembly import Refused
+from workers.kv.block import BlockFormatError
 from workers.kv.hashing import BlockHash, Namespace, block_key, chain_hashes
 from workers.tiers import LocalBlocks, WriteBehind
 
@@ -203,3 +205,52 @@ def test_prefix_of_nothing_is_empty(with_store):
         [], LocalBlocks(1 << 20), DictStore() if with_store else None, decode
     )
     assert blocks == [] and not found.store_error and not fetched.store_error
+
+
+class DictNode(DictStore):
+    """The node tier's three calls over a dict: refs are the keys themselves."""
+
+    def refs(self, keys):
+        return [key for key in keys[: self.lookup(keys)]]
+
+    def read(self, refs):
+        return [self.data[ref] for ref in refs]
+
+
+class RefusesLate:
+    """A sink that takes every value and refuses one only at its finish, as an assembly on a GPU
+    does once the whole run's checksums are in."""
+
+    def __init__(self, refused: int) -> None:
+        self.added: list[BlockHash] = []
+        self.refused = refused
+
+    def add(self, data, block_hash, tier):
+        self.added.append(block_hash)
+
+    def finish(self):
+        return Refused(self.refused, BlockFormatError("checksum", "payload checksum mismatch"))
+
+
+@pytest.mark.parametrize(
+    ("refused", "node_blocks", "store_blocks", "deleted_from"),
+    [(1, 1, 0, "node"), (2, 2, 0, "store"), (3, 2, 1, "store")],
+)
+def test_a_block_refused_at_the_finish_ends_the_run_there(
+    refused, node_blocks, store_blocks, deleted_from
+):
+    node, store, local = DictNode(), DictStore(), LocalBlocks(1 << 20)
+    h = hashes(4)
+    for i in (0, 1):
+        node.data[block_key(h[i])] = encode(block(float(i)), h[i])
+    for i in (2, 3):
+        store.data[block_key(h[i])] = encode(block(float(i)), h[i])
+    tiers = Tiers(local, node, store)
+    found = locate(h, tiers)
+    assert (len(found.node_refs), found.store_blocks) == (2, 2)
+    fetched = fetch_run(found, h, 0, tiers, RefusesLate(refused))
+    assert (fetched.node_blocks, fetched.store_blocks) == (node_blocks, store_blocks)
+    assert fetched.corrupt_blocks == 1
+    tier = node if deleted_from == "node" else store
+    assert tier.deleted == [block_key(h[refused])]
+    assert (node if tier is store else store).deleted == []

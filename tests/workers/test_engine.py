@@ -3,6 +3,7 @@ import torch
 from transformers import DynamicCache
 
 from workers.api import MAX_NEW_TOKENS_LIMIT, SamplingParams
+from workers.engine import sample
 from workers.models import cache_keyword
 
 PROMPTS = [
@@ -209,3 +210,16 @@ def test_prompt_longer_than_context(tiny, tiny_engine):
     too_long = [5] * tiny.max_context
     with pytest.raises(ValueError, match=f"exceeds the model's context of {tiny.max_context}"):
         tiny_engine.stream(too_long, SamplingParams(max_new_tokens=1))
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it():
+    # Probabilities 0.5, 0.3, 0.2: top_p 0.6 keeps the first two (0.5 alone falls short), never
+    # the third; top_p 0.5 keeps the first alone.
+    logits = torch.log(torch.tensor([0.2, 0.5, 0.3]))
+    wide = SamplingParams(temperature=1.0, top_p=0.6, seed=1)
+    picks = {sample(logits, wide, position) for position in range(200)}
+    assert picks == {1, 2}
+    narrow = SamplingParams(temperature=1.0, top_p=0.5, seed=1)
+    assert {sample(logits, narrow, position) for position in range(50)} == {1}
+    every = SamplingParams(temperature=1.0, top_p=1.0, seed=1)
+    assert {sample(logits, every, position) for position in range(200)} == {0, 1, 2}
