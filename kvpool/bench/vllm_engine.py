@@ -106,6 +106,7 @@ def main(argv: list[str]) -> int:
             "text": out.outputs[0].text,
             "token_ids": list(out.outputs[0].token_ids),
             "prompt_tokens": len(out.prompt_token_ids or ()),
+            "prompt_token_ids": list(out.prompt_token_ids or ()),
             "cached_tokens": out.num_cached_tokens or 0,
             "ms": seconds * 1000,
         }

@@ -291,7 +291,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         tokens = list(request.prompt_token_ids or ())
         earlier = self._requests.get(request.request_id)
         if earlier is not None:  # asked again while it waits for room: the prompt is the same
-            hashes = earlier.hashes
+            hashes, namespace = earlier.hashes, earlier.namespace
         else:
             namespace = self._namespace(request)
             if namespace is None:  # untracked: counted as plan "none" once it is scheduled
@@ -304,7 +304,8 @@ class KVPoolConnector(KVConnectorBase_V1):
             stored = 0
         size = self._block_tokens
         loadable = min(stored, (len(tokens) - 1) // size)  # vLLM computes at least one token
-        tracked = _Request(hashes=hashes, stored=stored, prompt_tokens=len(tokens))
+        tracked = _Request(hashes=hashes, stored=stored, prompt_tokens=len(tokens),
+                           namespace=namespace, request=request)  # fmt: skip
         self._requests[request.request_id] = tracked
         local = num_computed_tokens // size
         if loadable <= local or loadable * size <= num_computed_tokens:
@@ -368,10 +369,12 @@ class KVPoolConnector(KVConnectorBase_V1):
         return meta
 
     def _plan_saves(self, tracked: "_Request", end: int, meta: KVPoolMetadata) -> int:
-        """Queue the prompt blocks that tokens [0, end) complete and the store lacks; 1 if the
-        request is still prefilling."""
+        """Queue the blocks that tokens [0, end) complete and the store lacks (the prompt's, and
+        with save_decode the generated tokens' too); 1 if the request is still prefilling."""
         size, per = self._block_tokens, self._block_tokens // self._engine_block
         complete = min(end, tracked.prompt_tokens) // size
+        if self.settings.save_decode and end > tracked.prompt_tokens:
+            complete = self._decode_blocks(tracked, end)
         first = max(tracked.saved, tracked.stored)
         if complete > first and len(tracked.engine_blocks) >= complete * per:
             meta.saves.append(
@@ -380,6 +383,24 @@ class KVPoolConnector(KVConnectorBase_V1):
             )  # fmt: skip
             tracked.saved = complete
         return int(0 < end <= tracked.prompt_tokens)
+
+    def _decode_blocks(self, tracked: "_Request", end: int) -> int:
+        """The full blocks of tokens [0, end), prompt and output, their hashes extended to them.
+
+        vLLM's request holds every token it sampled (`all_token_ids`); the KV of tokens [0, end)
+        is in the engine's cache once this step's pass is done.
+        """
+        size = self._block_tokens
+        assert tracked.namespace is not None  # a tracked request has one
+        tokens = list(tracked.request.all_token_ids[:end])
+        complete = len(tokens) // size
+        have = len(tracked.hashes)
+        if complete > have:
+            parent = tracked.hashes[-1] if tracked.hashes else None
+            tracked.hashes.extend(
+                chain_hashes(tracked.namespace, tokens[have * size : complete * size], parent)
+            )
+        return complete
 
     def update_connector_output(self, connector_output: Any) -> None:
         stats = getattr(connector_output, "kv_connector_stats", None)
@@ -561,3 +582,5 @@ class _Request:
     load: tuple[int, int, int] | None = None  # (first block, end block, tokens vLLM has)
     plan: str = "none"  # the fetch plan chosen at the last lookup (workers.api.PLAN_KINDS)
     engine_blocks: list[int] = field(default_factory=list)
+    namespace: Namespace | None = None  # the hashes' (to extend them over generated tokens)
+    request: Any = None  # vLLM's request: its all_token_ids grow as tokens are sampled

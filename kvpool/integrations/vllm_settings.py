@@ -20,7 +20,7 @@ RAW_CODECS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 LOAD_ERROR_POLICIES = ("recompute", "fail")
 _KNOWN = {
     "store", "codec", "auth_token", "tenant", "namespace_secret", "block_tokens", "timeout_s",
-    "plan", "on_load_error", "max_pending_blocks", "metrics_port", "metrics_host",
+    "plan", "on_load_error", "max_pending_blocks", "metrics_port", "metrics_host", "save_decode",
 }  # fmt: skip
 
 
@@ -38,6 +38,9 @@ class ConnectorSettings:
     max_pending_blocks: int = 512  # blocks waiting to be written; beyond, saves are dropped
     metrics_port: int | None = None  # kvpool's own /metrics, from the scheduler's process; off
     metrics_host: str = "127.0.0.1"  # where metrics_port listens: loopback unless asked
+    # Save the blocks that generated tokens complete too, not only the prompt's: a
+    # conversation's next turn (its history plus a new message) then finds its answer cached.
+    save_decode: bool = True
 
     @classmethod
     def from_extra(
@@ -113,6 +116,11 @@ class ConnectorSettings:
                 "kvpool connector: metrics_host must be a host name or address to listen on "
                 f"(127.0.0.1, 0.0.0.0, ...), got {metrics_host!r}"
             )
+        save_decode = extra.get("save_decode", True)
+        if type(save_decode) is not bool:
+            raise InvalidArgument(
+                f"kvpool connector: save_decode must be true or false, got {save_decode!r}"
+            )
         if isinstance(secret, str):
             secret = secret.encode()
         token = extra.get("auth_token") or env.get("KVPOOL_STORE_AUTH_TOKEN") or None
@@ -121,7 +129,7 @@ class ConnectorSettings:
             namespace_secret=check_namespace_secret(secret) if secret else None,
             block_tokens=block_tokens, timeout_s=float(timeout_s), plan=plan,
             on_load_error=policy, max_pending_blocks=pending, metrics_port=metrics_port,
-            metrics_host=metrics_host,
+            metrics_host=metrics_host, save_decode=save_decode,
         )  # fmt: skip
 
     def codec_for(self, kv_dtype: str) -> str:

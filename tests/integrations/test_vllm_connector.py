@@ -34,6 +34,7 @@ VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 CORPUS = ROOT.parent / "shared" / "corpus"
 TOKEN = "vllm-connector-test-token"
 SECRET = "0123456789abcdef0123456789abcdef"
+DECODED = 200  # tokens of A's long answer: past at least one 128-token block boundary
 
 
 def _prompts() -> list[str]:
@@ -157,11 +158,12 @@ def test_two_vllm_engines_share_prefixes_through_kvpool_and_survive_damage_and_o
         {"wait": str(tmp_path / "a-go")},
         {"prompt": second, "max_tokens": 12},
         {"prompt": third, "max_tokens": 12},
+        {"prompt": second, "max_tokens": DECODED},  # its answer completes blocks of its own
     ])  # fmt: skip
     _wait_for(tmp_path / "a-first", a)
     first_keys = _settled_keys(raw, at_least=3)
     (tmp_path / "a-go").touch()
-    a_first, a_second, a_third = _results(a, tmp_path, "a")["RESULT"]
+    a_first, a_second, a_third, a_long = _results(a, tmp_path, "a")["RESULT"]
     assert a_first["cached_tokens"] == 0 and a_first["prompt_tokens"] > 3 * 128
     all_keys = _settled_keys(raw, at_least=len(first_keys) + 6)
 
@@ -171,10 +173,13 @@ def test_two_vllm_engines_share_prefixes_through_kvpool_and_survive_damage_and_o
     value[-10] ^= 0xFF
     raw.set(damaged, bytes(value))
 
+    # A conversation's next turn: the second prompt, A's long answer, and more.
+    turn = [*a_long["prompt_token_ids"], *a_long["token_ids"][: DECODED - 8]]
     metrics_port = free_port()
     b = _engine(tmp_path, "b", target, [
         {"prompt": second, "max_tokens": 12},
         {"metrics": "vllm:kvpool_"},
+        {"prompt_token_ids": turn, "max_tokens": 4},
         {"prompt": first, "max_tokens": 12},
         {"prompt": second, "max_tokens": 12, "cache_salt": "another-tenant"},
         {"metrics": "vllm:kvpool_"},
@@ -189,12 +194,17 @@ def test_two_vllm_engines_share_prefixes_through_kvpool_and_survive_damage_and_o
     proc.wait(30)
     (tmp_path / "b-go").touch()
     lines = _results(b, tmp_path, "b")
-    b_second, b_first, b_other_tenant, b_third = lines["RESULT"]
+    b_second, b_turn, b_first, b_other_tenant, b_third = lines["RESULT"]
     after_hit, before_outage, after_outage = lines["METRICS"]
 
     # A fresh engine loaded A's blocks of the second prompt and gave A's greedy text exactly.
     assert b_second["cached_tokens"] >= (b_second["prompt_tokens"] - 1) // 128 * 128 > 0
     assert b_second["token_ids"] == a_second["token_ids"]
+    # A's answer was saved too (save_decode): the next turn loaded blocks past the prompt's.
+    prompt_blocks = a_long["prompt_tokens"] // 128
+    assert b_turn["cached_tokens"] >= (prompt_blocks + 1) * 128
+    assert b_turn["cached_tokens"] == (len(turn) - 1) // 128 * 128
+    assert b_turn["token_ids"] == a_long["token_ids"][DECODED - 8 : DECODED - 4]
     # The damaged block stopped its prefix: the answer is still A's.
     assert b_first["token_ids"] == a_first["token_ids"]
     # Another tenant's request found nothing: not A's blocks, not B's own prefix cache.
@@ -216,7 +226,7 @@ def test_two_vllm_engines_share_prefixes_through_kvpool_and_survive_damage_and_o
     assert _vllm(before_outage, "load_errors") == _vllm(before_outage, "load_errors",
                                                         reason="damaged")  # fmt: skip
     assert _vllm(before_outage, "plans", plan="none") == 1
-    assert _vllm(before_outage, "plans") == 3
+    assert _vllm(before_outage, "plans") == 4
     # kvpool's own /metrics has the same totals (every step's stats had arrived by then).
     for name, label, value in [("loaded_tokens", "tier", "store"), ("loaded_bytes", "tier",
                                "store"), ("load_errors", "reason", "damaged"),

@@ -21,6 +21,8 @@ def test_the_documented_names_and_their_defaults():
         "int8", "auto", "recompute", None,
     )  # fmt: skip
     assert (plain.metrics_port, plain.metrics_host) == (None, "127.0.0.1")  # no server of its own
+    assert plain.save_decode  # a conversation's answers are saved for its next turn
+    assert not ConnectorSettings.from_extra({"store": "h:1", "save_decode": False}).save_decode
     served = ConnectorSettings.from_extra(
         {"store": "h:1", "metrics_port": 9464, "metrics_host": "0.0.0.0"}, env={}
     )
@@ -57,6 +59,7 @@ def test_raw_is_the_kv_caches_own_dtype(kv_dtype, spec):
         ({"store": "h:1", "plan": "sometimes"}, "plan must be one of auto, fetch, recompute"),
         ({"store": "h:1", "on_load_error": "ignore"}, "on_load_error must be one of"),
         ({"store": "h:1", "metrics_port": 0}, r"metrics_port must be an int in \[1, 65535\]"),
+        ({"store": "h:1", "save_decode": "yes"}, "save_decode must be true or false"),
         ({"store": "h:1", "metrics_port": "9464"}, "metrics_port must be an int"),
         ({"store": "h:1", "metrics_host": ""}, "metrics_host must be a host name or address"),
         ({"store": "h:1", "stor": "x"}, "unknown kv_connector_extra_config keys"),
