@@ -64,6 +64,9 @@ except ImportError:  # pragma: no cover - older Ray
     pass
 
 
+_ENDED = object()  # a worker's stream has no more items
+
+
 class WorkerLost(Exception):
     """The worker serving a request died or stalled; the request moves to another one."""
 
@@ -235,31 +238,15 @@ class WorkerPool:
         finished = False
         try:
             while True:
-                wait_s = token_timeout_s
-                if started and not tokens and prefill_timeout_s is not None:
-                    wait_s = prefill_timeout_s
-                try:
-                    if not self._wait(refs, wait_s, cancelled):
-                        return  # cancelled
-                    item = ray.get(next(refs), timeout=token_timeout_s)
-                except StopIteration:
+                first_due = prefill_timeout_s if started and not tokens else None
+                item = self._next(
+                    worker_id, request, refs, cancelled, started, token_timeout_s, first_due
+                )
+                if item is None:
+                    return  # cancelled
+                if item is _ENDED:
                     finished = True
                     return
-                except WORKER_GONE as exc:
-                    self.mark_dead(worker_id)
-                    raise WorkerLost(type(exc).__name__) from None
-                except GetTimeoutError:
-                    if started and not tokens and prefill_timeout_s is not None:
-                        raise PrefillTimeout(
-                            f"no first token after {prefill_timeout_s:g} s of prefill of "
-                            f"{len(request.token_ids) + len(request.prior_output)} tokens (limit "
-                            f"--prefill-timeout={prefill_timeout_s:g}); send a shorter prompt"
-                        ) from None
-                    self.mark_dead(worker_id)
-                    what = "between two tokens" if started else "before starting the request"
-                    raise WorkerLost(f"silent for {token_timeout_s:g} s {what}") from None
-                except RayTaskError as exc:
-                    raise unwrap(exc) from None
                 if isinstance(item, WorkStarted):
                     started = True
                     continue
@@ -272,6 +259,41 @@ class WorkerPool:
                 # The client left (or we failed over): stop the worker spending its time on it.
                 with contextlib.suppress(Exception):  # a dead worker is not generating anyway
                     handle.cancel.remote(request.request_id)
+
+    def _next(
+        self,
+        worker_id: str,
+        request: WorkRequest,
+        refs: Any,
+        cancelled: threading.Event | None,
+        started: bool,
+        token_timeout_s: float,
+        prefill_timeout_s: float | None,
+    ) -> Any:
+        """The stream's next item, `_ENDED` after its last, None once `cancelled`; raises as
+        `stream` says. `prefill_timeout_s` is the wait while the first token is due."""
+        try:
+            wait_s = token_timeout_s if prefill_timeout_s is None else prefill_timeout_s
+            if not self._wait(refs, wait_s, cancelled):
+                return None
+            return ray.get(next(refs), timeout=token_timeout_s)
+        except StopIteration:
+            return _ENDED
+        except WORKER_GONE as exc:
+            self.mark_dead(worker_id)
+            raise WorkerLost(type(exc).__name__) from None
+        except GetTimeoutError:
+            if prefill_timeout_s is not None:
+                raise PrefillTimeout(
+                    f"no first token after {prefill_timeout_s:g} s of prefill of "
+                    f"{len(request.token_ids) + len(request.prior_output)} tokens (limit "
+                    f"--prefill-timeout={prefill_timeout_s:g}); send a shorter prompt"
+                ) from None
+            self.mark_dead(worker_id)
+            what = "between two tokens" if started else "before starting the request"
+            raise WorkerLost(f"silent for {token_timeout_s:g} s {what}") from None
+        except RayTaskError as exc:
+            raise unwrap(exc) from None
 
     @staticmethod
     def _wait(refs: Any, timeout_s: float, cancelled: threading.Event | None) -> bool:
