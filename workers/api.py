@@ -191,7 +191,7 @@ class WorkRequest:
     block_hashes: tuple[BlockHash, ...] = ()
 
     def __post_init__(self) -> None:
-        """What needs no model; the worker checks the rest against its model (`check_fits`)."""
+        """What needs no model; the engine checks the rest against its model (`check_fits`)."""
         if not self.token_ids:
             raise InvalidArgument("prompt is empty; give at least one token")
         if len(self.prior_output) >= self.params.max_new_tokens:
@@ -210,11 +210,11 @@ class WorkRequest:
             raise InvalidArgument(
                 f"block_hashes must be {HASH_BYTES}-byte hashes, at most one per prompt token"
             )
-        if self.max_cache_tokens < 0 or self.sink_tokens < 0 or self.prefill_timeout_s < 0:
+        if self.prefill_timeout_s < 0:
             raise InvalidArgument(
-                "max_cache_tokens, sink_tokens and prefill_timeout_s must be >= 0, got "
-                f"{self.max_cache_tokens}, {self.sink_tokens} and {self.prefill_timeout_s}"
+                f"prefill_timeout_s must be >= 0 (0: no limit), got {self.prefill_timeout_s}"
             )
+        # The window's bounds are checked against the worker's block size (kv.bounds).
 
 
 class PrefillTimeout(ResourceExhausted):

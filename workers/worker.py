@@ -165,8 +165,7 @@ class KVWorker:
     def generate(self, request: WorkRequest) -> Iterator[TokenEvent | WorkDone]:
         """Stream the output's tokens, then one WorkDone."""
         started = time.perf_counter()
-        window = self.window(request)
-        self.engine.check_fits(len(request.token_ids), request.params, window)
+        window = self.window(request)  # the engine checks it fits the model, once (`begin`)
         sequence = [*request.token_ids, *request.prior_output]
         full = len(request.token_ids) // self.config.block_tokens
         if len(request.block_hashes) > full:
