@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.experimental
 
-from kvpool.errors import DataLoss, KvpoolError, Unavailable
+from kvpool.errors import DataLoss, InvalidArgument, KvpoolError, Unavailable
 from kvpool.v1 import store_pb2, store_pb2_grpc
 from services.auth import call_metadata
 from services.grpc_server import message_options
@@ -184,14 +184,15 @@ class StoreClient:
         )
         self._metadata = call_metadata(auth_token)
         self.breaker = Breaker(f"the store at {target}", threshold=2)
-        # The data path (dataclient.py): found through Stats on first use, never over TLS (it
-        # would bypass it). After a failure it is dropped, and looked up again DATA_RETRY_S on.
+        # The data path (dataclient.py), one per channel: Stats on channel n names the data port
+        # of the store process that channel reached, so behind --processes N the slices still
+        # spread over the processes. Found on first use, never over TLS (it would bypass it).
+        # After a failure it is dropped, and looked up again DATA_RETRY_S later.
         self._data_wanted = data_path and credentials is None
-        self._data: DataPath | None = None
-        self._data_retry_at = 0.0
+        self._data: list[DataPath | None] = [None] * streams
+        self._data_retry_at = [0.0] * streams
         self._data_lock = threading.Lock()
         self._auth_token = auth_token
-        self._streams = streams
 
     def _call(self, what: str, attempt: Callable[[float], T], deadline: float | None = None) -> T:
         """Run `attempt(seconds left)` until it succeeds, fails for good or time runs out."""
@@ -236,12 +237,14 @@ class StoreClient:
         if not keys:
             return 0
         deadline = time.monotonic() + self._timeout_s
-        data = self._data_path(deadline)
+        data = self._data_path(0, deadline)
         if data is not None:
             try:
                 present = data.lookup(list(keys), deadline)
+            except InvalidArgument:
+                raise  # the caller's mistake: gRPC would say the same
             except Exception as exc:
-                self._data_failed(data, exc)
+                self._data_failed(0, data, exc)
             else:
                 if present is not None:
                     return present
@@ -255,36 +258,37 @@ class StoreClient:
 
     # --- the data path ---------------------------------------------------------------------
 
-    def _data_path(self, deadline: float) -> DataPath | None:
-        """The store's data path, or None (off, not advertised, or recently failed): gRPC."""
-        if not self._data_wanted or self._data is not None:
-            return self._data
+    def _data_path(self, n: int, deadline: float) -> DataPath | None:
+        """Channel n's data path, or None (off, not advertised, or recently failed): gRPC."""
+        if not self._data_wanted or self._data[n] is not None:
+            return self._data[n]
         with self._data_lock:
-            if self._data is not None or time.monotonic() < self._data_retry_at:
-                return self._data
-            self._data_retry_at = time.monotonic() + DATA_RETRY_S
+            if self._data[n] is not None or time.monotonic() < self._data_retry_at[n]:
+                return self._data[n]
+            self._data_retry_at[n] = time.monotonic() + DATA_RETRY_S
             host = _target_host(self.target)
             left = deadline - time.monotonic()
             if host is None or left <= 0:
                 return None
             try:
                 self.breaker.check()
-                reply = self._stub.Stats(
+                reply = store_pb2_grpc.KVStoreStub(self._channels[n]).Stats(
                     store_pb2.StatsRequest(), timeout=min(left, 1.0), metadata=self._metadata
                 )
             except (grpc.RpcError, KvpoolError):
                 return None  # gRPC will say what is wrong
             if not reply.HasField("data_port"):
                 return None
-            self._data = DataPath(host, reply.data_port, self._auth_token, self._streams)
-            return self._data
+            # Two connections: a get_iter and a get_many at once on the same slice.
+            self._data[n] = DataPath(host, reply.data_port, self._auth_token, 2)
+            return self._data[n]
 
-    def _data_failed(self, data: DataPath, exc: Exception) -> None:
+    def _data_failed(self, n: int, data: DataPath, exc: Exception) -> None:
         log.debug("store data path at %s:%d failed, using gRPC: %s", data.host, data.port, exc)
         with self._data_lock:
-            if self._data is data:
-                self._data = None
-                self._data_retry_at = time.monotonic() + DATA_RETRY_S
+            if self._data[n] is data:
+                self._data[n] = None
+                self._data_retry_at[n] = time.monotonic() + DATA_RETRY_S
         data.close()
 
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
@@ -297,16 +301,14 @@ class StoreClient:
         slices = self._split(keys)
         if len(slices) <= 1:
             found: dict[str, bytes] = {}
-            self._get_slice(self._gets[0], keys, lambda i, v: _keep_value(found, keys[i], v))
+            self._get_slice(0, keys, lambda i, v: _keep_value(found, keys[i], v))
             return {key: found[key] for key in keys if key in found}  # request order
         pool = self._pool()
         parts: list[dict[str, bytes]] = [{} for _ in slices]
 
         def fetch(n: int) -> None:
             lo, hi = slices[n]
-            self._get_slice(
-                self._gets[n], keys[lo:hi], lambda i, v: _keep_value(parts[n], keys[lo + i], v)
-            )
+            self._get_slice(n, keys[lo:hi], lambda i, v: _keep_value(parts[n], keys[lo + i], v))
 
         futures: list[Future[None]] = [pool.submit(fetch, n) for n in range(1, len(slices))]
         outcomes: list[BaseException | None] = []
@@ -336,7 +338,7 @@ class StoreClient:
         arrivals = _Arrivals(len(keys))
         pool = self._pool()
         for n, (lo, hi) in enumerate(self._split(keys)):
-            pool.submit(self._feed, self._gets[n], keys[lo:hi], lo, arrivals)
+            pool.submit(self._feed, n, keys[lo:hi], lo, arrivals)
         for index, key in enumerate(keys):
             yield key, arrivals.wait(index)
 
@@ -352,20 +354,21 @@ class StoreClient:
                 self._slices = ThreadPoolExecutor(len(self._gets), thread_name_prefix="store-get")
             return self._slices
 
-    def _feed(self, get: Any, keys: list[str], offset: int, arrivals: "_Arrivals") -> None:
+    def _feed(self, n: int, keys: list[str], offset: int, arrivals: "_Arrivals") -> None:
         try:
-            self._get_slice(get, keys, lambda i, v: arrivals.put(offset + i, v))
+            self._get_slice(n, keys, lambda i, v: arrivals.put(offset + i, v))
         except BaseException as exc:  # the caller raises it when it reaches the slice's gap
             arrivals.fail(offset, offset + len(keys), exc)
 
     def _get_slice(
-        self, get: Any, keys: list[str], on_value: Callable[[int, bytes | None], None]
+        self, n: int, keys: list[str], on_value: Callable[[int, bytes | None], None]
     ) -> None:
         """One Get stream for `keys`, checked and retried as a whole call: `on_value(i, value)`
         once per key, in order, as each arrives (value None for a missing key)."""
         remaining = list(range(len(keys)))
         deadline = time.monotonic() + self._timeout_s
-        data = self._data_path(deadline) if keys else None
+        get = self._gets[n]
+        data = self._data_path(n, deadline) if keys else None
         if data is not None:
             answered = 0
 
@@ -377,8 +380,10 @@ class StoreClient:
             try:
                 if data.get(keys, deadline, arrived):
                     return
+            except InvalidArgument:
+                raise  # the caller's mistake (a bad or repeated key): gRPC would say the same
             except Exception as exc:  # gRPC asks again for the keys not answered whole
-                self._data_failed(data, exc)
+                self._data_failed(n, data, exc)
                 remaining = remaining[answered:]
 
         def attempt(timeout: float) -> None:
@@ -454,8 +459,9 @@ class StoreClient:
         return self._call("Stats", attempt)
 
     def close(self) -> None:
-        if self._data is not None:
-            self._data.close()
+        for data in self._data:
+            if data is not None:
+                data.close()
         if self._slices is not None:
             self._slices.shutdown(wait=True)
         for channel in self._channels:

@@ -23,13 +23,15 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+import grpc
+
 from kvpool.errors import (
-    InvalidArgument,
     KvpoolError,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
+from services.status import code_for
 from services.store import datawire as wire
 from services.store.backends.resp import set_timeouts
 from services.store.keys import check_keys
@@ -38,6 +40,7 @@ from services.store.service import KVStoreServicer, check_unique
 
 if TYPE_CHECKING:
     from services.auth import TokenTable
+    from services.status import CallObserver
     from services.store.backends.resp import RespStream
 
 log = logging.getLogger(__name__)
@@ -86,10 +89,12 @@ class DataPathServer:
         port: int,
         reuse_port: bool = False,
         max_connections: int = 64,
+        observe: "CallObserver | None" = None,
     ) -> None:
         if max_connections <= 0:
             raise ValueError(f"max_connections must be positive, got {max_connections}")
         self._servicer = servicer
+        self._observe = observe
         self._backend = servicer.backend
         self._limits = limits
         self._auth = auth
@@ -190,10 +195,29 @@ class DataPathServer:
         keys = []
         for _ in range(request.n_keys):
             raw = _recv_exact(conn, _recv_exact(conn, 1)[0])
-            try:
-                keys.append(raw.decode("ascii"))
-            except UnicodeDecodeError:
-                raise InvalidArgument("keys are ASCII (docs/store.md, 'Keys')") from None
+            keys.append(raw.decode(errors="replace"))  # check_keys refuses what is not ASCII
+        method = "Lookup" if request.op == wire.OP_LOOKUP else "Get"
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            return self._answer(conn, request, keys, stream)
+        except _Closed:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except BaseException as exc:
+            code = code_for(exc) or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            if self._observe is not None:  # the same series as gRPC's calls (metrics.py)
+                self._observe(method, code, time.monotonic() - started)
+
+    def _answer(
+        self,
+        conn: socket.socket,
+        request: wire.RequestHead,
+        keys: list[str],
+        stream: "RespStream | None",
+    ) -> "RespStream | None":
         check_keys(keys, self._limits.max_keys)
         seconds = request.deadline_ms / 1e3 or self._limits.max_call_s
         deadline = time.monotonic() + min(seconds, self._limits.max_call_s)

@@ -20,7 +20,6 @@ import struct
 from dataclasses import dataclass
 
 from kvpool import errors
-from services.store.keys import MAX_KEY_CHARS
 
 MAGIC = b"KVDP"
 VERSION = 1
@@ -56,6 +55,10 @@ class ProtocolError(errors.DataLoss):
     """The other end broke the format (or the connection ended inside a frame)."""
 
 
+class Unencodable(errors.KvpoolError):
+    """A request the data path cannot carry; the client sends it through gRPC."""
+
+
 def encode_hello(token: str | None) -> bytes:
     raw = (token or "").encode()
     if len(raw) > MAX_TOKEN_BYTES:
@@ -76,14 +79,15 @@ def decode_hello(head: bytes) -> int:
 
 
 def encode_request(op: int, keys: list[str], deadline_ms: int) -> bytes:
-    """A request; keys are checked by the store (services/store/keys.py), only sized here."""
+    """A request; Unencodable for a key whose length does not fit its byte (the store's
+    key check, keys.py, then answers it through gRPC)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op}")
     parts = [REQUEST.pack(op, max(0, min(deadline_ms, 2**32 - 1)), len(keys))]
     for key in keys:
         raw = key.encode()
-        if not 0 < len(raw) <= MAX_KEY_CHARS:
-            raise errors.InvalidArgument(f"invalid key {key[:40]!r}: 1 to {MAX_KEY_CHARS} bytes")
+        if not 0 < len(raw) < 256:  # the store checks keys (keys.py); gRPC carries these
+            raise Unencodable(f"a key of {len(raw)} bytes does not fit a data path request")
         parts.append(bytes((len(raw),)) + raw)
     return b"".join(parts)
 

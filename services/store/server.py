@@ -69,6 +69,7 @@ class StoreServer:
                 port=config.data_port,
                 reuse_port=config.reuse_port and config.data_port != 0,
                 max_connections=config.data_max_connections,
+                observe=self.metrics.observe_call,
             )
 
     @property
