@@ -18,13 +18,23 @@ def timed_pair(
 ) -> tuple[list[float], list[float]]:
     """Latencies of two operations run alternately (and in alternating order), so both see the
     same machine: on shared, noisy hosts only ratios measured this way mean much."""
-    first(0), second(0)  # warm connections and caches
-    times: tuple[list[float], list[float]] = ([], [])
+    a, b = timed_round([first, second], ops)
+    return a, b
+
+
+def timed_round(each: list[Callable[[int], object]], ops: int) -> list[list[float]]:
+    """Latencies of several operations run in turn, the order rotating every round."""
+    for op in each:
+        op(0)  # warm connections and caches
+    times: list[list[float]] = [[] for _ in each]
     for i in range(ops):
-        order = ((0, first), (1, second)) if i % 2 == 0 else ((1, second), (0, first))
-        for slot, op in order:
+        order = list(range(len(each)))
+        order = order[i % len(each) :] + order[: i % len(each)]
+        if i % 2:
+            order.reverse()
+        for slot in order:
             start = time.perf_counter()
-            op(i)
+            each[slot](i)
             times[slot].append(time.perf_counter() - start)
     return times
 

@@ -87,7 +87,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("backend", "keys", "bytes", "capacity_bytes", "hits", "misses", "puts", "evictions")
+    __slots__ = ("backend", "keys", "bytes", "capacity_bytes", "hits", "misses", "puts", "evictions", "data_port")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class StatsResponse(_message.Message):
     MISSES_FIELD_NUMBER: _ClassVar[int]
     PUTS_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     backend: str
     keys: int
     bytes: int
@@ -104,4 +105,5 @@ class StatsResponse(_message.Message):
     misses: int
     puts: int
     evictions: int
-    def __init__(self, backend: _Optional[str] = ..., keys: _Optional[int] = ..., bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., puts: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
+    data_port: int
+    def __init__(self, backend: _Optional[str] = ..., keys: _Optional[int] = ..., bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., puts: _Optional[int] = ..., evictions: _Optional[int] = ..., data_port: _Optional[int] = ...) -> None: ...

@@ -120,6 +120,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="Redis password when not in the URL (prefer env KVPOOL_REDIS_PASSWORD)",
     )
     add_store_server_flags(parser)  # docs/store.md, "Security"
+    flag(
+        "--data-port",
+        _CONFIG.data_port,
+        type=int,
+        help="TCP port of the data path for Get and Lookup beside gRPC, advertised through Stats "
+        "(0: a free one per process; -1: off; always off with TLS). docs/store.md, 'The data path'",
+    )
+    flag(
+        "--data-max-connections",
+        _CONFIG.data_max_connections,
+        type=int,
+        help="data path connections open at once per process; more are refused (default "
+        f"{_CONFIG.data_max_connections})",
+    )
     flag("--metrics-port", 0, type=int, help="Prometheus /metrics port (0: off)")
     flag("--grace", _CONFIG.grace_s, type=float, help="seconds in-flight calls get on shutdown")
     flag(
@@ -204,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
         max_workers=args.max_workers,
         auth=store_tokens(args.store_auth_token, args.store_auth_token_file),
         tls=ServerTls.from_files(args.tls_cert_file, args.tls_key_file),
+        data_port=args.data_port,
+        data_max_connections=args.data_max_connections,
     )
     if processes > 1:
         from services.store.processes import StoreSupervisor, serve_supervised

@@ -21,6 +21,7 @@ several cores on the far side. The values still come back in request order, ever
 checked like a whole Get, and a slice that fails fails the whole call.
 """
 
+import logging
 import random
 import threading
 import time
@@ -32,7 +33,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.experimental
 
-from kvpool.errors import DataLoss, Unavailable
+from kvpool.errors import DataLoss, InvalidArgument, KvpoolError, Unavailable
 from kvpool.v1 import store_pb2, store_pb2_grpc
 from services.auth import call_metadata
 from services.grpc_server import message_options
@@ -45,8 +46,20 @@ from services.store.chunks import (
     ValueAssembler,
     put_chunks,
 )
+from services.store.dataclient import DataPath
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+DATA_RETRY_S = 2.0  # after a data path failure (or none advertised), gRPC until then
+
+
+def _target_host(target: str) -> str | None:
+    """The host of a plain `host:port` target ([v6]:port too); None for other gRPC targets."""
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or "/" in host or not host:
+        return None
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def _keep_value(found: dict[str, bytes], key: str, value: bytes | None) -> None:
@@ -112,6 +125,7 @@ class StoreClient:
         options: Sequence[tuple[str, Any]] = (),
         streams: int = 4,
         min_keys_per_stream: int = 4,
+        data_path: bool = True,
     ) -> None:
         if timeout_s <= 0 or retries < 0 or chunk_bytes <= 0:
             raise ValueError("timeout_s and chunk_bytes must be positive and retries >= 0")
@@ -170,11 +184,21 @@ class StoreClient:
         )
         self._metadata = call_metadata(auth_token)
         self.breaker = Breaker(f"the store at {target}", threshold=2)
+        # The data path (dataclient.py), one per channel: Stats on channel n names the data port
+        # of the store process that channel reached, so behind --processes N the slices still
+        # spread over the processes. Found on first use, never over TLS (it would bypass it).
+        # After a failure it is dropped, and looked up again DATA_RETRY_S later.
+        self._data_wanted = data_path and credentials is None
+        self._data: list[DataPath | None] = [None] * streams
+        self._data_retry_at = [0.0] * streams
+        self._data_lock = threading.Lock()
+        self._auth_token = auth_token
 
-    def _call(self, what: str, attempt: Callable[[float], T]) -> T:
+    def _call(self, what: str, attempt: Callable[[float], T], deadline: float | None = None) -> T:
         """Run `attempt(seconds left)` until it succeeds, fails for good or time runs out."""
         self.breaker.check()
-        deadline = time.monotonic() + self._timeout_s
+        if deadline is None:
+            deadline = time.monotonic() + self._timeout_s
         for n in range(self._retries + 1):
             try:
                 result = attempt(deadline - time.monotonic())
@@ -212,13 +236,60 @@ class StoreClient:
         """How many of `keys`, from the start, are present (one RPC for the whole chain)."""
         if not keys:
             return 0
+        deadline = time.monotonic() + self._timeout_s
+        data = self._data_path(0, deadline)
+        if data is not None:
+            try:
+                present = data.lookup(list(keys), deadline)
+            except InvalidArgument:
+                raise  # the caller's mistake: gRPC would say the same
+            except Exception as exc:
+                self._data_failed(0, data, exc)
+            else:
+                if present is not None:
+                    return present
         request = store_pb2.LookupRequest(keys=keys)
 
         def attempt(timeout: float) -> int:
             reply = self._stub.Lookup(request, timeout=timeout, metadata=self._metadata)
             return reply.present
 
-        return self._call("Lookup", attempt)
+        return self._call("Lookup", attempt, deadline)
+
+    # --- the data path ---------------------------------------------------------------------
+
+    def _data_path(self, n: int, deadline: float) -> DataPath | None:
+        """Channel n's data path, or None (off, not advertised, or recently failed): gRPC."""
+        if not self._data_wanted or self._data[n] is not None:
+            return self._data[n]
+        with self._data_lock:
+            if self._data[n] is not None or time.monotonic() < self._data_retry_at[n]:
+                return self._data[n]
+            self._data_retry_at[n] = time.monotonic() + DATA_RETRY_S
+            host = _target_host(self.target)
+            left = deadline - time.monotonic()
+            if host is None or left <= 0:
+                return None
+            try:
+                self.breaker.check()
+                reply = store_pb2_grpc.KVStoreStub(self._channels[n]).Stats(
+                    store_pb2.StatsRequest(), timeout=min(left, 1.0), metadata=self._metadata
+                )
+            except (grpc.RpcError, KvpoolError):
+                return None  # gRPC will say what is wrong
+            if not reply.HasField("data_port"):
+                return None
+            # Two connections: a get_iter and a get_many at once on the same slice.
+            self._data[n] = DataPath(host, reply.data_port, self._auth_token, 2)
+            return self._data[n]
+
+    def _data_failed(self, n: int, data: DataPath, exc: Exception) -> None:
+        log.debug("store data path at %s:%d failed, using gRPC: %s", data.host, data.port, exc)
+        with self._data_lock:
+            if self._data[n] is data:
+                self._data[n] = None
+                self._data_retry_at[n] = time.monotonic() + DATA_RETRY_S
+        data.close()
 
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         """The values of the present keys, in request order; missing keys are absent.
@@ -230,16 +301,14 @@ class StoreClient:
         slices = self._split(keys)
         if len(slices) <= 1:
             found: dict[str, bytes] = {}
-            self._get_slice(self._gets[0], keys, lambda i, v: _keep_value(found, keys[i], v))
+            self._get_slice(0, keys, lambda i, v: _keep_value(found, keys[i], v))
             return {key: found[key] for key in keys if key in found}  # request order
         pool = self._pool()
         parts: list[dict[str, bytes]] = [{} for _ in slices]
 
         def fetch(n: int) -> None:
             lo, hi = slices[n]
-            self._get_slice(
-                self._gets[n], keys[lo:hi], lambda i, v: _keep_value(parts[n], keys[lo + i], v)
-            )
+            self._get_slice(n, keys[lo:hi], lambda i, v: _keep_value(parts[n], keys[lo + i], v))
 
         futures: list[Future[None]] = [pool.submit(fetch, n) for n in range(1, len(slices))]
         outcomes: list[BaseException | None] = []
@@ -269,7 +338,7 @@ class StoreClient:
         arrivals = _Arrivals(len(keys))
         pool = self._pool()
         for n, (lo, hi) in enumerate(self._split(keys)):
-            pool.submit(self._feed, self._gets[n], keys[lo:hi], lo, arrivals)
+            pool.submit(self._feed, n, keys[lo:hi], lo, arrivals)
         for index, key in enumerate(keys):
             yield key, arrivals.wait(index)
 
@@ -285,18 +354,37 @@ class StoreClient:
                 self._slices = ThreadPoolExecutor(len(self._gets), thread_name_prefix="store-get")
             return self._slices
 
-    def _feed(self, get: Any, keys: list[str], offset: int, arrivals: "_Arrivals") -> None:
+    def _feed(self, n: int, keys: list[str], offset: int, arrivals: "_Arrivals") -> None:
         try:
-            self._get_slice(get, keys, lambda i, v: arrivals.put(offset + i, v))
+            self._get_slice(n, keys, lambda i, v: arrivals.put(offset + i, v))
         except BaseException as exc:  # the caller raises it when it reaches the slice's gap
             arrivals.fail(offset, offset + len(keys), exc)
 
     def _get_slice(
-        self, get: Any, keys: list[str], on_value: Callable[[int, bytes | None], None]
+        self, n: int, keys: list[str], on_value: Callable[[int, bytes | None], None]
     ) -> None:
         """One Get stream for `keys`, checked and retried as a whole call: `on_value(i, value)`
         once per key, in order, as each arrives (value None for a missing key)."""
         remaining = list(range(len(keys)))
+        deadline = time.monotonic() + self._timeout_s
+        get = self._gets[n]
+        data = self._data_path(n, deadline) if keys else None
+        if data is not None:
+            answered = 0
+
+            def arrived(i: int, value: bytes | None) -> None:
+                nonlocal answered
+                on_value(i, value)
+                answered = i + 1
+
+            try:
+                if data.get(keys, deadline, arrived):
+                    return
+            except InvalidArgument:
+                raise  # the caller's mistake (a bad or repeated key): gRPC would say the same
+            except Exception as exc:  # gRPC asks again for the keys not answered whole
+                self._data_failed(n, data, exc)
+                remaining = remaining[answered:]
 
         def attempt(timeout: float) -> None:
             nonlocal remaining
@@ -318,8 +406,8 @@ class StoreClient:
             if remaining:
                 raise DataLoss(f"store Get at {self.target} left {len(remaining)} keys unanswered")
 
-        if keys:
-            self._call("Get", attempt)
+        if remaining:
+            self._call("Get", attempt, deadline)
 
     def put_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int | None = None) -> int:
         """Write blocks (each atomically); returns how many the store kept.
@@ -371,6 +459,9 @@ class StoreClient:
         return self._call("Stats", attempt)
 
     def close(self) -> None:
+        for data in self._data:
+            if data is not None:
+                data.close()
         if self._slices is not None:
             self._slices.shutdown(wait=True)
         for channel in self._channels:

@@ -13,6 +13,7 @@ from services.grpc_server import GrpcServer, ServiceSpec
 from services.status import ErrorInterceptor
 from services.store.backends import StorageBackend, open_backend, redact_url
 from services.store.chunks import MESSAGE_MARGIN_BYTES, SERVICE_NAME
+from services.store.dataserver import DataPathServer
 from services.store.metrics import StoreMetrics
 from services.store.service import KVStoreServicer, add_to_server
 from services.store.settings import StoreConfig
@@ -58,6 +59,18 @@ class StoreServer:
             reuse_port=config.reuse_port,
             limits=config.connections,
         )
+        self._data: DataPathServer | None = None
+        if config.data_port >= 0 and config.tls is None:  # it would bypass TLS
+            self._data = DataPathServer(
+                servicer,
+                limits=config.limits,
+                auth=config.auth,
+                host=config.host,
+                port=config.data_port,
+                reuse_port=config.reuse_port and config.data_port != 0,
+                max_connections=config.data_max_connections,
+                observe=self.metrics.observe_call,
+            )
 
     @property
     def port(self) -> int:
@@ -85,9 +98,22 @@ class StoreServer:
         except BaseException:
             self.metrics.close_http()
             raise
+        if self._data is not None:
+            try:
+                self._servicer.data_port = self._data.start()
+            except BaseException:
+                self._grpc.stop(0)
+                self.metrics.close_http()
+                raise
+            log.info("KVStore data path on %s:%d", self.config.host, self._data.port)
         self.metrics.listening = 1
         log.info("KVStore on %s:%d, backend %s", self.config.host, port, self.backend_name)
         return port
+
+    @property
+    def data_port(self) -> int | None:
+        """The data path's port once started; None when it is off (TLS, or data_port -1)."""
+        return self._data.port if self._data is not None and self._data.port else None
 
     @property
     def backend_name(self) -> str:
@@ -96,7 +122,10 @@ class StoreServer:
     def stop(self, grace_s: float | None = None) -> None:
         """Graceful stop: NOT_SERVING, refuse new calls, finish in-flight ones, close."""
         self.metrics.listening = 0
-        self._grpc.stop(self.config.grace_s if grace_s is None else grace_s)
+        grace = self.config.grace_s if grace_s is None else grace_s
+        if self._data is not None:
+            self._data.stop(grace)
+        self._grpc.stop(grace)
         self._servicer.close()
         self.metrics.close()
         if self._owns_backend:

@@ -34,7 +34,7 @@ SLOW_FAILURE_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
-class _Window:
+class Window:
     start: int
     end: int
     bytes: int
@@ -87,6 +87,11 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
         self.breaker = breaker or Breaker("the store's backend")
         metrics.watch(self.budget, self.breaker)
         self._io = ThreadPoolExecutor(max_workers=backend_threads, thread_name_prefix="backend")
+        self.data_port: int | None = None  # advertised by Stats once the data path listens
+
+    @property
+    def backend(self) -> StorageBackend:
+        return self._backend
 
     # --- deadlines and the backend -----------------------------------------------------------
 
@@ -134,19 +139,34 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
     def Lookup(
         self, request: store_pb2.LookupRequest, context: grpc.ServicerContext
     ) -> store_pb2.LookupResponse:
-        keys = request.keys
+        keys = list(request.keys)
         check_keys(keys, self._limits.max_keys)
-        present = self._call(self._deadline(context), self._backend.lookup, list(keys))
-        self._metrics.hits.labels("Lookup").inc(present)
-        self._metrics.misses.labels("Lookup").inc(len(keys) - present)
+        present = self._call(self._deadline(context), self._backend.lookup, keys)
+        self.count_lookup(len(keys), present)
         return store_pb2.LookupResponse(present=present)
+
+    def count_lookup(self, keys: int, present: int) -> None:
+        self._metrics.hits.labels("Lookup").inc(present)
+        self._metrics.misses.labels("Lookup").inc(keys - present)
+
+    def count_get(self, found: int, missing: int, sent_bytes: int) -> None:
+        self._counts.add(hits=found, misses=missing)
+        self._metrics.hits.labels("Get").inc(found)
+        self._metrics.misses.labels("Get").inc(missing)
+        self._metrics.sent_bytes.inc(sent_bytes)
+
+    def lookup_keys(self, keys: list[str], deadline: float) -> int:
+        """The data path's Lookup through the backend (checked keys; counted)."""
+        present = self._call(deadline, self._backend.lookup, keys)
+        self.count_lookup(len(keys), present)
+        return present
 
     def Get(self, request: store_pb2.GetRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         keys = list(request.keys)
         check_keys(keys, self._limits.max_keys)
         check_unique(keys)
         deadline = self._deadline(context)
-        yield from get_chunks(self._values(keys, deadline), self._limits.chunk_bytes)
+        yield from get_chunks(self.values(keys, deadline), self._limits.chunk_bytes)
 
     def _sizes(self, keys: list[str]) -> list[int]:
         sizes = getattr(self._backend, "sizes", None)
@@ -154,30 +174,30 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             return [self._limits.max_block_bytes] * len(keys)
         return [min(n, self.budget.capacity) for n in sizes(keys)]
 
-    def _plan(self, sizes: list[int]) -> list[_Window]:
+    def plan(self, sizes: list[int]) -> list[Window]:
         """Windows of about `window_bytes` (at most 256 keys); a larger value goes alone."""
-        windows: list[_Window] = []
+        windows: list[Window] = []
         start = total = 0
         for i, n in enumerate(sizes):
             if i > start and (total + n > self._limits.window_bytes or i - start >= 256):
-                windows.append(_Window(start, i, total))
+                windows.append(Window(start, i, total))
                 start, total = i, 0
             total += n
-        windows.append(_Window(start, len(sizes), total))
+        windows.append(Window(start, len(sizes), total))
         return windows
 
-    def _values(self, keys: list[str], deadline: float) -> Iterator[tuple[int, bytes | None]]:
+    def values(self, keys: list[str], deadline: float) -> Iterator[tuple[int, bytes | None]]:
         """Values in request order, read in windows whose bytes are reserved in the budget.
 
         Value sizes are asked first (one round trip), so each window's bytes are known before it
         is read. The next window is read while this one is sent, when its bytes fit the budget
         at once; otherwise this window's bytes are given back first, then the next one waits.
         """
-        windows = self._plan(self._call(deadline, self._sizes, keys))
+        windows = self.plan(self._call(deadline, self._sizes, keys))
         budget = self.budget
         reading: list[tuple[Future[list[bytes | None]], int]] = []  # (read, bytes reserved)
 
-        def read(w: _Window) -> None:
+        def read(w: Window) -> None:
             future = self._submit(self._backend.get_many, keys[w.start : w.end])
             reading.append((future, w.bytes))
 
@@ -200,10 +220,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                     read(after)
                     after = None
                 found = sum(1 for v in values if v is not None)
-                self._counts.add(hits=found, misses=len(values) - found)
-                self._metrics.hits.labels("Get").inc(found)
-                self._metrics.misses.labels("Get").inc(len(values) - found)
-                self._metrics.sent_bytes.inc(got)
+                self.count_get(found, len(values) - found, got)
                 for offset, value in enumerate(values):
                     yield w.start + offset, value
                 del values
@@ -296,6 +313,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             misses=counts.misses,
             puts=counts.puts,
             evictions=stats.evictions,
+            data_port=self.data_port,
         )
 
 

@@ -34,6 +34,11 @@ class StoreConfig:
     auth: TokenTable | None = None  # when set, calls need `authorization: Bearer <token>`
     tls: ServerTls | None = None  # when set, serve TLS only
     reuse_port: bool = False  # SO_REUSEPORT: set in each process of `--processes N`
+    # The data path for Get and Lookup beside gRPC (services/store/dataserver.py): its TCP port,
+    # advertised through Stats; 0 picks a free one (per process), -1 turns it off. Always off
+    # with TLS, which it would bypass.
+    data_port: int = 0
+    data_max_connections: int = 64  # data path connections open at once, per process
 
     def __post_init__(self) -> None:
         check_backend_spec(self.backend)
@@ -45,6 +50,11 @@ class StoreConfig:
             )
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
             raise ValueError("ports must be between 0 and 65535")
+        if not -1 <= self.data_port <= 65535 or self.data_max_connections <= 0:
+            raise ValueError(
+                f"data_port must be -1 (off) to 65535 and data_max_connections positive, got "
+                f"{self.data_port} and {self.data_max_connections}"
+            )
         if self.ttl_s is not None and self.ttl_s < 0:
             raise ValueError(f"ttl_s must be positive (or None for no TTL), got {self.ttl_s}")
         if self.max_memory_bytes <= 0 or self.grace_s < 0 or self.max_workers <= 0:

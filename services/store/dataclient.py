@@ -1,0 +1,171 @@
+"""The client side of the store's data path (docs/store.md, "The data path"; wire: `datawire`).
+
+`StoreClient` uses it for Get and Lookup when the store advertises a data port (Stats) and the
+channel is not TLS, and goes back to gRPC on any failure. Each value's length comes before its
+bytes, and the value is read with one `recv(length, MSG_WAITALL)` (one copy, straight into the
+`bytes` the caller gets), so a connection that ends inside a value raises: a value is whole or it
+is not returned.
+
+At most `max_connections` connections per client; a call that finds none free uses gRPC.
+"""
+
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from kvpool.errors import Unavailable
+from services.store import datawire as wire
+from services.store.backends.resp import set_timeouts
+
+# The largest value length a store frame may announce: more is a broken stream, not a value.
+MAX_VALUE_BYTES = 1 << 30
+
+
+class DataPath:
+    """A pool of authenticated data path connections to one store process's data port."""
+
+    def __init__(self, host: str, port: int, token: str | None, max_connections: int) -> None:
+        self.host, self.port = host, port
+        self._hello = wire.encode_hello(token)
+        self._idle: list[socket.socket] = []
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+
+    def _connect(self, deadline: float) -> socket.socket:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Unavailable("no time left to connect to the store's data path")
+        sock = socket.create_connection((self.host, self.port), timeout=min(left, 1.0))
+        try:
+            sock.settimeout(None)  # blocking, with kernel timeouts (MSG_WAITALL needs it)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_timeouts(sock, left)
+            sock.sendall(self._hello)
+            kind, length = wire.decode_frame(_recv_exact(sock, wire.FRAME.size))
+            if kind == wire.ERROR:
+                raise wire.decode_error(_recv_exact(sock, length))
+            if kind != wire.OK:
+                raise wire.ProtocolError(f"the data path answered hello with frame kind {kind}")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _checkout(self, deadline: float) -> socket.socket | None:
+        if not self._slots.acquire(blocking=False):
+            return None
+        try:
+            while True:
+                with self._lock:
+                    sock = self._idle.pop() if self._idle else None
+                if sock is None:
+                    return self._connect(deadline)
+                # An idle connection the store closed (its --idle-seconds) reads as EOF now.
+                if not select.select([sock], [], [], 0)[0]:
+                    return sock
+                sock.close()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _checkin(self, sock: socket.socket, reusable: bool) -> None:
+        if reusable:
+            with self._lock:
+                self._idle.append(sock)
+        else:
+            sock.close()
+        self._slots.release()
+
+    def get(
+        self, keys: list[str], deadline: float, on_value: Callable[[int, bytes | None], None]
+    ) -> bool:
+        """`on_value(i, value or None)` for each key in order. False when no connection was free
+        (nothing was asked); raises on any failure, after the values that arrived whole."""
+        sock = self._checkout(deadline)
+        if sock is None:
+            return False
+        ok = False
+        try:
+            sock.sendall(wire.encode_request(wire.OP_GET, keys, _ms_left(deadline)))
+            for i in range(len(keys)):
+                set_timeouts(sock, _left(deadline))
+                kind, length = wire.decode_frame(_recv_exact(sock, wire.FRAME.size))
+                if kind == wire.MISSING:
+                    on_value(i, None)
+                elif kind == wire.VALUE:
+                    on_value(i, _recv_value(sock, length, deadline))
+                elif kind == wire.ERROR:
+                    raise wire.decode_error(_recv_exact(sock, length))
+                else:
+                    raise wire.ProtocolError(f"frame kind {kind} in a Get answer")
+            ok = True
+        finally:
+            self._checkin(sock, ok)
+        return True
+
+    def lookup(self, keys: list[str], deadline: float) -> int | None:
+        """The present prefix; None when no connection was free. Raises on any failure."""
+        sock = self._checkout(deadline)
+        if sock is None:
+            return None
+        ok = False
+        try:
+            sock.sendall(wire.encode_request(wire.OP_LOOKUP, keys, _ms_left(deadline)))
+            set_timeouts(sock, _left(deadline))
+            kind, length = wire.decode_frame(_recv_exact(sock, wire.FRAME.size))
+            if kind == wire.ERROR:
+                raise wire.decode_error(_recv_exact(sock, length))
+            if kind != wire.OK or length > len(keys):
+                raise wire.ProtocolError(f"a Lookup of {len(keys)} keys answered {kind}/{length}")
+            ok = True
+            return length
+        finally:
+            self._checkin(sock, ok)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise Unavailable("the store's data path did not answer within the call's deadline")
+    return left
+
+
+def _ms_left(deadline: float) -> int:
+    return max(1, int(_left(deadline) * 1e3))
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    data = sock.recv(n, socket.MSG_WAITALL) if n else b""
+    if len(data) == n:
+        return data
+    return _finish(sock, n, data, deadline)
+
+
+def _recv_value(sock: socket.socket, length: int, deadline: float) -> bytes:
+    if length > MAX_VALUE_BYTES:
+        raise wire.ProtocolError(f"a value of {length} bytes announced (at most {MAX_VALUE_BYTES})")
+    return _recv_exact(sock, length, deadline)
+
+
+def _finish(sock: socket.socket, n: int, first: bytes, deadline: float | None) -> bytes:
+    """The rest of `n` bytes after a short read (a signal, or the end of the stream)."""
+    if not first:
+        raise wire.ProtocolError(f"the data path ended {n} bytes short of a frame")
+    parts, got = [first], len(first)
+    while got < n:
+        if deadline is not None:
+            set_timeouts(sock, _left(deadline))
+        chunk = sock.recv(n - got, socket.MSG_WAITALL)
+        if not chunk:
+            raise wire.ProtocolError(f"the data path ended {n - got} bytes short of a frame")
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)

@@ -1,0 +1,323 @@
+"""The store's data path: Get and Lookup on a TCP port beside gRPC (docs/store.md, "The data path").
+
+Why: on a few cores a Get through gRPC Python costs the store process about as much CPU per byte
+as the client and Redis together (it parses every message and re-sends every byte). Here the
+store reads a bulk reply's length from Redis and moves the value's bytes to the client socket
+with `os.splice` (backends/resp.py), so value bytes never enter Python in the store. Backends
+without a raw stream (memory, a cluster, TLS Redis, split session spaces) answer through the
+servicer's own windowed read (`KVStoreServicer.values`: the byte budget, the breaker) and
+`sendall` of each value.
+
+One thread per connection, at most `max_connections` at once (more are refused with an ERROR
+frame). Each connection authenticates once with the store's token, then sends requests one at a
+time; a request's keys pass the same checks as gRPC's (`keys.check_keys`, at most --max-keys,
+each key once), and it ends by its own deadline (capped by --max-call-seconds). A connection that
+waits more than --idle-seconds for its client (the next request, or room to send) is closed.
+It is never served over TLS: `StoreServer` leaves it off when TLS is on.
+"""
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+
+from kvpool.errors import (
+    KvpoolError,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from services.status import code_for
+from services.store import datawire as wire
+from services.store.backends.resp import set_timeouts
+from services.store.keys import check_keys
+from services.store.limits import StoreLimits
+from services.store.service import KVStoreServicer, check_unique
+
+if TYPE_CHECKING:
+    from services.auth import TokenTable
+    from services.status import CallObserver
+    from services.store.backends.resp import RespStream
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_S = 5.0  # a connection that does not say hello within this is closed
+
+
+class _Closed(Exception):
+    """The connection cannot go on (client gone, or a value cut short): close it, no frame."""
+
+
+def _recv_head(conn: socket.socket, n: int) -> bytes | None:
+    """`n` bytes, or None when the client closed cleanly before the first of them."""
+    try:
+        first = conn.recv(n)
+    except OSError as exc:  # the idle timeout, or a reset
+        raise _Closed from exc
+    if not first:
+        return None
+    return first + _recv_exact(conn, n - len(first)) if len(first) < n else first
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    parts: list[bytes] = []
+    left = n
+    while left:
+        try:
+            chunk = conn.recv(left)
+        except OSError as exc:
+            raise _Closed from exc
+        if not chunk:
+            raise _Closed
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+class DataPathServer:
+    def __init__(
+        self,
+        servicer: KVStoreServicer,
+        *,
+        limits: StoreLimits,
+        auth: "TokenTable | None",
+        host: str,
+        port: int,
+        reuse_port: bool = False,
+        max_connections: int = 64,
+        observe: "CallObserver | None" = None,
+    ) -> None:
+        if max_connections <= 0:
+            raise ValueError(f"max_connections must be positive, got {max_connections}")
+        self._servicer = servicer
+        self._observe = observe
+        self._backend = servicer.backend
+        self._limits = limits
+        self._auth = auth
+        self._host, self._port, self._reuse_port = host, port, reuse_port
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._max_connections = max_connections
+        self._conns: dict[socket.socket, bool] = {}  # open connection -> inside a request
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        self.port = 0
+
+    def start(self) -> int:
+        listener = socket.create_server(
+            (self._host, self._port), reuse_port=self._reuse_port, backlog=128
+        )
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._acceptor = threading.Thread(target=self._accept, name="data-accept", daemon=True)
+        self._acceptor.start()
+        return self.port
+
+    def _accept(self) -> None:
+        listener = self._listener
+        while not self._stopping and listener is not None:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed by stop()
+            if not self._slots.acquire(blocking=False):
+                self._refuse(conn)
+                continue
+            with self._lock:
+                self._conns[conn] = False
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _refuse(self, conn: socket.socket) -> None:
+        busy = ResourceExhausted(
+            f"the store's data path has {self._max_connections} connections open "
+            "(--data-max-connections); use gRPC"
+        )
+        try:
+            conn.settimeout(0.5)
+            conn.sendall(wire.error_frame(busy))
+        except OSError:
+            pass
+        conn.close()
+
+    def _serve(self, conn: socket.socket) -> None:
+        stream: RespStream | None = None
+        try:
+            conn.settimeout(None)  # blocking, with kernel timeouts that splice honours too
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_timeouts(conn, HANDSHAKE_S)
+            self._hello(conn)
+            while not self._stopping:
+                set_timeouts(conn, self._limits.idle_s or None)
+                head = _recv_head(conn, wire.REQUEST.size)
+                if head is None:
+                    return
+                with self._lock:
+                    self._conns[conn] = True
+                stream = self._request(conn, head, stream)
+                with self._lock:
+                    self._conns[conn] = False
+        except KvpoolError as exc:  # between frames: say why, then close
+            with contextlib.suppress(OSError):
+                conn.sendall(wire.error_frame(exc))
+        except (_Closed, OSError):
+            pass
+        except Exception:  # a bug: never leave a client waiting on a half-sent answer
+            log.exception("data path connection failed")
+        finally:
+            if stream is not None:
+                stream.close()
+            with self._lock:
+                self._conns.pop(conn, None)
+            conn.close()
+            self._slots.release()
+
+    def _hello(self, conn: socket.socket) -> None:
+        head = _recv_exact(conn, wire.HELLO.size)
+        token = _recv_exact(conn, wire.decode_hello(head))
+        if self._auth is not None and self._auth.tenant_for(b"Bearer " + token) is None:
+            raise Unauthenticated("the store's data path needs the store's token")
+        conn.sendall(wire.frame(wire.OK))
+
+    def _request(
+        self, conn: socket.socket, head: bytes, stream: "RespStream | None"
+    ) -> "RespStream | None":
+        """Serve one request; returns the Redis stream to keep for the next (None: closed)."""
+        request = wire.decode_request_head(head)
+        if request.n_keys > self._limits.max_keys:
+            raise ResourceExhausted(
+                f"{request.n_keys} keys in one request; the limit is {self._limits.max_keys}"
+            )
+        keys = []
+        for _ in range(request.n_keys):
+            raw = _recv_exact(conn, _recv_exact(conn, 1)[0])
+            keys.append(raw.decode(errors="replace"))  # check_keys refuses what is not ASCII
+        method = "Lookup" if request.op == wire.OP_LOOKUP else "Get"
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            return self._answer(conn, request, keys, stream)
+        except _Closed:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except BaseException as exc:
+            code = code_for(exc) or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            if self._observe is not None:  # the same series as gRPC's calls (metrics.py)
+                self._observe(method, code, time.monotonic() - started)
+
+    def _answer(
+        self,
+        conn: socket.socket,
+        request: wire.RequestHead,
+        keys: list[str],
+        stream: "RespStream | None",
+    ) -> "RespStream | None":
+        check_keys(keys, self._limits.max_keys)
+        seconds = request.deadline_ms / 1e3 or self._limits.max_call_s
+        deadline = time.monotonic() + min(seconds, self._limits.max_call_s)
+        self._servicer.breaker.check()
+        if stream is None:
+            opener = getattr(self._backend, "open_stream", None)
+            stream = opener() if opener is not None else None
+        if request.op == wire.OP_LOOKUP:
+            if stream is None:
+                present = self._servicer.lookup_keys(keys, deadline)
+            else:
+                try:
+                    stream.set_deadline(deadline - time.monotonic())
+                    present = stream.lookup(keys)
+                except BaseException:
+                    stream.close()  # out of step with its replies
+                    raise
+                self._servicer.count_lookup(len(keys), present)
+            conn.sendall(wire.frame(wire.OK, present))
+            return stream
+        check_unique(keys)
+        if stream is None:
+            self._get_through_backend(conn, keys, deadline)
+            return None
+        try:
+            self._get_raw(conn, stream, keys, deadline)
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+    def _get_through_backend(self, conn: socket.socket, keys: list[str], deadline: float) -> None:
+        values = self._servicer.values(keys, deadline)
+        try:
+            for _, value in values:
+                if value is None:
+                    self._send(conn, wire.frame(wire.MISSING))
+                else:
+                    self._send(conn, wire.frame(wire.VALUE, len(value)), more=True)
+                    self._send(conn, value)
+        finally:
+            values.close()  # its windows give their bytes back
+
+    def _get_raw(
+        self, conn: socket.socket, stream: "RespStream", keys: list[str], deadline: float
+    ) -> None:
+        """GETs pipelined one window ahead (windows of about --window bytes, planned from the
+        values' sizes), so Redis never buffers more than two windows for this connection and the
+        store buffers none: each value is spliced from Redis to the client as it comes."""
+        stream.set_deadline(deadline - time.monotonic())
+        windows = self._servicer.plan([min(n, 1 << 40) for n in stream.sizes(keys)])
+        stream.send_gets(keys[windows[0].start : windows[0].end])
+        found = missing = sent = 0
+        try:
+            for n, window in enumerate(windows):
+                if n + 1 < len(windows):
+                    ahead = windows[n + 1]
+                    stream.send_gets(keys[ahead.start : ahead.end])
+                for _ in range(window.start, window.end):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise Unavailable("the Get ran past its deadline on the data path")
+                    stream.set_deadline(left)
+                    size = stream.bulk_length()
+                    if size is None:
+                        missing += 1
+                        self._send(conn, wire.frame(wire.MISSING))
+                        continue
+                    self._send(conn, wire.frame(wire.VALUE, size), more=True)
+                    try:
+                        stream.move(size, conn)
+                    except OSError as exc:  # the client went away inside a value
+                        raise _Closed from exc
+                    except KvpoolError as exc:  # Redis did, inside a value: no frame can follow
+                        raise _Closed from exc
+                    found += 1
+                    sent += size
+        finally:
+            self._servicer.count_get(found, missing, sent)
+
+    @staticmethod
+    def _send(conn: socket.socket, data: bytes | memoryview, *, more: bool = False) -> None:
+        try:
+            conn.sendall(data, socket.MSG_MORE if more else 0)
+        except OSError as exc:  # the client stopped reading for --idle-seconds, or left
+            raise _Closed from exc
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Stop accepting; requests in flight get `grace_s`, then every connection is closed."""
+        self._stopping = True
+        if self._listener is not None:
+            self._listener.close()
+        end = time.monotonic() + grace_s
+        while time.monotonic() < end:
+            with self._lock:
+                if not any(self._conns.values()):
+                    break
+            time.sleep(0.02)
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,135 @@
+"""The data path's wire format (docs/store.md, "The data path"): the one place that builds it.
+
+The data path is a plain TCP connection beside gRPC for Get and Lookup, so that a value's bytes
+cross the store process without being parsed or re-sent by gRPC (with Redis they do not cross
+Python at all: `os.splice`). Everything is little-endian.
+
+    hello    client -> store   b"KVDP" u8 version u16 token_len token      (once per connection)
+    request  client -> store   u8 op u32 deadline_ms u32 n_keys, n_keys x (u8 key_len key)
+    frame    store -> client   u8 kind u64 length, then `length` bytes for VALUE and ERROR
+
+The store answers the hello with one OK or ERROR frame; a Get with one VALUE or MISSING frame per
+key in request order; a Lookup with one OK frame whose length is the present prefix. An ERROR frame
+(u8 code, then a UTF-8 message) ends the connection. A connection that ends inside a value is a
+failed read, never a shorter value: the reader knows each value's length before its first byte.
+
+This module is pure: no sockets (the server is `dataserver`, the client `dataclient`).
+"""
+
+import struct
+from dataclasses import dataclass
+
+from kvpool import errors
+
+MAGIC = b"KVDP"
+VERSION = 1
+MAX_TOKEN_BYTES = 4096
+MAX_ERROR_BYTES = 64 << 10
+
+OP_GET = 1
+OP_LOOKUP = 2
+OPS = (OP_GET, OP_LOOKUP)
+
+VALUE = 0
+MISSING = 1
+ERROR = 2
+OK = 3
+
+HELLO = struct.Struct("<4sBH")  # magic, version, token length
+REQUEST = struct.Struct("<BII")  # op, deadline in ms (0: the store's --max-call-seconds), n_keys
+FRAME = struct.Struct("<BQ")  # kind, length
+
+# Error codes in an ERROR frame, each a `kvpool.errors` class (0: any other KvpoolError).
+_CODES: tuple[type[errors.KvpoolError], ...] = (
+    errors.KvpoolError,
+    errors.InvalidArgument,
+    errors.ResourceExhausted,
+    errors.Unavailable,
+    errors.Unauthenticated,
+    errors.PermissionDenied,
+    errors.DataLoss,
+)
+
+
+class ProtocolError(errors.DataLoss):
+    """The other end broke the format (or the connection ended inside a frame)."""
+
+
+class Unencodable(errors.KvpoolError):
+    """A request the data path cannot carry; the client sends it through gRPC."""
+
+
+def encode_hello(token: str | None) -> bytes:
+    raw = (token or "").encode()
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise ValueError(f"a data path token is at most {MAX_TOKEN_BYTES} bytes, got {len(raw)}")
+    return HELLO.pack(MAGIC, VERSION, len(raw)) + raw
+
+
+def decode_hello(head: bytes) -> int:
+    """The token length that follows a hello head; ProtocolError unless it is a hello."""
+    magic, version, token_len = HELLO.unpack(head)
+    if magic != MAGIC:
+        raise ProtocolError("not a kvpool data path connection (bad magic)")
+    if version != VERSION:
+        raise ProtocolError(f"data path version {version} is not supported (this store: {VERSION})")
+    if token_len > MAX_TOKEN_BYTES:
+        raise ProtocolError(f"a token is at most {MAX_TOKEN_BYTES} bytes, got {token_len}")
+    return token_len
+
+
+def encode_request(op: int, keys: list[str], deadline_ms: int) -> bytes:
+    """A request; Unencodable for a key whose length does not fit its byte (the store's
+    key check, keys.py, then answers it through gRPC)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op}")
+    parts = [REQUEST.pack(op, max(0, min(deadline_ms, 2**32 - 1)), len(keys))]
+    for key in keys:
+        raw = key.encode()
+        if not 0 < len(raw) < 256:  # the store checks keys (keys.py); gRPC carries these
+            raise Unencodable(f"a key of {len(raw)} bytes does not fit a data path request")
+        parts.append(bytes((len(raw),)) + raw)
+    return b"".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    op: int
+    deadline_ms: int
+    n_keys: int
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ProtocolError(f"unknown data path op {self.op} (known: {OPS})")
+
+
+def decode_request_head(head: bytes) -> RequestHead:
+    return RequestHead(*REQUEST.unpack(head))
+
+
+def frame(kind: int, length: int = 0) -> bytes:
+    return FRAME.pack(kind, length)
+
+
+def decode_frame(head: bytes) -> tuple[int, int]:
+    kind, length = FRAME.unpack(head)
+    if kind not in (VALUE, MISSING, ERROR, OK):
+        raise ProtocolError(f"unknown data path frame kind {kind}")
+    if kind == ERROR and length > MAX_ERROR_BYTES:
+        raise ProtocolError(f"an error frame of {length} bytes (at most {MAX_ERROR_BYTES})")
+    return kind, length
+
+
+def error_frame(exc: errors.KvpoolError) -> bytes:
+    code = 0
+    for n, cls in enumerate(_CODES):
+        if isinstance(exc, cls):
+            code = n  # the most derived class wins: later entries are subclasses or peers
+    body = bytes((code,)) + str(exc).encode()[: MAX_ERROR_BYTES - 1]
+    return frame(ERROR, len(body)) + body
+
+
+def decode_error(body: bytes) -> errors.KvpoolError:
+    code = body[0] if body else 0
+    cls = _CODES[code] if code < len(_CODES) else errors.KvpoolError
+    return cls(body[1:].decode(errors="replace"))
