@@ -52,6 +52,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     port = StoreConfig().port
     flag("--store-port", port, type=int, help=f"the embedded KVStore's port (default {port})")
+    data = StoreConfig().data_port
+    flag(
+        "--store-data-port",
+        data,
+        type=int,
+        help="the embedded KVStore's data path port for Get and Lookup (docs/store.md, 'The data "
+        f"path'; default {data}: a free one; -1: off; always off with TLS)",
+    )
     flag(
         "--store-host",
         StoreConfig().host,
@@ -151,6 +159,7 @@ def embedded_store(args: argparse.Namespace, internal_token: str):  # -> (StoreC
         backend=args.redis or "memory",
         host=args.store_host,
         port=args.store_port,
+        data_port=args.store_data_port,
         max_memory_bytes=args.store_memory_bytes,
         session_backend=args.session_backend or None,
         redis_password=args.redis_password,

@@ -29,6 +29,20 @@ def test_loopback_even_when_workers_may_be_remote(monkeypatch):
     assert asked.host == "0.0.0.0"
 
 
+def test_the_data_path_is_on_unless_turned_off():
+    on, _ = embedded_store(serve_args(), TOKEN)
+    assert on.data_port == 0  # a free port, advertised through Stats
+    off, _ = embedded_store(serve_args("--store-data-port", "-1"), TOKEN)
+    assert off.data_port == -1
+    for config, listening in ((on, True), (off, False)):
+        server = StoreServer(config)
+        server.start()
+        try:
+            assert (server.data_port is not None) == listening
+        finally:
+            server.stop(0)
+
+
 def test_tls_when_the_gateway_has_tls(tmp_path):
     cert, key = self_signed(tmp_path)
     args = serve_args("--tls-cert-file", str(cert), "--tls-key-file", str(key))
