@@ -159,10 +159,10 @@ class WorkerConfig:
     # token budget shortens a newcomer's prefill and stalls the running streams longer.
     max_batch: int = 8
     max_batch_tokens: int = 256
-    # The vLLM engine only: the python of vLLM's venv ("": .venv-vllm beside this checkout, as
+    # The vLLM engine only: the python of vLLM's venv (None: .venv-vllm beside this checkout, as
     # `make vllm` builds it), and the bytes of vLLM's KV cache (0: vLLM's own sizing on a GPU,
     # VLLM_CPU_KV_CACHE_BYTES on CPU).
-    vllm_python: str = ""
+    vllm_python: str | None = None
     kv_cache_bytes: int = 0
 
     def __post_init__(self) -> None:

@@ -132,7 +132,7 @@ class VLLMWorker:
         if config.store_tls_ca is not None:
             raise InvalidArgument(
                 "--engine vllm: kvpool's vLLM connector reaches the store in plaintext only; a "
-                "store behind TLS (--tls-ca-file) is not supported with this engine yet"
+                "store behind TLS is not supported with this engine yet"
             )
         if config.device is not None and config.device != "cpu" and "cuda" not in config.device:
             raise InvalidArgument(
