@@ -18,14 +18,9 @@ process: when the socket ends, the actor's process exits, Ray reports the actor 
 gateway fails the stream over and replaces the worker, as for any dead worker.
 """
 
-import contextlib
-import itertools
 import logging
 import os
 import queue
-import socket
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -55,32 +50,10 @@ from workers.kv.bounds import check_context
 from workers.kv.hashing import Namespace, block_key, chain_hashes, tenant_salt
 from workers.model_files import BUILTIN_MODELS, DEFAULT_MODEL, is_prepared, smollm2_cache_path
 from workers.prompt import tokenizer_files
-from workers.vllm_wire import (
-    Abort,
-    Failed,
-    Finished,
-    Ping,
-    Pong,
-    Ready,
-    Start,
-    StartFailed,
-    Submit,
-    Tokens,
-    WireError,
-    receive,
-    send,
-)
+from workers.vllm_link import CONTROL_TIMEOUT_S, GONE, ROOT, EngineLink, error
+from workers.vllm_wire import Abort, Failed, Finished, Start, Submit, Tokens
 
 log = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parents[1]  # the checkout: the engine process imports it too
-ENGINE_MODULE = "kvpool.integrations.vllm_process"
-START_TIMEOUT_S = 600.0  # a model load in a fresh process
-CONTROL_TIMEOUT_S = 30.0  # a Ping's answer; a flush's included
-
-
-class _Gone:
-    """Put in every open request's queue when the engine process is gone."""
 
 
 @dataclass(slots=True)
@@ -138,32 +111,21 @@ class VLLMWorker:
             raise InvalidArgument(
                 f"--engine vllm runs on cpu or cuda, got --device {config.device}"
             )
-        folder = model_folder(config.model)
         python = vllm_python(config)
+        folder = model_folder(config.model)
         from transformers import PreTrainedTokenizerFast  # torch-free (the gateway uses it too)
 
         try:
             self.tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
         except OSError as exc:
             raise InvalidArgument(f"model {config.model!r}: no fast tokenizer: {exc}") from exc
-        self._send_lock = threading.Lock()
-        self._queues: dict[str, queue.Queue[Any]] = {}
-        self._queues_lock = threading.Lock()
-        self._pongs: dict[int, queue.Queue[Pong]] = {}
-        self._nonces = itertools.count(1)
-        self._cancelled: dict[str, None] = {}  # cancels that came before their request
         self._counters = _Counters()
-        self._closing = False
         self._store: Any = None
-        ours, theirs = socket.socketpair()
-        self._sock = ours
-        self.log_path = Path(tempfile.gettempdir()) / f"kvpool-vllm-{self.worker_id}.log"
-        self._proc = self._spawn(python, theirs)
-        theirs.close()
-        self._stream = ours.makefile("rb")
-        self.ready = self._handshake(folder)
-        self._reader = threading.Thread(target=self._read, name="kvpool-vllm-reader", daemon=True)
-        self._reader.start()
+        self.link = EngineLink(
+            python, self.worker_id, self._start_record(folder),
+            exit_on_loss=os.environ.get("KVPOOL_VLLM_KEEP_ACTOR") != "1",
+        )  # fmt: skip
+        self.ready = self.link.ready
         if config.store_target:
             from services.store.client import StoreClient  # the gRPC edge, only when used
 
@@ -172,36 +134,11 @@ class VLLMWorker:
                 auth_token=config.store_auth_token,
             )  # fmt: skip
 
-    # --- the engine process ----------------------------------------------------------------
-
-    def _spawn(self, python: str, theirs: socket.socket) -> subprocess.Popen[bytes]:
-        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
-        env["PYTHONPATH"] = str(ROOT)  # this checkout's kvpool, whatever vLLM's venv installed
-        level = os.environ.get("KVPOOL_LOG_LEVEL", "WARNING")
-        env.setdefault("VLLM_LOGGING_LEVEL", "INFO" if level == "DEBUG" else "WARNING")
-        env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
-        argv = [
-            python,
-            "-m",
-            ENGINE_MODULE,
-            "--fd",
-            str(theirs.fileno()),
-            "--worker",
-            self.worker_id,
-        ]
-        out = open(self.log_path, "ab")  # noqa: SIM115 (the child's, closed below)
-        try:
-            return subprocess.Popen(
-                argv, cwd=ROOT, env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        finally:
-            out.close()
-
-    def _handshake(self, folder: str) -> Ready:
+    def _start_record(self, folder: str) -> Start:
+        """What the engine process builds vLLM with."""
         config = self.config
         on_cpu = config.device == "cpu" or (config.device is None and not _sees_gpu())
-        start = Start(
+        return Start(
             model=folder,
             dtype="float32" if on_cpu else "auto",
             block_tokens=config.block_tokens,
@@ -215,70 +152,6 @@ class VLLMWorker:
             namespace_secret=config.namespace_secret,
             fetch_plan=config.fetch_plan,
         )
-        self._sock.settimeout(START_TIMEOUT_S)
-        try:
-            send(self._sock, start)
-            reply = receive(self._stream)
-        except (OSError, WireError) as exc:
-            reply = StartFailed("Unavailable", f"no answer: {exc}")
-        finally:
-            self._sock.settimeout(None)
-        if isinstance(reply, Ready):
-            return reply
-        self._stop_process()
-        if isinstance(reply, StartFailed):
-            raise _error(reply.kind, f"the vLLM engine did not start: {reply.message}")
-        raise Unavailable(
-            f"the vLLM engine process exited before it was ready; its log: {self.log_path}\n"
-            + _tail(self.log_path)
-        )
-
-    def _read(self) -> None:
-        """The reader thread: each message to its request's queue; at the end, the actor ends."""
-        try:
-            while (message := receive(self._stream)) is not None:
-                if isinstance(message, Pong):
-                    waiter = self._pongs.pop(message.nonce, None)
-                    if waiter is not None:
-                        waiter.put(message)
-                    continue
-                with self._queues_lock:
-                    target = self._queues.get(message.request_id)
-                if target is not None:
-                    target.put(message)
-        except (OSError, WireError) as exc:
-            log.error("the vLLM engine's socket failed: %s", exc)
-        with self._queues_lock:
-            for target in self._queues.values():
-                target.put(_Gone())
-        if not self._closing:
-            # The engine is gone with every request on it: so is this worker. Ray reports the
-            # actor dead, and the gateway fails the streams over and starts a replacement.
-            log.error(
-                "the vLLM engine process of worker %s exited (code %s); its log: %s\n%s",
-                self.worker_id, self._proc.poll(), self.log_path, _tail(self.log_path),
-            )  # fmt: skip
-            if os.environ.get("KVPOOL_VLLM_KEEP_ACTOR") != "1":  # unit tests drive it in-process
-                os._exit(1)
-
-    def _send(self, message: Any) -> None:
-        with self._send_lock:
-            try:
-                send(self._sock, message)
-            except OSError as exc:
-                raise Unavailable(f"the vLLM engine process is gone: {exc}") from None
-
-    def _ping(self, flush: bool = False, timeout_s: float = CONTROL_TIMEOUT_S) -> Pong:
-        nonce = next(self._nonces)
-        waiter: queue.Queue[Pong] = queue.Queue(maxsize=1)
-        self._pongs[nonce] = waiter
-        try:
-            self._send(Ping(nonce, flush=flush))
-            return waiter.get(timeout=timeout_s)
-        except queue.Empty:
-            raise Unavailable(f"the vLLM engine did not answer in {timeout_s:g} s") from None
-        finally:
-            self._pongs.pop(nonce, None)
 
     # --- what the gateway asks ---------------------------------------------------------------
 
@@ -328,15 +201,15 @@ class VLLMWorker:
         params = request.params
         sequence = (*request.token_ids, *request.prior_output)
         request_id = request.request_id or os.urandom(8).hex()
-        if self._take_cancel(request_id):
+        if self.link.take_cancel(request_id):
             return
         out = OutputText(self._decode, params, self.ready.eos_token_ids, list(request.prior_output))
-        inbox = self._open(request_id)
+        inbox = self.link.open(request_id)
         first_at: float | None = None
         ended: Finished | None = None
         self._count(requests=1, in_flight=1)
         try:
-            self._send(Submit(
+            self.link.send(Submit(
                 request_id, sequence, params.max_new_tokens - len(request.prior_output),
                 temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                 seed=params.seed, ignore_eos=params.ignore_eos, cache_salt=request.tenant,
@@ -357,9 +230,9 @@ class VLLMWorker:
                 if out.done:  # a stop string, or the last token: vLLM may not know yet
                     ended = self._end(request_id, inbox)
         finally:
-            self._close(request_id, finished=ended is not None)
+            self.link.close(request_id, finished=ended is not None)
             self._count(in_flight=-1)
-        if ended.reason == "abort":
+        if ended.reason == "abort" and not out.done:
             return  # cancelled: its client has gone
         if not out.done and ended.reason == "eos":
             out.finish_reason = "eos"  # a stop token vLLM knows beyond ours
@@ -377,19 +250,19 @@ class VLLMWorker:
                 f"prefill of {len(request.token_ids)} tokens took longer than the gateway's "
                 f"--prefill-timeout={request.prefill_timeout_s:g} s; send a shorter prompt"
             ) from None
-        if isinstance(message, _Gone):
+        if message is GONE:
             raise Unavailable("the vLLM engine process is gone")
         if isinstance(message, Failed):
-            raise _error(message.kind, message.message)
+            raise error(message.kind, message.message)
         return message
 
     def _end(self, request_id: str, inbox: "queue.Queue[Any]") -> Finished:
         """The output is complete on our side: the engine's Finished, after an abort if vLLM
         would go on (a stop string it was not told about)."""
-        self._send(Abort(request_id))
+        self.link.send(Abort(request_id))
         while True:
             message = inbox.get(timeout=CONTROL_TIMEOUT_S)
-            if isinstance(message, _Gone):
+            if message is GONE:
                 raise Unavailable("the vLLM engine process is gone")
             if isinstance(message, Finished):
                 # Aborted by us or finished on its own: the usage is what it loaded either way.
@@ -438,19 +311,19 @@ class VLLMWorker:
     def prefill(self, token_ids: Sequence[int], tenant: str = "") -> PrefillResult:
         """Compute the prompt once and wait until its full blocks are in the store."""
         request_id = os.urandom(8).hex()
-        inbox = self._open(request_id)
+        inbox = self.link.open(request_id)
         try:
-            self._send(Submit(request_id, tuple(token_ids), 1, cache_salt=tenant, prefill=True))
+            self.link.send(Submit(request_id, tuple(token_ids), 1, cache_salt=tenant, prefill=True))
             while True:
                 message = inbox.get()
-                if isinstance(message, _Gone):
+                if message is GONE:
                     raise Unavailable("the vLLM engine process is gone")
                 if isinstance(message, Failed):
-                    raise _error(message.kind, message.message)
+                    raise error(message.kind, message.message)
                 if isinstance(message, Finished):
                     break
         finally:
-            self._close(request_id, finished=True)
+            self.link.close(request_id, finished=True)
         size = self.ready.block_tokens
         stored = 0
         if self._store is not None:
@@ -468,26 +341,18 @@ class VLLMWorker:
 
     def cancel(self, request_id: str) -> None:
         """Abort the vLLM request `request_id` (its client went away)."""
-        if not request_id:
-            return
-        with self._queues_lock:
-            live = request_id in self._queues
-            if not live:
-                self._cancelled[request_id] = None
-                while len(self._cancelled) > 1024:
-                    del self._cancelled[next(iter(self._cancelled))]
-        if live:
-            self._send(Abort(request_id))
+        if request_id:
+            self.link.cancel(request_id)
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until every block the connector saved so far is in the store."""
         try:
-            return self._ping(flush=True, timeout_s=timeout_s).pending_blocks == 0
+            return self.link.ping(flush=True, timeout_s=timeout_s).pending_blocks == 0
         except Unavailable:
             return False
 
     def stats(self) -> WorkerStats:
-        pong = self._ping(timeout_s=5.0)
+        pong = self.link.ping(timeout_s=5.0)
         c = self._counters
         with c.lock:
             return WorkerStats(
@@ -515,11 +380,10 @@ class VLLMWorker:
 
     def close(self) -> None:
         """Let the connector put what it saved, then end the engine process."""
-        if self._closing:
+        if self.link.closing:
             return
         self.flush()
-        self._closing = True
-        self._stop_process()
+        self.link.stop()
         if self._store is not None:
             self._store.close()
 
@@ -528,39 +392,10 @@ class VLLMWorker:
     def _decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
-    def _open(self, request_id: str) -> "queue.Queue[Any]":
-        inbox: queue.Queue[Any] = queue.Queue()
-        with self._queues_lock:
-            if request_id in self._queues:
-                raise InvalidArgument(f"request id {request_id!r} is already running")
-            self._queues[request_id] = inbox
-        return inbox
-
-    def _close(self, request_id: str, finished: bool) -> None:
-        with self._queues_lock:
-            self._queues.pop(request_id, None)
-        if not finished:  # left early (cancelled, a timeout, the caller stopped reading)
-            with contextlib.suppress(Unavailable):  # a dead engine runs nothing
-                self._send(Abort(request_id))
-
-    def _take_cancel(self, request_id: str) -> bool:
-        with self._queues_lock:
-            return self._cancelled.pop(request_id, False) is None
-
     def _count(self, **deltas: int) -> None:
         with self._counters.lock:
             for name, delta in deltas.items():
                 setattr(self._counters, name, getattr(self._counters, name) + delta)
-
-    def _stop_process(self) -> None:
-        self._closing = True
-        with contextlib.suppress(OSError):  # already closed
-            self._sock.shutdown(socket.SHUT_RDWR)
-        try:
-            self._proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(timeout=30)
 
 
 def _sees_gpu() -> bool:
@@ -569,18 +404,3 @@ def _sees_gpu() -> bool:
     if visible is not None:
         return bool(visible.strip()) and visible.strip() != "-1"
     return Path("/dev/nvidia0").exists()
-
-
-def _error(kind: str, message: str) -> errors.KvpoolError:
-    """The kvpool error `kind` names (the engine process sends names, not exceptions)."""
-    cls = getattr(errors, kind, None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.KvpoolError)):
-        cls = Unavailable
-    return cls(message)
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
