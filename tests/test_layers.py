@@ -140,9 +140,16 @@ def test_importing_the_gateway_leaves_torch_out(module):
 
 
 def test_only_the_vllm_connector_imports_vllm():
-    """vLLM lives in a venv of its own (`make vllm`): one module may import it, and the
-    engine runner of its bench and tests, which runs in that venv."""
-    allowed = {"kvpool.integrations.vllm", "kvpool.bench.vllm_engine", "kvpool.bench.vllm"}
+    """vLLM lives in a venv of its own (`make vllm`): the connector may import it, and the
+    programs run with that venv's python: the engine runner of its bench and tests, and the
+    engine process of a `--engine vllm` worker (`kvpool.integrations.vllm_process`, started by
+    `workers.vllm_worker` as a child, never imported: see the next test)."""
+    allowed = {
+        "kvpool.integrations.vllm",
+        "kvpool.integrations.vllm_process",
+        "kvpool.bench.vllm_engine",
+        "kvpool.bench.vllm",
+    }
     importers = set()
     for module, path in MODULES.items():
         for node in ast.walk(ast.parse(path.read_text())):
@@ -155,3 +162,13 @@ def test_only_the_vllm_connector_imports_vllm():
                 importers.add(module)
     assert "kvpool.integrations.vllm" in importers
     assert importers <= allowed, importers - allowed
+
+
+def test_the_vllm_engine_process_is_run_never_imported():
+    """It runs in vLLM's venv only: a module of kvpool's venv that imported it would import
+    vLLM there. The worker names it as the program it starts, in a string."""
+    importers = {
+        m for m in MODULES for i in imports(m) if _under(i, ("kvpool.integrations.vllm_process",))
+    }
+    assert importers == set()
+    assert "kvpool.integrations.vllm_process" in MODULES["workers.vllm_worker"].read_text()

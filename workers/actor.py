@@ -1,4 +1,8 @@
-"""The Ray actor around `KVWorker`: one per GPU, or per CPU slot.
+"""The Ray actor around a worker: one per GPU, or per CPU slot.
+
+The worker is `KVWorker` (kvpool's transformers engine) or `VLLMWorker` (a vLLM engine in a
+child process), by `WorkerConfig.engine`: `build_worker` is the one place that chooses, and
+both answer the calls of `Worker`, so nothing above the actor knows which engine runs.
 
 The actor is threaded: generations share the model on `max_concurrency` threads, and the control
 calls (`info`, `stats`, `ping`, `cancel`, `flush`, `close`) run in a concurrency group of their
@@ -15,6 +19,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import ray
 
@@ -39,20 +44,43 @@ CONTROL_GROUP = "control"
 CONTROL_THREADS = 4
 
 
+class Worker(Protocol):
+    """What the actor calls on its worker, whichever engine runs it."""
+
+    worker_id: str
+
+    def info(self) -> WorkerInfo: ...
+    def tokenizer_files(self) -> dict[str, bytes]: ...
+    def generate(self, request: WorkRequest) -> Iterator[TokenEvent | WorkDone]: ...
+    def cancel(self, request_id: str) -> None: ...
+    def prefill(self, token_ids: Sequence[int], tenant: str = "") -> PrefillResult: ...
+    def flush(self, timeout_s: float = 30.0) -> bool: ...
+    def stats(self) -> WorkerStats: ...
+    def close(self) -> None: ...
+
+
+def build_worker(config: WorkerConfig, worker_id: str) -> Worker:
+    """The worker of `config.engine`, imported here, in the actor's process: the gateway imports
+    this module to start actors and must not load torch (workers.api)."""
+    if config.engine == "vllm":
+        from workers.vllm_worker import VLLMWorker  # torch-free; vLLM runs in a child process
+
+        return VLLMWorker(config, worker_id)
+    from workers.worker import KVWorker
+
+    return KVWorker(config, worker_id)
+
+
 class WorkerActor:
-    """Ray-facing methods; each forwards to the `KVWorker` built in the actor's process."""
+    """Ray-facing methods; each forwards to the worker built in the actor's process."""
 
     def __init__(self, config: WorkerConfig, worker_id: str) -> None:
         logging.basicConfig(level=os.environ.get("KVPOOL_LOG_LEVEL", "WARNING"))
         if config.retain_freed_memory:
             retain_freed_memory()
         self._startup_error: KvpoolError | None = None
-        # Imported here, in the actor's process: the gateway imports this module to start actors
-        # and must not load torch (workers.api).
-        from workers.worker import KVWorker
-
         try:
-            self._worker = KVWorker(config, worker_id)
+            self._worker = build_worker(config, worker_id)
         except KvpoolError as exc:
             # Kept for `info`, which the gateway calls first: raised from a method it reaches the
             # caller as itself (say, InvalidArgument naming the bad model), where a failing

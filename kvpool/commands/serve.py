@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kvpool.config import env_default, state_dir
 from services.gateway.cli import (
+    VLLM_NO_STORE_TLS,
     add_gateway_flags,
     check_args,
     check_exposure,
@@ -194,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
     internal_token = store_token(args) or secrets.token_urlsafe(32)
     secret = deployment_secret(args)
     store_config, store_ca = embedded_store(args, internal_token)
+    if args.engine == "vllm" and store_ca is not None:
+        raise ValueError(VLLM_NO_STORE_TLS)
     with Stack() as stack:
         store_port = stack.start_store(
             store_config, processes=store_processes, log_level=args.log_level

@@ -40,7 +40,8 @@ def add_gateway_flags(parser: argparse.ArgumentParser, *, store_tls: bool = True
         default = defaults[row.setting] if row.default is FIELD_DEFAULT else row.default
         if row.type is parse_size:
             default = format_size(default)  # shown as a size; argparse parses it like the flag
-        shown = "" if default in (None, 0) else f" (default {default})"  # 0 is explained
+        # None, 0 and "" are explained in the help ("0: ...", "default: ...")
+        shown = "" if default in (None, 0, "", "0", "0B") else f" (default {default})"
         flag(row.name, default, type=row.type, choices=row.choices, help=row.help + shown)
     flag(
         "--worker-gpus",
@@ -122,6 +123,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--queue-timeout must be >= 0, got {args.queue_timeout}")
     if args.max_stop_chars < 1:
         raise ValueError(f"--max-stop-chars must be >= 1, got {args.max_stop_chars}")
+    if args.engine == "vllm":
+        check_vllm_args(args)
     if args.max_cache_tokens:
         from workers.kv.bounds import CacheWindow
 
@@ -131,6 +134,29 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--max-cache-tokens/--sink-tokens: {exc}".replace("block_tokens", "--block-tokens")
             ) from None
+
+
+VLLM_NO_STORE_TLS = (
+    "--engine vllm: kvpool's vLLM connector reaches the store in plaintext only; a store behind "
+    "TLS (--tls-ca-file, or kvpool serve's store with --tls-cert-file) is not supported with "
+    "this engine yet"
+)
+
+
+def check_vllm_args(args: argparse.Namespace) -> None:
+    """What --engine vllm cannot serve, refused at start (docs/vllm.md, "vLLM as the engine")."""
+    if args.max_cache_tokens:
+        raise ValueError(
+            "--max-cache-tokens: the vllm engine does not bound a request's cache; serve bounded "
+            "sessions with --engine transformers"
+        )
+    if args.block_tokens % 16:
+        raise ValueError(
+            f"--block-tokens {args.block_tokens}: with --engine vllm a block spans whole vLLM "
+            "blocks, so it must be a multiple of 16"
+        )
+    if getattr(args, "tls_ca_file", None):
+        raise ValueError(VLLM_NO_STORE_TLS)
 
 
 def store_token(args: argparse.Namespace) -> str | None:

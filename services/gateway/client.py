@@ -80,6 +80,7 @@ def build_request(
     top_p: float | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
+    ignore_eos: bool = False,
     session_id: str = "",
     tenant: str = "",
     max_cache_tokens: int | None = None,
@@ -102,6 +103,7 @@ def build_request(
         if value is not None:
             setattr(sampling, name, value)
     sampling.stop.extend(stop)
+    sampling.ignore_eos = ignore_eos
     return request
 
 

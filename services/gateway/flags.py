@@ -13,7 +13,7 @@ from typing import Any
 
 from services.gateway.settings import GatewaySettings
 from services.store.cli import parse_size
-from workers.api import PLAN_MODES, WorkerConfig
+from workers.api import ENGINES, PLAN_MODES, VLLM_CPU_KV_CACHE_BYTES, WorkerConfig
 
 FIELD_DEFAULT: Any = object()  # a SettingFlag's default: the setting's own
 MAX_BATCH = WorkerConfig().max_batch  # a worker's batch bound, by default
@@ -58,6 +58,27 @@ SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
         to_setting=_off_when_zero,
     ),
     SettingFlag("--workers", "pool.workers", "worker actors to start", int),
+    SettingFlag(
+        "--engine",
+        "pool.worker.engine",
+        "what runs prefill and decode in each worker: transformers (kvpool's own loop) or vllm "
+        "(one vLLM engine per worker, in `make vllm`'s venv, sharing prompts through the store "
+        'with kvpool\'s connector; docs/vllm.md, "vLLM as the engine")',
+        choices=ENGINES,
+    ),
+    SettingFlag(
+        "--vllm-python",
+        "pool.worker.vllm_python",
+        "with --engine vllm: the python of a venv holding vllm and kvpool (default: "
+        ".venv-vllm beside this checkout, as `make vllm` builds it)",
+    ),
+    SettingFlag(
+        "--kv-cache-bytes",
+        "pool.worker.kv_cache_bytes",
+        "with --engine vllm: each worker's vLLM KV cache (0: vLLM's own sizing on a GPU, "
+        f"{VLLM_CPU_KV_CACHE_BYTES >> 20}MiB on CPU)",
+        parse_size,
+    ),
     SettingFlag("--model", "pool.worker.model", "smollm2-135m, tiny-random, a HF id or a path"),
     SettingFlag(
         "--device", "pool.worker.device", "worker device (default: cuda when it sees a GPU)"

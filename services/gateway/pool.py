@@ -173,7 +173,7 @@ class WorkerPool:
 
         Called again before each replacement, so a node that joined since gets one too.
         """
-        if self.config.node_tier_bytes and self.config.worker.node_tier:
+        if self.config.node_tier_bytes and self.config.worker.reads_node_tier:
             try:
                 # Only new nodes: replacing a handle we own with one got by name would drop the
                 # tier's last owning handle, and Ray would end it with every block it held.

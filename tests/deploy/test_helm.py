@@ -604,6 +604,16 @@ def test_the_openai_http_api_is_off_by_default_and_exposed_when_on():
         chart.validate_schema({"gateway": {"http": {"enabled": True, "port": 0}}})
 
 
+def test_the_engine_value_reaches_the_gateway():
+    default = build_parser().parse_args(gateway_command(render({}))[1:])
+    assert (default.engine, default.vllm_python) == ("transformers", None)
+    docs = render({"model": {"engine": "vllm", "vllmPython": "/opt/vllm/bin/python"}})
+    args = build_parser().parse_args(gateway_command(docs)[1:])
+    assert (args.engine, args.vllm_python) == ("vllm", "/opt/vllm/bin/python")
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError):
+        chart.validate_schema({"model": {"engine": "tgi"}})
+
+
 def test_network_policies_keep_the_store_redis_and_ray_private():
     """Issue 14: no NetworkPolicy guarded the store, Redis or Ray's dashboard and client ports."""
     docs = render({})
