@@ -140,7 +140,7 @@ class Pong:
     nonce: int
     running: int = 0
     waiting: int = 0
-    saved_blocks: int = 0  # blocks the connector handed to its write-behind
+    saved_blocks: int = 0  # blocks the connector saved: stored, failed or dropped (queue full)
     stored_blocks: int = 0  # blocks the store accepted
     dropped_blocks: int = 0  # saves dropped: the write-behind queue was full
     failed_blocks: int = 0  # puts that failed (store down)

@@ -97,8 +97,8 @@ class ReportingConnector(KVPoolConnector):
         super().update_connector_output(connector_output)
         stats = getattr(connector_output, "kv_connector_stats", None)
         if stats is not None:
-            for name in self.counts:
-                self.counts[name] += int(stats.data.get(name, 0))
+            for name in self.counts:  # counters by label value (vllm_metrics): all of them
+                self.counts[name] += int(sum(stats.data.get(name, {}).values()))
 
     def report(self, internal_id: str) -> "_Report":
         """Where the request's cached tokens came from, once (the host asks as it ends it)."""
