@@ -45,3 +45,13 @@ def test_a_missing_vllm_venv_says_how_to_make_it(tmp_path, capsys):
 @pytest.mark.parametrize("row", vllm_serve.ROWS)
 def test_every_row_has_a_server(row):
     assert vllm_serve._server_argv(row, Path("v"), Path("m"), 1, "h:1", "int8")
+
+
+def test_the_engine_benches_take_one_engine_or_several_side_by_side():
+    from kvpool.bench.ttft import _parse_engines
+
+    assert _parse_engines("vllm") == ["vllm"]
+    assert _parse_engines("transformers, vllm") == ["transformers", "vllm"]
+    for bad in ("", "sglang", "vllm,vllm"):
+        with pytest.raises(ValueError, match="--engine takes one or more of transformers, vllm"):
+            _parse_engines(bad)

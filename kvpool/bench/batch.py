@@ -74,6 +74,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--document", type=Path, default=None, help="text to build prompts from (default: corpus)"
     )
     parser.add_argument(
+        "--engine",
+        default=defaults.engine,
+        help="the worker's engine, or several side by side in one run: transformers, vllm, or "
+        "transformers,vllm (vllm needs `make vllm`; its worker runs vLLM in a child process)",
+    )
+    parser.add_argument(
         "--no-agreement",
         action="store_true",
         help="skip the solo reference runs (greedy agreement is then not reported)",
@@ -96,11 +102,19 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     max_batch = args.max_batch or max(levels)
-    config = WorkerConfig(
-        model=args.model, device=args.device, codec=args.codec, block_tokens=args.block_tokens,
-        max_batch=max_batch, max_batch_tokens=args.max_batch_tokens, node_tier=False,
-    )  # fmt: skip
-    result = measure(config, levels, args)
+    from kvpool.bench.ttft import _parse_engines
+
+    runs = {}
+    for engine in _parse_engines(args.engine):
+        config = WorkerConfig(
+            model=args.model, device=args.device, codec=args.codec, block_tokens=args.block_tokens,
+            max_batch=max_batch, max_batch_tokens=args.max_batch_tokens, node_tier=False,
+            engine=engine,
+        )  # fmt: skip
+        runs[engine] = measure(config, levels, args)
+    result = next(iter(runs.values()))
+    if len(runs) > 1:  # side by side: the first engine's figures at the top, each under its name
+        result = {**result, "by_engine": runs}
     from kvpool.bench.report import write_json
 
     write_json(args.json, result)
@@ -109,18 +123,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompts(worker: Any, count: int, tokens: int, document: Path | None) -> list[list[int]]:
+def _prompts(encoder: Any, count: int, tokens: int, document: Path | None) -> list[list[int]]:
     """`count` distinct prompts of about `tokens` tokens: a numbered header, a corpus slice and a
     question, so no two share a first block."""
     from kvpool.commands.demo import load_corpus
     from workers.api import PromptInput
 
-    corpus = worker.prompts.encode_input(PromptInput(prompt=load_corpus(document)))
+    corpus = encoder.encode_input(PromptInput(prompt=load_corpus(document)))
     corpus = corpus * (tokens * (count + 1) // max(1, len(corpus)) + 2)
     prompts = []
     for i in range(count):
-        head = worker.prompts.encode_input(PromptInput(prompt=f"Request {i}. Passage:\n"))
-        tail = worker.prompts.encode_input(PromptInput(prompt="\n" + QUESTIONS[i % len(QUESTIONS)]))
+        head = encoder.encode_input(PromptInput(prompt=f"Request {i}. Passage:\n"))
+        tail = encoder.encode_input(PromptInput(prompt="\n" + QUESTIONS[i % len(QUESTIONS)]))
         body = max(1, tokens - len(head) - len(tail))
         offset = (i * 37) % max(1, len(corpus) - body)
         prompts.append([*head, *corpus[offset : offset + body], *tail])
@@ -129,20 +143,26 @@ def _prompts(worker: Any, count: int, tokens: int, document: Path | None) -> lis
 
 def measure(config: WorkerConfig, levels: list[int], args: argparse.Namespace) -> dict[str, Any]:
     from kvpool.bench.report import environment
+    from workers.actor import build_worker
     from workers.api import SamplingParams, TokenEvent, WorkDone, WorkRequest
-    from workers.worker import KVWorker
+    from workers.prompt import PromptEncoder
 
-    worker = KVWorker(config, "bench-batch")
+    worker: Any = build_worker(config, f"bench-batch-{config.engine}")
     try:
-        worker.engine.eos_token_ids = frozenset()  # every request makes exactly max_new_tokens
-        params = SamplingParams(max_new_tokens=args.max_new_tokens)
-        prompts = _prompts(worker, args.requests, args.prompt_tokens, args.document)
+        info = worker.info()
+        encoder = PromptEncoder.from_files(
+            worker.tokenizer_files(), info.model, info.vocab_size, info.eos_token_ids
+        )
+        # Every request makes exactly max_new_tokens tokens.
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
+        prompts = _prompts(encoder, args.requests, args.prompt_tokens, args.document)
         requests = [WorkRequest(tuple(p), params, read_cache=False) for p in prompts]
         # Warm-up: lazy initialisation and the allocator, outside every clock.
         list(worker.generate(WorkRequest(tuple(prompts[0][:16]), SamplingParams(max_new_tokens=4))))
         reference: list[list[int]] | None = None
         if not args.no_agreement:
-            reference = [worker.engine.generate(p, params).token_ids for p in prompts]
+            reference = _solo(worker, prompts, requests, params)
+        scheduler = getattr(worker, "scheduler", None)  # kvpool's own; vLLM's is not visible
 
         def level(concurrency: int) -> dict[str, Any]:
             pending = list(range(len(requests)))
@@ -171,8 +191,9 @@ def measure(config: WorkerConfig, levels: list[int], args: argparse.Namespace) -
                             tpot.append((times[-1] - times[0]) * 1000.0 / (len(times) - 1))
                         outputs[index] = tokens
 
-            before = worker.scheduler.stats.largest_batch
-            worker.scheduler.stats.largest_batch = 0
+            before = scheduler.stats.largest_batch if scheduler is not None else 0
+            if scheduler is not None:
+                scheduler.stats.largest_batch = 0
             began = time.perf_counter()
             threads = [threading.Thread(target=client) for _ in range(concurrency)]
             for t in threads:
@@ -180,8 +201,9 @@ def measure(config: WorkerConfig, levels: list[int], args: argparse.Namespace) -
             for t in threads:
                 t.join()
             wall = time.perf_counter() - began
-            largest = worker.scheduler.stats.largest_batch
-            worker.scheduler.stats.largest_batch = max(before, largest)
+            largest = scheduler.stats.largest_batch if scheduler is not None else None
+            if scheduler is not None:
+                scheduler.stats.largest_batch = max(before, largest)
             made = sum(len(t) for t in outputs.values())
             row: dict[str, Any] = {
                 "concurrency": concurrency,
@@ -211,9 +233,9 @@ def measure(config: WorkerConfig, levels: list[int], args: argparse.Namespace) -
             row["speedup"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2)
         result: dict[str, Any] = {
             "benchmark": "batch",
-            "model": worker.loaded.name,
-            "device": str(worker.loaded.device),
-            "dtype": worker.loaded.geometry.dtype,
+            "engine": config.engine,
+            "model": info.model,
+            "device": info.device,
             "prompt_tokens": sum(map(len, prompts)) // len(prompts),
             "max_new_tokens": args.max_new_tokens,
             "max_batch": config.max_batch,
@@ -221,13 +243,30 @@ def measure(config: WorkerConfig, levels: list[int], args: argparse.Namespace) -
             "environment": environment(),
             "rows": rows,
         }
-        if worker.loaded.device.type == "cuda":
-            import torch
+        if config.engine == "transformers":
+            result["dtype"] = worker.loaded.geometry.dtype
+            if worker.loaded.device.type == "cuda":
+                import torch
 
-            result["gpu"] = torch.cuda.get_device_name(worker.loaded.device)
+                result["gpu"] = torch.cuda.get_device_name(worker.loaded.device)
         return result
     finally:
         worker.close()
+
+
+def _solo(worker: Any, prompts: list[list[int]], requests: list[Any], params: Any) -> list:
+    """Each request's greedy output alone: the transformers engine's solo path (one prefill
+    pass, a batch of one), or a vLLM worker's requests one at a time."""
+    from workers.api import WorkDone
+
+    engine = getattr(worker, "engine", None)
+    if engine is not None:
+        return [engine.generate(p, params).token_ids for p in prompts]
+    outputs = []
+    for request in requests:
+        done = [item for item in worker.generate(request) if isinstance(item, WorkDone)][-1]
+        outputs.append(list(done.token_ids))
+    return outputs
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -254,7 +293,13 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     x = [r["concurrency"] for r in rows]
     fig, axes = figure(ncols=2)
     left, right = axes[0]
-    left.plot(x, [r["tokens_per_s"] for r in rows], marker="o", label="batched (one worker)")
+    for engine, run in result.get("by_engine", {}).items():
+        if engine != result["engine"]:
+            other = run["rows"]
+            left.plot([r["concurrency"] for r in other], [r["tokens_per_s"] for r in other],
+                      marker="s", label=f"{engine} engine (one worker)")  # fmt: skip
+    left.plot(x, [r["tokens_per_s"] for r in rows], marker="o",
+              label=f"{result['engine']} engine, batched (one worker)")  # fmt: skip
     base = rows[0]["tokens_per_s"] / max(1e-9, rows[0]["speedup"])
     left.plot(x, [base] * len(x), linestyle="--", label="one request at a time")
     for r in rows:

@@ -43,6 +43,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=5, help="fresh prompts per length (5)")
     parser.add_argument("--document", type=Path, default=None, help="text to build prompts from")
+    parser.add_argument(
+        "--engine",
+        default=WorkerConfig().engine,
+        help="the workers' engine, or several side by side in one run: transformers, vllm, or "
+        "transformers,vllm (vllm needs `make vllm`)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,54 +63,20 @@ def run(args: argparse.Namespace) -> int:
     from workers.api import PromptInput, WorkerConfig
 
     text = load_corpus(args.document)
+    engines = _parse_engines(args.engine)
     load_before = os.getloadavg()
-    # No node tier: the "store hit" here is what another node's worker sees (L3 over gRPC), as
-    # before the node tier existed; `kvpool bench hitpath` measures the node tier.
-    worker = WorkerConfig(
-        model=args.model, codec=args.codec, block_tokens=args.block_tokens, node_tier=False
-    )
-    with local_stack(worker, workers=2, grace_s=5.0) as stack:
-        gateway = stack.gateway
-        corpus = gateway.pool.prompts.encode_input(PromptInput(prompt=text))
-        max_len = max(lengths)
-        if len(corpus) < max_len:
-            corpus = corpus * (max_len // len(corpus) + 1)  # long enough for the longest prompt
-
-        def prompt(length: int) -> list[int]:
-            header = f"[benchmark prompt {uuid.uuid4().hex}]\n"
-            ids = gateway.pool.prompts.encode_input(PromptInput(prompt=header))
-            return (ids + corpus)[:length]
-
-        with stack.client() as client:
-            for _ in range(2):  # warm-up: lazy initialisation in both workers
-                _ttft(client, prompt(64))
-            rows = []
-            for length in lengths:
-                samples: dict[str, list[float]] = {"miss": [], "store": [], "local": []}
-                cached: dict[str, int] = {}
-                for _ in range(args.repeats):
-                    ids = prompt(length)
-                    miss_ms, miss = _ttft(client, ids)
-                    stack.flush()
-                    with stack.drained(miss["worker"]):
-                        store_ms, store = _ttft(client, ids)
-                    with stack.drained(store["worker"]):
-                        local_ms, local = _ttft(client, ids)
-                    if miss["worker"] == store["worker"] or local["worker"] != miss["worker"]:
-                        raise RuntimeError("the benchmark could not place requests on both workers")
-                    samples["miss"].append(miss_ms)
-                    samples["store"].append(store_ms)
-                    samples["local"].append(local_ms)
-                    cached = {
-                        "miss_cached_tokens": miss["cached"],
-                        "store_hit_cached_tokens": store["cached_store"],
-                        "local_hit_cached_tokens": local["cached_local"],
-                    }
-                row = _row(length, samples, cached)
-                rows.append(row)
-                print(row, flush=True)
+    rows = []
+    for engine in engines:
+        # No node tier: the "store hit" here is what another node's worker sees (L3 over
+        # gRPC), as before the node tier existed; `kvpool bench hitpath` measures the node tier.
+        worker = WorkerConfig(
+            model=args.model, codec=args.codec, block_tokens=args.block_tokens, node_tier=False,
+            engine=engine,
+        )  # fmt: skip
+        rows += _measure(worker, text, lengths, args.repeats, local_stack, PromptInput)
     result: dict[str, Any] = {
         "benchmark": "ttft",
+        "engines": engines,
         "model": args.model,
         "codec": args.codec,
         "block_tokens": args.block_tokens,
@@ -123,6 +95,64 @@ def run(args: argparse.Namespace) -> int:
     _plot(result, args.plot)
     print(f"wrote {args.json} and {args.plot}")
     return 0
+
+
+def _measure(
+    worker: Any, text: str, lengths: list[int], repeats: int, local_stack: Any, prompt_input: Any
+) -> list[dict[str, Any]]:
+    """Each length's miss, store hit (the other worker) and local hit on one engine's stack."""
+    with local_stack(worker, workers=2, grace_s=5.0) as stack:
+        gateway = stack.gateway
+        corpus = gateway.pool.prompts.encode_input(prompt_input(prompt=text))
+        max_len = max(lengths)
+        if len(corpus) < max_len:
+            corpus = corpus * (max_len // len(corpus) + 1)  # long enough for the longest prompt
+
+        def prompt(length: int) -> list[int]:
+            header = f"[benchmark prompt {uuid.uuid4().hex}]\n"
+            ids = gateway.pool.prompts.encode_input(prompt_input(prompt=header))
+            return (ids + corpus)[:length]
+
+        with stack.client() as client:
+            for _ in range(2):  # warm-up: lazy initialisation in both workers
+                _ttft(client, prompt(64))
+            rows = []
+            for length in lengths:
+                samples: dict[str, list[float]] = {"miss": [], "store": [], "local": []}
+                cached: dict[str, int] = {}
+                for _ in range(repeats):
+                    ids = prompt(length)
+                    miss_ms, miss = _ttft(client, ids)
+                    stack.flush()
+                    with stack.drained(miss["worker"]):
+                        store_ms, store = _ttft(client, ids)
+                    with stack.drained(store["worker"]):
+                        local_ms, local = _ttft(client, ids)
+                    if miss["worker"] == store["worker"] or local["worker"] != miss["worker"]:
+                        raise RuntimeError("the benchmark could not place requests on both workers")
+                    samples["miss"].append(miss_ms)
+                    samples["store"].append(store_ms)
+                    samples["local"].append(local_ms)
+                    cached = {
+                        "miss_cached_tokens": miss["cached"],
+                        "store_hit_cached_tokens": store["cached_store"],
+                        "local_hit_cached_tokens": local["cached_local"],
+                    }
+                row = {"engine": worker.engine, **_row(length, samples, cached)}
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+def _parse_engines(text: str) -> list[str]:
+    from workers.api import ENGINES
+
+    engines = [part.strip() for part in text.split(",") if part.strip()]
+    if not engines or any(e not in ENGINES for e in engines) or len(set(engines)) < len(engines):
+        raise ValueError(
+            f"--engine takes one or more of {', '.join(ENGINES)}, comma-separated, got {text!r}"
+        )
+    return engines
 
 
 def _ttft(client, token_ids: list[int]) -> tuple[float, dict[str, Any]]:
@@ -178,28 +208,35 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
     fig, axes = figure()
     ax = axes[0][0]
-    rows = result["rows"]
-    x = [r["prompt_tokens"] for r in rows]
-    ax.plot(x, [r["miss_ms"] for r in rows], "o-", label="miss (full prefill)")
-    store_label = "store hit, other worker (L2); labels: speedup"
-    ax.plot(x, [r["store_hit_ms"] for r in rows], "s-", label=store_label)
-    ax.plot(x, [r["local_hit_ms"] for r in rows], "^-", label="local hit, same worker (L1)")
-    for r in rows:
-        ax.annotate(
-            f"{r['store_speedup']}x",
-            (r["prompt_tokens"], r["store_hit_ms"]),
-            textcoords="offset points",
-            xytext=(0, 7),
-            ha="center",
-            fontsize=8,
-        )
+    styles = {"transformers": "-", "vllm": "--"}
+    for engine in result["engines"]:
+        rows = [r for r in result["rows"] if r["engine"] == engine]
+        x = [r["prompt_tokens"] for r in rows]
+        line = styles.get(engine, ":")
+        ax.plot(x, [r["miss_ms"] for r in rows], "o" + line, color="tab:red",
+                label=f"{engine}: miss (full prefill)")  # fmt: skip
+        ax.plot(x, [r["store_hit_ms"] for r in rows], "s" + line, color="tab:blue",
+                label=f"{engine}: store hit, other worker; labels: speedup")  # fmt: skip
+        ax.plot(x, [r["local_hit_ms"] for r in rows], "^" + line, color="tab:green",
+                label=f"{engine}: local hit, same worker")  # fmt: skip
+        for r in rows:
+            ax.annotate(
+                f"{r['store_speedup']}x",
+                (r["prompt_tokens"], r["store_hit_ms"]),
+                textcoords="offset points",
+                xytext=(0, 7),
+                ha="center",
+                fontsize=8,
+            )
+    x = sorted({r["prompt_tokens"] for r in result["rows"]})
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(x, [str(v) for v in x])
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("time to first token, ms (log)")
     ax.set_title(
-        f"TTFT through the gateway: {result['model']}, {result['codec']} blocks, CPU workers"
+        f"TTFT through the gateway: {result['model']}, {result['codec']} blocks, CPU workers, "
+        f"{' vs '.join(result['engines'])}"
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
