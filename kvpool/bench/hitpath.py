@@ -161,7 +161,7 @@ def measure(
 
     import ray
 
-    from kvpool.bench.link import bring_up_loopback, in_private_namespace, shape_port
+    from kvpool.bench.link import bring_up_loopback, in_private_namespace, shape_store
     from kvpool.bench.report import environment
     from kvpool.commands.demo import load_corpus
     from services.stack import start_local_ray
@@ -178,7 +178,7 @@ def measure(
     store = StoreServer(StoreConfig(port=0, max_memory_bytes=8 << 30, grace_s=0))
     store.start()
     if shaped:
-        shape_port(store.port, None)
+        shape_store(store, None)
     ray_dir = tempfile.mkdtemp(prefix="kvpool-ray-")
     start_local_ray(
         num_cpus=2,
@@ -256,7 +256,7 @@ def measure(
             )
             for rate in length_rates:
                 if shaped:
-                    shape_port(store.port, rate or None)
+                    shape_store(store, rate or None)
                 for tier, w in (("node", b), ("store", c)):
                     for _ in range(2):
                         w.forget_local()
@@ -296,7 +296,7 @@ def measure(
                     rows.append(row)
                     print(row, flush=True)
             if shaped:
-                shape_port(store.port, None)
+                shape_store(store, None)
         geometry = a.loaded.geometry
         estimates = {w.worker_id: w.estimates.snapshot() for w in (b, c)}
     finally:

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 FAST_MBIT = 100_000  # "unlimited": far above what loopback carries here
 _SHAPED: set[int] = set()
@@ -88,8 +89,9 @@ def bring_up_loopback() -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 
-def shape_port(port: int, mbit: float | None) -> None:
-    """Limit TCP traffic to and from `port` on lo to `mbit` Mbit/s (None: unlimited)."""
+def shape_port(port: int, mbit: float | None, *also: int) -> None:
+    """Limit TCP traffic to and from `port` (and the ports in `also`, as one link: a store's
+    gRPC port and its data path) on lo to `mbit` Mbit/s (None: unlimited)."""
     if not in_private_namespace():
         raise RuntimeError("refusing to shape the machine's loopback: run under unshare -n")
     rate = f"{mbit if mbit else FAST_MBIT}mbit"
@@ -99,18 +101,28 @@ def shape_port(port: int, mbit: float | None) -> None:
         _tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "10")
         _tc("class", "add", "dev", "lo", "parent", "1:", "classid", "1:10", "htb", "rate",
             f"{FAST_MBIT}mbit")  # fmt: skip
-    if _SHAPED and port not in _SHAPED:
-        raise RuntimeError(f"port {sorted(_SHAPED)[0]} is shaped already; one port per namespace")
-    if port not in _SHAPED:
+    ports = {port, *also}
+    if _SHAPED and not ports <= _SHAPED:
+        raise RuntimeError(f"ports {sorted(_SHAPED)} are shaped already; one link per namespace")
+    if not _SHAPED:
         _tc("class", "add", "dev", "lo", "parent", "1:", "classid", "1:20", "htb", "rate", rate,
             "burst", burst)  # fmt: skip
-        for direction in ("sport", "dport"):
-            _tc("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1",
-                "u32", "match", "ip", direction, str(port), "0xffff", "flowid", "1:20")  # fmt: skip
-        _SHAPED.add(port)
+        for shaped in sorted(ports):
+            for direction in ("sport", "dport"):
+                match = ["match", "ip", direction, str(shaped), "0xffff"]
+                _tc("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1",
+                    "u32", *match, "flowid", "1:20")  # fmt: skip
+        _SHAPED.update(ports)
     else:
         _tc("class", "change", "dev", "lo", "parent", "1:", "classid", "1:20", "htb", "rate",
             rate, "burst", burst)  # fmt: skip
+
+
+def shape_store(store: Any, mbit: float | None) -> None:
+    """Shape a started StoreServer's link: its gRPC port and its data path's, when it has one
+    (a Get over the data path bypasses gRPC's port)."""
+    data = store.data_port
+    shape_port(store.port, mbit, *(() if data is None else (data,)))
 
 
 def clear_shaping() -> None:

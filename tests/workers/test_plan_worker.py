@@ -124,13 +124,13 @@ SLOW_MBIT = 0.75
 
 def scenario() -> dict:
     """In a private namespace: a real KVStore whose port is shaped, two SmolLM2 workers."""
-    from kvpool.bench.link import shape_port
+    from kvpool.bench.link import shape_store
     from services.store.server import StoreConfig, StoreServer
     from workers.worker import KVWorker
 
     store = StoreServer(StoreConfig(port=0, grace_s=0))
     store.start()
-    shape_port(store.port, None)
+    shape_store(store, None)
 
     def worker(wid: str, mode: str) -> KVWorker:
         config = WorkerConfig(
@@ -153,7 +153,7 @@ def scenario() -> dict:
         fast = run(b, WorkRequest(prompt, params))
         b.forget_local()
 
-        shape_port(store.port, SLOW_MBIT)
+        shape_store(store, SLOW_MBIT)
         for _ in range(2):  # b learns the link: its estimates are running means
             measured = run(b, WorkRequest(probe, params, fetch_plan="fetch"))
             b.forget_local()
