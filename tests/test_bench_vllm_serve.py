@@ -48,10 +48,10 @@ def test_every_row_has_a_server(row):
 
 
 def test_the_engine_benches_take_one_engine_or_several_side_by_side():
-    from kvpool.bench.ttft import _parse_engines
+    from kvpool.bench.engines import parse_engines
 
-    assert _parse_engines("vllm") == ["vllm"]
-    assert _parse_engines("transformers, vllm") == ["transformers", "vllm"]
+    assert parse_engines("vllm") == ["vllm"]
+    assert parse_engines("transformers, vllm") == ["transformers", "vllm"]
     for bad in ("", "sglang", "vllm,vllm"):
         with pytest.raises(ValueError, match="--engine takes one or more of transformers, vllm"):
-            _parse_engines(bad)
+            parse_engines(bad)

@@ -21,10 +21,8 @@ gateway fails the stream over and replaces the worker, as for any dead worker.
 import logging
 import os
 import queue
-import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,7 @@ from workers.api import (
     WorkUsage,
     WriteStats,
 )
+from workers.counters import RequestCounters
 from workers.detokenizer import OutputText
 from workers.kv.bounds import check_context
 from workers.kv.hashing import Namespace, block_key, chain_hashes, tenant_salt
@@ -54,18 +53,6 @@ from workers.vllm_link import CONTROL_TIMEOUT_S, GONE, ROOT, EngineLink, error
 from workers.vllm_wire import Abort, Failed, Finished, Start, Submit, Tokens
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Counters:
-    requests: int = 0
-    in_flight: int = 0
-    cached_local_tokens: int = 0
-    cached_store_tokens: int = 0
-    computed_tokens: int = 0
-    recomputed_tokens: int = 0
-    plans: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PLAN_KINDS, 0))
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def model_folder(model: str) -> str:
@@ -119,7 +106,7 @@ class VLLMWorker:
             self.tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
         except OSError as exc:
             raise InvalidArgument(f"model {config.model!r}: no fast tokenizer: {exc}") from exc
-        self._counters = _Counters()
+        self.counters = RequestCounters()
         self._store: Any = None
         self.link = EngineLink(
             python, self.worker_id, self._start_record(folder),
@@ -207,7 +194,7 @@ class VLLMWorker:
         inbox = self.link.open(request_id)
         first_at: float | None = None
         ended: Finished | None = None
-        self._count(requests=1, in_flight=1)
+        self.counters.count(requests=1, in_flight=1)
         try:
             self.link.send(Submit(
                 request_id, sequence, params.max_new_tokens - len(request.prior_output),
@@ -231,7 +218,7 @@ class VLLMWorker:
                     ended = self._end(request_id, inbox)
         finally:
             self.link.close(request_id, finished=ended is not None)
-            self._count(in_flight=-1)
+            self.counters.count(in_flight=-1)
         if ended.reason == "abort" and not out.done:
             return  # cancelled: its client has gone
         if not out.done and ended.reason == "eos":
@@ -281,13 +268,13 @@ class VLLMWorker:
     ) -> WorkDone:
         local, store = ended.local_tokens, ended.store_tokens
         plan = ended.plan if ended.plan in PLAN_KINDS else "none"
-        with self._counters.lock:
-            c = self._counters
-            c.cached_local_tokens += local
-            c.cached_store_tokens += store
-            c.computed_tokens += max(0, sequence_tokens - local - store)
-            c.recomputed_tokens += ended.recomputed_tokens
-            c.plans[plan] += 1
+        self.counters.count(
+            cached_local_tokens=local,
+            cached_store_tokens=store,
+            computed_tokens=max(0, sequence_tokens - local - store),
+            recomputed_tokens=ended.recomputed_tokens,
+            plan=plan,
+        )
         now = time.perf_counter()
         generated = len(out.tokens) - prior
         decode_s = now - (first_at or now)
@@ -353,30 +340,22 @@ class VLLMWorker:
 
     def stats(self) -> WorkerStats:
         pong = self.link.ping(timeout_s=5.0)
-        c = self._counters
-        with c.lock:
-            return WorkerStats(
-                worker_id=self.worker_id,
-                requests=c.requests,
-                in_flight=c.in_flight,
-                cached_local_tokens=c.cached_local_tokens,
-                cached_store_tokens=c.cached_store_tokens,
-                computed_tokens=c.computed_tokens,
-                corrupt_blocks=pong.load_errors,
-                store_errors=0,  # the connector serves a failed lookup as a miss, uncounted
-                local=LocalStats(0, 0, 0, 0, 0, 0),  # vLLM's prefix cache: vLLM's own metrics
-                writes=WriteStats(
-                    submitted=pong.saved_blocks,
-                    stored=pong.stored_blocks,
-                    dropped=pong.dropped_blocks,
-                    failed=pong.failed_blocks,
-                    pending=pong.pending_blocks,
-                ),
-                recomputed_tokens=c.recomputed_tokens,
-                plans=dict(c.plans),
-                batch_running=pong.running,
-                batch_waiting=pong.waiting,
-            )
+        # The connector counts what failed to load; a failed lookup it serves as a miss, uncounted.
+        counts = {**self.counters.snapshot(), "corrupt_blocks": pong.load_errors}
+        return WorkerStats(
+            worker_id=self.worker_id,
+            **counts,
+            local=LocalStats(0, 0, 0, 0, 0, 0),  # vLLM's prefix cache: vLLM's own metrics
+            writes=WriteStats(
+                submitted=pong.saved_blocks,
+                stored=pong.stored_blocks,
+                dropped=pong.dropped_blocks,
+                failed=pong.failed_blocks,
+                pending=pong.pending_blocks,
+            ),
+            batch_running=pong.running,
+            batch_waiting=pong.waiting,
+        )
 
     def close(self) -> None:
         """Let the connector put what it saved, then end the engine process."""
@@ -391,11 +370,6 @@ class VLLMWorker:
 
     def _decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
-
-    def _count(self, **deltas: int) -> None:
-        with self._counters.lock:
-            for name, delta in deltas.items():
-                setattr(self._counters, name, getattr(self._counters, name) + delta)
 
 
 def _sees_gpu() -> bool:

@@ -12,13 +12,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from kvpool.errors import InvalidArgument
 from workers.api import (
-    PLAN_KINDS,
     NodeTierStats,
     PrefillResult,
     PrefillTimeout,
@@ -33,6 +31,7 @@ from workers.api import (
 )
 from workers.batch import BatchScheduler, BatchSequence
 from workers.chain import BlockChain, Cutter
+from workers.counters import RequestCounters
 from workers.engine import Engine, Generation
 from workers.fetch import Tiers
 from workers.hit import PrefixHit
@@ -48,25 +47,6 @@ from workers.start import HitPath, Start, Starts
 from workers.tiers import BlockStore, LocalBlocks, WriteBatch, WriteBehind
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Counters:
-    requests: int = 0
-    in_flight: int = 0
-    cached_local_tokens: int = 0
-    cached_node_tokens: int = 0
-    cached_store_tokens: int = 0
-    recomputed_tokens: int = 0
-    plan_none: int = 0
-    plan_fetch: int = 0
-    plan_recompute: int = 0
-    plan_split: int = 0
-    computed_tokens: int = 0
-    corrupt_blocks: int = 0
-    node_errors: int = 0
-    store_errors: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class KVWorker:
@@ -111,7 +91,7 @@ class KVWorker:
             max_pending_blocks=config.write_queue_blocks, ttl_s=config.block_ttl_s,
             node=self.node,
         )  # fmt: skip
-        self._counters = _Counters()
+        self.counters = RequestCounters()
         self._block_bytes = block_bytes
         self.use_estimates(self.estimates)
         # One thread runs every batched sequence's forward passes (workers.batch).
@@ -124,8 +104,8 @@ class KVWorker:
         self.estimates = estimates
         tiers = Tiers(self.local, self.node, self.store, estimates)
         self.starts = Starts(
-            HitPath(tiers, self.engine, self.config, self.decode_stored, self.writer, self.count,
-                    self._block_bytes, self.staging)
+            HitPath(tiers, self.engine, self.config, self.decode_stored, self.writer,
+                    self.counters.count, self._block_bytes, self.staging)
         )  # fmt: skip
 
     # --- what the gateway asks ---------------------------------------------------------------
@@ -199,7 +179,7 @@ class KVWorker:
             )  # fmt: skip
             sequenced = BatchSequence(generation, decoding, cutter, check)
             self.scheduler.submit(sequenced)
-        self.count(in_flight=1, requests=1)
+        self.counters.count(in_flight=1, requests=1)
         try:
             for index, event in enumerate(sequenced):
                 if index == 0:  # the engine's prefill of what no tier gave, and the first token
@@ -213,7 +193,7 @@ class KVWorker:
             return
         finally:
             sequenced.cancel()  # a no-op once it ended; else it leaves at the next step
-            self.count(in_flight=-1)
+            self.counters.count(in_flight=-1)
         yield self._done(sequenced.generation, len(sequence), hit)
 
     def _solo(
@@ -247,13 +227,13 @@ class KVWorker:
         if result is None:  # pragma: no cover - the engine sets it before its iterator ends
             raise RuntimeError("generation ended without a result")
         tiers = hit.by_tier(result.usage.cached_tokens)
-        self.count(
+        self.counters.count(
             cached_local_tokens=tiers.local,
             cached_node_tokens=tiers.node,
             cached_store_tokens=tiers.store,
             computed_tokens=max(0, sequence_tokens - tiers.total),
             recomputed_tokens=hit.recomputed_tokens,
-            **{f"plan_{hit.plan}": 1},
+            plan=hit.plan,
         )
         return WorkDone(
             finish_reason=result.finish_reason,
@@ -357,32 +337,20 @@ class KVWorker:
         self.local.clear()
 
     def stats(self) -> WorkerStats:
-        c = self._counters
         running, waiting = self.scheduler.occupancy()
         batch = self.scheduler.stats
-        with c.lock:
-            return WorkerStats(
-                worker_id=self.worker_id,
-                requests=c.requests,
-                in_flight=c.in_flight,
-                cached_local_tokens=c.cached_local_tokens,
-                cached_store_tokens=c.cached_store_tokens,
-                computed_tokens=c.computed_tokens,
-                corrupt_blocks=c.corrupt_blocks,
-                store_errors=c.store_errors,
-                node_errors=c.node_errors,
-                local=self.local.stats(),
-                writes=self.writer.stats(),
-                cached_node_tokens=c.cached_node_tokens,
-                recomputed_tokens=c.recomputed_tokens,
-                plans={kind: getattr(c, f"plan_{kind}") for kind in PLAN_KINDS},
-                node=self._node_stats(),
-                estimates=self.estimates.snapshot(),
-                batch_running=running,
-                batch_waiting=waiting,
-                batch_steps=batch.steps,
-                batch_largest=batch.largest_batch,
-            )
+        return WorkerStats(
+            worker_id=self.worker_id,
+            **self.counters.snapshot(),
+            local=self.local.stats(),
+            writes=self.writer.stats(),
+            node=self._node_stats(),
+            estimates=self.estimates.snapshot(),
+            batch_running=running,
+            batch_waiting=waiting,
+            batch_steps=batch.steps,
+            batch_largest=batch.largest_batch,
+        )
 
     def _node_stats(self) -> NodeTierStats | None:
         if self.node is None:
@@ -422,14 +390,8 @@ class KVWorker:
             return self.store.lookup([block_key(h) for h in hashes]) if self.store else 0
         except Exception as exc:
             log.warning("store lookup after prefill failed: %s", exc)
-            self.count(store_errors=1)
+            self.counters.count(store_errors=1)
             return 0
-
-    def count(self, **deltas: int) -> None:
-        c = self._counters
-        with c.lock:
-            for name, delta in deltas.items():
-                setattr(c, name, getattr(c, name) + delta)
 
 
 class _Solo:

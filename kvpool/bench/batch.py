@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvpool.bench.engines import add_engine_flag, parse_engines
 from workers.api import WorkerConfig
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)
@@ -73,12 +74,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--document", type=Path, default=None, help="text to build prompts from (default: corpus)"
     )
-    parser.add_argument(
-        "--engine",
-        default=defaults.engine,
-        help="the worker's engine, or several side by side in one run: transformers, vllm, or "
-        "transformers,vllm (vllm needs `make vllm`; its worker runs vLLM in a child process)",
-    )
+    add_engine_flag(parser, "the worker's")
     parser.add_argument(
         "--no-agreement",
         action="store_true",
@@ -102,10 +98,9 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     max_batch = args.max_batch or max(levels)
-    from kvpool.bench.ttft import _parse_engines
 
     runs = {}
-    for engine in _parse_engines(args.engine):
+    for engine in parse_engines(args.engine):
         config = WorkerConfig(
             model=args.model, device=args.device, codec=args.codec, block_tokens=args.block_tokens,
             max_batch=max_batch, max_batch_tokens=args.max_batch_tokens, node_tier=False,

@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from kvpool.bench.engines import add_engine_flag, parse_engines
 from workers.api import WorkerConfig
 
 DEFAULT_LENGTHS = (256, 512, 1024, 2048)
@@ -43,12 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=5, help="fresh prompts per length (5)")
     parser.add_argument("--document", type=Path, default=None, help="text to build prompts from")
-    parser.add_argument(
-        "--engine",
-        default=WorkerConfig().engine,
-        help="the workers' engine, or several side by side in one run: transformers, vllm, or "
-        "transformers,vllm (vllm needs `make vllm`)",
-    )
+    add_engine_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from workers.api import PromptInput, WorkerConfig
 
     text = load_corpus(args.document)
-    engines = _parse_engines(args.engine)
+    engines = parse_engines(args.engine)
     load_before = os.getloadavg()
     rows = []
     for engine in engines:
@@ -142,17 +138,6 @@ def _measure(
                 rows.append(row)
                 print(row, flush=True)
     return rows
-
-
-def _parse_engines(text: str) -> list[str]:
-    from workers.api import ENGINES
-
-    engines = [part.strip() for part in text.split(",") if part.strip()]
-    if not engines or any(e not in ENGINES for e in engines) or len(set(engines)) < len(engines):
-        raise ValueError(
-            f"--engine takes one or more of {', '.join(ENGINES)}, comma-separated, got {text!r}"
-        )
-    return engines
 
 
 def _ttft(client, token_ids: list[int]) -> tuple[float, dict[str, Any]]:

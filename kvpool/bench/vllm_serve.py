@@ -61,13 +61,13 @@ def run(args: argparse.Namespace) -> int:
     from services.store.redis_process import RedisProcess, free_port
     from workers.models import smollm2_cache_path
 
-    vllm = args.vllm_venv.resolve() / "bin" / "vllm"
-    if not vllm.exists():
-        raise ValueError(f"{vllm} is missing: run `make vllm` first")
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - set(ROWS))
     if unknown or not rows:
         raise ValueError(f"--rows takes some of {', '.join(ROWS)}; got {args.rows!r}")
+    vllm = args.vllm_venv.resolve() / "bin" / "vllm"
+    if not vllm.exists():
+        raise ValueError(f"{vllm} is missing: run `make vllm` first")
     model = smollm2_cache_path()
     if not (model / "config.json").is_file():
         raise ValueError(f"{model} is missing: run `kvpool model prepare smollm2-135m` first")
