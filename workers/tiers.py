@@ -156,19 +156,21 @@ class WriteBehind:
     `submit` never blocks: when the queue is full the batch is dropped and counted, because a
     block the store misses costs a later prefill, while a stalled decode costs every token now.
     With `local=None` (an engine with a cache of its own, as vLLM behind the connector) blocks
-    are encoded and stored only, never decoded back.
+    are encoded and stored only, never decoded back, and `decode` is None.
     """
 
     def __init__(
         self,
         encode: Callable[[torch.Tensor, BlockHash], bytes],
-        decode: Callable[[bytes, BlockHash], torch.Tensor],
+        decode: Callable[[bytes, BlockHash], torch.Tensor] | None,
         local: LocalBlocks | None,
         store: BlockStore | None,
         max_pending_blocks: int = 256,
         ttl_s: int | None = None,
         node: BlockSink | None = None,
     ) -> None:
+        if (local is None) != (decode is None):
+            raise ValueError("WriteBehind decodes for L1 only: give decode and local, or neither")
         self._encode, self._decode = encode, decode
         self._local, self._store, self._ttl_s = local, store, ttl_s
         self._node = node
@@ -279,7 +281,7 @@ class WriteBehind:
         items: list[tuple[str, bytes]] = []
         for block_hash, block in batch:
             data = self._encode(block, block_hash)
-            if self._local is not None:  # decode what was encoded: L1 serves what the store would
+            if self._local is not None and self._decode is not None:  # as stored
                 self._local.put(block_hash, self._decode(data, block_hash))
             items.append((block_key(block_hash), data))
         if not shared:

@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kvpool.bench.report import write_json
     from services.store.client import StoreClient
-    from services.store.redis_process import RedisProcess, free_port
+    from services.store.redis_process import RedisProcess, free_port, settled_block_keys
     from workers.models import smollm2_cache_path
 
     model = smollm2_cache_path()
@@ -78,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         warm = {"prompt_token_ids": other[:64], "max_tokens": 1}
         greedy = {"prompt_token_ids": prompt, "max_tokens": GREEDY_TOKENS}
         _, a_miss, a_hit = _engine(work, "a", connector, [warm, one, one])
-        _settled(redis_proc.url)
+        settled_block_keys(redis_proc.url)
         # B's own prefix cache is emptied before the shared prompt, or its 1,792 tokens would
         # come from there (the full prompt just ran) rather than from the store.
         reset = {"reset_prefix_cache": True}
@@ -167,19 +166,6 @@ def _native(work: Path, one: dict) -> dict[str, Any]:
         lines = [line.strip() for line in str(exc).splitlines() if "Error" in line]
         return {"native_offload_error": (lines or [str(exc)])[0][:500]}
     return {"native_offload_hit_ms": native["ms"], "native_offload_loaded": native["cached_tokens"]}
-
-
-def _settled(url: str, timeout_s: float = 120) -> None:
-    """Wait until A's write-behind has put every block (the key count stops changing)."""
-    import redis
-
-    client, last, same = redis.Redis.from_url(url), -1, 0
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and same < 5:
-        count = client.dbsize()
-        same = same + 1 if count == last and count > 0 else 0
-        last = count
-        time.sleep(0.2)
 
 
 def _redis_usage(url: str) -> tuple[int, int]:

@@ -232,7 +232,7 @@ class KVPoolConnector(KVConnectorBase_V1):
             self._errors: set[int] = set()
             self._writer = WriteBehind(
                 encode=lambda kv, h: encode_block(kv, self._codec, h),
-                decode=lambda data, h: torch.empty(0),  # never called: no local tier
+                decode=None,  # no local tier: nothing is decoded back
                 local=None,
                 store=_CountedPuts(self._store, self._count_saves),
                 max_pending_blocks=self.settings.max_pending_blocks,

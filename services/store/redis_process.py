@@ -173,3 +173,25 @@ class RedisProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def settled_block_keys(url: str, at_least: int = 1, timeout_s: float = 120.0) -> set[bytes]:
+    """The block keys in the Redis at `url` once a write-behind has put them all.
+
+    Settled means at least `at_least` keys and the same count five polls (a second) in a row;
+    raises TimeoutError with the last count when that does not happen within `timeout_s`."""
+    import redis  # the tests' and benchmarks' client; the store itself uses services.store
+
+    client = redis.Redis.from_url(url)
+    try:
+        deadline, last, same = time.monotonic() + timeout_s, -1, 0
+        while time.monotonic() < deadline:
+            keys = set(client.scan_iter(match="kvpool:blk:*", count=1000))
+            same = same + 1 if len(keys) == last else 0
+            if len(keys) >= at_least and same >= 5:
+                return keys
+            last = len(keys)
+            time.sleep(0.2)
+    finally:
+        client.close()
+    raise TimeoutError(f"{last} block keys, wanted at least {at_least} and a stable count")

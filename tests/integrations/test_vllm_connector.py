@@ -25,6 +25,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.store.client import StoreClient
+from services.store.redis_process import settled_block_keys
 from workers.models import load_model, smollm2_cache_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
@@ -126,23 +127,6 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 600) -> Non
         time.sleep(0.2)
 
 
-def _block_keys(client: redis.Redis) -> set[bytes]:
-    return set(client.scan_iter(match="kvpool:blk:*", count=1000))
-
-
-def _settled_keys(client: redis.Redis, at_least: int, timeout_s: float = 120) -> set[bytes]:
-    """The block keys once the write-behind has put them all (the count stops growing)."""
-    deadline, last, same = time.monotonic() + timeout_s, -1, 0
-    while time.monotonic() < deadline:
-        keys = _block_keys(client)
-        same = same + 1 if len(keys) == last else 0
-        if len(keys) >= at_least and same >= 5:
-            return keys
-        last = len(keys)
-        time.sleep(0.2)
-    raise AssertionError(f"{last} block keys, wanted at least {at_least} and a stable count")
-
-
 def test_two_vllm_engines_share_prefixes_through_kvpool_and_survive_damage_and_outage(
     store, tmp_path, free_port
 ):
@@ -161,11 +145,11 @@ def test_two_vllm_engines_share_prefixes_through_kvpool_and_survive_damage_and_o
         {"prompt": second, "max_tokens": DECODED},  # its answer completes blocks of its own
     ])  # fmt: skip
     _wait_for(tmp_path / "a-first", a)
-    first_keys = _settled_keys(raw, at_least=3)
+    first_keys = settled_block_keys(redis_url, at_least=3)
     (tmp_path / "a-go").touch()
     a_first, a_second, a_third, a_long = _results(a, tmp_path, "a")["RESULT"]
     assert a_first["cached_tokens"] == 0 and a_first["prompt_tokens"] > 3 * 128
-    all_keys = _settled_keys(raw, at_least=len(first_keys) + 6)
+    all_keys = settled_block_keys(redis_url, at_least=len(first_keys) + 6)
 
     # Damage one block of the first prompt (its payload, past the header): a miss, never used.
     damaged = sorted(first_keys)[0]
