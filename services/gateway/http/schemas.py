@@ -10,8 +10,10 @@ kvpool's own request fields and response figures live under one `kvpool` object,
 side of OpenAI's schema changes meaning:
 
     request:  "kvpool": {"session_id", "tenant", "top_k", "max_cache_tokens", "sink_tokens"}
-    response: "kvpool": {"session_id", "worker", "cached_tokens_by_tier": {"local", "store"},
-                         "ttft_ms", "tokens_per_s", "failovers", "evicted_tokens"}
+    response: "kvpool": {"session_id", "worker",
+                         "cached_tokens_by_tier": {"local", "node", "store"}, "plan",
+                         "recomputed_tokens", "ttft_ms", "tokens_per_s", "failovers",
+                         "evicted_tokens", "session_saved"}
 """
 
 import secrets
@@ -240,8 +242,11 @@ def kvpool_body(usage: Usage) -> dict[str, Any]:
         "worker": work.worker,
         "cached_tokens_by_tier": {
             "local": work.cached_local_tokens,
+            "node": work.cached_node_tokens,
             "store": work.cached_store_tokens,
         },
+        "plan": work.plan,  # none | fetch | recompute | split, as on gRPC
+        "recomputed_tokens": work.recomputed_tokens,
         "ttft_ms": round(usage.ttft_ms, 3),
         "tokens_per_s": round(work.tokens_per_s, 3),
         "failovers": usage.failovers,

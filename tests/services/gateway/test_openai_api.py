@@ -104,7 +104,9 @@ def test_chat_completion_matches_grpc_greedy_text(api, grpc_client, stack, model
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     extras = reply.model_extra["kvpool"]
     assert extras["worker"] in stack.pool.live()
-    assert set(extras["cached_tokens_by_tier"]) == {"local", "store"}
+    assert set(extras["cached_tokens_by_tier"]) == {"local", "node", "store"}
+    assert extras["plan"] == grpc.usage["plan"]
+    assert extras["recomputed_tokens"] == grpc.usage["recomputed_tokens"]
     assert usage.prompt_tokens_details.cached_tokens == sum(
         extras["cached_tokens_by_tier"].values()
     )

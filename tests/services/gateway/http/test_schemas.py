@@ -125,7 +125,8 @@ FINISHED = Finished(
     Usage(
         WorkUsage(
             prompt_tokens=100, cached_local_tokens=64, cached_store_tokens=0, completion_tokens=5,
-            ttft_ms=3.0, tokens_per_s=40.0, worker="worker-1",
+            ttft_ms=3.0, tokens_per_s=40.0, worker="worker-1", cached_node_tokens=32, plan="split",
+            recomputed_tokens=16,
         ),
         ttft_ms=12.5, session_id="s", failovers=0,
     ),
@@ -136,9 +137,11 @@ def test_whole_responses_parse_as_the_sdks_types():
     reply = ChatCompletion.model_validate(ResponseShape(True, "m").whole("hello", FINISHED))
     assert reply.choices[0].message.content == "hello"
     assert reply.choices[0].finish_reason == "stop"  # the core's eos is OpenAI's stop
-    assert reply.usage.prompt_tokens_details.cached_tokens == 64
+    assert reply.usage.prompt_tokens_details.cached_tokens == 96
     assert reply.usage.total_tokens == 105
-    assert reply.model_extra["kvpool"]["cached_tokens_by_tier"] == {"local": 64, "store": 0}
+    extras = reply.model_extra["kvpool"]
+    assert extras["cached_tokens_by_tier"] == {"local": 64, "node": 32, "store": 0}
+    assert (extras["plan"], extras["recomputed_tokens"]) == ("split", 16)  # as on gRPC
     text = Completion.model_validate(ResponseShape(False, "m").whole("hello", FINISHED))
     assert text.choices[0].text == "hello" and text.object == "text_completion"
 
