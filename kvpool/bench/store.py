@@ -22,7 +22,6 @@ from kvpool.bench.store_timing import (
     percentile,
     start_store,
     summary,
-    timed_pair,
     timed_round,
 )
 
@@ -97,6 +96,9 @@ def _measure_size(
     def svc_put(op: int) -> None:
         client.put_many([(key, value) for key in svc_keys[op]])  # type: ignore[attr-defined]
 
+    def grpc_put(op: int) -> None:  # the same Put with the data path off: gRPC only
+        grpc_client.put_many([(key, value) for key in svc_keys[op]])  # type: ignore[attr-defined]
+
     def svc_get(op: int) -> None:
         got = client.get_many(svc_keys[op])  # type: ignore[attr-defined]
         if len(got) != batch:
@@ -108,17 +110,21 @@ def _measure_size(
 
     op_bytes = batch * size
     cpu = CpuMeter(store_pid)
-    put_times, set_times = timed_pair(cpu.wrap("put", svc_put), cpu.wrap("redis_set", raw_put), ops)
+    put_times, grpc_put_times, set_times = timed_round(
+        [cpu.wrap("put", svc_put), cpu.wrap("grpc_put", grpc_put), cpu.wrap("redis_set", raw_put)],
+        ops,
+    )
     get_times, grpc_times, mget_times = timed_round(
         [cpu.wrap("get", svc_get), cpu.wrap("grpc_get", grpc_get), cpu.wrap("redis_get", raw_get)],
         ops,
     )
-    gb = op_bytes * (ops + 1) / 1e9  # timed_pair's warm-up op is measured too
+    gb = op_bytes * (ops + 1) / 1e9  # timed_round's warm-up op is measured too
 
     def per_gb(seconds: dict[str, float], phase: str) -> float:
         return round(seconds[phase] / gb, 3)
 
     put, redis_set = summary(put_times, op_bytes), summary(set_times, op_bytes)
+    grpc_put_ = summary(grpc_put_times, op_bytes)
     get, redis_get = summary(get_times, op_bytes), summary(mget_times, op_bytes)
     grpc_get_ = summary(grpc_times, op_bytes)
     raw.flushdb()  # type: ignore[attr-defined]
@@ -137,6 +143,10 @@ def _measure_size(
         "grpc_get_gbps": round(grpc_get_["gbps"], 3),
         "grpc_get_ratio": round(grpc_get_["gbps"] / redis_get["gbps"], 3),
         "grpc_get_p50_ms": round(grpc_get_["p50_ms"], 3),
+        "grpc_put_gbps": round(grpc_put_["gbps"], 3),  # put_* likewise: the data path's Put
+        "grpc_put_ratio": round(grpc_put_["gbps"] / redis_set["gbps"], 3),
+        "grpc_put_client_cpu_s_per_gb": per_gb(cpu.client_s, "grpc_put"),
+        "grpc_put_store_cpu_s_per_gb": per_gb(cpu.store_s, "grpc_put"),
         "put_p50_ms": round(put["p50_ms"], 3),
         "get_p50_ms": round(get["p50_ms"], 3),
         "put_p99_ms": round(put["p99_ms"], 3),
@@ -208,7 +218,7 @@ def _plot(result: dict, path: Path) -> None:
     left.set_ylabel("GB/s")
     left.set_title("Throughput by value size (batches of ~4 MiB)", fontsize=9)
     left.legend(fontsize=8)
-    ratios = (("put_ratio", "put / SET"), ("get_ratio", "get / GET (data path)"))
+    ratios = (("put_ratio", "put / SET (data path)"), ("get_ratio", "get / GET (data path)"))
     for key, name in (*ratios, ("grpc_get_ratio", "get / GET (gRPC)")):
         right.plot(labels, [r[key] for r in rows], marker="o", label=name)
     right.axhline(0.8, color="grey", linestyle="--", label="Get bar 0.8x")

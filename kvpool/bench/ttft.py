@@ -220,8 +220,9 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("time to first token, ms (log)")
     ax.set_title(
-        f"TTFT through the gateway: {result['model']}, {result['codec']} blocks, CPU workers, "
-        f"{' vs '.join(result['engines'])}"
+        f"TTFT through the gateway: {result['model']}, {result['codec']} blocks, CPU workers\n"
+        f"engine: {' vs '.join(result['engines'])}",
+        fontsize=10,
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

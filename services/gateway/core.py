@@ -11,10 +11,11 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 
-from kvpool.errors import InvalidArgument, KvpoolError, NotFound, ResourceExhausted, Unavailable
+from kvpool.errors import KvpoolError, NotFound, ResourceExhausted, Unavailable
+from services.gateway.admission import RequestLimits
 from services.gateway.api import Delta, Finished, GenerateCall, PrefillCall, Usage
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pool import WorkerLost, WorkerPool
@@ -25,15 +26,12 @@ from services.gateway.shares import TenantShares
 from workers.api import (
     PrefillResult,
     PrefillTimeout,
-    PromptInput,
     SamplingParams,
     WorkDone,
     WorkRequest,
     WorkUsage,
 )
-from workers.kv.bounds import check_context, check_window_fits, requested_window
 from workers.kv.hashing import BlockHash, Namespace, chain_hashes, tenant_salt
-from workers.prompt import PromptTooLong
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +76,7 @@ class InferenceCore:
         self.sessions = sessions
         self.metrics = metrics
         self.config = config or GatewayConfig()
+        self.limits = RequestLimits(self.config, pool, metrics)
         self.live_sessions = LiveSessions(
             sessions.ttl_s, per_tenant=self.config.max_sessions_per_tenant
         )
@@ -96,8 +95,8 @@ class InferenceCore:
     ) -> Iterator[Delta | Finished]:
         received = time.perf_counter()
         self.metrics.requests.labels(req.tenant).inc()
-        self._check_new_tokens(req.params)
-        self._check_stop(req.params)
+        self.limits.check_new_tokens(req.params)
+        self.limits.check_stop(req.params)
         session = self._open_session(req)
         saved = threading.Event()
         try:
@@ -133,9 +132,9 @@ class InferenceCore:
     def _turn(self, req: GenerateCall, session: Session | None) -> _Turn:
         """The request resolved against its session: its cache bound, prompt and block hashes,
         each checked before any worker is asked."""
-        window = self._window(req, session)
-        prompt = self._encode(req.input, session.token_ids if session else ())
-        self._check_fits(len(prompt), req.params, window)
+        window = self.limits.window(req, session)
+        prompt = self.limits.encode(req.input, session.token_ids if session else ())
+        self.limits.check_fits(len(prompt), req.params, window)
         return _Turn(
             call=req,
             session=session,
@@ -256,8 +255,8 @@ class InferenceCore:
     # --- Prefill -----------------------------------------------------------------------------
 
     def prefill(self, req: PrefillCall) -> PrefillResult:
-        tokens = self._encode(req.input)
-        self._check_fits(len(tokens), SamplingParams(max_new_tokens=1))
+        tokens = self.limits.encode(req.input)
+        self.limits.check_fits(len(tokens), SamplingParams(max_new_tokens=1))
         hashes = chain_hashes(self._namespace(req.tenant), tokens)
         for _ in range(self.config.max_failovers + 1):
             route = self._acquire(hashes, tenant=req.tenant)
@@ -371,82 +370,3 @@ class InferenceCore:
     def _release(self, route: Route, tenant: str) -> None:
         self.pool.router.release(route)
         self.shares.release(tenant)
-
-    def _check_new_tokens(self, params: SamplingParams) -> None:
-        limit = self.config.max_new_tokens
-        if limit and params.max_new_tokens > limit:
-            self.metrics.limit_rejections.labels("max_new_tokens").inc()
-            raise InvalidArgument(
-                f"max_new_tokens={params.max_new_tokens} exceeds the gateway's limit "
-                f"--max-new-tokens={limit}"
-            )
-
-    def _window(self, req: GenerateCall, session: Session | None) -> tuple[int, int]:
-        """The turn's (max_cache_tokens, sink_tokens): the request's, the session's, or ours.
-
-        Checked here, before any worker is asked, so a bad bound is a clear INVALID_ARGUMENT.
-        """
-        max_cache_tokens, sink_tokens = self.config.max_cache_tokens, self.config.sink_tokens
-        if session is not None and session.turns:
-            max_cache_tokens, sink_tokens = session.max_cache_tokens, session.sink_tokens
-        if req.max_cache_tokens is not None:
-            max_cache_tokens = req.max_cache_tokens
-        if req.sink_tokens is not None:
-            sink_tokens = req.sink_tokens
-        window = requested_window(max_cache_tokens, sink_tokens, self.pool.info.block_tokens)
-        if window is not None:
-            check_window_fits(window, self.pool.info.max_context)
-        return max_cache_tokens, sink_tokens
-
-    def _check_stop(self, params: SamplingParams) -> None:
-        """Stop strings are checked on every token, so their number and length are capped."""
-        most, longest = self.config.max_stop_strings, self.config.max_stop_chars
-        if len(params.stop) > most:
-            self.metrics.limit_rejections.labels("max_stop_strings").inc()
-            raise InvalidArgument(
-                f"{len(params.stop)} stop strings exceed the gateway's limit "
-                f"--max-stop-strings={most}"
-            )
-        too_long = max((len(s) for s in params.stop), default=0)
-        if too_long > longest:
-            self.metrics.limit_rejections.labels("max_stop_chars").inc()
-            raise InvalidArgument(
-                f"a stop string of {too_long} characters exceeds the gateway's limit "
-                f"--max-stop-chars={longest}"
-            )
-
-    def _encode(self, given: PromptInput, history: Sequence[int] = ()) -> list[int]:
-        """The prompt's ids, tokenized within the prompt limit: refused by its size before any
-        tokenizing when that alone proves it too long, and counting stops at the limit."""
-        most = self.config.max_prompt_tokens or self.pool.info.max_context
-        try:
-            return self.pool.prompts.encode_input(given, history, max_tokens=most)
-        except PromptTooLong as exc:
-            self._check_fits(exc.tokens, SamplingParams(max_new_tokens=1), at_least=True)
-            raise  # not reached: _check_fits refuses it
-
-    def _check_fits(
-        self,
-        prompt_tokens: int,
-        params: SamplingParams,
-        window: tuple[int, int] = (0, 0),
-        *,
-        at_least: bool = False,
-    ) -> None:
-        """The prompt's length limit holds for every request, a bounded cache or not."""
-        limit = self.pool.info.max_context
-        most = self.config.max_prompt_tokens
-        if prompt_tokens > (most or limit):
-            self.metrics.limit_rejections.labels("max_prompt_tokens").inc()
-            bound = (
-                f"the gateway's limit --max-prompt-tokens={most}"
-                if most
-                else f"the model's context of {limit} tokens (--max-prompt-tokens=0)"
-            )
-            raise InvalidArgument(
-                f"prompt of {'at least ' if at_least else ''}{prompt_tokens} tokens (a session's "
-                f"history included) exceeds {bound}"
-            )
-        if window[0]:
-            return  # a bounded cache holds at most max_cache_tokens positions (checked in _window)
-        check_context(prompt_tokens, params.max_new_tokens, self.pool.info.max_context, None)

@@ -33,7 +33,13 @@ from typing import Any, TypeVar
 import grpc
 import grpc.experimental
 
-from kvpool.errors import DataLoss, InvalidArgument, KvpoolError, Unavailable
+from kvpool.errors import (
+    DataLoss,
+    InvalidArgument,
+    KvpoolError,
+    ResourceExhausted,
+    Unavailable,
+)
 from kvpool.v1 import store_pb2, store_pb2_grpc
 from services.auth import call_metadata
 from services.grpc_server import message_options
@@ -47,6 +53,7 @@ from services.store.chunks import (
     put_chunks,
 )
 from services.store.dataclient import DataPath
+from services.store.datawire import Unencodable
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -419,12 +426,28 @@ class StoreClient:
         if ttl_s is not None and ttl_s < 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
 
+        deadline = time.monotonic() + self._timeout_s
+        data = self._data_path(0, deadline)
+        if data is not None:
+            try:
+                stored = data.put(list(items), ttl_s or 0, deadline)
+            except InvalidArgument:
+                raise  # the caller's mistake: gRPC would say the same
+            except (ResourceExhausted, Unencodable):
+                pass  # a limit (a block too large, the store's connections), or a key or value
+                # the data path cannot carry: gRPC answers it, the data path stays on
+            except Exception as exc:
+                self._data_failed(0, data, exc)
+            else:
+                if stored is not None:
+                    return stored
+
         def attempt(timeout: float) -> int:
             chunks = put_chunks(items, ttl_s, self._chunk_bytes)
             reply = self._put(chunks, timeout=timeout, metadata=self._metadata)
             return reply.stored
 
-        return self._call("Put", attempt)
+        return self._call("Put", attempt, deadline)
 
     def delete(self, keys: Sequence[str]) -> int:
         """Remove keys; returns how many existed."""

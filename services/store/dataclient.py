@@ -1,6 +1,6 @@
 """The client side of the store's data path (docs/store.md, "The data path"; wire: `datawire`).
 
-`StoreClient` uses it for Get and Lookup when the store advertises a data port (Stats) and the
+`StoreClient` uses it for Get, Lookup and Put when the store advertises a data port (Stats) and the
 channel is not TLS, and goes back to gRPC on any failure. Each value's length comes before its
 bytes, and the value is read with one `recv(length, MSG_WAITALL)` (one copy, straight into the
 `bytes` the caller gets), so a connection that ends inside a value raises: a value is whole or it
@@ -17,10 +17,13 @@ from collections.abc import Callable
 
 from kvpool.errors import Unavailable
 from services.store import datawire as wire
-from services.store.backends.resp import set_timeouts
+from services.store.backends.resp import send_all, set_timeouts
 
 # The largest value length a store frame may announce: more is a broken stream, not a value.
 MAX_VALUE_BYTES = 1 << 30
+# How often a Get re-arms its kernel timeouts to what its deadline leaves (it may end this much
+# after the deadline; a Get of many small values does not pay two syscalls each).
+REARM_S = 0.05
 
 
 class DataPath:
@@ -89,8 +92,14 @@ class DataPath:
         ok = False
         try:
             sock.sendall(wire.encode_request(wire.OP_GET, keys, _ms_left(deadline)))
+            armed_at = 0.0
             for i in range(len(keys)):
-                set_timeouts(sock, _left(deadline))
+                now = time.monotonic()
+                if now - armed_at >= REARM_S:  # not two setsockopt calls for every value
+                    set_timeouts(sock, _left(deadline))
+                    armed_at = now
+                elif now >= deadline:
+                    _left(deadline)  # raises: the call ran past its deadline
                 kind, length = wire.decode_frame(_recv_exact(sock, wire.FRAME.size))
                 if kind == wire.MISSING:
                     on_value(i, None)
@@ -104,6 +113,37 @@ class DataPath:
         finally:
             self._checkin(sock, ok)
         return True
+
+    def put(
+        self, items: list[tuple[str, bytes | memoryview]], ttl_s: int, deadline: float
+    ) -> int | None:
+        """Write `items`; how many the store kept, or None when no connection was free (nothing
+        was sent). Raises on any failure: some values may be stored, each whole or not at all
+        (a Put may be sent again: a SET of the same block is the same block)."""
+        parts = wire.encode_put(items, _ms_left(deadline), ttl_s)  # Unencodable: gRPC
+        sock = self._checkout(deadline)
+        if sock is None:
+            return None
+        ok = False
+        try:
+            set_timeouts(sock, _left(deadline))
+            try:
+                send_all(sock, parts)
+            except OSError:
+                # The store refused part way (an ERROR frame, then it closed): say what it said.
+                kind, length = wire.decode_frame(_recv_exact(sock, wire.FRAME.size))
+                if kind == wire.ERROR:
+                    raise wire.decode_error(_recv_exact(sock, length)) from None
+                raise
+            kind, length = wire.decode_frame(_recv_exact(sock, wire.FRAME.size))
+            if kind == wire.ERROR:
+                raise wire.decode_error(_recv_exact(sock, length))
+            if kind != wire.OK or length > len(items):
+                raise wire.ProtocolError(f"a Put of {len(items)} values answered {kind}/{length}")
+            ok = True
+            return length
+        finally:
+            self._checkin(sock, ok)
 
     def lookup(self, keys: list[str], deadline: float) -> int | None:
         """The present prefix; None when no connection was free. Raises on any failure."""

@@ -1,4 +1,5 @@
-"""The store's data path: Get and Lookup on a TCP port beside gRPC (docs/store.md, "The data path").
+"""The store's data path: Get, Lookup and Put on a TCP port beside gRPC (docs/store.md, "The
+data path").
 
 Why: on a few cores a Get through gRPC Python costs the store process about as much CPU per byte
 as the client and Redis together (it parses every message and re-sends every byte). Here the
@@ -7,6 +8,9 @@ with `os.splice` (backends/resp.py), so value bytes never enter Python in the st
 without a raw stream (memory, a cluster, TLS Redis, split session spaces) answer through the
 servicer's own windowed read (`KVStoreServicer.values`: the byte budget, the breaker) and
 `sendall` of each value.
+
+Put comes this way too: each value is moved from the client's socket to Redis as one SET as it
+arrives (spliced, or copied when small), so the store never holds a whole value either.
 
 One thread per connection, at most `max_connections` at once (more are refused with an ERROR
 frame). Each connection authenticates once with the store's token, then sends requests one at a
@@ -34,7 +38,7 @@ from kvpool.errors import (
 from services.status import code_for
 from services.store import datawire as wire
 from services.store.backends.resp import set_timeouts
-from services.store.keys import check_keys
+from services.store.keys import check_key, check_keys
 from services.store.limits import StoreLimits
 from services.store.service import KVStoreServicer, check_unique
 
@@ -46,6 +50,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HANDSHAKE_S = 5.0  # a connection that does not say hello within this is closed
+# How often a Get re-arms its kernel timeouts to the time its deadline leaves: a call ends at most
+# this much after its deadline, and a Get of many small values does not pay two syscalls each.
+REARM_S = 0.05
 
 
 class _Closed(Exception):
@@ -61,6 +68,11 @@ def _recv_head(conn: socket.socket, n: int) -> bytes | None:
     if not first:
         return None
     return first + _recv_exact(conn, n - len(first)) if len(first) < n else first
+
+
+def _recv_key(conn: socket.socket) -> str:
+    raw = _recv_exact(conn, _recv_exact(conn, 1)[0])
+    return raw.decode(errors="replace")  # the key checks refuse what is not ASCII
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
@@ -192,16 +204,15 @@ class DataPathServer:
             raise ResourceExhausted(
                 f"{request.n_keys} keys in one request; the limit is {self._limits.max_keys}"
             )
-        keys = []
-        for _ in range(request.n_keys):
-            raw = _recv_exact(conn, _recv_exact(conn, 1)[0])
-            keys.append(raw.decode(errors="replace"))  # check_keys refuses what is not ASCII
-        method = "Lookup" if request.op == wire.OP_LOOKUP else "Get"
+        method = {wire.OP_GET: "Get", wire.OP_LOOKUP: "Lookup", wire.OP_PUT: "Put"}[request.op]
         started = time.monotonic()
         code = grpc.StatusCode.OK
         try:
+            if request.op == wire.OP_PUT:
+                return self._put(conn, request, stream)
+            keys = [_recv_key(conn) for _ in range(request.n_keys)]
             return self._answer(conn, request, keys, stream)
-        except _Closed:
+        except (_Closed, OSError):  # the client left, or stalled past --idle-seconds
             code = grpc.StatusCode.CANCELLED
             raise
         except BaseException as exc:
@@ -267,7 +278,8 @@ class DataPathServer:
         """GETs pipelined one window ahead (windows of about --window bytes, planned from the
         values' sizes), so Redis never buffers more than two windows for this connection and the
         store buffers none: each value is spliced from Redis to the client as it comes."""
-        stream.set_deadline(deadline - time.monotonic())
+        armed_at = time.monotonic()
+        stream.set_deadline(deadline - armed_at)
         windows = self._servicer.plan([min(n, 1 << 40) for n in stream.sizes(keys)])
         stream.send_gets(keys[windows[0].start : windows[0].end])
         found = missing = sent = 0
@@ -277,18 +289,19 @@ class DataPathServer:
                     ahead = windows[n + 1]
                     stream.send_gets(keys[ahead.start : ahead.end])
                 for _ in range(window.start, window.end):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
+                    now = time.monotonic()
+                    if now >= deadline:
                         raise Unavailable("the Get ran past its deadline on the data path")
-                    stream.set_deadline(left)
+                    if now - armed_at >= REARM_S:  # two setsockopt calls: not on every value
+                        stream.set_deadline(deadline - now)
+                        armed_at = now
                     size = stream.bulk_length()
                     if size is None:
                         missing += 1
                         self._send(conn, wire.frame(wire.MISSING))
                         continue
-                    self._send(conn, wire.frame(wire.VALUE, size), more=True)
                     try:
-                        stream.move(size, conn)
+                        stream.move(size, conn, head=wire.frame(wire.VALUE, size))
                     except OSError as exc:  # the client went away inside a value
                         raise _Closed from exc
                     except KvpoolError as exc:  # Redis did, inside a value: no frame can follow
@@ -297,6 +310,90 @@ class DataPathServer:
                     sent += size
         finally:
             self._servicer.count_get(found, missing, sent)
+
+    def _put(
+        self, conn: socket.socket, request: wire.RequestHead, stream: "RespStream | None"
+    ) -> "RespStream | None":
+        """A Put: each value read from the client as it comes and written as one SET; answered
+        with one OK frame saying how many the store kept."""
+        ttl_s = self._servicer.ttl_for(wire.PUT_TTL.unpack(_recv_exact(conn, wire.PUT_TTL.size))[0])
+        seconds = request.deadline_ms / 1e3 or self._limits.max_call_s
+        deadline = time.monotonic() + min(seconds, self._limits.max_call_s)
+        self._servicer.breaker.check()
+        if stream is None:
+            opener = getattr(self._backend, "open_stream", None)
+            stream = opener() if opener is not None else None
+        if stream is None:
+            stored = self._put_through_backend(conn, request.n_keys, ttl_s, deadline)
+        else:
+            try:
+                stored = self._put_raw(conn, stream, request.n_keys, ttl_s, deadline)
+            except BaseException:
+                stream.close()  # Redis may hold half a SET: closing drops it
+                raise
+        conn.sendall(wire.frame(wire.OK, stored))
+        return stream
+
+    def _item(self, conn: socket.socket, deadline: float) -> tuple[str, int]:
+        """The next put item's key and value length, checked before any of the value is read."""
+        if time.monotonic() >= deadline:
+            raise Unavailable("the Put ran past its deadline on the data path")
+        key = _recv_key(conn)
+        (size,) = wire.VALUE_LENGTH.unpack(_recv_exact(conn, wire.VALUE_LENGTH.size))
+        check_key(key)
+        if size > self._limits.max_block_bytes:
+            raise ResourceExhausted(
+                f"block {key!r} is {size} bytes; the limit is {self._limits.max_block_bytes} "
+                "bytes (--max-block-bytes)"
+            )
+        return key, size
+
+    def _put_raw(
+        self, conn: socket.socket, stream: "RespStream", n: int, ttl_s: int | None, deadline: float
+    ) -> int:
+        """SETs pipelined to Redis, each value moved from the client's socket as it arrives (at
+        most the bounce buffer or the pipe held here, so no byte budget is taken); the replies
+        are read once every value is sent."""
+        armed_at, received = 0.0, 0
+        for _ in range(n):
+            key, size = self._item(conn, deadline)
+            now = time.monotonic()
+            if now - armed_at >= REARM_S:
+                stream.set_deadline(deadline - now)
+                armed_at = now
+            stream.send_set(key, size, conn, ttl_s)
+            received += size
+        stream.set_deadline(max(deadline - time.monotonic(), 0.001))
+        stored = stream.set_replies(n)
+        self._servicer.count_put(stored, received)
+        return stored
+
+    def _put_through_backend(
+        self, conn: socket.socket, n: int, ttl_s: int | None, deadline: float
+    ) -> int:
+        """Values read into memory within the store's byte budget (--max-inflight-bytes) and
+        written in batches through the backend, as gRPC's Put does."""
+        budget = self._servicer.budget
+        pending: list[tuple[str, bytes | memoryview]] = []
+        held = stored = 0
+        try:
+            for _ in range(n):
+                key, size = self._item(conn, deadline)
+                if not budget.try_acquire(size):
+                    stored += self._servicer.put_blocks(pending, ttl_s, deadline)
+                    budget.release(held)
+                    pending, held = [], 0
+                    budget.acquire(size, deadline)
+                held += size
+                pending.append((key, _recv_exact(conn, size)))
+                if held >= self._limits.batch_bytes or len(pending) >= 256:
+                    stored += self._servicer.put_blocks(pending, ttl_s, deadline)
+                    budget.release(held)
+                    pending, held = [], 0
+            stored += self._servicer.put_blocks(pending, ttl_s, deadline)
+        finally:
+            budget.release(held)
+        return stored
 
     @staticmethod
     def _send(conn: socket.socket, data: bytes | memoryview, *, more: bool = False) -> None:

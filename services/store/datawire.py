@@ -6,10 +6,13 @@ Python at all: `os.splice`). Everything is little-endian.
 
     hello    client -> store   b"KVDP" u8 version u16 token_len token      (once per connection)
     request  client -> store   u8 op u32 deadline_ms u32 n_keys, n_keys x (u8 key_len key)
+    put      client -> store   u8 op u32 deadline_ms u32 n_keys u32 ttl_s,
+                               n_keys x (u8 key_len key u32 value_len value)
     frame    store -> client   u8 kind u64 length, then `length` bytes for VALUE and ERROR
 
 The store answers the hello with one OK or ERROR frame; a Get with one VALUE or MISSING frame per
-key in request order; a Lookup with one OK frame whose length is the present prefix. An ERROR frame
+key in request order; a Lookup with one OK frame whose length is the present prefix; a Put with
+one OK frame whose length is how many values the store kept. An ERROR frame
 (u8 code, then a UTF-8 message) ends the connection. A connection that ends inside a value is a
 failed read, never a shorter value: the reader knows each value's length before its first byte.
 
@@ -28,7 +31,9 @@ MAX_ERROR_BYTES = 64 << 10
 
 OP_GET = 1
 OP_LOOKUP = 2
-OPS = (OP_GET, OP_LOOKUP)
+OP_PUT = 3
+OPS = (OP_GET, OP_LOOKUP, OP_PUT)
+MAX_PUT_VALUE_BYTES = (1 << 32) - 1  # what a put item's u32 length can say
 
 VALUE = 0
 MISSING = 1
@@ -37,6 +42,8 @@ OK = 3
 
 HELLO = struct.Struct("<4sBH")  # magic, version, token length
 REQUEST = struct.Struct("<BII")  # op, deadline in ms (0: the store's --max-call-seconds), n_keys
+PUT_TTL = struct.Struct("<I")  # after a put's request head: ttl_s (0: the store's --ttl)
+VALUE_LENGTH = struct.Struct("<I")  # after a put item's key
 FRAME = struct.Struct("<BQ")  # kind, length
 
 # Error codes in an ERROR frame, each a `kvpool.errors` class (0: any other KvpoolError).
@@ -79,17 +86,39 @@ def decode_hello(head: bytes) -> int:
 
 
 def encode_request(op: int, keys: list[str], deadline_ms: int) -> bytes:
-    """A request; Unencodable for a key whose length does not fit its byte (the store's
+    """A Get or Lookup; Unencodable for a key whose length does not fit its byte (the store's
     key check, keys.py, then answers it through gRPC)."""
-    if op not in OPS:
-        raise ValueError(f"op must be one of {OPS}, got {op}")
-    parts = [REQUEST.pack(op, max(0, min(deadline_ms, 2**32 - 1)), len(keys))]
-    for key in keys:
-        raw = key.encode()
-        if not 0 < len(raw) < 256:  # the store checks keys (keys.py); gRPC carries these
-            raise Unencodable(f"a key of {len(raw)} bytes does not fit a data path request")
-        parts.append(bytes((len(raw),)) + raw)
+    if op not in (OP_GET, OP_LOOKUP):
+        raise ValueError(f"op must be {OP_GET} or {OP_LOOKUP}, got {op}")
+    parts = [REQUEST.pack(op, _ms(deadline_ms), len(keys))]
+    parts += [_key(key) for key in keys]
     return b"".join(parts)
+
+
+def encode_put(
+    items: "list[tuple[str, bytes | memoryview]]", deadline_ms: int, ttl_s: int
+) -> "list[bytes | memoryview]":
+    """A Put as parts to send back to back (the values themselves, never copied); Unencodable
+    for a key or a value the format cannot carry (gRPC then carries the Put)."""
+    head = REQUEST.pack(OP_PUT, _ms(deadline_ms), len(items)) + PUT_TTL.pack(ttl_s)
+    parts: list[bytes | memoryview] = [head]
+    for key, value in items:
+        if len(value) > MAX_PUT_VALUE_BYTES:
+            raise Unencodable(f"a value of {len(value)} bytes does not fit a data path put")
+        parts.append(_key(key) + VALUE_LENGTH.pack(len(value)))
+        parts.append(value)
+    return parts
+
+
+def _ms(deadline_ms: int) -> int:
+    return max(0, min(deadline_ms, 2**32 - 1))
+
+
+def _key(key: str) -> bytes:
+    raw = key.encode()
+    if not 0 < len(raw) < 256:  # the store checks keys (keys.py); gRPC carries these
+        raise Unencodable(f"a key of {len(raw)} bytes does not fit a data path request")
+    return bytes((len(raw),)) + raw
 
 
 @dataclass(frozen=True, slots=True)

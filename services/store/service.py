@@ -20,7 +20,7 @@ from kvpool.v1 import store_pb2, store_pb2_grpc
 from services.store.backends import StorageBackend
 from services.store.breaker import Breaker
 from services.store.budget import ByteBudget
-from services.store.chunks import SERVICE_NAME, BlockAssembler, get_chunks
+from services.store.chunks import MAX_TTL_S, SERVICE_NAME, BlockAssembler, get_chunks
 from services.store.keys import check_keys
 from services.store.limits import StoreLimits
 from services.store.metrics import StoreMetrics
@@ -249,7 +249,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
         def flush() -> None:
             nonlocal pending, pending_bytes, stored
             try:
-                stored += self._write(pending, ttl_s, deadline)
+                stored += self.put_blocks(pending, ttl_s, deadline)
             finally:
                 budget.release(pending_bytes)
                 pending, pending_bytes = [], 0
@@ -277,16 +277,29 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
             budget.release(pending_bytes + open_bytes)
         return store_pb2.PutResponse(stored=stored)
 
-    def _write(
+    def put_blocks(
         self, blocks: list[tuple[str, bytes | memoryview]], ttl_s: int | None, deadline: float
     ) -> int:
+        """Write checked blocks through the backend (Put, and the data path's Put without a raw
+        Redis stream); counted."""
         if not blocks:
             return 0
         stored = self._call(deadline, self._backend.put_many, blocks, ttl_s)
+        self.count_put(stored, sum(len(value) for _, value in blocks))
+        return stored
+
+    def count_put(self, stored: int, received_bytes: int) -> None:
         self._counts.add(puts=stored)
         self._metrics.puts.inc(stored)
-        self._metrics.received_bytes.inc(sum(len(value) for _, value in blocks))
-        return stored
+        self._metrics.received_bytes.inc(received_bytes)
+
+    def ttl_for(self, ttl_s: int) -> int | None:
+        """A Put's TTL: the one asked for, else the store's --ttl (None: no expiry)."""
+        if ttl_s > MAX_TTL_S:
+            raise InvalidArgument(
+                f"ttl_s {ttl_s} is too long: at most {MAX_TTL_S} seconds (0: the store's default)"
+            )
+        return ttl_s or self._default_ttl_s
 
     def close(self) -> None:
         """Stop the backend threads (after the server has finished its calls)."""

@@ -22,6 +22,9 @@ from kvpool.errors import InvalidArgument, PermissionDenied, Unavailable
 _SPLICE = hasattr(os, "splice")
 _PIPE_BYTES = 1 << 20  # the most Linux gives an unprivileged pipe (/proc/sys/fs/pipe-max-size)
 _BOUNCE_BYTES = 256 << 10
+# Values up to this size are read into the bounce buffer and sent with their frame head in one
+# `sendmsg`: one copy through Python costs less than splicing's five or six calls per value.
+_COPY_BYTES = _BOUNCE_BYTES
 _F_SETPIPE_SZ = 1031
 _HEAD_READ_BYTES = 4096
 
@@ -40,6 +43,29 @@ def set_timeouts(sock: socket.socket, seconds: float | None) -> None:
     tv = _timeval(seconds)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def send_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
+    """Send `parts` back to back with as few calls as the kernel allows (`sendmsg`)."""
+    views = [memoryview(part) for part in parts if len(part)]
+    while views:
+        sent = sock.sendmsg(views)
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+def _recv_into_exactly(sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` from `sock`; ConnectionError when it ends first (OSError as it comes)."""
+    got = 0
+    while got < len(view):
+        read = sock.recv_into(view[got:])
+        if not read:
+            raise ConnectionError("the client ended inside a value")
+        got += read
 
 
 def _command(*args: bytes) -> bytes:
@@ -159,8 +185,13 @@ class RespStream:
             raise Unavailable(f"Redis at {self._shown} sent {line[:20]!r} for an array")
         return [int(self._simple()[1:]) for _ in range(int(line[1:]))]
 
-    def move(self, n: int, out: socket.socket) -> None:
-        """Send the next `n` payload bytes (and eat their CRLF) to `out`, untouched."""
+    def move(self, n: int, out: socket.socket, head: bytes = b"") -> None:
+        """Send `head`, then the next `n` payload bytes (and eat their CRLF) to `out`, untouched."""
+        if n <= _COPY_BYTES:
+            self._send_copied(n, out, head)
+            return
+        if head:
+            out.sendall(head, socket.MSG_MORE)
         held = min(n, len(self._buf))
         left = n - held
         if held:
@@ -177,7 +208,7 @@ class RespStream:
             raise Unavailable(f"Redis at {self._shown} sent a bulk reply without its CRLF")
         del self._buf[:2]
 
-    def _splice(self, left: int, out: socket.socket) -> None:
+    def _pipe_fds(self) -> tuple[int, int]:
         if self._pipe is None:
             self._pipe = os.pipe()
             try:
@@ -186,7 +217,10 @@ class RespStream:
                 fcntl.fcntl(self._pipe[1], _F_SETPIPE_SZ, _PIPE_BYTES)
             except OSError:
                 pass  # a smaller pipe only means more calls
-        read_end, write_end = self._pipe
+        return self._pipe
+
+    def _splice(self, left: int, out: socket.socket) -> None:
+        read_end, write_end = self._pipe_fds()
         src, dst = self._sock.fileno(), out.fileno()
         while left:
             try:
@@ -199,18 +233,98 @@ class RespStream:
             while got:  # the client's socket errors (OSError) propagate as they are
                 got -= os.splice(read_end, dst, got)
 
-    def _copy(self, left: int, out: socket.socket) -> None:
+    def _send_copied(self, n: int, out: socket.socket, head: bytes) -> None:
+        """A small value: read it and its CRLF into the bounce buffer, send it after `head`."""
+        need = n + 2
+        buf = self._bounce_buffer()
+        got = min(need, len(self._buf))
+        buf[:got] = self._buf[:got]
+        del self._buf[:got]
+        while got < need:
+            try:
+                read = self._sock.recv_into(buf[got:need])
+            except OSError as exc:
+                raise Unavailable(f"Redis at {self._shown} failed (data path): {exc}") from exc
+            if not read:
+                raise Unavailable(f"Redis at {self._shown} closed the connection inside a value")
+            got += read
+        if buf[n:need] != b"\r\n":
+            raise Unavailable(f"Redis at {self._shown} sent a bulk reply without its CRLF")
+        send_all(out, (head, buf[:n]))  # the client's socket errors (OSError) propagate
+
+    def _bounce_buffer(self) -> memoryview:
         if self._bounce is None:
-            self._bounce = memoryview(bytearray(_BOUNCE_BYTES))
+            self._bounce = memoryview(bytearray(_BOUNCE_BYTES + 2))  # a value and its CRLF
+        return self._bounce
+
+    def _copy(self, left: int, out: socket.socket) -> None:
+        bounce = self._bounce_buffer()
         while left:
             try:
-                got = self._sock.recv_into(self._bounce, min(left, _BOUNCE_BYTES))
+                got = self._sock.recv_into(bounce, min(left, _BOUNCE_BYTES))
             except OSError as exc:
                 raise Unavailable(f"Redis at {self._shown} failed (data path): {exc}") from exc
             if not got:
                 raise Unavailable(f"Redis at {self._shown} closed the connection inside a value")
-            out.sendall(self._bounce[:got])
+            out.sendall(bounce[:got])
             left -= got
+
+    # --- writing values ----------------------------------------------------------------------
+
+    def send_set(self, key: str, n: int, src: socket.socket, ttl_s: int | None) -> None:
+        """Send `SET key VALUE [EX ttl_s]` whose VALUE is the next `n` bytes read from `src`
+        (a client socket), moved as they come: copied through the bounce buffer when small,
+        spliced otherwise. Its reply is read later (`set_replies`). A failure inside the value
+        leaves Redis holding half a command: the caller must close this stream, which makes
+        Redis drop it (a SET is applied whole or not at all).
+
+        Raises ConnectionError when `src` ends inside the value, Unavailable when Redis fails."""
+        raw = key.encode()
+        head = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (5 if ttl_s else 3, len(raw), raw, n)
+        ttl = str(ttl_s).encode() if ttl_s else b""
+        tail = b"\r\n$2\r\nEX\r\n$%d\r\n%s\r\n" % (len(ttl), ttl) if ttl_s else b"\r\n"
+        if n <= _COPY_BYTES:
+            buf = self._bounce_buffer()
+            _recv_into_exactly(src, buf[:n])
+            self._send_parts((head, buf[:n], tail))
+            return
+        self._send(head)
+        self._splice_in(src, n)
+        self._send(tail)
+
+    def set_replies(self, n: int) -> int:
+        """Read the replies of `n` SETs; how many stored. An error reply (a full Redis, say) is
+        raised once all `n` are read, so the stream stays in step."""
+        stored, first_error = 0, None
+        for _ in range(n):
+            try:
+                self._simple()
+                stored += 1
+            except RespError as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return stored
+
+    def _splice_in(self, src: socket.socket, left: int) -> None:
+        read_end, write_end = self._pipe_fds()
+        dst = self._sock.fileno()
+        while left:
+            got = os.splice(src.fileno(), write_end, min(left, _PIPE_BYTES))  # OSError: src's
+            if not got:
+                raise ConnectionError("the client ended inside a value")
+            left -= got
+            while got:
+                try:
+                    got -= os.splice(read_end, dst, got)
+                except OSError as exc:
+                    raise Unavailable(f"Redis at {self._shown} failed (data path): {exc}") from exc
+
+    def _send_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+        try:
+            send_all(self._sock, parts)
+        except OSError as exc:
+            raise Unavailable(f"Redis at {self._shown} failed (data path): {exc}") from exc
 
     # --- commands ----------------------------------------------------------------------------
 
