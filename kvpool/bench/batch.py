@@ -304,15 +304,23 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     left.set_xlabel("concurrent requests")
     left.set_ylabel("aggregate output tokens/s")
     left.legend()
-    right.plot(x, [r["ttft_p50_ms"] for r in rows], marker="o", label="TTFT p50")
-    right.plot(x, [r["ttft_p99_ms"] for r in rows], marker="o", label="TTFT p99")
-    right.plot(x, [r["tpot_ms"] for r in rows], marker="s", label="time per output token")
+    runs = result.get("by_engine") or {result["engine"]: {"rows": rows}}
+    for (engine, run), line in zip(runs.items(), ("-", "--", ":"), strict=False):
+        name = f"{engine}: " if len(runs) > 1 else ""
+        xs = [r["concurrency"] for r in run["rows"]]
+        for key, marker, label, color in (
+            ("ttft_p50_ms", "o", "TTFT p50", "C0"),
+            ("ttft_p99_ms", "o", "TTFT p99", "C1"),
+            ("tpot_ms", "s", "time per output token", "C2"),
+        ):
+            right.plot(xs, [r[key] for r in run["rows"]], marker=marker, linestyle=line,
+                       color=color, label=f"{name}{label}")  # fmt: skip
     right.set_xscale("log", base=2)
     right.set_xticks(x, [str(c) for c in x])
     right.set_yscale("log")
     right.set_xlabel("concurrent requests")
     right.set_ylabel("ms (log)")
-    right.legend()
+    right.legend(fontsize=8)
     where = result.get("gpu") or result["device"]
     fig.suptitle(
         f"Continuous batching, {result['model']} on {where}: {result['prompt_tokens']}-token "

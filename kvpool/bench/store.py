@@ -202,7 +202,8 @@ def _plot(result: dict, path: Path) -> None:
     rows = result["rows"]
     labels = [f"{r['value_bytes'] >> 10} KiB" for r in rows]
     series = (
-        ("put_gbps", "KVStore put"),
+        ("put_gbps", "KVStore put (data path)"),
+        ("grpc_put_gbps", "KVStore put (gRPC)"),
         ("redis_set_gbps", "redis-py SET"),
         ("get_gbps", "KVStore get (data path)"),
         ("grpc_get_gbps", "KVStore get (gRPC)"),
@@ -210,18 +211,20 @@ def _plot(result: dict, path: Path) -> None:
     )
     fig, axes = figure(ncols=2, size=(5.5, 4.0))
     left, right = axes[0]
-    width = 0.16
+    width = 0.13
     for n, (key, name) in enumerate(series):
-        xs = [i + (n - 2) * width for i in range(len(rows))]
+        xs = [i + (n - 2.5) * width for i in range(len(rows))]
         left.bar(xs, [r[key] for r in rows], width, label=name)
     left.set_xticks(range(len(rows)), labels)
     left.set_ylabel("GB/s")
     left.set_title("Throughput by value size (batches of ~4 MiB)", fontsize=9)
     left.legend(fontsize=8)
     ratios = (("put_ratio", "put / SET (data path)"), ("get_ratio", "get / GET (data path)"))
-    for key, name in (*ratios, ("grpc_get_ratio", "get / GET (gRPC)")):
+    grpc = (("grpc_put_ratio", "put / SET (gRPC)"), ("grpc_get_ratio", "get / GET (gRPC)"))
+    for key, name in (*ratios, *grpc):
         right.plot(labels, [r[key] for r in rows], marker="o", label=name)
     right.axhline(0.8, color="grey", linestyle="--", label="Get bar 0.8x")
+    right.axhline(1.0, color="grey", linestyle=":", label="Put bar 1.0x")
     top = max(1.0, *(r[k] for r in rows for k in ("put_ratio", "get_ratio")))
     right.set_ylim(0, 1.15 * top)
     right.set_title(
