@@ -135,13 +135,9 @@ class DataPath:
                 if kind == wire.ERROR:
                     raise wire.decode_error(_recv_exact(sock, length)) from None
                 raise
-            kind, length = wire.decode_frame(_recv_exact(sock, wire.FRAME.size))
-            if kind == wire.ERROR:
-                raise wire.decode_error(_recv_exact(sock, length))
-            if kind != wire.OK or length > len(items):
-                raise wire.ProtocolError(f"a Put of {len(items)} values answered {kind}/{length}")
+            stored = _count_answer(sock, "a Put", len(items))
             ok = True
-            return length
+            return stored
         finally:
             self._checkin(sock, ok)
 
@@ -154,13 +150,9 @@ class DataPath:
         try:
             sock.sendall(wire.encode_request(wire.OP_LOOKUP, keys, _ms_left(deadline)))
             set_timeouts(sock, _left(deadline))
-            kind, length = wire.decode_frame(_recv_exact(sock, wire.FRAME.size))
-            if kind == wire.ERROR:
-                raise wire.decode_error(_recv_exact(sock, length))
-            if kind != wire.OK or length > len(keys):
-                raise wire.ProtocolError(f"a Lookup of {len(keys)} keys answered {kind}/{length}")
+            present = _count_answer(sock, "a Lookup", len(keys))
             ok = True
-            return length
+            return present
         finally:
             self._checkin(sock, ok)
 
@@ -169,6 +161,16 @@ class DataPath:
             idle, self._idle = self._idle, []
         for sock in idle:
             sock.close()
+
+
+def _count_answer(sock: socket.socket, what: str, most: int) -> int:
+    """The OK frame that answers a Lookup or a Put: its length, a count of at most `most`."""
+    kind, length = wire.decode_frame(_recv_exact(sock, wire.FRAME.size))
+    if kind == wire.ERROR:
+        raise wire.decode_error(_recv_exact(sock, length))
+    if kind != wire.OK or length > most:
+        raise wire.ProtocolError(f"{what} of {most} keys answered {kind}/{length}")
+    return length
 
 
 def _left(deadline: float) -> float:

@@ -230,12 +230,7 @@ class DataPathServer:
         stream: "RespStream | None",
     ) -> "RespStream | None":
         check_keys(keys, self._limits.max_keys)
-        seconds = request.deadline_ms / 1e3 or self._limits.max_call_s
-        deadline = time.monotonic() + min(seconds, self._limits.max_call_s)
-        self._servicer.breaker.check()
-        if stream is None:
-            opener = getattr(self._backend, "open_stream", None)
-            stream = opener() if opener is not None else None
+        deadline, stream = self._begin(request, stream)
         if request.op == wire.OP_LOOKUP:
             if stream is None:
                 present = self._servicer.lookup_keys(keys, deadline)
@@ -259,6 +254,19 @@ class DataPathServer:
             stream.close()
             raise
         return stream
+
+    def _begin(
+        self, request: wire.RequestHead, stream: "RespStream | None"
+    ) -> tuple[float, "RespStream | None"]:
+        """A request's deadline (its own, capped by --max-call-seconds), once the backend's
+        breaker lets it through, and the raw Redis stream to serve it on (None: the backend)."""
+        seconds = request.deadline_ms / 1e3 or self._limits.max_call_s
+        deadline = time.monotonic() + min(seconds, self._limits.max_call_s)
+        self._servicer.breaker.check()
+        if stream is None:
+            opener = getattr(self._backend, "open_stream", None)
+            stream = opener() if opener is not None else None
+        return deadline, stream
 
     def _get_through_backend(self, conn: socket.socket, keys: list[str], deadline: float) -> None:
         values = self._servicer.values(keys, deadline)
@@ -317,12 +325,7 @@ class DataPathServer:
         """A Put: each value read from the client as it comes and written as one SET; answered
         with one OK frame saying how many the store kept."""
         ttl_s = self._servicer.ttl_for(wire.PUT_TTL.unpack(_recv_exact(conn, wire.PUT_TTL.size))[0])
-        seconds = request.deadline_ms / 1e3 or self._limits.max_call_s
-        deadline = time.monotonic() + min(seconds, self._limits.max_call_s)
-        self._servicer.breaker.check()
-        if stream is None:
-            opener = getattr(self._backend, "open_stream", None)
-            stream = opener() if opener is not None else None
+        deadline, stream = self._begin(request, stream)
         if stream is None:
             stored = self._put_through_backend(conn, request.n_keys, ttl_s, deadline)
         else:
