@@ -8,7 +8,7 @@ command lines. No vLLM or torch import: the checks are unit-tested alone.
 """
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from kvpool.errors import InvalidArgument
@@ -18,10 +18,55 @@ from workers.kv.hashing import CODEC_NAMES, check_namespace_secret
 RAW = "raw"  # the engine's own dtype, exactly: fp32, fp16 or bf16 by the KV cache's dtype
 RAW_CODECS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 LOAD_ERROR_POLICIES = ("recompute", "fail")
-_KNOWN = {
-    "store", "codec", "auth_token", "tenant", "namespace_secret", "block_tokens", "timeout_s",
-    "plan", "on_load_error", "max_pending_blocks", "metrics_port", "metrics_host", "save_decode",
-}  # fmt: skip
+_FREE = {"store", "auth_token", "namespace_secret"}  # checked where they are used
+
+
+def _positive_int(value: object) -> bool:
+    return type(value) is int and value >= 1
+
+
+# Each checked key: (its default, whether a value is allowed, what is allowed, said as
+# "kvpool connector: KEY must be ALLOWED, got VALUE").
+_CHECKS: dict[str, tuple[object, Callable[[object], bool], str]] = {
+    "codec": (
+        "int8",
+        lambda v: v == RAW or v in CODEC_NAMES,
+        f"{RAW} or one of {', '.join(CODEC_NAMES)}",
+    ),
+    "tenant": (None, lambda v: v is None or (isinstance(v, str) and bool(v)), "a non-empty string"),
+    "block_tokens": (None, lambda v: v is None or _positive_int(v), "a positive int"),
+    "timeout_s": (
+        2.0,
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 60,
+        "in (0, 60]",
+    ),
+    "plan": ("auto", lambda v: v in PLAN_MODES, f"one of {', '.join(PLAN_MODES)}"),
+    "on_load_error": (
+        "recompute",
+        lambda v: v in LOAD_ERROR_POLICIES,
+        f"one of {', '.join(LOAD_ERROR_POLICIES)}",
+    ),
+    "max_pending_blocks": (512, _positive_int, "a positive int"),
+    "metrics_port": (
+        None,
+        lambda v: v is None or (type(v) is int and 1 <= v <= 65535),
+        "an int in [1, 65535] (leave it out for no metrics server of kvpool's own)",
+    ),
+    "metrics_host": (
+        "127.0.0.1",
+        lambda v: isinstance(v, str) and bool(v),
+        "a host name or address to listen on (127.0.0.1, 0.0.0.0, ...)",
+    ),
+    "save_decode": (True, lambda v: type(v) is bool, "true or false"),
+}
+
+
+def _checked(extra: Mapping[str, object], name: str) -> object:
+    default, allowed, says = _CHECKS[name]
+    value = extra.get(name, default)
+    if not allowed(value):
+        raise InvalidArgument(f"kvpool connector: {name} must be {says}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +91,11 @@ class ConnectorSettings:
     def from_extra(
         cls, extra: Mapping[str, object], env: Mapping[str, str] = os.environ
     ) -> "ConnectorSettings":
-        unknown = sorted(set(extra) - _KNOWN)
+        unknown = sorted(set(extra) - set(_CHECKS) - _FREE)
         if unknown:
             raise InvalidArgument(
                 f"kvpool connector: unknown kv_connector_extra_config keys {unknown}; "
-                f"allowed: {sorted(_KNOWN)}"
+                f"allowed: {sorted(set(_CHECKS) | _FREE)}"
             )
         store = extra.get("store")
         if not isinstance(store, str) or ":" not in store:
@@ -58,79 +103,23 @@ class ConnectorSettings:
                 'kvpool connector: kv_connector_extra_config needs "store": "HOST:PORT" of a '
                 f"`kvpool store serve`, got {store!r}"
             )
-        codec = extra.get("codec", "int8")
-        if codec != RAW and codec not in CODEC_NAMES:
-            raise InvalidArgument(
-                f"kvpool connector: codec must be {RAW} or one of {', '.join(CODEC_NAMES)}, "
-                f"got {codec!r}"
-            )
+        values = {name: _checked(extra, name) for name in _CHECKS}
         secret = extra.get("namespace_secret") or env.get("KVPOOL_NAMESPACE_SECRET")
-        tenant = extra.get("tenant")
-        if tenant is not None and (not isinstance(tenant, str) or not tenant):
-            raise InvalidArgument(
-                f"kvpool connector: tenant must be a non-empty string, got {tenant!r}"
-            )
-        if tenant is not None and not secret:
+        if values["tenant"] is not None and not secret:
             raise InvalidArgument(
                 "kvpool connector: a tenant needs a namespace secret to salt its keys "
                 '("namespace_secret" or env KVPOOL_NAMESPACE_SECRET; make one with: '
                 "openssl rand -hex 32)"
             )
-        block_tokens = extra.get("block_tokens")
-        if block_tokens is not None and (type(block_tokens) is not int or block_tokens < 1):
-            raise InvalidArgument(
-                f"kvpool connector: block_tokens must be a positive int, got {block_tokens!r}"
-            )
-        timeout_s = extra.get("timeout_s", 2.0)
-        if not isinstance(timeout_s, int | float) or not 0 < timeout_s <= 60:
-            raise InvalidArgument(
-                f"kvpool connector: timeout_s must be in (0, 60], got {timeout_s!r}"
-            )
-        plan = extra.get("plan", "auto")
-        if plan not in PLAN_MODES:
-            raise InvalidArgument(
-                f"kvpool connector: plan must be one of {', '.join(PLAN_MODES)}, got {plan!r}"
-            )
-        policy = extra.get("on_load_error", "recompute")
-        if policy not in LOAD_ERROR_POLICIES:
-            raise InvalidArgument(
-                "kvpool connector: on_load_error must be one of "
-                f"{', '.join(LOAD_ERROR_POLICIES)}, got {policy!r}"
-            )
-        pending = extra.get("max_pending_blocks", 512)
-        if type(pending) is not int or pending < 1:
-            raise InvalidArgument(
-                f"kvpool connector: max_pending_blocks must be a positive int, got {pending!r}"
-            )
-        metrics_port = extra.get("metrics_port")
-        if metrics_port is not None and (
-            type(metrics_port) is not int or not 1 <= metrics_port <= 65535
-        ):
-            raise InvalidArgument(
-                "kvpool connector: metrics_port must be an int in [1, 65535] (leave it out for "
-                f"no metrics server of kvpool's own), got {metrics_port!r}"
-            )
-        metrics_host = extra.get("metrics_host", "127.0.0.1")
-        if not isinstance(metrics_host, str) or not metrics_host:
-            raise InvalidArgument(
-                "kvpool connector: metrics_host must be a host name or address to listen on "
-                f"(127.0.0.1, 0.0.0.0, ...), got {metrics_host!r}"
-            )
-        save_decode = extra.get("save_decode", True)
-        if type(save_decode) is not bool:
-            raise InvalidArgument(
-                f"kvpool connector: save_decode must be true or false, got {save_decode!r}"
-            )
         if isinstance(secret, str):
             secret = secret.encode()
         token = extra.get("auth_token") or env.get("KVPOOL_STORE_AUTH_TOKEN") or None
         return cls(
-            store=store, codec=codec, auth_token=token, tenant=tenant,
+            store=store,
+            auth_token=token,
             namespace_secret=check_namespace_secret(secret) if secret else None,
-            block_tokens=block_tokens, timeout_s=float(timeout_s), plan=plan,
-            on_load_error=policy, max_pending_blocks=pending, metrics_port=metrics_port,
-            metrics_host=metrics_host, save_decode=save_decode,
-        )  # fmt: skip
+            **{**values, "timeout_s": float(values["timeout_s"])},
+        )
 
     def codec_for(self, kv_dtype: str) -> str:
         """The block codec for an engine whose KV cache is `kv_dtype` ("float32", ...)."""
