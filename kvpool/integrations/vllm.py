@@ -177,40 +177,47 @@ def model_fingerprint(vllm_config: Any) -> str:
     return f"{ENGINE}|{digest[:24]}|{dtype_name(model.dtype)}|kv:{kv_dtype}"
 
 
+def engine_geometry(vllm_config: Any, block_tokens: int) -> KVGeometry:
+    """The KV cache's shape, once the engine is one the connector supports: one process (no
+    tensor or pipeline parallel), a KV cache in the model's dtype, and kvpool blocks of whole
+    vLLM blocks."""
+    parallel, cache = vllm_config.parallel_config, vllm_config.cache_config
+    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+        raise InvalidArgument(
+            "kvpool connector: tensor and pipeline parallel engines are not supported yet "
+            f"(tensor_parallel_size={parallel.tensor_parallel_size}, "
+            f"pipeline_parallel_size={parallel.pipeline_parallel_size})"
+        )
+    if block_tokens % cache.block_size:
+        raise InvalidArgument(
+            f"kvpool connector: block_tokens ({block_tokens}) must be a multiple of "
+            f"vLLM's block size ({cache.block_size})"
+        )
+    if cache.cache_dtype != "auto":
+        raise InvalidArgument(
+            f"kvpool connector: a quantized vLLM KV cache (cache_dtype={cache.cache_dtype}) "
+            "is not supported; kvpool's codec quantizes the blocks it stores"
+        )
+    model = vllm_config.model_config
+    return KVGeometry(
+        num_layers=model.get_num_layers(parallel),
+        num_kv_heads=model.get_num_kv_heads(parallel),
+        head_dim=model.get_head_size(),
+        dtype=dtype_name(model.dtype),  # the KV cache's, with cache_dtype "auto"
+    )
+
+
 class KVPoolConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         transfer = vllm_config.kv_transfer_config
         self.settings = ConnectorSettings.from_extra(transfer.kv_connector_extra_config)
-        parallel = vllm_config.parallel_config
-        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-            raise InvalidArgument(
-                "kvpool connector: tensor and pipeline parallel engines are not supported yet "
-                f"(tensor_parallel_size={parallel.tensor_parallel_size}, "
-                f"pipeline_parallel_size={parallel.pipeline_parallel_size})"
-            )
-        # A block that cannot be loaded is computed again, never a failed request.
-        transfer.kv_load_failure_policy = self.settings.on_load_error
-        model = vllm_config.model_config
         self._engine_block = vllm_config.cache_config.block_size
         self._block_tokens = self.settings.block_tokens or self._engine_block
-        if self._block_tokens % self._engine_block:
-            raise InvalidArgument(
-                f"kvpool connector: block_tokens ({self._block_tokens}) must be a multiple of "
-                f"vLLM's block size ({self._engine_block})"
-            )
-        if vllm_config.cache_config.cache_dtype != "auto":
-            raise InvalidArgument(
-                "kvpool connector: a quantized vLLM KV cache (cache_dtype="
-                f"{vllm_config.cache_config.cache_dtype}) is not supported; kvpool's codec "
-                "quantizes the blocks it stores"
-            )
-        self._geometry = KVGeometry(
-            num_layers=model.get_num_layers(parallel),
-            num_kv_heads=model.get_num_kv_heads(parallel),
-            head_dim=model.get_head_size(),
-            dtype=dtype_name(model.dtype),  # the KV cache's, with cache_dtype "auto"
-        )
+        self._geometry = engine_geometry(vllm_config, self._block_tokens)
+        # A block that cannot be loaded is computed again, never a failed request.
+        transfer.kv_load_failure_policy = self.settings.on_load_error
+        parallel = vllm_config.parallel_config
         self._codec = self.settings.codec_for(self._geometry.dtype)
         self._fingerprint = model_fingerprint(vllm_config)
         self._store = StoreClient(
