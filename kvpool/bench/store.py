@@ -3,9 +3,11 @@
 For each value size, the same batches of values go (a) through the KVStore gRPC service (a
 `kvpool store serve` subprocess, as in production) with `StoreClient.put_many` / `get_many`, and
 (b) straight to the same redis-server with redis-py (a pipeline of SETs, one MGET): the limit on
-this box. One operation moves one batch of about `--batch-bytes`. Throughput is bytes over the
-total time of the operations, latency is per operation. Without `--redis` the benchmark starts its
-own redis-server on a free loopback port (maxmemory 2 GiB, allkeys-lru, no persistence).
+this box; and (c) the same MGETs through a relay that only forwards bytes (`store_relay`), which
+prices the one hop a store adds. One operation moves one batch of about `--batch-bytes`.
+Throughput is bytes over the total time of the operations, latency is per operation. Without
+`--redis` the benchmark starts its own redis-server on a free loopback port (maxmemory 2 GiB,
+allkeys-lru, no persistence).
 
 With `--processes 1,2,4` and/or `--cluster N` it measures how the store scales out instead
 (`kvpool/bench/store_scaling.py`): rows per backend and process count.
@@ -16,7 +18,10 @@ import json
 import os
 import statistics
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
+from kvpool.bench.store_relay import SpliceRelay
 from kvpool.bench.store_timing import (
     CpuMeter,
     percentile,
@@ -75,6 +80,7 @@ def _measure_size(
     size: int,
     args: argparse.Namespace,
     store_pid: int,
+    relayed: object,
 ) -> dict:
     batch = max(1, args.batch_bytes // size)
     ops = max(8, (args.mib << 20) // (batch * size))
@@ -104,6 +110,10 @@ def _measure_size(
         if len(got) != batch:
             raise RuntimeError("the store missed a key it had just written (is Redis too small?)")
 
+    def relayed_get(op: int) -> None:  # raw redis-py through a relay: one more hop, nothing else
+        if any(v is None for v in relayed.mget(raw_keys[op])):  # type: ignore[attr-defined]
+            raise RuntimeError("raw GET through the relay missed a key it had just written")
+
     def grpc_get(op: int) -> None:  # the same Get with the data path off: gRPC only
         if len(grpc_client.get_many(svc_keys[op])) != batch:  # type: ignore[attr-defined]
             raise RuntimeError("the store missed a key it had just written (is Redis too small?)")
@@ -114,9 +124,10 @@ def _measure_size(
         [cpu.wrap("put", svc_put), cpu.wrap("grpc_put", grpc_put), cpu.wrap("redis_set", raw_put)],
         ops,
     )
-    get_times, grpc_times, mget_times = timed_round(
-        [cpu.wrap("get", svc_get), cpu.wrap("grpc_get", grpc_get), cpu.wrap("redis_get", raw_get)],
-        ops,
+    gets = [svc_get, grpc_get, raw_get] + ([relayed_get] if relayed is not None else [])
+    names = ("get", "grpc_get", "redis_get", "relayed_get")
+    get_times, grpc_times, mget_times, *relayed_times = timed_round(
+        [cpu.wrap(name, op) for name, op in zip(names, gets, strict=False)], ops
     )
     gb = op_bytes * (ops + 1) / 1e9  # timed_round's warm-up op is measured too
 
@@ -127,7 +138,17 @@ def _measure_size(
     grpc_put_ = summary(grpc_put_times, op_bytes)
     get, redis_get = summary(get_times, op_bytes), summary(mget_times, op_bytes)
     grpc_get_ = summary(grpc_times, op_bytes)
+    relayed_get_ = summary(relayed_times[0], op_bytes) if relayed_times else None
     raw.flushdb()  # type: ignore[attr-defined]
+    if relayed_get_ is not None:
+        # Raw redis-py GET through a byte relay (store_relay): what one more hop alone costs,
+        # the ceiling of get_ratio for anything between the client and Redis.
+        hop = {
+            "relayed_get_gbps": round(relayed_get_["gbps"], 3),
+            "relayed_get_ratio": round(relayed_get_["gbps"] / redis_get["gbps"], 3),
+        }
+    else:
+        hop = {}
     return {
         "value_bytes": size,
         "batch_values": batch,
@@ -162,7 +183,23 @@ def _measure_size(
         "put_store_cpu_s_per_gb": per_gb(cpu.store_s, "put"),
         "redis_get_client_cpu_s_per_gb": per_gb(cpu.client_s, "redis_get"),
         "redis_set_client_cpu_s_per_gb": per_gb(cpu.client_s, "redis_set"),
+        **hop,
     }
+
+
+def _relayed_client(url: str) -> "tuple[SpliceRelay | None, Any]":
+    """A redis-py client that reaches `url` through a byte relay (TCP Redis only; else None)."""
+    import redis
+
+    parts = urlsplit(url)
+    if parts.scheme != "redis":
+        return None, None
+    relay = SpliceRelay(parts.hostname or "127.0.0.1", parts.port or 6379)
+    client = redis.Redis(
+        host="127.0.0.1", port=relay.port, db=int((parts.path or "/0").strip("/") or 0),
+        username=parts.username, password=parts.password,
+    )  # fmt: skip
+    return relay, client
 
 
 def _measure_lookup(
@@ -221,7 +258,10 @@ def _plot(result: dict, path: Path) -> None:
     left.legend(fontsize=8)
     ratios = (("put_ratio", "put / SET (data path)"), ("get_ratio", "get / GET (data path)"))
     grpc = (("grpc_put_ratio", "put / SET (gRPC)"), ("grpc_get_ratio", "get / GET (gRPC)"))
-    for key, name in (*ratios, *grpc):
+    hop = (("relayed_get_ratio", "GET through a byte relay / GET (one hop's cost)"),)
+    for key, name in (*ratios, *grpc, *hop):
+        if key not in rows[0]:
+            continue
         right.plot(labels, [r[key] for r in rows], marker="o", label=name)
     right.axhline(0.8, color="grey", linestyle="--", label="Get bar 0.8x")
     right.axhline(1.0, color="grey", linestyle=":", label="Put bar 1.0x")
@@ -254,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
     url = args.redis or local.url  # type: ignore[union-attr]
     store, target = start_store(url)
     raw = redis.Redis.from_url(url)
+    relay, relayed = _relayed_client(url)
     try:
         with (
             StoreClient(target, timeout_s=30) as client,
@@ -262,7 +303,8 @@ def run(args: argparse.Namespace) -> int:
             client.wait_ready(30)
             rows = []
             for size in SIZES:
-                rows.append(_measure_size(raw, client, grpc_client, size, args, store.pid))
+                row = _measure_size(raw, client, grpc_client, size, args, store.pid, relayed)
+                rows.append(row)
                 print(json.dumps(rows[-1]), flush=True)
             result = {"rows": rows, **_measure_lookup(raw, client, grpc_client, args)}
             from kvpool.bench.store_clients import aggregate_get
@@ -272,6 +314,9 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps(row), flush=True)
     finally:
         raw.close()
+        if relay is not None:
+            relayed.close()  # type: ignore[union-attr]
+            relay.close()
         store.terminate()
         store.wait(30)
         if local is not None:

@@ -27,6 +27,12 @@ ROW_KEYS = {
     "grpc_get_ratio",
     "grpc_get_client_cpu_s_per_gb",
     "grpc_get_store_cpu_s_per_gb",
+    "grpc_put_gbps",
+    "grpc_put_ratio",
+    "grpc_put_client_cpu_s_per_gb",
+    "grpc_put_store_cpu_s_per_gb",
+    "relayed_get_gbps",
+    "relayed_get_ratio",
 }
 
 
@@ -38,11 +44,12 @@ def test_bench_store_writes_rows_lookup_and_plot(tmp_path, redis_server):
     assert [row["value_bytes"] for row in result["rows"]] == [64 << 10, 1 << 20, 4 << 20]
     for row in result["rows"]:
         assert set(row) >= ROW_KEYS
-        # The store process's CPU for a data path Get can be under one clock tick (it splices
-        # the bytes, never reading them): zero. Every other figure is measured, so positive.
-        spliced = "get_store_cpu_s_per_gb"
-        assert row[spliced] >= 0
-        assert all(row[k] > 0 for k in ROW_KEYS - {spliced})
+        # The store process's CPU for a data path Get or Put can be under one clock tick (it
+        # splices the bytes, never reading them): zero. Every other figure is measured, so
+        # positive.
+        spliced = {"get_store_cpu_s_per_gb", "put_store_cpu_s_per_gb"}
+        assert all(row[k] >= 0 for k in spliced)
+        assert all(row[k] > 0 for k in ROW_KEYS - spliced)
     assert result["lookup_chain"] == 64 and result["lookup_p50_ms"] > 0
     assert result["grpc_lookup_p50_ms"] > 0
     # Aggregate Get of 1, 2 and 4 client processes at once, store and raw redis-py.
