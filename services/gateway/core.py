@@ -75,8 +75,7 @@ class InferenceCore:
         self.pool = pool
         self.sessions = sessions
         self.metrics = metrics
-        self.config = config or GatewayConfig()
-        self.limits = RequestLimits(self.config, pool, metrics)
+        self.config = config or GatewayConfig()  # also sets self.limits
         self.live_sessions = LiveSessions(
             sessions.ttl_s, per_tenant=self.config.max_sessions_per_tenant
         )
@@ -87,6 +86,16 @@ class InferenceCore:
             router.config.queue_timeout_s,
             reserve=tenants > 1,
         )
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: GatewayConfig) -> None:
+        """A new config (tests change it mid-run) brings its limits with it."""
+        self._config = config
+        self.limits = RequestLimits(config, self.pool, self.metrics)
 
     # --- Generate ----------------------------------------------------------------------------
 

@@ -36,7 +36,6 @@ import grpc.experimental
 from kvpool.errors import (
     DataLoss,
     InvalidArgument,
-    KvpoolError,
     ResourceExhausted,
     Unavailable,
 )
@@ -254,6 +253,7 @@ class StoreClient:
                 self._data_failed(0, data, exc)
             else:
                 if present is not None:
+                    self.breaker.success()
                     return present
         request = store_pb2.LookupRequest(keys=keys)
 
@@ -266,8 +266,13 @@ class StoreClient:
     # --- the data path ---------------------------------------------------------------------
 
     def _data_path(self, n: int, deadline: float) -> DataPath | None:
-        """Channel n's data path, or None (off, not advertised, or recently failed): gRPC."""
-        if not self._data_wanted or self._data[n] is not None:
+        """Channel n's data path, or None (off, not advertised, recently failed, or the store's
+        circuit open): gRPC. While the circuit is open the call goes to gRPC's `_call`, which
+        fails fast or lets it through as the probe whose answer closes the circuit (a data
+        path call never takes the probe: it would not report back)."""
+        if not self._data_wanted or self.breaker.is_open:
+            return None
+        if self._data[n] is not None:
             return self._data[n]
         with self._data_lock:
             if self._data[n] is not None or time.monotonic() < self._data_retry_at[n]:
@@ -278,11 +283,10 @@ class StoreClient:
             if host is None or left <= 0:
                 return None
             try:
-                self.breaker.check()
                 reply = store_pb2_grpc.KVStoreStub(self._channels[n]).Stats(
                     store_pb2.StatsRequest(), timeout=min(left, 1.0), metadata=self._metadata
                 )
-            except (grpc.RpcError, KvpoolError):
+            except grpc.RpcError:
                 return None  # gRPC will say what is wrong
             if not reply.HasField("data_port"):
                 return None
@@ -386,6 +390,7 @@ class StoreClient:
 
             try:
                 if data.get(keys, deadline, arrived):
+                    self.breaker.success()
                     return
             except InvalidArgument:
                 raise  # the caller's mistake (a bad or repeated key): gRPC would say the same
@@ -440,6 +445,7 @@ class StoreClient:
                 self._data_failed(0, data, exc)
             else:
                 if stored is not None:
+                    self.breaker.success()
                     return stored
 
         def attempt(timeout: float) -> int:

@@ -70,6 +70,25 @@ def _recv_head(conn: socket.socket, n: int) -> bytes | None:
     return first + _recv_exact(conn, n - len(first)) if len(first) < n else first
 
 
+_TCP_ESTABLISHED = 1
+
+
+def client_gone(conn: socket.socket) -> bool:
+    """Whether the client has closed its end (or reset it): its request is stale, as it no
+    longer waits for the answer. Read from the kernel's TCP state, which says so even while
+    the request's bytes are still unread; where that is not available, from a peek."""
+    try:
+        return conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_ESTABLISHED
+    except (AttributeError, OSError):  # no TCP_INFO (not Linux), or not a TCP socket
+        pass
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # nothing to read: it waits for the answer
+    except OSError:
+        return True
+
+
 def _recv_key(conn: socket.socket) -> str:
     raw = _recv_exact(conn, _recv_exact(conn, 1)[0])
     return raw.decode(errors="replace")  # the key checks refuse what is not ASCII
@@ -354,20 +373,29 @@ class DataPathServer:
     def _put_raw(
         self, conn: socket.socket, stream: "RespStream", n: int, ttl_s: int | None, deadline: float
     ) -> int:
-        """SETs pipelined to Redis, each value moved from the client's socket as it arrives (at
-        most the bounce buffer or the pipe held here, so no byte budget is taken); the replies
-        are read once every value is sent."""
-        armed_at, received = 0.0, 0
-        for _ in range(n):
+        """SETs pipelined to Redis in transactions of about --batch-bytes, each value moved from
+        the client's socket as it arrives (at most the bounce buffer or the pipe held here, so
+        no byte budget is taken). A transaction is applied only while the client still waits:
+        a Put read after its client gave up (the store was paused, say) is not applied late."""
+        armed_at, received, stored = 0.0, 0, 0
+        open_sets = open_bytes = 0
+        for i in range(n):
             key, size = self._item(conn, deadline)
             now = time.monotonic()
             if now - armed_at >= REARM_S:
                 stream.set_deadline(deadline - now)
                 armed_at = now
+            if not open_sets:
+                stream.begin()
             stream.send_set(key, size, conn, ttl_s)
-            received += size
-        stream.set_deadline(max(deadline - time.monotonic(), 0.001))
-        stored = stream.set_replies(n)
+            open_sets, open_bytes, received = open_sets + 1, open_bytes + size, received + size
+            if open_bytes >= self._limits.batch_bytes or open_sets >= 256 or i + 1 == n:
+                stream.set_deadline(max(deadline - time.monotonic(), 0.001))
+                waiting = not client_gone(conn)
+                stored += stream.commit(open_sets, apply=waiting)
+                if not waiting:
+                    raise _Closed  # nobody to answer, and nothing more applied
+                open_sets = open_bytes = 0
         self._servicer.count_put(stored, received)
         return stored
 
@@ -375,25 +403,31 @@ class DataPathServer:
         self, conn: socket.socket, n: int, ttl_s: int | None, deadline: float
     ) -> int:
         """Values read into memory within the store's byte budget (--max-inflight-bytes) and
-        written in batches through the backend, as gRPC's Put does."""
+        written in batches through the backend, as gRPC's Put does; each batch only while the
+        client still waits."""
         budget = self._servicer.budget
         pending: list[tuple[str, bytes | memoryview]] = []
         held = stored = 0
+
+        def flush() -> None:
+            nonlocal pending, held, stored
+            if client_gone(conn):
+                raise _Closed  # it stopped waiting: nothing more is applied late
+            stored += self._servicer.put_blocks(pending, ttl_s, deadline)
+            budget.release(held)
+            pending, held = [], 0
+
         try:
             for _ in range(n):
                 key, size = self._item(conn, deadline)
                 if not budget.try_acquire(size):
-                    stored += self._servicer.put_blocks(pending, ttl_s, deadline)
-                    budget.release(held)
-                    pending, held = [], 0
+                    flush()  # never wait for room while holding values
                     budget.acquire(size, deadline)
                 held += size
                 pending.append((key, _recv_exact(conn, size)))
                 if held >= self._limits.batch_bytes or len(pending) >= 256:
-                    stored += self._servicer.put_blocks(pending, ttl_s, deadline)
-                    budget.release(held)
-                    pending, held = [], 0
-            stored += self._servicer.put_blocks(pending, ttl_s, deadline)
+                    flush()
+            flush()
         finally:
             budget.release(held)
         return stored

@@ -274,9 +274,9 @@ class RespStream:
     def send_set(self, key: str, n: int, src: socket.socket, ttl_s: int | None) -> None:
         """Send `SET key VALUE [EX ttl_s]` whose VALUE is the next `n` bytes read from `src`
         (a client socket), moved as they come: copied through the bounce buffer when small,
-        spliced otherwise. Its reply is read later (`set_replies`). A failure inside the value
+        spliced otherwise, inside a transaction (`begin`, `commit`). A failure inside the value
         leaves Redis holding half a command: the caller must close this stream, which makes
-        Redis drop it (a SET is applied whole or not at all).
+        Redis drop it and the open transaction (a SET is applied whole or not at all).
 
         Raises ConnectionError when `src` ends inside the value, Unavailable when Redis fails."""
         raw = key.encode()
@@ -292,11 +292,32 @@ class RespStream:
         self._splice_in(src, n)
         self._send(tail)
 
-    def set_replies(self, n: int) -> int:
-        """Read the replies of `n` SETs; how many stored. An error reply (a full Redis, say) is
-        raised once all `n` are read, so the stream stays in step."""
-        stored, first_error = 0, None
-        for _ in range(n):
+    def begin(self) -> None:
+        """Open a transaction (MULTI): the SETs sent next are applied by `commit`, all at once,
+        or by none if this stream closes first (Redis drops an open MULTI with its client)."""
+        self._send(b"*1\r\n$5\r\nMULTI\r\n")
+
+    def commit(self, n: int, apply: bool = True) -> int:
+        """End the transaction of `n` SETs: EXEC (`apply`), or DISCARD; how many were stored.
+        An error reply (a full Redis, say) is raised once every reply is read, so the stream
+        stays in step."""
+        self._send(b"*1\r\n$4\r\nEXEC\r\n" if apply else b"*1\r\n$7\r\nDISCARD\r\n")
+        self._simple()  # MULTI's +OK
+        first_error: RespError | None = None
+        for _ in range(n):  # +QUEUED each, or an error (EXEC then aborts them all)
+            try:
+                self._simple()
+            except RespError as exc:
+                first_error = first_error or exc
+        if not apply:
+            self._simple()  # DISCARD's +OK
+            return 0
+        try:
+            line = self._simple()  # *n: EXEC's replies, one per SET
+        except RespError as exc:  # EXECABORT
+            raise first_error or exc from None
+        stored = 0
+        for _ in range(int(line[1:]) if line[:1] == b"*" else 0):
             try:
                 self._simple()
                 stored += 1

@@ -10,9 +10,10 @@ import time
 import pytest
 import redis
 
-from kvpool.errors import InvalidArgument, ResourceExhausted
+from kvpool.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.store import datawire as wire
 from services.store.client import StoreClient
+from services.store.dataserver import client_gone
 from services.store.limits import StoreLimits
 from services.store.server import StoreServer
 from services.store.settings import StoreConfig
@@ -88,7 +89,7 @@ def test_a_block_over_the_limit_is_refused_never_stored_in_part(redis_server):
 
 
 @pytest.mark.parametrize("size", [70_000, 3 << 20])
-def test_a_client_that_breaks_off_inside_a_value_stores_nothing_of_it(redis_server, size):
+def test_a_client_that_breaks_off_inside_a_value_stores_nothing_of_its_put(redis_server, size):
     raw = redis.Redis.from_url(redis_server)
     with StoreServer(StoreConfig(backend=redis_server, port=0)) as server:
         sock = socket.create_connection(("127.0.0.1", server.data_port), timeout=5)
@@ -96,15 +97,36 @@ def test_a_client_that_breaks_off_inside_a_value_stores_nothing_of_it(redis_serv
         assert _frame(sock)[0] == wire.OK
         parts = wire.encode_put([(key(1), b"whole"), (key(2), bytes(size))], 10_000, 0)
         sock.sendall(b"".join(bytes(p) for p in parts)[: -size // 2])  # half the second value
-        deadline = time.monotonic() + 10
-        while raw.get(key(1)) is None and time.monotonic() < deadline:
-            time.sleep(0.02)  # the first SET is whole: Redis may apply it
         sock.close()
         with StoreClient(server.target) as client:
             assert _puts_since(server, 0, 1, "CANCELLED") == 1  # a call the client left
-            assert raw.get(key(2)) is None  # half a SET was dropped with its connection
+            # One transaction: half a SET dropped with its connection, and the whole SET
+            # before it with it.
+            assert raw.get(key(1)) is None and raw.get(key(2)) is None
             assert client.put_many([(key(2), b"later")]) == 1  # the store still takes Puts
             assert client.get_many([key(2)]) == {key(2): b"later"}
+
+
+def test_a_client_gone_is_seen_even_before_its_request_is_read():
+    """What keeps a Put read late (a store paused past its client's deadline) from being applied
+    after its client gave up: the kernel's TCP state says the client closed, unread bytes or
+    not. tests/faults/test_session_saves.py pauses a real store process for the whole case."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    conn, _ = listener.accept()
+    try:
+        assert not client_gone(conn)  # connected, nothing sent: waiting
+        client.sendall(b"a request it will not wait for")
+        assert not client_gone(conn)
+        client.close()
+        deadline = time.monotonic() + 5
+        while not client_gone(conn) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the FIN arrives
+        assert client_gone(conn)
+        assert conn.recv(100) == b"a request it will not wait for"  # still unread until now
+    finally:
+        conn.close()
+        listener.close()
 
 
 def test_put_golden_bytes():
@@ -116,3 +138,27 @@ def test_put_golden_bytes():
     assert parts[2] is value
     with pytest.raises(wire.Unencodable):
         wire.encode_put([("k" * 256, b"v")], 1500, 0)
+
+
+def test_an_open_circuit_sends_calls_to_grpc_whose_probe_closes_it(redis_server):
+    """The data path never takes the circuit's probe: it would not report back, and a circuit
+    whose probes are taken that way stays open for gRPC calls for good (faults/test_restarts
+    found it: every Put a worker sent through gRPC failed fast while its data path worked)."""
+    config = StoreConfig(backend=redis_server, port=0)
+    with StoreServer(config) as server, StoreClient(server.target, timeout_s=2.0) as client:
+        assert client.put_many([(key(1), b"v")]) == 1
+        data = client._data[0]
+        assert data is not None
+        client.breaker.failure()
+        client.breaker.failure()  # open: as after two calls the store did not answer
+        with pytest.raises(Unavailable, match="circuit open"):
+            client.put_many([(key(2), b"v")])  # fail fast, the data path not tried
+        deadline = time.monotonic() + 10
+        while client.breaker.is_open and time.monotonic() < deadline:
+            try:
+                client.put_many([(key(2), b"v")])  # after the cooldown: the gRPC probe
+            except Unavailable:
+                time.sleep(0.2)
+        assert not client.breaker.is_open  # its answer closed the circuit
+        assert client.put_many([(key(3), b"v")]) == 1
+        assert client._data[0] is data  # and the data path carries the calls again
