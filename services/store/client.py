@@ -243,18 +243,9 @@ class StoreClient:
         if not keys:
             return 0
         deadline = time.monotonic() + self._timeout_s
-        data = self._data_path(0, deadline)
-        if data is not None:
-            try:
-                present = data.lookup(list(keys), deadline)
-            except InvalidArgument:
-                raise  # the caller's mistake: gRPC would say the same
-            except Exception as exc:
-                self._data_failed(0, data, exc)
-            else:
-                if present is not None:
-                    self.breaker.success()
-                    return present
+        present = self._on_data_path(0, deadline, lambda data: data.lookup(list(keys), deadline))
+        if present is not None:
+            return present
         request = store_pb2.LookupRequest(keys=keys)
 
         def attempt(timeout: float) -> int:
@@ -293,6 +284,33 @@ class StoreClient:
             # Two connections: a get_iter and a get_many at once on the same slice.
             self._data[n] = DataPath(host, reply.data_port, self._auth_token, 2)
             return self._data[n]
+
+    def _on_data_path(
+        self,
+        n: int,
+        deadline: float,
+        call: Callable[[DataPath], T | None],
+        keep_on: tuple[type[Exception], ...] = (),
+    ) -> T | None:
+        """`call` on channel n's data path: its answer (the store answered: the circuit closes),
+        or None for gRPC to answer instead (no data path, no connection free, or it failed:
+        then it is dropped for a while, unless the error is one of `keep_on`). A bad or
+        repeated key is the caller's mistake, raised as gRPC would raise it."""
+        data = self._data_path(n, deadline)
+        if data is None:
+            return None
+        try:
+            result = call(data)
+        except InvalidArgument:
+            raise
+        except keep_on:
+            return None
+        except Exception as exc:
+            self._data_failed(n, data, exc)
+            return None
+        if result is not None:
+            self.breaker.success()
+        return result
 
     def _data_failed(self, n: int, data: DataPath, exc: Exception) -> None:
         log.debug("store data path at %s:%d failed, using gRPC: %s", data.host, data.port, exc)
@@ -379,24 +397,19 @@ class StoreClient:
         remaining = list(range(len(keys)))
         deadline = time.monotonic() + self._timeout_s
         get = self._gets[n]
-        data = self._data_path(n, deadline) if keys else None
-        if data is not None:
-            answered = 0
+        answered = 0
 
-            def arrived(i: int, value: bytes | None) -> None:
-                nonlocal answered
-                on_value(i, value)
-                answered = i + 1
+        def arrived(i: int, value: bytes | None) -> None:
+            nonlocal answered
+            on_value(i, value)
+            answered = i + 1
 
-            try:
-                if data.get(keys, deadline, arrived):
-                    self.breaker.success()
-                    return
-            except InvalidArgument:
-                raise  # the caller's mistake (a bad or repeated key): gRPC would say the same
-            except Exception as exc:  # gRPC asks again for the keys not answered whole
-                self._data_failed(n, data, exc)
-                remaining = remaining[answered:]
+        def on_data_path(data: DataPath) -> bool | None:
+            return data.get(keys, deadline, arrived) or None  # False: no connection was free
+
+        if keys and self._on_data_path(n, deadline, on_data_path):
+            return
+        remaining = remaining[answered:]  # after a failure: gRPC asks for the rest only
 
         def attempt(timeout: float) -> None:
             nonlocal remaining
@@ -432,21 +445,14 @@ class StoreClient:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
 
         deadline = time.monotonic() + self._timeout_s
-        data = self._data_path(0, deadline)
-        if data is not None:
-            try:
-                stored = data.put(list(items), ttl_s or 0, deadline)
-            except InvalidArgument:
-                raise  # the caller's mistake: gRPC would say the same
-            except (ResourceExhausted, Unencodable):
-                pass  # a limit (a block too large, the store's connections), or a key or value
-                # the data path cannot carry: gRPC answers it, the data path stays on
-            except Exception as exc:
-                self._data_failed(0, data, exc)
-            else:
-                if stored is not None:
-                    self.breaker.success()
-                    return stored
+        # A limit (a block too large, the store's connections) or a key or value the data path
+        # cannot carry: gRPC answers it, and the data path stays on.
+        stored = self._on_data_path(
+            0, deadline, lambda data: data.put(list(items), ttl_s or 0, deadline),
+            keep_on=(ResourceExhausted, Unencodable),
+        )  # fmt: skip
+        if stored is not None:
+            return stored
 
         def attempt(timeout: float) -> int:
             chunks = put_chunks(items, ttl_s, self._chunk_bytes)

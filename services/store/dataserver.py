@@ -40,7 +40,7 @@ from services.store import datawire as wire
 from services.store.backends.resp import set_timeouts
 from services.store.keys import check_key, check_keys
 from services.store.limits import StoreLimits
-from services.store.service import KVStoreServicer, check_unique
+from services.store.service import BATCH_VALUES, KVStoreServicer, check_unique
 
 if TYPE_CHECKING:
     from services.auth import TokenTable
@@ -351,7 +351,7 @@ class DataPathServer:
             try:
                 stored = self._put_raw(conn, stream, request.n_keys, ttl_s, deadline)
             except BaseException:
-                stream.close()  # Redis may hold half a SET: closing drops it
+                stream.close()  # Redis may hold half a SET or an open MULTI: closing drops both
                 raise
         conn.sendall(wire.frame(wire.OK, stored))
         return stream
@@ -389,7 +389,7 @@ class DataPathServer:
                 stream.begin()
             stream.send_set(key, size, conn, ttl_s)
             open_sets, open_bytes, received = open_sets + 1, open_bytes + size, received + size
-            if open_bytes >= self._limits.batch_bytes or open_sets >= 256 or i + 1 == n:
+            if open_bytes >= self._limits.batch_bytes or open_sets >= BATCH_VALUES or i + 1 == n:
                 stream.set_deadline(max(deadline - time.monotonic(), 0.001))
                 waiting = not client_gone(conn)
                 stored += stream.commit(open_sets, apply=waiting)
@@ -425,7 +425,7 @@ class DataPathServer:
                     budget.acquire(size, deadline)
                 held += size
                 pending.append((key, _recv_exact(conn, size)))
-                if held >= self._limits.batch_bytes or len(pending) >= 256:
+                if held >= self._limits.batch_bytes or len(pending) >= BATCH_VALUES:
                     flush()
             flush()
         finally:

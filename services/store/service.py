@@ -28,6 +28,9 @@ from services.store.metrics import StoreMetrics
 __all__ = ["KVStoreServicer", "StoreLimits", "add_to_server", "check_unique"]
 
 T = TypeVar("T")
+# The most values one backend write carries (a Put's batch, a Get's read window), beside the
+# byte bounds (--batch-bytes, --window): a batch of many tiny values stays short too.
+BATCH_VALUES = 256
 
 # A backend failure that took this long is a hung backend, not a refused one (see `_wait`).
 SLOW_FAILURE_S = 0.5
@@ -179,7 +182,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
         windows: list[Window] = []
         start = total = 0
         for i, n in enumerate(sizes):
-            if i > start and (total + n > self._limits.window_bytes or i - start >= 256):
+            if i > start and (total + n > self._limits.window_bytes or i - start >= BATCH_VALUES):
                 windows.append(Window(start, i, total))
                 start, total = i, 0
             total += n
@@ -269,7 +272,7 @@ class KVStoreServicer(store_pb2_grpc.KVStoreServicer):
                     pending.append(block)
                     pending_bytes += open_bytes
                     open_bytes = 0
-                    if pending_bytes >= self._limits.batch_bytes or len(pending) >= 256:
+                    if pending_bytes >= self._limits.batch_bytes or len(pending) >= BATCH_VALUES:
                         flush()
             assembler.finish()
             flush()
