@@ -83,12 +83,14 @@ class RedisStore:
         self._raw_url, self._password, self._timeout_s = url, password, timeout_s
         # Credentials, TLS (rediss://) and the database number come from the URL; redis-py
         # reads `user:password@`, `?ssl_cert_reqs=...` and `/db` itself.
+        # A Unix socket has no keepalive (redis-py's Unix connection refuses the argument).
+        tcp = {} if urlsplit(url).scheme == "unix" else {"socket_keepalive": True}
         self._client = redis.Redis.from_url(
             url,
             password=password,
             socket_timeout=timeout_s,
             socket_connect_timeout=min(timeout_s, 2.0),
-            socket_keepalive=True,
+            **tcp,
             health_check_interval=30,
             max_connections=max_connections,
             retry=Retry(

@@ -200,3 +200,24 @@ def test_rediss_urls_use_tls_and_verify_the_server(tmp_path):
         trusted.close()
         with pytest.raises(Unavailable, match="rediss://"):
             RedisStore(process.tls_url).lookup(["k"])  # self-signed: not trusted by default
+
+
+def test_a_unix_socket_url_opens_a_store_and_its_data_path_stream(tmp_path):
+    """`unix://` is an accepted backend spec: it must open (redis-py's Unix connection takes no
+    keepalive argument, which a TCP one does) and give the data path its raw stream."""
+    require_redis_server()
+    sock = tmp_path / "redis.sock"
+    with RedisProcess(extra_args=["--unixsocket", str(sock), "--unixsocketperm", "700"]) as proc:
+        backend = RedisStore(f"unix://{sock}?db=0")
+        try:
+            assert backend.put_many([("a", b"1"), ("b", b"22")], None) == 2
+            assert backend.get_many(["a", "b", "c"]) == [b"1", b"22", None]
+            stream = backend.open_stream()
+            assert stream is not None
+            try:
+                assert stream.lookup(["a", "b", "c"]) == 2
+            finally:
+                stream.close()
+        finally:
+            backend.close()
+        assert redis.Redis.from_url(proc.url).get("b") == b"22"  # the same server, over TCP
