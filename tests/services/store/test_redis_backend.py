@@ -220,4 +220,8 @@ def test_a_unix_socket_url_opens_a_store_and_its_data_path_stream(tmp_path):
                 stream.close()
         finally:
             backend.close()
-        assert redis.Redis.from_url(proc.url).get("b") == b"22"  # the same server, over TCP
+        over_tcp = redis.Redis.from_url(proc.url)
+        try:
+            assert over_tcp.get("b") == b"22"  # the same server, over TCP
+        finally:
+            over_tcp.close()
