@@ -2,9 +2,9 @@
 
 `StoreClient` uses it for Get, Lookup and Put when the store advertises a data port (Stats) and the
 channel is not TLS, and goes back to gRPC on any failure. Each value's length comes before its
-bytes, and the value is read with one `recv(length, MSG_WAITALL)` (one copy, straight into the
-`bytes` the caller gets), so a connection that ends inside a value raises: a value is whole or it
-is not returned.
+bytes (a run announces its values' lengths, then carries them as Redis framed them), and the
+value is read with one `recv(length, MSG_WAITALL)` (one copy, straight into the `bytes` the caller
+gets), so a connection that ends inside a value raises: a value is whole or it is not returned.
 
 At most `max_connections` connections per client; a call that finds none free uses gRPC.
 """
@@ -92,23 +92,20 @@ class DataPath:
         ok = False
         try:
             sock.sendall(wire.encode_request(wire.OP_GET, keys, _ms_left(deadline)))
-            armed_at = 0.0
-            for i in range(len(keys)):
-                now = time.monotonic()
-                if now - armed_at >= REARM_S:  # not two setsockopt calls for every value
-                    set_timeouts(sock, _left(deadline))
-                    armed_at = now
-                elif now >= deadline:
-                    _left(deadline)  # raises: the call ran past its deadline
+            timer, done = _Timeouts(sock, deadline), 0
+            while done < len(keys):
+                timer.check()
                 kind, length = wire.decode_frame(_recv_exact(sock, wire.FRAME.size))
-                if kind == wire.MISSING:
-                    on_value(i, None)
-                elif kind == wire.VALUE:
-                    on_value(i, _recv_value(sock, length, deadline))
-                elif kind == wire.ERROR:
+                if kind == wire.ERROR:
                     raise wire.decode_error(_recv_exact(sock, length))
-                else:
-                    raise wire.ProtocolError(f"frame kind {kind} in a Get answer")
+                if kind != wire.RUN or not 0 < length <= len(keys) - done:
+                    raise wire.ProtocolError(
+                        f"frame kind {kind} (length {length}) in a Get answer with "
+                        f"{len(keys) - done} values to come"
+                    )
+                lengths = wire.decode_run_lengths(_recv_exact(sock, 8 * length, deadline))
+                _read_run(sock, lengths, done, timer, on_value)
+                done += length
             ok = True
         finally:
             self._checkin(sock, ok)
@@ -191,10 +188,55 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> b
     return _finish(sock, n, data, deadline)
 
 
-def _recv_value(sock: socket.socket, length: int, deadline: float) -> bytes:
-    if length > MAX_VALUE_BYTES:
-        raise wire.ProtocolError(f"a value of {length} bytes announced (at most {MAX_VALUE_BYTES})")
-    return _recv_exact(sock, length, deadline)
+class _Timeouts:
+    """A Get's kernel timeouts, re-armed to what its deadline leaves every REARM_S (not two
+    setsockopt calls for every value); raises once the deadline has passed."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock, self.deadline, self._armed_at = sock, deadline, -REARM_S
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now - self._armed_at >= REARM_S:
+            set_timeouts(self.sock, _left(self.deadline))
+            self._armed_at = now
+        elif now >= self.deadline:
+            _left(self.deadline)  # raises: the call ran past its deadline
+
+
+def _read_run(
+    sock: socket.socket,
+    lengths: tuple[int, ...],
+    first: int,
+    timer: _Timeouts,
+    on_value: Callable[[int, bytes | None], None],
+) -> None:
+    """A run's bulk replies (the values of keys `first`, `first + 1`, ...), each checked against
+    the length announced for it: a value is read with one `recv` straight into the `bytes` the
+    caller gets, and given to it once the CRLF after it, read with the next reply's head (two
+    calls a value), is there."""
+    deadline = timer.deadline
+    held: tuple[int, bytes | None] | None = None  # read, its CRLF not yet
+    for j, length in enumerate(lengths):
+        if length > MAX_VALUE_BYTES or length < wire.MISSING_LENGTH:
+            raise wire.ProtocolError(
+                f"a value of {length} bytes announced (at most {MAX_VALUE_BYTES})"
+            )
+        timer.check()
+        expected = (b"\r\n" if held else b"") + wire.bulk_head(length)
+        if _recv_exact(sock, len(expected), deadline) != expected:
+            raise wire.ProtocolError(f"a run's reply {j} is not the {length} bytes announced")
+        if held:
+            on_value(*held)
+            held = None
+        if length == wire.MISSING_LENGTH:
+            on_value(first + j, None)
+        else:
+            held = (first + j, _recv_exact(sock, length, deadline))
+    if held:
+        if _recv_exact(sock, 2, deadline) != b"\r\n":
+            raise wire.ProtocolError("a run's last value is not followed by its CRLF")
+        on_value(*held)
 
 
 def _finish(sock: socket.socket, n: int, first: bytes, deadline: float | None) -> bytes:

@@ -3,8 +3,10 @@ data path").
 
 Why: on a few cores a Get through gRPC Python costs the store process about as much CPU per byte
 as the client and Redis together (it parses every message and re-sends every byte). Here the
-store reads a bulk reply's length from Redis and moves the value's bytes to the client socket
-with `os.splice` (backends/resp.py), so value bytes never enter Python in the store. Backends
+store reads a window of values and their exact lengths in one Redis transaction and moves the
+transaction's bulk replies to the client socket as they are, with `os.splice`
+(backends/resp.py), so value bytes never enter Python in the store, and it parses nothing per
+value: the client reads the bulk replies against the lengths the store announced. Backends
 without a raw stream (memory, a cluster, TLS Redis, split session spaces) answer through the
 servicer's own windowed read (`KVStoreServicer.values`: the byte budget, the breaker) and
 `sendall` of each value.
@@ -37,7 +39,7 @@ from kvpool.errors import (
 )
 from services.status import code_for
 from services.store import datawire as wire
-from services.store.backends.resp import set_timeouts
+from services.store.backends.resp import send_all, set_timeouts
 from services.store.keys import check_key, check_keys
 from services.store.limits import StoreLimits
 from services.store.service import BATCH_VALUES, KVStoreServicer, check_unique
@@ -288,53 +290,55 @@ class DataPathServer:
         return deadline, stream
 
     def _get_through_backend(self, conn: socket.socket, keys: list[str], deadline: float) -> None:
+        """A run of one value each, framed as Redis frames it (the client reads one format)."""
         values = self._servicer.values(keys, deadline)
         try:
             for _, value in values:
                 if value is None:
-                    self._send(conn, wire.frame(wire.MISSING))
-                else:
-                    self._send(conn, wire.frame(wire.VALUE, len(value)), more=True)
-                    self._send(conn, value)
+                    self._send(conn, wire.run_head([wire.MISSING_LENGTH]) + wire.bulk_head(-1))
+                    continue
+                head = wire.run_head([len(value)]) + wire.bulk_head(len(value))
+                try:
+                    send_all(conn, (head, value, b"\r\n"))
+                except OSError as exc:
+                    raise _Closed from exc
         finally:
             values.close()  # its windows give their bytes back
 
     def _get_raw(
         self, conn: socket.socket, stream: "RespStream", keys: list[str], deadline: float
     ) -> None:
-        """GETs pipelined one window ahead (windows of about --window bytes, planned from the
-        values' sizes), so Redis never buffers more than two windows for this connection and the
-        store buffers none: each value is spliced from Redis to the client as it comes."""
-        armed_at = time.monotonic()
-        stream.set_deadline(deadline - armed_at)
-        windows = self._servicer.plan([min(n, 1 << 40) for n in stream.sizes(keys)])
-        stream.send_gets(keys[windows[0].start : windows[0].end])
+        """One Redis transaction per window (windows of about --window bytes, planned from the
+        values' sizes), pipelined one window ahead, so Redis never buffers more than two windows
+        for this connection and the store buffers none. A transaction reads its values' exact
+        lengths with them, so the store relays its bulk replies to the client as one run,
+        spliced, without parsing them."""
+        stream.set_deadline(deadline - time.monotonic())
+        windows = self._servicer.plan([min(max(n, 0), 1 << 40) for n in stream.lengths(keys)])
+        stream.send_window(keys[windows[0].start : windows[0].end])
         found = missing = sent = 0
         try:
             for n, window in enumerate(windows):
                 if n + 1 < len(windows):
                     ahead = windows[n + 1]
-                    stream.send_gets(keys[ahead.start : ahead.end])
-                for _ in range(window.start, window.end):
-                    now = time.monotonic()
-                    if now >= deadline:
-                        raise Unavailable("the Get ran past its deadline on the data path")
-                    if now - armed_at >= REARM_S:  # two setsockopt calls: not on every value
-                        stream.set_deadline(deadline - now)
-                        armed_at = now
-                    size = stream.bulk_length()
-                    if size is None:
+                    stream.send_window(keys[ahead.start : ahead.end])
+                lengths = stream.window_lengths(window.end - window.start)
+                now = time.monotonic()
+                if now >= deadline:
+                    raise Unavailable("the Get ran past its deadline on the data path")
+                stream.set_deadline(deadline - now)
+                try:
+                    stream.relay(wire.run_bytes(lengths), conn, head=wire.run_head(lengths))
+                except OSError as exc:  # the client went away inside a run
+                    raise _Closed from exc
+                except KvpoolError as exc:  # Redis did, inside a run: no frame can follow
+                    raise _Closed from exc
+                for length in lengths:
+                    if length < 0:
                         missing += 1
-                        self._send(conn, wire.frame(wire.MISSING))
-                        continue
-                    try:
-                        stream.move(size, conn, head=wire.frame(wire.VALUE, size))
-                    except OSError as exc:  # the client went away inside a value
-                        raise _Closed from exc
-                    except KvpoolError as exc:  # Redis did, inside a value: no frame can follow
-                        raise _Closed from exc
-                    found += 1
-                    sent += size
+                    else:
+                        found += 1
+                        sent += length
         finally:
             self._servicer.count_get(found, missing, sent)
 

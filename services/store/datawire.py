@@ -8,12 +8,15 @@ Python at all: `os.splice`). Everything is little-endian.
     request  client -> store   u8 op u32 deadline_ms u32 n_keys, n_keys x (u8 key_len key)
     put      client -> store   u8 op u32 deadline_ms u32 n_keys u32 ttl_s,
                                n_keys x (u8 key_len key u32 value_len value)
-    frame    store -> client   u8 kind u64 length, then `length` bytes for VALUE and ERROR
+    frame    store -> client   u8 kind u64 length, then `length` bytes for ERROR
+    run      store -> client   u8 RUN u64 n, n x i64 value_len (-1: missing), then the n values
+                               as Redis frames a bulk reply: `$len\r\n` value `\r\n`, `$-1\r\n`
 
-The store answers the hello with one OK or ERROR frame; a Get with one VALUE or MISSING frame per
-key in request order; a Lookup with one OK frame whose length is the present prefix; a Put with
-one OK frame whose length is how many values the store kept. An ERROR frame
-(u8 code, then a UTF-8 message) ends the connection. A connection that ends inside a value is a
+The store answers the hello with one OK or ERROR frame; a Get with RUN frames that cover its keys
+in request order (a run is what one Redis transaction read: the store relays its bytes as they
+came, without parsing a value); a Lookup with one OK frame whose length is the present prefix; a
+Put with one OK frame whose length is how many values the store kept. An ERROR frame (u8 code,
+then a UTF-8 message) ends the connection. A connection that ends inside a value is a
 failed read, never a shorter value: the reader knows each value's length before its first byte.
 
 This module is pure: no sockets (the server is `dataserver`, the client `dataclient`).
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from kvpool import errors
 
 MAGIC = b"KVDP"
-VERSION = 1
+VERSION = 2  # 2: a Get answers in runs
 MAX_TOKEN_BYTES = 4096
 MAX_ERROR_BYTES = 64 << 10
 
@@ -35,8 +38,7 @@ OP_PUT = 3
 OPS = (OP_GET, OP_LOOKUP, OP_PUT)
 MAX_PUT_VALUE_BYTES = (1 << 32) - 1  # what a put item's u32 length can say
 
-VALUE = 0
-MISSING = 1
+RUN = 0
 ERROR = 2
 OK = 3
 
@@ -45,6 +47,7 @@ REQUEST = struct.Struct("<BII")  # op, deadline in ms (0: the store's --max-call
 PUT_TTL = struct.Struct("<I")  # after a put's request head: ttl_s (0: the store's --ttl)
 VALUE_LENGTH = struct.Struct("<I")  # after a put item's key
 FRAME = struct.Struct("<BQ")  # kind, length
+MISSING_LENGTH = -1  # a run's length for a key that has no value
 
 # Error codes in an ERROR frame, each a `kvpool.errors` class (0: any other KvpoolError).
 _CODES: tuple[type[errors.KvpoolError], ...] = (
@@ -142,11 +145,34 @@ def frame(kind: int, length: int = 0) -> bytes:
 
 def decode_frame(head: bytes) -> tuple[int, int]:
     kind, length = FRAME.unpack(head)
-    if kind not in (VALUE, MISSING, ERROR, OK):
+    if kind not in (RUN, ERROR, OK):
         raise ProtocolError(f"unknown data path frame kind {kind}")
     if kind == ERROR and length > MAX_ERROR_BYTES:
         raise ProtocolError(f"an error frame of {length} bytes (at most {MAX_ERROR_BYTES})")
     return kind, length
+
+
+def run_head(lengths: list[int]) -> bytes:
+    """A RUN frame and its lengths; the values' bulk replies follow (`bulk_head`)."""
+    return FRAME.pack(RUN, len(lengths)) + struct.pack(f"<{len(lengths)}q", *lengths)
+
+
+def decode_run_lengths(body: bytes) -> tuple[int, ...]:
+    return struct.unpack(f"<{len(body) // 8}q", body)
+
+
+def bulk_head(length: int) -> bytes:
+    """How Redis heads a bulk reply of `length` bytes (MISSING_LENGTH: a missing key's, which has
+    no value and no CRLF after it)."""
+    return b"$%d\r\n" % length
+
+
+def run_bytes(lengths: list[int]) -> int:
+    """The bytes of a run's bulk replies after its lengths."""
+    total = 0
+    for n in lengths:
+        total += len(bulk_head(n)) + (n + 2 if n >= 0 else 0)
+    return total
 
 
 def error_frame(exc: errors.KvpoolError) -> bytes:

@@ -139,7 +139,7 @@ class RedisStore:
             password=self._password,
             timeout_s=self._timeout_s,
             shown=self.url,
-            scripts=(_LOOKUP, _SIZES),
+            lookup_script=_LOOKUP,
         )
 
     def ping(self) -> None:

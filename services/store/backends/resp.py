@@ -1,12 +1,14 @@
 """A raw RESP connection to one Redis for the data path: values move from Redis's socket to the
 client's without the store parsing them (docs/store.md, "The data path").
 
-redis-py reads every reply into a Python `bytes`; here a Get reads only each bulk reply's
-`$len\\r\\n` head and then moves `len` bytes from the Redis socket to the client socket with
-`os.splice` through a pipe (Linux: the kernel moves them, no copy into Python), or with
-`recv_into` and `sendall` of one reused buffer where splice is missing. One `RespStream` per data
-path connection, opened on its first request; Redis only ever sees GET, EVALSHA and the
-handshake. TLS Redis (`rediss://`) has no raw stream: the data path then reads through the
+redis-py reads every reply into a Python `bytes`; here a Get reads a window of values in one
+transaction that first reads their exact lengths, so the store knows how many bytes the values'
+bulk replies take without parsing them, and moves those bytes from the Redis socket to the client
+socket as they are (the client reads the bulk replies itself): with `os.splice` through a pipe
+(Linux: the kernel moves them, no copy into Python), or with `recv_into` and `sendall` of one
+reused buffer when they are few or splice is missing. One `RespStream` per data path connection,
+opened on its first request; Redis only ever sees GET, SET, EVAL, EVALSHA, MULTI/EXEC/DISCARD
+and the handshake. TLS Redis (`rediss://`) has no raw stream: the data path then reads through the
 backend (`RedisStore.get_many`), as gRPC does.
 """
 
@@ -22,11 +24,17 @@ from kvpool.errors import InvalidArgument, PermissionDenied, Unavailable
 _SPLICE = hasattr(os, "splice")
 _PIPE_BYTES = 1 << 20  # the most Linux gives an unprivileged pipe (/proc/sys/fs/pipe-max-size)
 _BOUNCE_BYTES = 256 << 10
-# Values up to this size are read into the bounce buffer and sent with their frame head in one
-# `sendmsg`: one copy through Python costs less than splicing's five or six calls per value.
+# Up to this many bytes are read into the bounce buffer and sent with their frame head in one
+# `sendmsg`: one copy through Python costs less than splicing's five or six calls.
 _COPY_BYTES = _BOUNCE_BYTES
 _F_SETPIPE_SZ = 1031
 _HEAD_READ_BYTES = 4096
+# Each key's length, -1 for a missing one (STRLEN says 0): with the GETs in one transaction, so
+# the bytes of their bulk replies are known before they come.
+_LENGTHS = (
+    "local out = {} for i, key in ipairs(KEYS) do "
+    "out[i] = redis.call('EXISTS', key) == 1 and redis.call('STRLEN', key) or -1 end return out"
+)
 
 
 def _timeval(seconds: float | None) -> bytes:
@@ -89,10 +97,10 @@ class RespStream:
         password: str | None,
         timeout_s: float,
         shown: str,
-        scripts: tuple[str, str],
+        lookup_script: str,
     ) -> None:
-        """`scripts`: the backend's Lookup and sizes scripts (backends/redis.py)."""
-        self._lookup_script, self._sizes_script = scripts
+        """`lookup_script`: the backend's Lookup script (backends/redis.py)."""
+        self._lookup_script = lookup_script
         parts = urlsplit(url)
         self._shown = shown
         self._timeout_s = timeout_s
@@ -168,14 +176,6 @@ class RespStream:
     def _simple(self) -> bytes:
         return self._check(self._line())
 
-    def bulk_length(self) -> int | None:
-        """The length of the next bulk reply (a GET's), None for a missing key."""
-        line = self._simple()
-        if line[:1] != b"$":
-            raise Unavailable(f"Redis at {self._shown} sent {line[:20]!r} for a bulk reply")
-        n = int(line[1:])
-        return None if n < 0 else n
-
     def integers(self) -> list[int]:
         """An array reply of integers (a script's), or one integer reply as a list of one."""
         line = self._simple()
@@ -185,8 +185,8 @@ class RespStream:
             raise Unavailable(f"Redis at {self._shown} sent {line[:20]!r} for an array")
         return [int(self._simple()[1:]) for _ in range(int(line[1:]))]
 
-    def move(self, n: int, out: socket.socket, head: bytes = b"") -> None:
-        """Send `head`, then the next `n` payload bytes (and eat their CRLF) to `out`, untouched."""
+    def relay(self, n: int, out: socket.socket, head: bytes = b"") -> None:
+        """Send `head`, then the next `n` bytes Redis sends, untouched, to `out`."""
         if n <= _COPY_BYTES:
             self._send_copied(n, out, head)
             return
@@ -202,11 +202,6 @@ class RespStream:
                 self._splice(left, out)
             else:
                 self._copy(left, out)
-        while len(self._buf) < 2:
-            self._fill()
-        if self._buf[:2] != b"\r\n":
-            raise Unavailable(f"Redis at {self._shown} sent a bulk reply without its CRLF")
-        del self._buf[:2]
 
     def _pipe_fds(self) -> tuple[int, int]:
         if self._pipe is None:
@@ -234,27 +229,24 @@ class RespStream:
                 got -= os.splice(read_end, dst, got)
 
     def _send_copied(self, n: int, out: socket.socket, head: bytes) -> None:
-        """A small value: read it and its CRLF into the bounce buffer, send it after `head`."""
-        need = n + 2
+        """A few bytes: read them into the bounce buffer, send them after `head` in one call."""
         buf = self._bounce_buffer()
-        got = min(need, len(self._buf))
+        got = min(n, len(self._buf))
         buf[:got] = self._buf[:got]
         del self._buf[:got]
-        while got < need:
+        while got < n:
             try:
-                read = self._sock.recv_into(buf[got:need])
+                read = self._sock.recv_into(buf[got:n])
             except OSError as exc:
                 raise Unavailable(f"Redis at {self._shown} failed (data path): {exc}") from exc
             if not read:
                 raise Unavailable(f"Redis at {self._shown} closed the connection inside a value")
             got += read
-        if buf[n:need] != b"\r\n":
-            raise Unavailable(f"Redis at {self._shown} sent a bulk reply without its CRLF")
         send_all(out, (head, buf[:n]))  # the client's socket errors (OSError) propagate
 
     def _bounce_buffer(self) -> memoryview:
         if self._bounce is None:
-            self._bounce = memoryview(bytearray(_BOUNCE_BYTES + 2))  # a value and its CRLF
+            self._bounce = memoryview(bytearray(_BOUNCE_BYTES))
         return self._bounce
 
     def _copy(self, left: int, out: socket.socket) -> None:
@@ -352,11 +344,34 @@ class RespStream:
     def lookup(self, keys: Sequence[str]) -> int:
         return self.script(self._lookup_script, keys)[0]
 
-    def sizes(self, keys: Sequence[str]) -> list[int]:
-        return self.script(self._sizes_script, keys)
+    def lengths(self, keys: Sequence[str]) -> list[int]:
+        """Each key's length, -1 for a missing key (and the script `send_window` runs is then
+        loaded on this connection)."""
+        return self.script(_LENGTHS, keys)
 
-    def send_gets(self, keys: Sequence[str]) -> None:
-        self._send(b"".join(_command(b"GET", key.encode()) for key in keys))
+    def send_window(self, keys: Sequence[str]) -> None:
+        """One transaction: each key's exact length (-1: missing), then each key's GET. Its
+        reply: `window_lengths`, then the bulk replies, whose bytes the lengths give exactly.
+        Call `lengths` first on this connection: it loads the script (were it flushed since,
+        the transaction fails, and the caller closes this stream)."""
+        raw = [key.encode() for key in keys]
+        sha = self._shas[_LENGTHS]
+        commands = [_command(b"MULTI"), _command(b"EVALSHA", sha, b"%d" % len(raw), *raw)]
+        commands += [_command(b"GET", key) for key in raw]
+        commands.append(_command(b"EXEC"))
+        self._send(b"".join(commands))
+
+    def window_lengths(self, n: int) -> list[int]:
+        """The lengths a `send_window` of `n` keys read; its bulk replies come next."""
+        for _ in range(n + 2):  # MULTI's OK, then QUEUED for the EVAL and each GET
+            self._simple()
+        line = self._simple()
+        if line != b"*%d" % (n + 1):
+            raise Unavailable(f"Redis at {self._shown} sent {line[:20]!r} for a transaction")
+        lengths = self.integers()
+        if len(lengths) != n:
+            raise Unavailable(f"Redis at {self._shown} sent {len(lengths)} lengths for {n} keys")
+        return lengths
 
     def script(self, body: str, keys: Sequence[str]) -> list[int]:
         """EVALSHA of `body` over `keys` (loading it once per connection, and again after a

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import redis
 
 from kvpool.errors import InvalidArgument
 from services.auth import TokenTable
@@ -19,6 +20,11 @@ from services.store.server import StoreServer
 from services.store.settings import StoreConfig
 
 TOKEN = "t" * 32
+# docs/store.md's least-privilege Redis user (test_redis_backend.py checks it for redis-py).
+ACL_RULE = (
+    "on >pw ~kvpool:* resetchannels -@all +get +mget +set +exists +del +dbsize +info +ping"
+    " +strlen +evalsha +script|load +multi +exec +discard"
+)
 
 
 def key(i: int) -> str:
@@ -153,15 +159,41 @@ def _fake_store(answer: bytes) -> tuple[int, threading.Thread]:
     return port, thread
 
 
+def _run(*values: bytes | None) -> bytes:
+    """A Get answer's run as the store sends it: lengths, then the values as Redis frames them."""
+    lengths = [wire.MISSING_LENGTH if v is None else len(v) for v in values]
+    bulks = b"".join(b"$-1\r\n" if v is None else b"$%d\r\n%s\r\n" % (len(v), v) for v in values)
+    return wire.run_head(lengths) + bulks
+
+
 def test_a_value_cut_short_is_an_error_never_a_shorter_value():
-    whole = wire.frame(wire.VALUE, 3) + b"abc"
-    cut = wire.frame(wire.VALUE, 1000) + b"x" * 500  # then the connection ends
-    port, thread = _fake_store(whole + cut)
+    cut = wire.run_head([1000]) + b"$1000\r\n" + b"x" * 500  # then the connection ends
+    port, thread = _fake_store(_run(b"abc", None) + cut)
     got: list[tuple[int, bytes | None]] = []
     path = DataPath("127.0.0.1", port, None, 1)
     with pytest.raises(wire.ProtocolError, match="short"):
-        path.get([key(0), key(1)], time.monotonic() + 5, lambda i, v: got.append((i, v)))
-    assert got == [(0, b"abc")]  # the whole value, and nothing of the cut one
+        path.get([key(0), key(1), key(2)], time.monotonic() + 5, lambda i, v: got.append((i, v)))
+    assert got == [(0, b"abc"), (1, None)]  # the whole value, and nothing of the cut one
+    thread.join(5)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        wire.run_head([3]) + b"$4\r\nabcd\r\n",  # not the length announced
+        wire.run_head([3]) + b"$3\r\nabcXY",  # no CRLF after the value
+        wire.run_head([-1]) + b"$0\r\n\r\n",  # an empty value where a missing one was announced
+        wire.run_head([2, 3]) + b"$2\r\nab\r\n$3\r\nabc\r\n",  # more values than keys asked
+        wire.frame(wire.OK, 1),  # not a run
+    ],
+)
+def test_a_run_that_breaks_its_announced_lengths_is_an_error(answer):
+    port, thread = _fake_store(answer)
+    got: list[tuple[int, bytes | None]] = []
+    path = DataPath("127.0.0.1", port, None, 1)
+    with pytest.raises(wire.ProtocolError):
+        path.get([key(0)], time.monotonic() + 5, lambda i, v: got.append((i, v)))
+    assert got == []
     thread.join(5)
 
 
@@ -171,8 +203,8 @@ def test_a_store_killed_mid_value_falls_back_to_grpc_with_the_right_values(redis
         values = {key(i): os.urandom(1 << 20) for i in range(4)}
         with StoreClient(server.target, streams=1) as client:
             client.put_many(list(values.items()))
-            head = wire.frame(wire.VALUE, 1 << 20)
-            port, thread = _fake_store(head + values[key(0)] + head + bytes(1000))
+            cut = wire.run_head([1 << 20]) + wire.bulk_head(1 << 20) + bytes(1000)
+            port, thread = _fake_store(_run(values[key(0)]) + cut)
             client._data[0] = DataPath("127.0.0.1", port, None, 1)
             assert client.get_many(list(values)) == values
             assert client._data[0] is None  # dropped after the failure, for a while
@@ -190,24 +222,45 @@ def test_redis_killed_mid_value_closes_the_connection_without_a_short_value(redi
         assert _frame(sock)[0] == wire.OK
         sock.sendall(wire.encode_request(wire.OP_GET, [key(1)], 10_000))
         kind, length = wire.decode_frame(sock.recv(wire.FRAME.size, socket.MSG_WAITALL))
-        assert (kind, length) == (wire.VALUE, len(big))
+        assert (kind, length) == (wire.RUN, 1)
+        lengths = wire.decode_run_lengths(sock.recv(8, socket.MSG_WAITALL))
+        assert lengths == (len(big),)
         parts = [sock.recv(1 << 16)]
         redis_process.stop()  # mid-value: most of the 32 MiB is still in Redis's buffers
         while chunk := sock.recv(1 << 20):
             parts.append(chunk)
         data = b"".join(parts)
-        # Only the value's own bytes, then the end of the connection: no error frame or other
-        # bytes in the middle that a reader could take for the rest of the value.
-        assert data == big[: len(data)]
+        # Only the value's own bulk reply, then the end of the connection: no error frame or
+        # other bytes in the middle that a reader could take for the rest of the value.
+        whole = wire.bulk_head(len(big)) + big
+        assert len(data) < len(whole) and data == whole[: len(data)]
 
 
 def test_wire_golden_bytes():
     """The formats docs/store.md describes, byte for byte."""
-    assert wire.encode_hello("tok") == b"KVDP\x01\x03\x00tok"
+    assert wire.encode_hello("tok") == b"KVDP\x02\x03\x00tok"
     assert wire.encode_request(wire.OP_GET, ["a", "bc"], 1500) == (
         b"\x01" + struct.pack("<II", 1500, 2) + b"\x01a\x02bc"
     )
-    assert wire.frame(wire.VALUE, 5) == b"\x00\x05\x00\x00\x00\x00\x00\x00\x00"
+    assert wire.run_head([5, -1]) == b"\x00\x02" + b"\x00" * 7 + struct.pack("<qq", 5, -1)
+    assert wire.bulk_head(5) + wire.bulk_head(-1) == b"$5\r\n$-1\r\n"
+    assert wire.run_bytes([5, -1, 0]) == len(b"$5\r\nvalue\r\n$-1\r\n$0\r\n\r\n")
     error = wire.error_frame(InvalidArgument("no"))
     assert error == b"\x02\x03" + b"\x00" * 7 + b"\x01no"
     assert isinstance(wire.decode_error(error[wire.FRAME.size :]), InvalidArgument)
+
+
+def test_the_documented_acl_user_is_enough_for_the_data_path(redis_server):
+    """The least-privilege Redis user docs/store.md gives serves Get, Lookup and Put on the data
+    path itself (its transactions and scripts), not only through redis-py."""
+    admin = redis.Redis.from_url(redis_server)
+    admin.execute_command("ACL", "SETUSER", "kvpool", *ACL_RULE.split())
+    admin.close()
+    backend = redis_server.replace("redis://", "redis://kvpool:pw@")
+    with StoreServer(StoreConfig(backend=backend, port=0, grace_s=1)) as server:
+        values = {key(i): os.urandom(n) for i, n in enumerate([10, 70_000, 1 << 20])}
+        with StoreClient(server.target) as client:
+            assert client.put_many(list(values.items())) == len(values)
+            assert client.get_many([*values, key(99)]) == values
+            assert client.lookup([key(0), key(1), key(99)]) == 2
+            assert client._data[0] is not None  # the data path answered all three

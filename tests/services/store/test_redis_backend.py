@@ -170,7 +170,7 @@ def test_the_documented_acl_user_is_enough(redis_server):
     """The least-privilege user docs/store.md recommends can do everything the store does."""
     admin = redis.Redis.from_url(redis_server)
     rule = "on >pw ~kvpool:* resetchannels -@all +get +mget +set +exists +del +dbsize +info +ping"
-    rule += " +strlen +evalsha +script|load"
+    rule += " +strlen +evalsha +script|load +multi +exec +discard"
     admin.execute_command("ACL", "SETUSER", "kvpool", *rule.split())
     store = RedisStore(redis_server.replace("redis://", "redis://kvpool:pw@"))
     assert store.put_many([("kvpool:blk:1", b"v")], ttl_s=60) == 1
