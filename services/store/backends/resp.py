@@ -7,7 +7,7 @@ bulk replies take without parsing them, and moves those bytes from the Redis soc
 socket as they are (the client reads the bulk replies itself): with `os.splice` through a pipe
 (Linux: the kernel moves them, no copy into Python), or with `recv_into` and `sendall` of one
 reused buffer when they are few or splice is missing. One `RespStream` per data path connection,
-opened on its first request; Redis only ever sees GET, SET, EVAL, EVALSHA, MULTI/EXEC/DISCARD
+opened on its first request; Redis only ever sees GET, SET, EVALSHA, SCRIPT LOAD, MULTI/EXEC/DISCARD
 and the handshake. TLS Redis (`rediss://`) has no raw stream: the data path then reads through the
 backend (`RedisStore.get_many`), as gRPC does.
 """
@@ -363,7 +363,7 @@ class RespStream:
 
     def window_lengths(self, n: int) -> list[int]:
         """The lengths a `send_window` of `n` keys read; its bulk replies come next."""
-        for _ in range(n + 2):  # MULTI's OK, then QUEUED for the EVAL and each GET
+        for _ in range(n + 2):  # MULTI's OK, then QUEUED for the EVALSHA and each GET
             self._simple()
         line = self._simple()
         if line != b"*%d" % (n + 1):
