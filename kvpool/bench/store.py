@@ -38,6 +38,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, help="write a PNG plot here")
     parser.add_argument("--redis", help="use this Redis URL instead of starting a redis-server")
     parser.add_argument("--mib", type=int, default=256, help="MiB moved per size and phase")
+    parser.add_argument(
+        "--sizes",
+        type=_sizes_kib,
+        default=[size >> 10 for size in SIZES],
+        metavar="KIB,...",
+        help="value sizes in KiB, e.g. 64,1024 (default 64,1024,4096)",
+    )
     parser.add_argument("--batch-bytes", type=int, default=4 << 20, help="bytes per operation")
     parser.add_argument("--chain", type=int, default=64, help="keys in the Lookup chain")
     parser.add_argument("--lookups", type=int, default=500, help="Lookup calls timed")
@@ -65,6 +72,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="apply the store server's malloc settings to this process too (client and raw "
         "redis-py alike; both get faster)",
     )
+
+
+def _sizes_kib(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(not 1 <= size <= 64 << 10 for size in sizes):
+        raise argparse.ArgumentTypeError(
+            f"--sizes takes value sizes in KiB from 1 to 65536, comma-separated; got {text!r}"
+        )
+    return sizes
 
 
 def _process_counts(text: str) -> list[int]:
@@ -302,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
         ):
             client.wait_ready(30)
             rows = []
-            for size in SIZES:
+            for size in (kib << 10 for kib in args.sizes):
                 row = _measure_size(raw, client, grpc_client, size, args, store.pid, relayed)
                 rows.append(row)
                 print(json.dumps(rows[-1]), flush=True)

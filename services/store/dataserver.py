@@ -184,8 +184,8 @@ class DataPathServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             set_timeouts(conn, HANDSHAKE_S)
             self._hello(conn)
+            set_timeouts(conn, self._limits.idle_s or None)  # nothing changes them after this
             while not self._stopping:
-                set_timeouts(conn, self._limits.idle_s or None)
                 head = _recv_head(conn, wire.REQUEST.size)
                 if head is None:
                     return
@@ -231,7 +231,8 @@ class DataPathServer:
         try:
             if request.op == wire.OP_PUT:
                 return self._put(conn, request, stream)
-            keys = [_recv_key(conn) for _ in range(request.n_keys)]
+            body = _recv_exact(conn, wire.check_keys_len(request))
+            keys = wire.decode_keys(body, request.n_keys)
             return self._answer(conn, request, keys, stream)
         except (_Closed, OSError):  # the client left, or stalled past --idle-seconds
             code = grpc.StatusCode.CANCELLED
@@ -313,7 +314,8 @@ class DataPathServer:
         for this connection and the store buffers none. A transaction reads its values' exact
         lengths with them, so the store relays its bulk replies to the client as one run,
         spliced, without parsing them."""
-        stream.set_deadline(deadline - time.monotonic())
+        armed_at = time.monotonic()
+        stream.set_deadline(deadline - armed_at)
         windows = self._servicer.plan([min(max(n, 0), 1 << 40) for n in stream.lengths(keys)])
         stream.send_window(keys[windows[0].start : windows[0].end])
         found = missing = sent = 0
@@ -326,7 +328,9 @@ class DataPathServer:
                 now = time.monotonic()
                 if now >= deadline:
                     raise Unavailable("the Get ran past its deadline on the data path")
-                stream.set_deadline(deadline - now)
+                if now - armed_at >= REARM_S:
+                    stream.set_deadline(deadline - now)
+                    armed_at = now
                 try:
                     stream.relay(wire.run_bytes(lengths), conn, head=wire.run_head(lengths))
                 except OSError as exc:  # the client went away inside a run
@@ -347,7 +351,7 @@ class DataPathServer:
     ) -> "RespStream | None":
         """A Put: each value read from the client as it comes and written as one SET; answered
         with one OK frame saying how many the store kept."""
-        ttl_s = self._servicer.ttl_for(wire.PUT_TTL.unpack(_recv_exact(conn, wire.PUT_TTL.size))[0])
+        ttl_s = self._servicer.ttl_for(request.word)
         deadline, stream = self._begin(request, stream)
         if stream is None:
             stored = self._put_through_backend(conn, request.n_keys, ttl_s, deadline)

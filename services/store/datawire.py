@@ -5,7 +5,8 @@ cross the store process without being parsed or re-sent by gRPC (with Redis they
 Python at all: `os.splice`). Everything is little-endian.
 
     hello    client -> store   b"KVDP" u8 version u16 token_len token      (once per connection)
-    request  client -> store   u8 op u32 deadline_ms u32 n_keys, n_keys x (u8 key_len key)
+    request  client -> store   u8 op u32 deadline_ms u32 n_keys u32 keys_len,
+                               n_keys x (u8 key_len key)         (keys_len: their bytes)
     put      client -> store   u8 op u32 deadline_ms u32 n_keys u32 ttl_s,
                                n_keys x (u8 key_len key u32 value_len value)
     frame    store -> client   u8 kind u64 length, then `length` bytes for ERROR
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from kvpool import errors
 
 MAGIC = b"KVDP"
-VERSION = 2  # 2: a Get answers in runs
+VERSION = 3  # 2: a Get answers in runs; 3: a request says how many bytes its keys take
 MAX_TOKEN_BYTES = 4096
 MAX_ERROR_BYTES = 64 << 10
 
@@ -43,8 +44,10 @@ ERROR = 2
 OK = 3
 
 HELLO = struct.Struct("<4sBH")  # magic, version, token length
-REQUEST = struct.Struct("<BII")  # op, deadline in ms (0: the store's --max-call-seconds), n_keys
-PUT_TTL = struct.Struct("<I")  # after a put's request head: ttl_s (0: the store's --ttl)
+# op, deadline in ms (0: the store's --max-call-seconds), n_keys, then for a Get or a Lookup the
+# bytes of the keys that follow (read in one call), for a Put ttl_s (0: the store's --ttl)
+REQUEST = struct.Struct("<BIII")
+MAX_KEY_BYTES = 255  # a key's length is one byte
 VALUE_LENGTH = struct.Struct("<I")  # after a put item's key
 FRAME = struct.Struct("<BQ")  # kind, length
 MISSING_LENGTH = -1  # a run's length for a key that has no value
@@ -93,9 +96,8 @@ def encode_request(op: int, keys: list[str], deadline_ms: int) -> bytes:
     key check, keys.py, then answers it through gRPC)."""
     if op not in (OP_GET, OP_LOOKUP):
         raise ValueError(f"op must be {OP_GET} or {OP_LOOKUP}, got {op}")
-    parts = [REQUEST.pack(op, _ms(deadline_ms), len(keys))]
-    parts += [_key(key) for key in keys]
-    return b"".join(parts)
+    body = b"".join([_key(key) for key in keys])
+    return REQUEST.pack(op, _ms(deadline_ms), len(keys), len(body)) + body
 
 
 def encode_put(
@@ -103,7 +105,7 @@ def encode_put(
 ) -> "list[bytes | memoryview]":
     """A Put as parts to send back to back (the values themselves, never copied); Unencodable
     for a key or a value the format cannot carry (gRPC then carries the Put)."""
-    head = REQUEST.pack(OP_PUT, _ms(deadline_ms), len(items)) + PUT_TTL.pack(ttl_s)
+    head = REQUEST.pack(OP_PUT, _ms(deadline_ms), len(items), ttl_s)
     parts: list[bytes | memoryview] = [head]
     for key, value in items:
         if len(value) > MAX_PUT_VALUE_BYTES:
@@ -119,7 +121,7 @@ def _ms(deadline_ms: int) -> int:
 
 def _key(key: str) -> bytes:
     raw = key.encode()
-    if not 0 < len(raw) < 256:  # the store checks keys (keys.py); gRPC carries these
+    if not 0 < len(raw) <= MAX_KEY_BYTES:  # the store checks keys (keys.py); gRPC carries these
         raise Unencodable(f"a key of {len(raw)} bytes does not fit a data path request")
     return bytes((len(raw),)) + raw
 
@@ -129,6 +131,7 @@ class RequestHead:
     op: int
     deadline_ms: int
     n_keys: int
+    word: int  # a Get's or a Lookup's keys_len, a Put's ttl_s
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -137,6 +140,30 @@ class RequestHead:
 
 def decode_request_head(head: bytes) -> RequestHead:
     return RequestHead(*REQUEST.unpack(head))
+
+
+def check_keys_len(request: RequestHead) -> int:
+    """The byte length of a Get's or a Lookup's keys, once it fits its key count."""
+    least, most = request.n_keys, (1 + MAX_KEY_BYTES) * request.n_keys
+    if not least <= request.word <= most:
+        raise ProtocolError(
+            f"{request.n_keys} keys take {least} to {most} bytes; the request says {request.word}"
+        )
+    return request.word
+
+
+def decode_keys(body: bytes, n_keys: int) -> list[str]:
+    """The `n_keys` keys (u8 key_len key each) that are all of `body`; ProtocolError otherwise.
+    Keys that are not ASCII are kept, replaced, for the key checks to refuse (keys.py)."""
+    keys, pos = [], 0
+    for _ in range(n_keys):
+        if pos >= len(body) or (end := pos + 1 + body[pos]) > len(body):
+            raise ProtocolError(f"a request's keys end before its {n_keys} keys do")
+        keys.append(body[pos + 1 : end].decode(errors="replace"))
+        pos = end
+    if pos != len(body):
+        raise ProtocolError(f"a request has {len(body) - pos} bytes after its {n_keys} keys")
+    return keys
 
 
 def frame(kind: int, length: int = 0) -> bytes:

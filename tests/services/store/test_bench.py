@@ -90,3 +90,13 @@ def test_bench_store_scaling_flags_are_checked(tmp_path):
     assert main([*argv, "--cluster", "2"]) == 2  # a cluster needs 3 masters
     with pytest.raises(SystemExit):
         main([*argv, "--processes", "1,zero"])
+
+
+def test_bench_store_runs_the_sizes_asked_for(tmp_path, redis_server):
+    out = tmp_path / "store.json"
+    argv = ["bench", "store", "--json", str(out), "--redis", redis_server, "--clients", "1"]
+    assert main([*argv, "--sizes", "64", "--mib", "1", "--lookups", "5"]) == 0
+    assert [row["value_bytes"] for row in json.loads(out.read_text())["rows"]] == [64 << 10]
+    for bad in ("0", "64,x", ""):
+        with pytest.raises(SystemExit):
+            main([*argv, "--sizes", bad])

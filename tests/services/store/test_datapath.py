@@ -1,6 +1,7 @@
 """The store's data path (docs/store.md, "The data path"): real redis-server, real store servers on
 loopback ports, and raw sockets where the test plays a broken client or a broken store."""
 
+import functools
 import os
 import socket
 import struct
@@ -104,7 +105,7 @@ def test_bad_requests_get_a_clear_error_and_the_key_checks(redis_server):
 
         sock = _hello(server.data_port)
         assert _frame(sock)[0] == wire.OK
-        sock.sendall(wire.REQUEST.pack(wire.OP_GET, 1000, 1_000_000))  # keys it never sends
+        sock.sendall(wire.REQUEST.pack(wire.OP_GET, 1000, 1_000_000, 2_000_000))  # never sent
         kind, body = _frame(sock)
         assert kind == wire.ERROR and "the limit is 4" in str(wire.decode_error(body))
 
@@ -115,6 +116,38 @@ def test_bad_requests_get_a_clear_error_and_the_key_checks(redis_server):
                 client.get_many([key(1), key(1)])
             client.put_many([(key(1), b"v")])
             assert client.get_many([key(1)]) == {key(1): b"v"}  # still served
+
+
+def test_a_request_whose_keys_do_not_match_its_lengths_is_refused(redis_server):
+    """A Get's keys are read in one call, by the length its head gives: a length that cannot
+    hold its keys, keys that end early, or bytes after them are refused with a frame that says
+    so, and the store goes on serving."""
+    head = functools.partial(wire.REQUEST.pack, wire.OP_GET, 1000)
+    bad = {
+        "take 2 to 512 bytes; the request says 600": head(2, 600),
+        "end before its 2 keys do": head(2, 4) + b"\x05abc",
+        "has 2 bytes after its 1 keys": head(1, 4) + b"\x01axy",
+    }
+    with StoreServer(StoreConfig(backend=redis_server, port=0)) as server:
+        for message, request in bad.items():
+            sock = _hello(server.data_port)
+            assert _frame(sock)[0] == wire.OK
+            sock.sendall(request)
+            kind, body = _frame(sock)
+            assert kind == wire.ERROR and message in str(wire.decode_error(body)), message
+            sock.close()
+        with StoreClient(server.target) as client:
+            client.put_many([(key(1), b"v")])
+            assert client.get_many([key(1)]) == {key(1): b"v"}
+
+
+def test_keys_decode_from_one_body():
+    assert wire.decode_keys(b"\x01a\x02bc", 2) == ["a", "bc"]
+    assert wire.decode_keys(b"", 0) == []
+    with pytest.raises(wire.ProtocolError, match="end before"):
+        wire.decode_keys(b"\x01a", 2)
+    with pytest.raises(wire.ProtocolError, match="bytes after"):
+        wire.decode_keys(b"\x01a\x00", 1)
 
 
 def test_too_many_connections_are_refused_and_the_client_uses_grpc(redis_server):
@@ -238,9 +271,9 @@ def test_redis_killed_mid_value_closes_the_connection_without_a_short_value(redi
 
 def test_wire_golden_bytes():
     """The formats docs/store.md describes, byte for byte."""
-    assert wire.encode_hello("tok") == b"KVDP\x02\x03\x00tok"
+    assert wire.encode_hello("tok") == b"KVDP\x03\x03\x00tok"
     assert wire.encode_request(wire.OP_GET, ["a", "bc"], 1500) == (
-        b"\x01" + struct.pack("<II", 1500, 2) + b"\x01a\x02bc"
+        b"\x01" + struct.pack("<III", 1500, 2, 5) + b"\x01a\x02bc"
     )
     assert wire.run_head([5, -1]) == b"\x00\x02" + b"\x00" * 7 + struct.pack("<qq", 5, -1)
     assert wire.bulk_head(5) + wire.bulk_head(-1) == b"$5\r\n$-1\r\n"

@@ -5,6 +5,7 @@ test plays a client that breaks off."""
 
 import os
 import socket
+import struct
 import time
 
 import pytest
@@ -133,7 +134,7 @@ def test_put_golden_bytes():
     """The put format docs/store.md describes, byte for byte (values are sent as given)."""
     value = memoryview(b"xyz")
     parts = wire.encode_put([("a", value)], 1500, 60)
-    assert parts[0] == b"\x03" + wire.REQUEST.pack(3, 1500, 1)[1:] + (60).to_bytes(4, "little")
+    assert parts[0] == b"\x03" + struct.pack("<III", 1500, 1, 60)
     assert parts[1] == b"\x01a" + (3).to_bytes(4, "little")
     assert parts[2] is value
     with pytest.raises(wire.Unencodable):
