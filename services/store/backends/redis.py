@@ -25,6 +25,7 @@ from redis.retry import Retry
 
 from kvpool.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from services.store.backends.base import BackendStats
+from services.store.backends.resp import LENGTHS
 from services.store.backends.urls import redact_url
 
 if TYPE_CHECKING:
@@ -39,14 +40,6 @@ for i, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 0 then return i - 1 end
 end
 return #KEYS
-"""
-
-# The length of each value in KEYS (0 for a missing key), in one command: a Get reserves a
-# window's bytes from these before it reads the window (services/store/budget.py).
-_SIZES = """
-local out = {}
-for i, key in ipairs(KEYS) do out[i] = redis.call('STRLEN', key) end
-return out
 """
 
 
@@ -102,7 +95,9 @@ class RedisStore:
             command_packer=_zero_copy_packer(),
         )
         self._lookup = self._client.register_script(_LOOKUP)
-        self._sizes = self._client.register_script(_SIZES)
+        # Each value's length in one command: a Get reserves a window's bytes from these before
+        # it reads the window (services/store/budget.py).
+        self._sizes = self._client.register_script(LENGTHS)
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -156,7 +151,7 @@ class RedisStore:
         if not keys:
             return []
         with self._errors("sizes"):
-            return [int(n) for n in self._sizes(keys=keys)]
+            return [max(int(n), 0) for n in self._sizes(keys=keys)]  # missing: 0
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:

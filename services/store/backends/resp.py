@@ -30,8 +30,9 @@ _COPY_BYTES = _BOUNCE_BYTES
 _F_SETPIPE_SZ = 1031
 _HEAD_READ_BYTES = 4096
 # Each key's length, -1 for a missing one (STRLEN says 0): with the GETs in one transaction, so
-# the bytes of their bulk replies are known before they come.
-_LENGTHS = (
+# the bytes of their bulk replies are known before they come. The backend's `sizes` reads it too
+# (missing as 0), to plan a Get's windows.
+LENGTHS = (
     "local out = {} for i, key in ipairs(KEYS) do "
     "out[i] = redis.call('EXISTS', key) == 1 and redis.call('STRLEN', key) or -1 end return out"
 )
@@ -347,7 +348,7 @@ class RespStream:
     def lengths(self, keys: Sequence[str]) -> list[int]:
         """Each key's length, -1 for a missing key (and the script `send_window` runs is then
         loaded on this connection)."""
-        return self.script(_LENGTHS, keys)
+        return self.script(LENGTHS, keys)
 
     def send_window(self, keys: Sequence[str]) -> None:
         """One transaction: each key's exact length (-1: missing), then each key's GET. Its
@@ -355,7 +356,7 @@ class RespStream:
         Call `lengths` first on this connection: it loads the script (were it flushed since,
         the transaction fails, and the caller closes this stream)."""
         raw = [key.encode() for key in keys]
-        sha = self._shas[_LENGTHS]
+        sha = self._shas[LENGTHS]
         commands = [_command(b"MULTI"), _command(b"EVALSHA", sha, b"%d" % len(raw), *raw)]
         commands += [_command(b"GET", key) for key in raw]
         commands.append(_command(b"EXEC"))
