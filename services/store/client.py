@@ -116,6 +116,44 @@ class StoreStats:
     evictions: int | None
 
 
+def _check_settings(
+    timeout_s: float, retries: int, chunk_bytes: int, streams: int, min_keys_per_stream: int
+) -> None:
+    if timeout_s <= 0 or retries < 0 or chunk_bytes <= 0:
+        raise ValueError("timeout_s and chunk_bytes must be positive and retries >= 0")
+    if not 1 <= streams <= 64 or min_keys_per_stream < 1:
+        raise ValueError(
+            f"streams must be 1 to 64 and min_keys_per_stream positive, got {streams} and "
+            f"{min_keys_per_stream}"
+        )
+
+
+def _open_channels(
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    count: int,
+    chunk_bytes: int,
+    options: Sequence[tuple[str, Any]],
+) -> list[grpc.Channel]:
+    channel_options = [
+        *message_options(chunk_bytes + MESSAGE_MARGIN_BYTES),
+        # gRPC waits 1 s (growing to 120 s) before reconnecting after a failure, and fails
+        # calls fast meanwhile; a store that restarts should be back within our retries.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+        # Get streams are read on the calling thread instead of being handed over from
+        # gRPC's polling thread message by message: about a third less client CPU here.
+        (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
+        *options,
+        # Its own connection per channel (gRPC otherwise shares one between equal channels),
+        # so the slices of a Get reach different store processes behind one SO_REUSEPORT port.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    if credentials is None:
+        return [grpc.insecure_channel(target, options=channel_options) for _ in range(count)]
+    return [grpc.secure_channel(target, credentials, options=channel_options) for _ in range(count)]
+
+
 class StoreClient:
     def __init__(
         self,
@@ -133,41 +171,15 @@ class StoreClient:
         min_keys_per_stream: int = 4,
         data_path: bool = True,
     ) -> None:
-        if timeout_s <= 0 or retries < 0 or chunk_bytes <= 0:
-            raise ValueError("timeout_s and chunk_bytes must be positive and retries >= 0")
-        if not 1 <= streams <= 64 or min_keys_per_stream < 1:
-            raise ValueError(
-                f"streams must be 1 to 64 and min_keys_per_stream positive, got {streams} and "
-                f"{min_keys_per_stream}"
-            )
+        _check_settings(timeout_s, retries, chunk_bytes, streams, min_keys_per_stream)
         self.target = target
         self._timeout_s = timeout_s
         self._retries = retries
         self._backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
         self._chunk_bytes = chunk_bytes
-        channel_options = [
-            *message_options(chunk_bytes + MESSAGE_MARGIN_BYTES),
-            # gRPC waits 1 s (growing to 120 s) before reconnecting after a failure, and fails
-            # calls fast meanwhile; a store that restarts should be back within our retries.
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 2000),
-            # Get streams are read on the calling thread instead of being handed over from
-            # gRPC's polling thread message by message: about a third less client CPU here.
-            (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
-            *options,
-        ]
-        # Its own connection per channel (gRPC otherwise shares one between equal channels), so
-        # the slices of a Get reach different store processes behind one SO_REUSEPORT port.
-        channel_options.append(("grpc.use_local_subchannel_pool", 1))
-
-        def channel() -> grpc.Channel:
-            if credentials is None:
-                return grpc.insecure_channel(target, options=channel_options)
-            return grpc.secure_channel(target, credentials, options=channel_options)
-
         # Connections open on first use: the extra channels cost nothing until a large Get.
-        self._channels = [channel() for _ in range(streams)]
+        self._channels = _open_channels(target, credentials, streams, chunk_bytes, options)
         self._channel = self._channels[0]
         self._stub = store_pb2_grpc.KVStoreStub(self._channel)
         # Get responses and Put requests stay raw bytes, encoded and parsed by `framing`
