@@ -79,6 +79,14 @@ class GatewayMetrics:
             "Gateway receipt to first token, by where the prompt's cached prefix came from.",
             ["cache"], registry=r, buckets=_TTFT_BUCKETS,
         )  # fmt: skip
+        self._tenant_series(r)
+        self._event_series(r)
+        self.in_flight = Gauge(
+            "kvpool_gateway_in_flight", "Generate streams open right now.", registry=r
+        )
+
+    def _tenant_series(self, r: CollectorRegistry) -> None:
+        """Requests and tokens by tenant."""
         # tenant labels: one series per tenant, from a bounded set (docs/gateway.md, "Metrics").
         self.tenant_labels = tenants = TenantLabels()
         self.requests = _ByTenant(
@@ -112,6 +120,9 @@ class GatewayMetrics:
             "Tokens no longer in a bounded request's cache when it finished.",
             ["tenant"], registry=r,
         ), tenants)  # fmt: skip
+
+    def _event_series(self, r: CollectorRegistry) -> None:
+        """Fetch plans, failovers and lost work."""
         self.plans = Counter(
             "kvpool_gateway_fetch_plans",
             "Generate requests by the fetch plan of their cached prefix (workers.plan).",
@@ -137,9 +148,6 @@ class GatewayMetrics:
             "NOT_FOUND.",
             registry=r,
         )  # fmt: skip
-        self.in_flight = Gauge(
-            "kvpool_gateway_in_flight", "Generate streams open right now.", registry=r
-        )
 
     def observe_call(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         """`services.status.CallObserver`: every finished RPC."""
