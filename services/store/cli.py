@@ -7,6 +7,7 @@ wins. Byte sizes take an optional KiB/MiB/GiB suffix.
 import argparse
 import logging
 import re
+from collections.abc import Callable
 
 from kvpool.config import env_default
 from services.auth_flags import add_store_server_flags
@@ -40,10 +41,22 @@ def format_size(size: int) -> str:
     return str(size)
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
+def _flag_adder(parser: argparse.ArgumentParser) -> Callable[..., None]:
     def flag(name: str, default: object, **kwargs: object) -> None:
         parser.add_argument(name, default=env_default(name, default), **kwargs)  # type: ignore[arg-type]
 
+    return flag
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    _backend_flags(parser)
+    _limit_flags(parser)
+    _server_flags(parser)
+
+
+def _backend_flags(parser: argparse.ArgumentParser) -> None:
+    """Where blocks and sessions live, their TTL, and how large a block or a call may be."""
+    flag = _flag_adder(parser)
     flag(
         "--backend",
         _CONFIG.backend,
@@ -87,6 +100,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="bound of the in-process session space, which never evicts: a session that does "
         "not fit is refused RESOURCE_EXHAUSTED",
     )
+
+
+def _limit_flags(parser: argparse.ArgumentParser) -> None:
+    """How much a call may move and hold, and for how long."""
+    flag = _flag_adder(parser)
     flag(
         "--chunk-bytes",
         format_size(_LIMITS.chunk_bytes),
@@ -114,6 +132,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="cancel a stream that waits this long on its client (0: never; default "
         f"{_LIMITS.idle_s:g})",
     )
+
+
+def _server_flags(parser: argparse.ArgumentParser) -> None:
+    """Security, the data path, metrics, shutdown, workers and processes."""
+    flag = _flag_adder(parser)
     flag(
         "--redis-password",
         None,
