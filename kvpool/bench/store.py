@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from kvpool.bench.store_relay import SpliceRelay
 from kvpool.bench.store_timing import (
     CpuMeter,
+    HostNoise,
     percentile,
     start_store,
     summary,
@@ -307,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
     from services.store.redis_process import RedisProcess
 
     load_before = os.getloadavg()[0]  # shared machines: record how busy this one was
+    noise = HostNoise()
     if args.processes or args.cluster:
         return _run_scaling(args, load_before)
     local = None if args.redis else RedisProcess(maxmemory_bytes=2 << 30).start()
@@ -346,6 +348,7 @@ def run(args: argparse.Namespace) -> int:
         "redis": "started by the benchmark" if local else "given",
         "client_malloc_tuned": args.tune_malloc,
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        **noise.since(),
         **environment(),
     }
     write_json(args.json, result)
@@ -359,6 +362,7 @@ def _run_scaling(args: argparse.Namespace, load_before: float) -> int:
     from kvpool.bench.report import environment, write_json
     from kvpool.bench.store_scaling import plot_scaling, run_scaling
 
+    noise = HostNoise()
     if args.redis:
         raise ValueError("--processes and --cluster start their own Redis servers: drop --redis")
     if args.cluster and args.cluster < 3:
@@ -368,6 +372,7 @@ def _run_scaling(args: argparse.Namespace, load_before: float) -> int:
         "mib_per_phase": args.mib,
         "cpu_count": os.cpu_count(),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        **noise.since(),
         **environment(),
     }
     write_json(args.json, result)

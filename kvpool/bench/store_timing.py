@@ -88,3 +88,44 @@ class CpuMeter:
                 )
 
         return measured
+
+
+def _steal_s() -> float | None:
+    """Seconds the hypervisor kept this machine's CPUs from running it (all CPUs, since boot)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")  # cpu user nice system idle iowait
+    except (OSError, IndexError, ValueError):  # irq softirq steal: not Linux, or no steal field
+        return None
+
+
+def _tcp_retransmits() -> int | None:
+    """TCP segments this machine has retransmitted since boot (loopback ones included)."""
+    try:
+        with open("/proc/net/snmp") as snmp:
+            rows = [line.split() for line in snmp if line.startswith("Tcp:")]
+        return int(rows[1][rows[0].index("RetransSegs")])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class HostNoise:
+    """What disturbed a run besides itself, from its start to `since()`: CPU time stolen by the
+    hypervisor, and TCP retransmissions (this VM's loopback reorders segments under load, and
+    every retransmission is a stall). None where the system does not say."""
+
+    def __init__(self) -> None:
+        self._steal, self._retransmits = _steal_s(), _tcp_retransmits()
+
+    def since(self) -> dict[str, float | int | None]:
+        steal, retransmits = _steal_s(), _tcp_retransmits()
+        return {
+            "steal_s": (
+                None if steal is None or self._steal is None else round(steal - self._steal, 2)
+            ),
+            "tcp_retransmitted_segments": (
+                None if retransmits is None or self._retransmits is None
+                else retransmits - self._retransmits
+            ),
+        }  # fmt: skip
