@@ -308,9 +308,9 @@ def run(args: argparse.Namespace) -> int:
     from services.store.redis_process import RedisProcess
 
     load_before = os.getloadavg()[0]  # shared machines: record how busy this one was
-    noise = HostNoise()
     if args.processes or args.cluster:
         return _run_scaling(args, load_before)
+    noise = HostNoise()
     local = None if args.redis else RedisProcess(maxmemory_bytes=2 << 30).start()
     url = args.redis or local.url  # type: ignore[union-attr]
     store, target = start_store(url)

@@ -17,13 +17,10 @@ from collections.abc import Callable
 
 from kvpool.errors import Unavailable
 from services.store import datawire as wire
-from services.store.backends.resp import send_all, set_timeouts
+from services.store.backends.resp import REARM_S, send_all, set_timeouts
 
 # The largest value length a store frame may announce: more is a broken stream, not a value.
 MAX_VALUE_BYTES = 1 << 30
-# How often a Get re-arms its kernel timeouts to what its deadline leaves (it may end this much
-# after the deadline; a Get of many small values does not pay two syscalls each).
-REARM_S = 0.05
 
 
 class DataPath:

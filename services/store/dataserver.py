@@ -52,9 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HANDSHAKE_S = 5.0  # a connection that does not say hello within this is closed
-# How often a Get re-arms its kernel timeouts to the time its deadline leaves: a call ends at most
-# this much after its deadline, and a Get of many small values does not pay two syscalls each.
-REARM_S = 0.05
 
 
 class _Closed(Exception):
@@ -296,13 +293,11 @@ class DataPathServer:
         try:
             for _, value in values:
                 if value is None:
-                    self._send(conn, wire.run_head([wire.MISSING_LENGTH]) + wire.bulk_head(-1))
+                    missing = wire.MISSING_LENGTH
+                    self._send(conn, wire.run_head([missing]) + wire.bulk_head(missing))
                     continue
                 head = wire.run_head([len(value)]) + wire.bulk_head(len(value))
-                try:
-                    send_all(conn, (head, value, b"\r\n"))
-                except OSError as exc:
-                    raise _Closed from exc
+                self._send(conn, head, value, b"\r\n")
         finally:
             values.close()  # its windows give their bytes back
 
@@ -314,8 +309,7 @@ class DataPathServer:
         for this connection and the store buffers none. A transaction reads its values' exact
         lengths with them, so the store relays its bulk replies to the client as one run,
         spliced, without parsing them."""
-        armed_at = time.monotonic()
-        stream.set_deadline(deadline - armed_at)
+        stream.set_deadline(deadline - time.monotonic())
         windows = self._servicer.plan([min(max(n, 0), 1 << 40) for n in stream.lengths(keys)])
         stream.send_window(keys[windows[0].start : windows[0].end])
         found = missing = sent = 0
@@ -328,9 +322,7 @@ class DataPathServer:
                 now = time.monotonic()
                 if now >= deadline:
                     raise Unavailable("the Get ran past its deadline on the data path")
-                if now - armed_at >= REARM_S:
-                    stream.set_deadline(deadline - now)
-                    armed_at = now
+                stream.rearm(deadline)
                 try:
                     stream.relay(wire.run_bytes(lengths), conn, head=wire.run_head(lengths))
                 except OSError as exc:  # the client went away inside a run
@@ -385,14 +377,11 @@ class DataPathServer:
         the client's socket as it arrives (at most the bounce buffer or the pipe held here, so
         no byte budget is taken). A transaction is applied only while the client still waits:
         a Put read after its client gave up (the store was paused, say) is not applied late."""
-        armed_at, received, stored = 0.0, 0, 0
-        open_sets = open_bytes = 0
+        received = stored = open_sets = open_bytes = 0
+        stream.set_deadline(deadline - time.monotonic())
         for i in range(n):
             key, size = self._item(conn, deadline)
-            now = time.monotonic()
-            if now - armed_at >= REARM_S:
-                stream.set_deadline(deadline - now)
-                armed_at = now
+            stream.rearm(deadline)
             if not open_sets:
                 stream.begin()
             stream.send_set(key, size, conn, ttl_s)
@@ -441,9 +430,9 @@ class DataPathServer:
         return stored
 
     @staticmethod
-    def _send(conn: socket.socket, data: bytes | memoryview, *, more: bool = False) -> None:
+    def _send(conn: socket.socket, *parts: bytes | memoryview) -> None:
         try:
-            conn.sendall(data, socket.MSG_MORE if more else 0)
+            send_all(conn, parts)
         except OSError as exc:  # the client stopped reading for --idle-seconds, or left
             raise _Closed from exc
 

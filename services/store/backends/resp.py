@@ -16,6 +16,7 @@ import hashlib
 import os
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -29,6 +30,9 @@ _BOUNCE_BYTES = 256 << 10
 _COPY_BYTES = _BOUNCE_BYTES
 _F_SETPIPE_SZ = 1031
 _HEAD_READ_BYTES = 4096
+# How often a call re-arms its kernel timeouts to the time its deadline leaves: it ends at most
+# this much after its deadline, and a call of many small values does not pay two syscalls each.
+REARM_S = 0.05
 # Each key's length, -1 for a missing one (STRLEN says 0): with the GETs in one transaction, so
 # the bytes of their bulk replies are known before they come. The backend's `sizes` reads it too
 # (missing as 0), to plan a Get's windows.
@@ -123,6 +127,7 @@ class RespStream:
             raise Unavailable(f"Redis at {shown} is unreachable (data path): {exc}") from exc
         sock.settimeout(None)
         set_timeouts(sock, timeout_s)
+        self._armed_at = time.monotonic()
         self._sock = sock
         self._buf = bytearray()
         self._pipe: tuple[int, int] | None = None
@@ -401,6 +406,14 @@ class RespStream:
 
     def set_deadline(self, seconds: float) -> None:
         set_timeouts(self._sock, min(seconds, self._timeout_s))
+        self._armed_at = time.monotonic()
+
+    def rearm(self, deadline: float) -> None:
+        """`set_deadline` to what `deadline` (monotonic) leaves, unless it was set less than
+        REARM_S ago. A call sets its deadline once first: the last one may be another call's."""
+        now = time.monotonic()
+        if now - self._armed_at >= REARM_S:
+            self.set_deadline(deadline - now)
 
     def close(self) -> None:
         self._sock.close()
